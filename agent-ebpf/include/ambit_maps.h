@@ -1,0 +1,146 @@
+/* ambit_maps.h: the one definition of every map key/value shared by the kernel programs and the agent. */
+/*
+ * The agent mirrors these structs in agent/src/redirect/maps.rs; a unit test there compares every
+ * size and field offset against this header (compiled by the host C compiler in agent/build.rs).
+ * Rules: fixed-width types only, no bool/pointers/enum-typed fields, explicit padding, and a
+ * _Static_assert per struct. Network-order fields are __be32/__be16; everything else is host order.
+ */
+#ifndef AMBIT_MAPS_H
+#define AMBIT_MAPS_H
+
+#include <linux/types.h>
+
+#define AMB_AF_INET 2
+#define AMB_AF_INET6 10
+
+/* Capacity of the maps (entries). */
+#define AMB_MAX_PODS 4096
+#define AMB_MAX_CONNS 65536
+#define AMB_MAX_SKIP_PORTS 16
+#define AMB_MAX_SKIP_CIDRS 8
+
+/* amb_pod.flags */
+#define AMB_POD_F_CAPTURE_OUT 0x1 /* connect4/6 redirect this pod's outbound TCP */
+#define AMB_POD_F_CAPTURE_IN 0x2  /* sk_lookup steers inbound TCP to this pod's addresses */
+
+/* Indices of amb_stats (per-CPU u64 counters). Append only; retired numbers stay reserved. */
+#define AMB_STAT_CONNECT4_REDIRECT 0
+#define AMB_STAT_CONNECT6_REDIRECT 1
+#define AMB_STAT_CONNECT_EXEMPT_MARK 2
+#define AMB_STAT_CONNECT_EXEMPT_LOOPBACK 3
+#define AMB_STAT_CONNECT_EXEMPT_AGENT_PORT 4
+#define AMB_STAT_CONNECT_EXEMPT_SKIP_PORT 5
+#define AMB_STAT_CONNECT_EXEMPT_SKIP_CIDR 6
+#define AMB_STAT_CONNECT_MAP_FULL 7
+#define AMB_STAT_SOCKOPS_REKEY 8
+#define AMB_STAT_SOCKOPS_CLOSE 9
+#define AMB_STAT_SOCKOPS_MAP_FULL 10
+#define AMB_STAT_GETSOCKOPT_ANSWERED 11
+#define AMB_STAT_GETSOCKOPT_MISS 12
+#define AMB_STAT_GETPEERNAME_REWRITE 13
+#define AMB_STAT_LOOKUP_STEER 14
+#define AMB_STAT_LOOKUP_BYPASS 15
+#define AMB_STAT_LOOKUP_TUNNEL_PORT 16
+#define AMB_STAT_LOOKUP_NO_LISTENER 17
+#define AMB_STAT_LOOKUP_ASSIGN_FAIL 18
+#define AMB_STAT_EVENTS_LOST 19
+#define AMB_STAT_MAX 20
+
+/* amb_event.kind: notable events sent through the amb_events ring buffer. */
+#define AMB_EVENT_MAP_FULL 1    /* an enrolled pod's connect could not be recorded: refused */
+#define AMB_EVENT_AGENT_PORT 2  /* an enrolled pod dialled an agent port directly: exempted */
+#define AMB_EVENT_NO_LISTENER 3 /* inbound SYN to an enrolled pod with no agent listener: dropped */
+#define AMB_EVENT_ASSIGN_FAIL 4 /* bpf_sk_assign failed: dropped */
+
+/* A CIDR in a pod's skip list. */
+struct amb_cidr {
+	__be32 addr[4]; /* IPv4 in addr[0]; IPv6 uses all four */
+	__u8 family;    /* AMB_AF_INET or AMB_AF_INET6; 0 = unused slot */
+	__u8 prefix_len;
+	__u16 _pad;
+};
+_Static_assert(sizeof(struct amb_cidr) == 20, "amb_cidr ABI changed");
+
+/* amb_pods: netns cookie (u64) -> amb_pod. Written by the agent at enrollment; read by connect4/6. */
+struct amb_pod {
+	__u32 id;    /* agent-assigned pod number, for events and logs */
+	__u32 flags; /* AMB_POD_F_* */
+	__u16 skip_ports[AMB_MAX_SKIP_PORTS];          /* destination ports never captured; 0 = unused */
+	struct amb_cidr skip_cidrs[AMB_MAX_SKIP_CIDRS]; /* destination CIDRs never captured */
+};
+_Static_assert(sizeof(struct amb_pod) == 200, "amb_pod ABI changed");
+
+/* amb_pod_stats: netns cookie -> per-pod counters (atomic adds). Created by the agent at enrollment. */
+struct amb_pod_stats {
+	__u64 redirected; /* outbound connects redirected to the pod's outbound listener */
+	__u64 exempted;   /* outbound connects left alone (loopback, marks, agent ports, skip lists) */
+	__u64 steered;    /* inbound SYNs steered to the pod's inbound listener */
+	__u64 bypassed;   /* inbound SYNs of the agent's own deliveries, left to the app */
+	__u64 dropped;    /* refused: map full on connect, or no listener on inbound */
+	__u64 _reserved[3];
+};
+_Static_assert(sizeof(struct amb_pod_stats) == 64, "amb_pod_stats ABI changed");
+
+/* amb_orig_dst (value): where the app connected. Keyed by socket cookie in amb_orig_dst and by
+ * connection tuple in amb_conns. */
+struct amb_orig_dst {
+	__be32 addr[4]; /* IPv4 in addr[0]; IPv6 uses all four */
+	__be16 port;
+	__u8 family; /* AMB_AF_INET or AMB_AF_INET6 */
+	__u8 _pad;   /* always zero */
+};
+_Static_assert(sizeof(struct amb_orig_dst) == 20, "amb_orig_dst ABI changed");
+
+/* amb_conns key: the captured client socket as the agent's accepted socket names its peer, in the
+ * pod's netns. Written by sockops on active-established, deleted on close; read by the agent and by
+ * cgroup/getsockopt. */
+struct amb_conn_key {
+	__u64 netns_cookie;
+	__be32 addr[4]; /* client (local) address: 127.0.0.1 or ::1 after the redirect */
+	__u16 port;     /* client (local) port, host order */
+	__u8 family;
+	__u8 _pad;
+	__u32 _pad2;
+};
+_Static_assert(sizeof(struct amb_conn_key) == 32, "amb_conn_key ABI changed");
+
+/* amb_pod_addrs: a pod address -> its netns cookie. Written by the agent; read by sk_lookup. */
+struct amb_addr_key {
+	__be32 addr[4];
+	__u8 family;
+	__u8 _pad[3];
+};
+_Static_assert(sizeof(struct amb_addr_key) == 20, "amb_addr_key ABI changed");
+
+/* amb_listeners (SOCKHASH, value u32 fd): the inbound plaintext listener of a pod, per family. */
+struct amb_listener_key {
+	__u64 netns_cookie;
+	__u32 family;
+	__u32 _pad;
+};
+_Static_assert(sizeof(struct amb_listener_key) == 16, "amb_listener_key ABI changed");
+
+/* amb_bypass: a delivery connection the agent itself makes to an app; sk_lookup leaves its SYN to
+ * the app. Written by the agent after bind() and before connect(); removed when the connection ends. */
+struct amb_bypass_key {
+	__be32 remote[4];  /* the original client's address, bound by the agent's transparent socket */
+	__be32 local[4];   /* the pod's address */
+	__u16 remote_port; /* host order: the port the kernel chose at bind() */
+	__u16 local_port;  /* host order: the app's port */
+	__u8 family;
+	__u8 _pad[3];
+};
+_Static_assert(sizeof(struct amb_bypass_key) == 40, "amb_bypass_key ABI changed");
+
+/* amb_events (RINGBUF) record. */
+struct amb_event {
+	__u64 netns_cookie; /* 0 when unknown (sk_lookup) */
+	__be32 addr[4];     /* destination address of the connection */
+	__be16 port;        /* destination port */
+	__u8 family;
+	__u8 kind; /* AMB_EVENT_* */
+	__u32 pod_id;
+};
+_Static_assert(sizeof(struct amb_event) == 32, "amb_event ABI changed");
+
+#endif /* AMBIT_MAPS_H */

@@ -1,0 +1,89 @@
+/* common.h: kernel-only constants, load-time settings and small helpers shared by the hooks. */
+#ifndef AMB_COMMON_H
+#define AMB_COMMON_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "maps.h"
+
+#define IPPROTO_TCP 6
+#define SOL_IP 0
+#define SOL_IPV6 41
+#define SO_ORIGINAL_DST 80 /* also IP6T_SO_ORIGINAL_DST at SOL_IPV6 */
+
+/* cgroup sock_addr verdicts */
+#define AMB_PROCEED 1
+#define AMB_REFUSE 0
+
+/* Load-time settings, rewritten by the agent through aya's EbpfLoader::set_global. */
+const volatile __u32 cfg_out_mark = 0x539;     /* SO_MARK of the agent's outbound sockets */
+const volatile __u32 cfg_deliver_mark = 0x53a; /* SO_MARK of the agent's delivery sockets */
+const volatile __u16 cfg_outbound_port = 15001;
+const volatile __u16 cfg_inbound_port = 15006;
+const volatile __u16 cfg_tunnel_port = 15008;
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&amb_stats, &idx);
+
+	if (v)
+		*v += 1; /* per-CPU slot: no atomics needed */
+}
+
+static __always_inline struct amb_pod_stats *pod_stats(__u64 netns_cookie)
+{
+	return bpf_map_lookup_elem(&amb_pod_stats, &netns_cookie);
+}
+
+#define POD_STAT_ADD(ps, field)                                                                    \
+	do {                                                                                       \
+		if (ps)                                                                            \
+			__sync_fetch_and_add(&(ps)->field, 1);                                     \
+	} while (0)
+
+static __always_inline void emit_event(__u8 kind, __u64 netns_cookie, __u32 pod_id, __u8 family,
+				       const __be32 addr[4], __be16 port)
+{
+	struct amb_event *e = bpf_ringbuf_reserve(&amb_events, sizeof(*e), 0);
+
+	if (!e) {
+		stat_inc(AMB_STAT_EVENTS_LOST);
+		return;
+	}
+	e->netns_cookie = netns_cookie;
+	e->addr[0] = addr[0];
+	e->addr[1] = addr[1];
+	e->addr[2] = addr[2];
+	e->addr[3] = addr[3];
+	e->port = port;
+	e->family = family;
+	e->kind = kind;
+	e->pod_id = pod_id;
+	bpf_ringbuf_submit(e, 0);
+}
+
+static __always_inline int is_agent_port(__u16 port)
+{
+	return port == cfg_outbound_port || port == cfg_inbound_port || port == cfg_tunnel_port;
+}
+
+static __always_inline int is_v4_mapped(const __be32 a[4])
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+}
+
+static __always_inline int is_loopback4(__be32 a)
+{
+	return (a & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000) || a == 0;
+}
+
+static __always_inline int is_loopback6(const __be32 a[4])
+{
+	if (is_v4_mapped(a))
+		return is_loopback4(a[3]);
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && (a[3] == bpf_htonl(1) || a[3] == 0);
+}
+
+#endif /* AMB_COMMON_H */

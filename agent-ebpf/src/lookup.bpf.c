@@ -1,0 +1,89 @@
+/* lookup.bpf.c: sk_lookup steers inbound TCP for an enrolled pod's addresses to its listener. */
+
+SEC("sk_lookup")
+int lookup_steer(struct bpf_sk_lookup *ctx)
+{
+	/* Read every ctx field up front: clang merges per-branch loads of "the same" field into
+	 * one variable-offset ctx load, which the verifier rejects (seen on 6.18). */
+	__u32 protocol = ctx->protocol, family = ctx->family, lport = ctx->local_port;
+	__be32 r4 = ctx->remote_ip4, l4 = ctx->local_ip4;
+	__be32 r6a = ctx->remote_ip6[0], r6b = ctx->remote_ip6[1], r6c = ctx->remote_ip6[2],
+	       r6d = ctx->remote_ip6[3];
+	__be32 l6a = ctx->local_ip6[0], l6b = ctx->local_ip6[1], l6c = ctx->local_ip6[2],
+	       l6d = ctx->local_ip6[3];
+	__u16 rport = bpf_ntohs((__u16)ctx->remote_port);
+	struct amb_addr_key ak = {};
+	struct amb_bypass_key bk = {};
+	struct amb_listener_key lk = {};
+	struct amb_pod_stats *ps;
+	struct bpf_sock *sk;
+	__u64 *ns;
+	long err;
+
+	if (protocol != IPPROTO_TCP)
+		return SK_PASS;
+	if (family == AMB_AF_INET) {
+		if (is_loopback4(l4))
+			return SK_PASS;
+		ak.addr[0] = l4;
+		bk.remote[0] = r4;
+		bk.local[0] = l4;
+	} else if (family == AMB_AF_INET6) {
+		__be32 l6[4] = {l6a, l6b, l6c, l6d};
+
+		if (is_loopback6(l6))
+			return SK_PASS;
+		ak.addr[0] = l6a;
+		ak.addr[1] = l6b;
+		ak.addr[2] = l6c;
+		ak.addr[3] = l6d;
+		bk.remote[0] = r6a;
+		bk.remote[1] = r6b;
+		bk.remote[2] = r6c;
+		bk.remote[3] = r6d;
+		bk.local[0] = l6a;
+		bk.local[1] = l6b;
+		bk.local[2] = l6c;
+		bk.local[3] = l6d;
+	} else {
+		return SK_PASS;
+	}
+	ak.family = family;
+	ns = bpf_map_lookup_elem(&amb_pod_addrs, &ak);
+	if (!ns)
+		return SK_PASS; /* not an enrolled pod's address */
+	ps = pod_stats(*ns);
+	if (lport == cfg_tunnel_port) {
+		stat_inc(AMB_STAT_LOOKUP_TUNNEL_PORT);
+		return SK_PASS;
+	}
+	bk.remote_port = rport;
+	bk.local_port = (__u16)lport;
+	bk.family = family;
+	if (bpf_map_lookup_elem(&amb_bypass, &bk)) {
+		stat_inc(AMB_STAT_LOOKUP_BYPASS);
+		POD_STAT_ADD(ps, bypassed);
+		return SK_PASS;
+	}
+	lk.netns_cookie = *ns;
+	lk.family = family;
+	sk = bpf_map_lookup_elem(&amb_listeners, &lk);
+	if (!sk) {
+		/* Enrolled but the agent is not listening (stopped, restarting): fail closed. */
+		stat_inc(AMB_STAT_LOOKUP_NO_LISTENER);
+		POD_STAT_ADD(ps, dropped);
+		emit_event(AMB_EVENT_NO_LISTENER, *ns, 0, family, ak.addr, bpf_htons(lport));
+		return SK_DROP;
+	}
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		stat_inc(AMB_STAT_LOOKUP_ASSIGN_FAIL);
+		POD_STAT_ADD(ps, dropped);
+		emit_event(AMB_EVENT_ASSIGN_FAIL, *ns, 0, family, ak.addr, bpf_htons(lport));
+		return SK_DROP;
+	}
+	stat_inc(AMB_STAT_LOOKUP_STEER);
+	POD_STAT_ADD(ps, steered);
+	return SK_PASS;
+}

@@ -1,0 +1,92 @@
+/* maps.h: map definitions of the ambit kernel programs; layouts come from ambit_maps.h. */
+#ifndef AMB_MAPS_H
+#define AMB_MAPS_H
+
+#include "ambit_maps.h"
+
+/* Every map is pinned by name under the agent's per-instance bpffs directory, so that the
+ * programs keep capturing (and fail closed) across an agent restart and the new agent finds
+ * the state of connections already open. */
+
+/* netns cookie -> amb_pod. Writer: agent (enroll). Readers: connect4/6. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, AMB_MAX_PODS);
+	__type(key, __u64);
+	__type(value, struct amb_pod);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amb_pods SEC(".maps");
+
+/* netns cookie -> amb_pod_stats. Writer: agent (create/delete), every hook (atomic adds). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, AMB_MAX_PODS);
+	__type(key, __u64);
+	__type(value, struct amb_pod_stats);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amb_pod_stats SEC(".maps");
+
+/* pod address -> netns cookie. Writer: agent (enroll). Reader: sk_lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, AMB_MAX_PODS * 4);
+	__type(key, struct amb_addr_key);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amb_pod_addrs SEC(".maps");
+
+/* socket cookie -> original destination. Writer: connect4/6. Readers: sockops (re-key),
+ * getpeername4/6. Deleted by sockops when the socket closes; LRU as a backstop. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, AMB_MAX_CONNS);
+	__type(key, __u64);
+	__type(value, struct amb_orig_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amb_orig_dst SEC(".maps");
+
+/* captured client tuple -> original destination. Writer: sockops (established; deleted on
+ * close). Readers: the agent, cgroup/getsockopt. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, AMB_MAX_CONNS);
+	__type(key, struct amb_conn_key);
+	__type(value, struct amb_orig_dst);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amb_conns SEC(".maps");
+
+/* (netns cookie, family) -> the pod's inbound plaintext listener. Writer: agent. Reader: sk_lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, AMB_MAX_PODS * 2);
+	__type(key, struct amb_listener_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amb_listeners SEC(".maps");
+
+/* the agent's own delivery connections. Writer: agent. Reader: sk_lookup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, AMB_MAX_CONNS);
+	__type(key, struct amb_bypass_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amb_bypass SEC(".maps");
+
+/* AMB_STAT_* -> count. Writers: every hook. Reader: agent (sums the CPUs). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, AMB_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amb_stats SEC(".maps");
+
+/* notable events (struct amb_event). Writers: every hook. Reader: agent -> tracing. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 16);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amb_events SEC(".maps");
+
+#endif /* AMB_MAPS_H */

@@ -1,0 +1,41 @@
+//! Command-line types of the `ambit` binary (clap); no side effects here.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// ambit: sidecar-less mTLS for Kubernetes pods, with eBPF capture.
+#[derive(Debug, Parser)]
+#[command(name = "ambit", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the node agent.
+    Run(RunArgs),
+    /// Show the agent's status (enrolled pods, listeners, kernel counters).
+    Status(AdminArgs),
+}
+
+/// `ambit run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (YAML).
+    #[arg(long, short, env = "AMBIT_CONFIG")]
+    pub config: PathBuf,
+}
+
+/// Options shared by the admin-socket clients.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The agent's admin socket.
+    #[arg(long, env = "AMBIT_ADMIN_SOCKET", default_value = "/run/ambit/admin.sock")]
+    pub admin_socket: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}

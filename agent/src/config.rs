@@ -1,0 +1,198 @@
+//! Agent configuration: parsed once from a YAML file into typed values.
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default SO_MARK of the agent's outbound sockets (as Istio's 1337).
+pub const DEFAULT_OUTBOUND_MARK: u32 = 0x539;
+/// Default SO_MARK of the agent's delivery sockets (routed back to the agent in the pod).
+pub const DEFAULT_DELIVER_MARK: u32 = 0x53a;
+
+/// Errors reading or parsing the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read config file {}", path.display())]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    /// The YAML did not parse or a field had a bad value.
+    #[error("config file {}: {field}: {message} (line {line}, column {column})", path.display())]
+    Parse { path: PathBuf, field: String, message: String, line: usize, column: usize },
+    /// A value parsed but is not usable.
+    #[error("config file {}: {field}: {message}", path.display())]
+    Invalid { path: PathBuf, field: &'static str, message: String },
+}
+
+/// The agent's ports inside every enrolled pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Ports {
+    /// Outbound capture listener (127.0.0.1 and ::1).
+    pub outbound: u16,
+    /// Inbound plaintext capture listener.
+    pub inbound_plaintext: u16,
+    /// Inbound HBONE (mTLS) listener.
+    pub tunnel: u16,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        Self { outbound: 15001, inbound_plaintext: 15006, tunnel: 15008 }
+    }
+}
+
+impl Ports {
+    /// Whether `port` is one of the agent's own ports (never a valid application target).
+    pub fn is_agent_port(&self, port: u16) -> bool {
+        port == self.outbound || port == self.inbound_plaintext || port == self.tunnel
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The agent's configuration (`ambit run --config FILE`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Name of the node this agent serves; only pods with this `spec.nodeName` are enrolled.
+    pub node: String,
+    /// SPIFFE trust domain.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Inventory file (Kubernetes-shaped multi-document YAML).
+    pub inventory: PathBuf,
+    /// How often the inventory file is checked for changes.
+    #[serde(default = "default_poll_ms")]
+    pub inventory_poll_ms: u64,
+    /// Admin unix socket.
+    #[serde(default = "default_admin_socket")]
+    pub admin_socket: PathBuf,
+    /// Per-instance bpffs directory for pinned maps and links.
+    #[serde(default = "default_pin_dir")]
+    pub bpf_pin_dir: PathBuf,
+    /// Cgroup v2 directory that holds every pod's cgroup (and usually the agent's): the kernel
+    /// programs are attached here once. Relative paths are taken under the cgroup2 mount.
+    pub pods_cgroup: PathBuf,
+    /// Cgroup v2 directory the agent joins before opening any socket. Relative paths are taken
+    /// under the cgroup2 mount.
+    pub agent_cgroup: PathBuf,
+    /// SO_MARK of the agent's outbound sockets.
+    #[serde(default = "default_outbound_mark")]
+    pub outbound_mark: u32,
+    /// SO_MARK of the agent's delivery sockets.
+    #[serde(default = "default_deliver_mark")]
+    pub deliver_mark: u32,
+    /// Agent ports inside each pod.
+    #[serde(default)]
+    pub ports: Ports,
+    /// Log output format.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".to_string()
+}
+fn default_poll_ms() -> u64 {
+    500
+}
+fn default_admin_socket() -> PathBuf {
+    PathBuf::from("/run/ambit/admin.sock")
+}
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/ambit")
+}
+fn default_outbound_mark() -> u32 {
+    DEFAULT_OUTBOUND_MARK
+}
+fn default_deliver_mark() -> u32 {
+    DEFAULT_DELIVER_MARK
+}
+
+impl Config {
+    /// Reads and parses the configuration file.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses configuration text; `path` is used in error messages only.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, Error> {
+        let de = serde_yaml::Deserializer::from_str(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let location = e.inner().location();
+            Error::Parse {
+                path: path.to_path_buf(),
+                field: e.path().to_string(),
+                message: e.inner().to_string(),
+                line: location.as_ref().map_or(0, |l| l.line()),
+                column: location.as_ref().map_or(0, |l| l.column()),
+            }
+        })?;
+        let invalid = |field, message: &str| Error::Invalid {
+            path: path.to_path_buf(),
+            field,
+            message: message.to_string(),
+        };
+        if cfg.node.is_empty() {
+            return Err(invalid("node", "must not be empty"));
+        }
+        if cfg.outbound_mark == 0 || cfg.deliver_mark == 0 || cfg.outbound_mark == cfg.deliver_mark {
+            return Err(invalid("outboundMark", "marks must be non-zero and differ from deliverMark"));
+        }
+        let p = cfg.ports;
+        if p.outbound == p.inbound_plaintext || p.outbound == p.tunnel || p.inbound_plaintext == p.tunnel {
+            return Err(invalid("ports", "outbound, inboundPlaintext and tunnel must differ"));
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_minimal_config_with_defaults() {
+        let cfg = Config::parse(
+            Path::new("a.yaml"),
+            "node: n1\ninventory: /x.yaml\npodsCgroup: pods\nagentCgroup: pods/agent\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.ports, Ports::default());
+        assert_eq!(cfg.outbound_mark, 0x539);
+        assert_eq!(cfg.trust_domain, "cluster.local");
+    }
+
+    #[test]
+    fn names_file_field_and_line_on_bad_value() {
+        let err = Config::parse(
+            Path::new("a.yaml"),
+            "node: n1\ninventory: /x.yaml\npodsCgroup: p\nagentCgroup: q\nports:\n  tunnel: hello\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("a.yaml"), "{err}");
+        assert!(err.contains("ports.tunnel"), "{err}");
+        assert!(err.contains("line 6"), "{err}");
+    }
+
+    #[test]
+    fn rejects_equal_marks() {
+        let err = Config::parse(
+            Path::new("a.yaml"),
+            "node: n1\ninventory: /x\npodsCgroup: p\nagentCgroup: q\noutboundMark: 5\ndeliverMark: 5\n",
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Invalid { field: "outboundMark", .. }));
+    }
+}

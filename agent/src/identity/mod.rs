@@ -1,0 +1,1 @@
+//! Workload identity: SPIFFE IDs and X.509-SVIDs (issue and verify).

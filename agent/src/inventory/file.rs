@@ -1,0 +1,254 @@
+//! File inventory source: multi-document Kubernetes YAML, parsed with exact error locations and polled for changes.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use super::objects::{Namespace, Pod};
+use super::{
+    Snapshot, Workload, CGROUP_ANNOTATION, EXCLUDE_CIDRS_ANNOTATION, EXCLUDE_PORTS_ANNOTATION,
+    MODE_LABEL, NETNS_ANNOTATION,
+};
+
+/// Errors reading or parsing an inventory file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read inventory {}", path.display())]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    /// A document failed to parse, or a field had a bad value.
+    #[error("inventory {}: document {doc} ({kind} {name}): field `{field}`: {message} (line {line})", path.display())]
+    Object {
+        path: PathBuf,
+        doc: usize,
+        kind: String,
+        name: String,
+        field: String,
+        message: String,
+        line: usize,
+    },
+}
+
+/// Parses inventory text. `path` is used in error messages only.
+pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
+    let mut snap = Snapshot::default();
+    let mut pods = Vec::new();
+    for (doc, (first_line, chunk)) in documents(text).into_iter().enumerate() {
+        let err = |kind: &str, name: &str, field: String, message: String, line: usize| Error::Object {
+            path: path.to_path_buf(),
+            doc: doc + 1,
+            kind: kind.to_string(),
+            name: name.to_string(),
+            field,
+            message,
+            line: first_line + line.saturating_sub(1),
+        };
+        let value: serde_yaml::Value = serde_yaml::from_str(&chunk).map_err(|e| {
+            let line = e.location().map_or(1, |l| l.line());
+            err("?", "?", String::new(), e.to_string(), line)
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+        let name = value
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(|n| n.as_str())
+            .unwrap_or("?")
+            .to_string();
+        match kind.as_str() {
+            "Pod" => {
+                let pod: Pod = typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
+                let line = line_of(&chunk, "metadata:");
+                pods.push((pod, line, doc));
+            }
+            "Namespace" => {
+                let ns: Namespace = typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
+                snap.namespaces.insert(ns.metadata.name.clone(), ns.metadata.labels);
+            }
+            "List" => {
+                return Err(err(&kind, &name, "kind".into(), "List is not supported; write one object per document".into(), 1))
+            }
+            "" => return Err(err("?", &name, "kind".into(), "missing kind".into(), 1)),
+            // Kinds other issues add (policies, services) or that ambit ignores.
+            _ => {}
+        }
+    }
+    for (pod, line, doc) in pods {
+        let kind = "Pod";
+        let name = pod.metadata.name.clone();
+        let w = workload(pod, &snap.namespaces).map_err(|(field, message)| Error::Object {
+            path: path.to_path_buf(),
+            doc: doc + 1,
+            kind: kind.to_string(),
+            name: name.clone(),
+            field,
+            message,
+            line,
+        })?;
+        snap.workloads.insert(w.key(), w);
+    }
+    Ok(snap)
+}
+
+/// Splits multi-document YAML on `---` lines; returns (first line number, text) per document.
+fn documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = vec![(1, String::new())];
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_end() == "---" || line.starts_with("--- ") {
+            docs.push((i + 2, String::new()));
+            continue;
+        }
+        if let Some((_, cur)) = docs.last_mut() {
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    docs.retain(|(_, d)| !d.trim().is_empty());
+    docs
+}
+
+fn line_of(chunk: &str, needle: &str) -> usize {
+    chunk.lines().position(|l| l.contains(needle)).map_or(1, |p| p + 1)
+}
+
+fn typed<T: DeserializeOwned>(chunk: &str) -> Result<T, (String, String, usize)> {
+    let de = serde_yaml::Deserializer::from_str(chunk);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let line = e.inner().location().map_or(1, |l| l.line());
+        (e.path().to_string(), e.inner().to_string(), line)
+    })
+}
+
+fn workload(
+    pod: Pod,
+    namespaces: &BTreeMap<String, BTreeMap<String, String>>,
+) -> Result<Workload, (String, String)> {
+    let meta = pod.metadata;
+    let namespace = if meta.namespace.is_empty() { "default".to_string() } else { meta.namespace };
+    let mut ips = Vec::new();
+    let raw_ips = pod.status.pod_ips.iter().map(|p| p.ip.as_str()).chain(pod.status.pod_ip.as_deref());
+    for (i, raw) in raw_ips.enumerate() {
+        let ip: IpAddr = raw
+            .parse()
+            .map_err(|_| (format!("status.podIPs[{i}].ip"), format!("`{raw}` is not an IP address")))?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let ns_mode = namespaces.get(&namespace).and_then(|l| l.get(MODE_LABEL)).map(String::as_str);
+    let pod_mode = meta.labels.get(MODE_LABEL).map(String::as_str);
+    let enrolled = match pod_mode {
+        Some("enabled") => true,
+        Some("disabled") => false,
+        _ => ns_mode == Some("enabled"),
+    };
+    let annotation = |k: &str| meta.annotations.get(k).map(String::as_str);
+    let mut skip_ports = Vec::new();
+    for p in list(annotation(EXCLUDE_PORTS_ANNOTATION)) {
+        let port = p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+            (format!("metadata.annotations.{EXCLUDE_PORTS_ANNOTATION}"), format!("`{p}` is not a port"))
+        })?;
+        skip_ports.push(port);
+    }
+    let mut skip_cidrs = Vec::new();
+    for c in list(annotation(EXCLUDE_CIDRS_ANNOTATION)) {
+        let net = c
+            .parse::<IpNet>()
+            .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
+            .map_err(|_| (format!("metadata.annotations.{EXCLUDE_CIDRS_ANNOTATION}"), format!("`{c}` is not a CIDR")))?;
+        skip_cidrs.push(net.trunc());
+    }
+    const MAX_PORTS: usize = crate::redirect::maps::MAX_SKIP_PORTS;
+    const MAX_CIDRS: usize = crate::redirect::maps::MAX_SKIP_CIDRS;
+    if skip_ports.len() > MAX_PORTS {
+        return Err((format!("metadata.annotations.{EXCLUDE_PORTS_ANNOTATION}"), format!("at most {MAX_PORTS} ports")));
+    }
+    if skip_cidrs.len() > MAX_CIDRS {
+        return Err((format!("metadata.annotations.{EXCLUDE_CIDRS_ANNOTATION}"), format!("at most {MAX_CIDRS} CIDRs")));
+    }
+    let service_account = if pod.spec.service_account_name.is_empty() {
+        "default".to_string()
+    } else {
+        pod.spec.service_account_name
+    };
+    Ok(Workload {
+        name: meta.name,
+        namespace,
+        service_account,
+        node: pod.spec.node_name,
+        ips,
+        enrolled,
+        netns: annotation(NETNS_ANNOTATION).map(PathBuf::from),
+        cgroup: annotation(CGROUP_ANNOTATION).map(PathBuf::from),
+        labels: meta.labels,
+        skip_ports,
+        skip_cidrs,
+    })
+}
+
+fn list(v: Option<&str>) -> impl Iterator<Item = &str> {
+    v.unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Counts of inventory reloads, for status and metrics.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Successful loads.
+    pub loads: AtomicU64,
+    /// Failed loads (the last good state stayed in force).
+    pub errors: AtomicU64,
+}
+
+/// Polls `path` every `interval`; publishes each new good snapshot, keeps the last good one on error.
+pub async fn watch_file(
+    path: PathBuf,
+    interval: Duration,
+    tx: watch::Sender<Arc<Snapshot>>,
+    stats: Arc<ReloadStats>,
+) {
+    let mut last_text: Option<String> = None;
+    loop {
+        match tokio::fs::read_to_string(&path).await {
+            Ok(text) if last_text.as_deref() != Some(text.as_str()) => {
+                match parse(&path, &text) {
+                    Ok(snap) => {
+                        stats.loads.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(path = %path.display(), workloads = snap.workloads.len(), "inventory loaded");
+                        tx.send_if_modified(|cur| {
+                            let changed = **cur != snap;
+                            if changed {
+                                *cur = Arc::new(snap);
+                            }
+                            changed
+                        });
+                    }
+                    Err(e) => {
+                        stats.errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "inventory rejected; keeping the last good state");
+                    }
+                }
+                last_text = Some(text);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if last_text.is_some() {
+                    stats.errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read inventory; keeping the last good state");
+                    last_text = None;
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

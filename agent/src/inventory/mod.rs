@@ -1,0 +1,80 @@
+//! The inventory: workloads (pods) and namespaces known to the agent, from a file or Kubernetes.
+pub mod file;
+pub mod objects;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+
+/// Label (on a pod or its namespace) that enrolls pods: `enabled`; a pod label `disabled` opts out.
+pub const MODE_LABEL: &str = "ambit.io/mode";
+/// Annotation with the pod's network namespace path (file inventory; the CNI plugin supplies it in Kubernetes).
+pub const NETNS_ANNOTATION: &str = "ambit.io/netns";
+/// Annotation with the pod's cgroup v2 directory (file inventory, informational).
+pub const CGROUP_ANNOTATION: &str = "ambit.io/cgroup";
+/// Istio's annotation of destination ports that are never captured (comma separated).
+pub const EXCLUDE_PORTS_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+/// Istio's annotation of destination CIDRs that are never captured (comma separated).
+pub const EXCLUDE_CIDRS_ANNOTATION: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+
+/// A pod as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// Pod name.
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Service account.
+    pub service_account: String,
+    /// Node the pod runs on.
+    pub node: String,
+    /// Pod addresses.
+    pub ips: Vec<IpAddr>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Whether ambit captures this pod's traffic.
+    pub enrolled: bool,
+    /// Network namespace path, when known on this node.
+    pub netns: Option<PathBuf>,
+    /// Cgroup v2 directory, when known.
+    pub cgroup: Option<PathBuf>,
+    /// Destination ports never captured.
+    pub skip_ports: Vec<u16>,
+    /// Destination CIDRs never captured.
+    pub skip_cidrs: Vec<IpNet>,
+}
+
+impl Workload {
+    /// `namespace/name`, the key used in logs and the admin API.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The SPIFFE identity string of this workload in `trust_domain`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> String {
+        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
+    }
+}
+
+/// Everything the inventory knows at one point in time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Workloads keyed by `namespace/name`.
+    pub workloads: BTreeMap<String, Workload>,
+    /// Namespace labels keyed by namespace name.
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+}
+
+impl Snapshot {
+    /// Workloads scheduled on `node`.
+    pub fn on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.workloads.values().filter(move |w| w.node == node)
+    }
+
+    /// The workload owning `ip`, if any.
+    pub fn by_ip(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workloads.values().find(|w| w.ips.contains(&ip))
+    }
+}

@@ -1,0 +1,79 @@
+//! Kubernetes object shapes read by the inventory (the fields ambit uses, as `kubectl -o yaml` prints them).
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// `metadata` of any object.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    /// Object name.
+    pub name: String,
+    /// Namespace (empty for cluster-scoped objects).
+    #[serde(default)]
+    pub namespace: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+    /// UID, when the object came from an API server.
+    #[serde(default)]
+    pub uid: String,
+    /// Creation time (RFC 3339), as the API server sets it.
+    #[serde(default)]
+    pub creation_timestamp: Option<String>,
+}
+
+/// v1 Pod.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pod {
+    /// Metadata.
+    pub metadata: ObjectMeta,
+    /// Spec.
+    #[serde(default)]
+    pub spec: PodSpec,
+    /// Status.
+    #[serde(default)]
+    pub status: PodStatus,
+}
+
+/// The parts of a PodSpec ambit reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec {
+    /// Node the pod is scheduled on.
+    #[serde(default)]
+    pub node_name: String,
+    /// Service account (identity); `default` when empty.
+    #[serde(default)]
+    pub service_account_name: String,
+}
+
+/// The parts of a PodStatus ambit reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    /// Pod IPs (IPv4 and IPv6).
+    #[serde(default, rename = "podIPs")]
+    pub pod_ips: Vec<PodIp>,
+    /// Primary pod IP (older servers set only this).
+    #[serde(default, rename = "podIP")]
+    pub pod_ip: Option<String>,
+}
+
+/// One entry of `status.podIPs`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PodIp {
+    /// The address.
+    pub ip: String,
+}
+
+/// v1 Namespace.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Namespace {
+    /// Metadata (labels decide enrollment).
+    pub metadata: ObjectMeta,
+}

@@ -1,0 +1,11 @@
+//! ambit: a sidecar-less mTLS data plane; the library behind the `ambit` binary.
+pub mod addr;
+pub mod admin;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod inventory;
+pub mod proxy;
+pub mod redirect;
+pub mod sys;

@@ -1,0 +1,12 @@
+//! `ambit`: parse the command line, set up logging and hand over to the subcommand.
+use clap::Parser;
+
+use ambit::cli::{Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => ambit::app::run(args),
+        Command::Status(args) => ambit::admin::client::status(args),
+    }
+}

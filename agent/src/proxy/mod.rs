@@ -1,0 +1,1 @@
+//! The data plane: outbound, inbound-plaintext and inbound-tunnel paths.

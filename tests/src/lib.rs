@@ -1,0 +1,1 @@
+//! ambit end-to-end test harness: the network-namespace testbed.

@@ -1,0 +1,2 @@
+//! cargo xtask: developer and CI commands for ambit.
+fn main() {}
