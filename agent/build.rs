@@ -5,8 +5,9 @@ use std::process::Command;
 
 fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
-        .join("../agent-ebpf");
+    let root =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
+            .join("../agent-ebpf");
     let include = root.join("include");
     let src = root.join("src");
     for dir in [&include, &src] {
@@ -27,7 +28,10 @@ fn main() {
         .unwrap_or_else(|e| {
             panic!("cannot run {clang} to build the kernel programs ({e}); install clang-19 (cargo xtask installs it as root)")
         });
-    assert!(status.success(), "{clang} failed to compile agent-ebpf/src/ambit.bpf.c");
+    assert!(
+        status.success(),
+        "{clang} failed to compile agent-ebpf/src/ambit.bpf.c"
+    );
 
     // Layout probe: the host C compiler prints size and offset of every field of the shared
     // structs; the `maps` unit test compares them with the Rust mirror.
@@ -41,7 +45,11 @@ fn main() {
         .arg(&probe_bin)
         .status()
         .unwrap_or_else(|e| panic!("cannot run {cc} for the layout probe: {e}"));
-    assert!(status.success(), "{cc} failed to compile {}", probe_src.display());
+    assert!(
+        status.success(),
+        "{cc} failed to compile {}",
+        probe_src.display()
+    );
     let output = Command::new(&probe_bin).output().expect("run layout probe");
     assert!(output.status.success(), "layout probe failed");
     std::fs::write(out.join("layout.txt"), output.stdout).expect("write layout.txt");

@@ -1,7 +1,138 @@
 //! Wires the agent together; owns startup and shutdown order.
+//!
+//! Startup: config → logging → join the agent cgroup (before any socket exists) → load and
+//! attach the kernel programs → data-plane runtime → inventory watch → pod manager → admin socket.
+//! Shutdown (SIGTERM/SIGINT): stop serving and exit, leaving the pinned programs and maps in
+//! place, so enrolled pods fail closed until the next agent takes over.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::admin::server::{self, AdminState};
 use crate::cli::RunArgs;
+use crate::config::{Config, LogFormat};
+use crate::inventory::file::{self, ReloadStats};
+use crate::inventory::Snapshot;
+use crate::proxy::manager::Manager;
+use crate::redirect::{events, Datapath};
+use crate::sys;
 
 /// `ambit run`.
-pub fn run(_args: RunArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(&args.config)?;
+    init_logging(cfg.log_format);
+    let cg_root = sys::cgroup2_mount()?;
+    let pods_cgroup = under(&cg_root, &cfg.pods_cgroup);
+    let agent_cgroup = under(&cg_root, &cfg.agent_cgroup);
+    // A socket's cgroup is fixed when it is created: join ours before opening any.
+    sys::join_cgroup(&agent_cgroup)?;
+    let (datapath, ring) = Datapath::load(&cfg, &pods_cgroup, &agent_cgroup)?;
+    let datapath = Arc::new(datapath);
+    tracing::info!(
+        node = %cfg.node,
+        pods.cgroup = %pods_cgroup.display(),
+        agent.cgroup = %agent_cgroup.display(),
+        pin.dir = %cfg.bpf_pin_dir.display(),
+        admin.socket = %cfg.admin_socket.display(),
+        "kernel programs attached"
+    );
+    let cfg = Arc::new(cfg);
+    let data_plane = tokio::runtime::Builder::new_multi_thread()
+        .thread_name("ambit-dp")
+        .enable_all()
+        .build()
+        .context("cannot start the data-plane runtime")?;
+    let admin_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = admin_rt.block_on(serve(
+        cfg.clone(),
+        datapath,
+        ring,
+        data_plane.handle().clone(),
+    ));
+    data_plane.shutdown_timeout(Duration::from_secs(1));
+    let _ = std::fs::remove_file(&cfg.admin_socket);
+    tracing::info!("agent stopped; kernel programs stay attached (pods fail closed)");
+    result
+}
+
+async fn serve(
+    cfg: Arc<Config>,
+    datapath: Arc<Datapath>,
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    data_plane: tokio::runtime::Handle,
+) -> anyhow::Result<()> {
+    tokio::spawn(events::drain(ring));
+    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let reloads = Arc::new(ReloadStats::default());
+    // The first load must succeed: an agent with an unreadable inventory would serve nobody.
+    let text = std::fs::read_to_string(&cfg.inventory)
+        .with_context(|| format!("cannot read inventory {}", cfg.inventory.display()))?;
+    let first = file::parse(&cfg.inventory, &text)?;
+    tx.send_replace(Arc::new(first));
+    tokio::spawn(file::watch_file(
+        cfg.inventory.clone(),
+        Duration::from_millis(cfg.inventory_poll_ms.max(50)),
+        tx,
+        reloads.clone(),
+    ));
+    let manager = Arc::new(Manager::new(cfg.clone(), datapath.clone(), data_plane));
+    tokio::spawn(manager.clone().run(rx));
+    let listener = server::bind(&cfg.admin_socket)?;
+    let state = Arc::new(AdminState {
+        node: cfg.node.clone(),
+        inventory: cfg.inventory.clone(),
+        reloads,
+        manager,
+        datapath,
+        started: Instant::now(),
+        bad_requests: AtomicU64::new(0),
+    });
+    tokio::spawn(server::serve(listener, state));
+    tracing::info!(admin.socket = %cfg.admin_socket.display(), "agent ready");
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; running until killed");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+/// Resolves a configured cgroup path: absolute as is, relative under the cgroup2 mount.
+fn under(root: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        root.join(p)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AMBIT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
 }

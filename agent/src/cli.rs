@@ -33,7 +33,11 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct AdminArgs {
     /// The agent's admin socket.
-    #[arg(long, env = "AMBIT_ADMIN_SOCKET", default_value = "/run/ambit/admin.sock")]
+    #[arg(
+        long,
+        env = "AMBIT_ADMIN_SOCKET",
+        default_value = "/run/ambit/admin.sock"
+    )]
     pub admin_socket: PathBuf,
     /// Print JSON instead of a table.
     #[arg(long)]

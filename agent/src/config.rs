@@ -13,13 +13,27 @@ pub const DEFAULT_DELIVER_MARK: u32 = 0x53a;
 pub enum Error {
     /// The file could not be read.
     #[error("cannot read config file {}", path.display())]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The YAML did not parse or a field had a bad value.
     #[error("config file {}: {field}: {message} (line {line}, column {column})", path.display())]
-    Parse { path: PathBuf, field: String, message: String, line: usize, column: usize },
+    Parse {
+        path: PathBuf,
+        field: String,
+        message: String,
+        line: usize,
+        column: usize,
+    },
     /// A value parsed but is not usable.
     #[error("config file {}: {field}: {message}", path.display())]
-    Invalid { path: PathBuf, field: &'static str, message: String },
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// The agent's ports inside every enrolled pod.
@@ -36,7 +50,11 @@ pub struct Ports {
 
 impl Default for Ports {
     fn default() -> Self {
-        Self { outbound: 15001, inbound_plaintext: 15006, tunnel: 15008 }
+        Self {
+            outbound: 15001,
+            inbound_plaintext: 15006,
+            tunnel: 15008,
+        }
     }
 }
 
@@ -120,8 +138,10 @@ fn default_deliver_mark() -> u32 {
 impl Config {
     /// Reads and parses the configuration file.
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| Error::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::parse(path, &text)
     }
 
@@ -146,12 +166,22 @@ impl Config {
         if cfg.node.is_empty() {
             return Err(invalid("node", "must not be empty"));
         }
-        if cfg.outbound_mark == 0 || cfg.deliver_mark == 0 || cfg.outbound_mark == cfg.deliver_mark {
-            return Err(invalid("outboundMark", "marks must be non-zero and differ from deliverMark"));
+        if cfg.outbound_mark == 0 || cfg.deliver_mark == 0 || cfg.outbound_mark == cfg.deliver_mark
+        {
+            return Err(invalid(
+                "outboundMark",
+                "marks must be non-zero and differ from deliverMark",
+            ));
         }
         let p = cfg.ports;
-        if p.outbound == p.inbound_plaintext || p.outbound == p.tunnel || p.inbound_plaintext == p.tunnel {
-            return Err(invalid("ports", "outbound, inboundPlaintext and tunnel must differ"));
+        if p.outbound == p.inbound_plaintext
+            || p.outbound == p.tunnel
+            || p.inbound_plaintext == p.tunnel
+        {
+            return Err(invalid(
+                "ports",
+                "outbound, inboundPlaintext and tunnel must differ",
+            ));
         }
         Ok(cfg)
     }
@@ -193,6 +223,12 @@ mod tests {
             "node: n1\ninventory: /x\npodsCgroup: p\nagentCgroup: q\noutboundMark: 5\ndeliverMark: 5\n",
         )
         .unwrap_err();
-        assert!(matches!(err, Error::Invalid { field: "outboundMark", .. }));
+        assert!(matches!(
+            err,
+            Error::Invalid {
+                field: "outboundMark",
+                ..
+            }
+        ));
     }
 }

@@ -1,5 +1,8 @@
 //! Syscalls the agent needs beyond std and socket2: netns entry, cookies, bpffs and cgroup2 mounts.
-#![expect(unsafe_code, reason = "getsockopt(SO_NETNS_COOKIE) has no safe wrapper")]
+#![expect(
+    unsafe_code,
+    reason = "getsockopt(SO_NETNS_COOKIE) has no safe wrapper"
+)]
 
 use std::fs::File;
 use std::io;
@@ -16,16 +19,28 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 pub enum Error {
     /// Opening a network namespace failed.
     #[error("cannot open network namespace {}", path.display())]
-    OpenNetns { path: PathBuf, #[source] source: io::Error },
+    OpenNetns {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// setns(CLONE_NEWNET) failed.
     #[error("setns into network namespace {} failed", path.display())]
-    Setns { path: PathBuf, #[source] source: nix::Error },
+    Setns {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
     /// The helper thread that entered the namespace panicked.
     #[error("thread inside network namespace {} panicked", path.display())]
     ThreadPanic { path: PathBuf },
     /// A socket option failed.
     #[error("{opt} failed")]
-    Sockopt { opt: &'static str, #[source] source: io::Error },
+    Sockopt {
+        opt: &'static str,
+        #[source]
+        source: io::Error,
+    },
     /// No cgroup2 filesystem is mounted.
     #[error("no cgroup2 filesystem is mounted (checked /proc/self/mountinfo)")]
     NoCgroup2,
@@ -34,10 +49,18 @@ pub enum Error {
     Mountinfo(#[source] io::Error),
     /// Joining a cgroup failed.
     #[error("cannot join cgroup {}", path.display())]
-    JoinCgroup { path: PathBuf, #[source] source: io::Error },
+    JoinCgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// Mounting bpffs failed.
     #[error("cannot mount bpffs at {}", path.display())]
-    MountBpffs { path: PathBuf, #[source] source: nix::Error },
+    MountBpffs {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
 }
 
 /// An opened network namespace (holding the fd keeps the namespace alive while we use it).
@@ -50,8 +73,14 @@ pub struct Netns {
 impl Netns {
     /// Opens the namespace at `path` (e.g. `/run/netns/NAME` or `/proc/PID/ns/net`).
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let file = File::open(path).map_err(|source| Error::OpenNetns { path: path.to_path_buf(), source })?;
-        Ok(Self { path: path.to_path_buf(), file })
+        let file = File::open(path).map_err(|source| Error::OpenNetns {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     /// The namespace's path.
@@ -72,16 +101,25 @@ impl Netns {
         R: Send + 'static,
         F: FnOnce() -> R + Send + 'static,
     {
-        let fd = self.file.try_clone().map_err(|source| Error::OpenNetns { path: self.path.clone(), source })?;
+        let fd = self.file.try_clone().map_err(|source| Error::OpenNetns {
+            path: self.path.clone(),
+            source,
+        })?;
         let path = self.path.clone();
         let handle = std::thread::Builder::new()
             .name("ambit-netns".into())
             .spawn(move || -> Result<R, Error> {
-                setns(fd.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| Error::Setns { path, source })?;
+                setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
+                    .map_err(|source| Error::Setns { path, source })?;
                 Ok(f())
             })
-            .map_err(|source| Error::OpenNetns { path: self.path.clone(), source })?;
-        handle.join().map_err(|_| Error::ThreadPanic { path: self.path.clone() })?
+            .map_err(|source| Error::OpenNetns {
+                path: self.path.clone(),
+                source,
+            })?;
+        handle.join().map_err(|_| Error::ThreadPanic {
+            path: self.path.clone(),
+        })?
     }
 }
 
@@ -102,7 +140,10 @@ pub fn netns_cookie(sock: &impl AsRawFd) -> Result<u64, Error> {
         )
     };
     if rc != 0 {
-        return Err(Error::Sockopt { opt: "SO_NETNS_COOKIE", source: io::Error::last_os_error() });
+        return Err(Error::Sockopt {
+            opt: "SO_NETNS_COOKIE",
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(cookie)
 }
@@ -125,13 +166,25 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
     if is_bpffs(dir)? {
         return Ok(());
     }
-    nix::mount::mount(Some("bpf"), dir, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|source| Error::MountBpffs { path: dir.to_path_buf(), source })
+    nix::mount::mount(
+        Some("bpf"),
+        dir,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|source| Error::MountBpffs {
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Moves the calling process into the cgroup v2 directory `dir` (created if missing).
 pub fn join_cgroup(dir: &Path) -> Result<(), Error> {
-    let err = |source| Error::JoinCgroup { path: dir.to_path_buf(), source };
+    let err = |source| Error::JoinCgroup {
+        path: dir.to_path_buf(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(err)?;
     std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string()).map_err(err)
 }
@@ -152,7 +205,10 @@ fn mount_of_type(mountinfo: &str, fstype: &str) -> Option<PathBuf> {
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 #[cfg(test)]
@@ -163,9 +219,15 @@ mod tests {
     fn finds_cgroup2_wherever_it_is_mounted() {
         let info = "25 1 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n\
                     33 25 0:29 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw\n";
-        assert_eq!(mount_of_type(info, "cgroup2"), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            mount_of_type(info, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         let info2 = "30 1 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(mount_of_type(info2, "cgroup2"), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            mount_of_type(info2, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         assert_eq!(mount_of_type("garbage line\n", "cgroup2"), None);
     }
 }

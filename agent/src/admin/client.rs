@@ -1,7 +1,136 @@
 //! CLI clients of the admin socket (`ambit status`).
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
 use crate::cli::AdminArgs;
 
-/// `ambit status`.
-pub fn status(_args: AdminArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+/// `ambit status`: exit code 0 when every local pod is enrolled, 1 when some failed, 2 when the
+/// agent cannot be reached.
+pub fn status(args: AdminArgs) -> anyhow::Result<()> {
+    let v = match get(&args.admin_socket, "/status") {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("ambit: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_status(&v);
+    }
+    let failed = v["pods"]
+        .as_array()
+        .is_some_and(|p| p.iter().any(|p| p["state"] != "enrolled"));
+    if failed {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// GETs `path` from the admin socket and parses the JSON body.
+pub fn get(socket: &Path, path: &str) -> anyhow::Result<serde_json::Value> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), get_async(socket, path))
+            .await
+            .with_context(|| format!("admin socket {} did not answer in 10 s", socket.display()))?
+    })
+}
+
+async fn get_async(socket: &Path, path: &str) -> anyhow::Result<serde_json::Value> {
+    let stream = UnixStream::connect(socket).await.with_context(|| {
+        format!(
+            "cannot connect to the agent's admin socket {}",
+            socket.display()
+        )
+    })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header("host", "localhost")
+        .body(Empty::<Bytes>::new())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .with_context(|| format!("GET {path}"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!(
+            "GET {path}: {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    serde_json::from_slice(&body).with_context(|| format!("GET {path}: response is not JSON"))
+}
+
+fn print_status(v: &serde_json::Value) {
+    println!(
+        "node {}  version {}  up {}s",
+        s(&v["node"]),
+        s(&v["version"]),
+        v["uptime_s"]
+    );
+    println!(
+        "inventory {}  loads {}  errors {}",
+        s(&v["inventory"]["path"]),
+        v["inventory"]["loads"],
+        v["inventory"]["errors"]
+    );
+    println!();
+    println!(
+        "{:<24} {:<9} {:<28} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
+        "POD", "STATE", "IPS", "REDIR", "EXEMPT", "STEER", "BYPASS", "DROP", "OUT", "IN"
+    );
+    for p in v["pods"].as_array().into_iter().flatten() {
+        let c = &p["counters"];
+        let x = &p["proxy"];
+        let ips: Vec<&str> = p["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.as_str())
+            .collect();
+        println!(
+            "{:<24} {:<9} {:<28} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
+            format!("{}/{}", s(&p["namespace"]), s(&p["name"])),
+            s(&p["state"]),
+            ips.join(","),
+            n(&c["redirected"]),
+            n(&c["exempted"]),
+            n(&c["steered"]),
+            n(&c["bypassed"]),
+            n(&c["dropped"]),
+            n(&x["outbound_accepted"]),
+            n(&x["inbound_accepted"]),
+        );
+        if let Some(e) = p["error"].as_str() {
+            println!("    error: {e}");
+        }
+    }
+    println!();
+    println!("kernel counters:");
+    if let Some(k) = v["kernel"].as_object() {
+        for (name, val) in k {
+            println!("  {name:<28} {val}");
+        }
+    }
+}
+
+fn s(v: &serde_json::Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
+fn n(v: &serde_json::Value) -> String {
+    v.as_u64()
+        .map_or_else(|| "-".to_string(), |x| x.to_string())
 }

@@ -1,2 +1,3 @@
-//! Admin API: HTTP/1.1 + JSON on a local unix socket, and its CLI clients.
+//! Admin API: HTTP/1.1 + JSON on a local unix socket (mode 0600), and its CLI clients.
 pub mod client;
+pub mod server;

@@ -21,18 +21,34 @@ use super::{
 pub enum Error {
     /// The file could not be read.
     #[error("cannot read inventory {}", path.display())]
-    Read { path: PathBuf, #[source] source: std::io::Error },
-    /// A document failed to parse, or a field had a bad value.
-    #[error("inventory {}: document {doc} ({kind} {name}): field `{field}`: {message} (line {line})", path.display())]
-    Object {
+    Read {
         path: PathBuf,
-        doc: usize,
-        kind: String,
-        name: String,
-        field: String,
-        message: String,
-        line: usize,
+        #[source]
+        source: std::io::Error,
     },
+    /// A document failed to parse, or a field had a bad value.
+    #[error(transparent)]
+    Object(Box<ObjectError>),
+}
+
+/// Where and why one inventory object was rejected.
+#[derive(Debug, thiserror::Error)]
+#[error("inventory {}: document {doc} ({kind} {name}): field `{field}`: {message} (line {line})", path.display())]
+pub struct ObjectError {
+    /// Inventory file.
+    pub path: PathBuf,
+    /// 1-based document number.
+    pub doc: usize,
+    /// Object kind.
+    pub kind: String,
+    /// Object name.
+    pub name: String,
+    /// Field path, e.g. `status.podIPs[0].ip`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+    /// 1-based line in the file.
+    pub line: usize,
 }
 
 /// Parses inventory text. `path` is used in error messages only.
@@ -40,14 +56,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
     let mut snap = Snapshot::default();
     let mut pods = Vec::new();
     for (doc, (first_line, chunk)) in documents(text).into_iter().enumerate() {
-        let err = |kind: &str, name: &str, field: String, message: String, line: usize| Error::Object {
-            path: path.to_path_buf(),
-            doc: doc + 1,
-            kind: kind.to_string(),
-            name: name.to_string(),
-            field,
-            message,
-            line: first_line + line.saturating_sub(1),
+        let err = |kind: &str, name: &str, field: String, message: String, line: usize| {
+            Error::Object(Box::new(ObjectError {
+                path: path.to_path_buf(),
+                doc: doc + 1,
+                kind: kind.to_string(),
+                name: name.to_string(),
+                field,
+                message,
+                line: first_line + line.saturating_sub(1),
+            }))
         };
         let value: serde_yaml::Value = serde_yaml::from_str(&chunk).map_err(|e| {
             let line = e.location().map_or(1, |l| l.line());
@@ -56,7 +74,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
         if value.is_null() {
             continue;
         }
-        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_string();
         let name = value
             .get("metadata")
             .and_then(|m| m.get("name"))
@@ -70,11 +92,19 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
                 pods.push((pod, line, doc));
             }
             "Namespace" => {
-                let ns: Namespace = typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
-                snap.namespaces.insert(ns.metadata.name.clone(), ns.metadata.labels);
+                let ns: Namespace =
+                    typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
+                snap.namespaces
+                    .insert(ns.metadata.name.clone(), ns.metadata.labels);
             }
             "List" => {
-                return Err(err(&kind, &name, "kind".into(), "List is not supported; write one object per document".into(), 1))
+                return Err(err(
+                    &kind,
+                    &name,
+                    "kind".into(),
+                    "List is not supported; write one object per document".into(),
+                    1,
+                ))
             }
             "" => return Err(err("?", &name, "kind".into(), "missing kind".into(), 1)),
             // Kinds other issues add (policies, services) or that ambit ignores.
@@ -84,14 +114,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
     for (pod, line, doc) in pods {
         let kind = "Pod";
         let name = pod.metadata.name.clone();
-        let w = workload(pod, &snap.namespaces).map_err(|(field, message)| Error::Object {
-            path: path.to_path_buf(),
-            doc: doc + 1,
-            kind: kind.to_string(),
-            name: name.clone(),
-            field,
-            message,
-            line,
+        let w = workload(pod, &snap.namespaces).map_err(|(field, message)| {
+            Error::Object(Box::new(ObjectError {
+                path: path.to_path_buf(),
+                doc: doc + 1,
+                kind: kind.to_string(),
+                name: name.clone(),
+                field,
+                message,
+                line,
+            }))
         })?;
         snap.workloads.insert(w.key(), w);
     }
@@ -116,7 +148,10 @@ fn documents(text: &str) -> Vec<(usize, String)> {
 }
 
 fn line_of(chunk: &str, needle: &str) -> usize {
-    chunk.lines().position(|l| l.contains(needle)).map_or(1, |p| p + 1)
+    chunk
+        .lines()
+        .position(|l| l.contains(needle))
+        .map_or(1, |p| p + 1)
 }
 
 fn typed<T: DeserializeOwned>(chunk: &str) -> Result<T, (String, String, usize)> {
@@ -132,18 +167,33 @@ fn workload(
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
 ) -> Result<Workload, (String, String)> {
     let meta = pod.metadata;
-    let namespace = if meta.namespace.is_empty() { "default".to_string() } else { meta.namespace };
+    let namespace = if meta.namespace.is_empty() {
+        "default".to_string()
+    } else {
+        meta.namespace
+    };
     let mut ips = Vec::new();
-    let raw_ips = pod.status.pod_ips.iter().map(|p| p.ip.as_str()).chain(pod.status.pod_ip.as_deref());
+    let raw_ips = pod
+        .status
+        .pod_ips
+        .iter()
+        .map(|p| p.ip.as_str())
+        .chain(pod.status.pod_ip.as_deref());
     for (i, raw) in raw_ips.enumerate() {
-        let ip: IpAddr = raw
-            .parse()
-            .map_err(|_| (format!("status.podIPs[{i}].ip"), format!("`{raw}` is not an IP address")))?;
+        let ip: IpAddr = raw.parse().map_err(|_| {
+            (
+                format!("status.podIPs[{i}].ip"),
+                format!("`{raw}` is not an IP address"),
+            )
+        })?;
         if !ips.contains(&ip) {
             ips.push(ip);
         }
     }
-    let ns_mode = namespaces.get(&namespace).and_then(|l| l.get(MODE_LABEL)).map(String::as_str);
+    let ns_mode = namespaces
+        .get(&namespace)
+        .and_then(|l| l.get(MODE_LABEL))
+        .map(String::as_str);
     let pod_mode = meta.labels.get(MODE_LABEL).map(String::as_str);
     let enrolled = match pod_mode {
         Some("enabled") => true,
@@ -154,7 +204,10 @@ fn workload(
     let mut skip_ports = Vec::new();
     for p in list(annotation(EXCLUDE_PORTS_ANNOTATION)) {
         let port = p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
-            (format!("metadata.annotations.{EXCLUDE_PORTS_ANNOTATION}"), format!("`{p}` is not a port"))
+            (
+                format!("metadata.annotations.{EXCLUDE_PORTS_ANNOTATION}"),
+                format!("`{p}` is not a port"),
+            )
         })?;
         skip_ports.push(port);
     }
@@ -163,16 +216,27 @@ fn workload(
         let net = c
             .parse::<IpNet>()
             .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
-            .map_err(|_| (format!("metadata.annotations.{EXCLUDE_CIDRS_ANNOTATION}"), format!("`{c}` is not a CIDR")))?;
+            .map_err(|_| {
+                (
+                    format!("metadata.annotations.{EXCLUDE_CIDRS_ANNOTATION}"),
+                    format!("`{c}` is not a CIDR"),
+                )
+            })?;
         skip_cidrs.push(net.trunc());
     }
     const MAX_PORTS: usize = crate::redirect::maps::MAX_SKIP_PORTS;
     const MAX_CIDRS: usize = crate::redirect::maps::MAX_SKIP_CIDRS;
     if skip_ports.len() > MAX_PORTS {
-        return Err((format!("metadata.annotations.{EXCLUDE_PORTS_ANNOTATION}"), format!("at most {MAX_PORTS} ports")));
+        return Err((
+            format!("metadata.annotations.{EXCLUDE_PORTS_ANNOTATION}"),
+            format!("at most {MAX_PORTS} ports"),
+        ));
     }
     if skip_cidrs.len() > MAX_CIDRS {
-        return Err((format!("metadata.annotations.{EXCLUDE_CIDRS_ANNOTATION}"), format!("at most {MAX_CIDRS} CIDRs")));
+        return Err((
+            format!("metadata.annotations.{EXCLUDE_CIDRS_ANNOTATION}"),
+            format!("at most {MAX_CIDRS} CIDRs"),
+        ));
     }
     let service_account = if pod.spec.service_account_name.is_empty() {
         "default".to_string()
@@ -195,7 +259,10 @@ fn workload(
 }
 
 fn list(v: Option<&str>) -> impl Iterator<Item = &str> {
-    v.unwrap_or_default().split(',').map(str::trim).filter(|s| !s.is_empty())
+    v.unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
 }
 
 /// Counts of inventory reloads, for status and metrics.

@@ -54,7 +54,10 @@ impl Workload {
 
     /// The SPIFFE identity string of this workload in `trust_domain`.
     pub fn spiffe_id(&self, trust_domain: &str) -> String {
-        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.namespace, self.service_account)
+        format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        )
     }
 }
 

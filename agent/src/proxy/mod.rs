@@ -1,1 +1,151 @@
-//! The data plane: outbound, inbound-plaintext and inbound-tunnel paths.
+//! The data plane: per-pod outbound, inbound-plaintext and tunnel listeners, and the pod manager.
+pub mod copy;
+pub mod manager;
+pub mod outbound;
+pub mod plaintext;
+pub mod socket;
+pub mod tunnel;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::Ports;
+use crate::inventory::Workload;
+use crate::redirect::Datapath;
+use socket::SocketFactory;
+
+/// How long the agent waits for a TCP handshake to a destination or app.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a connection task needs about the pod it serves.
+pub struct PodContext {
+    /// The workload.
+    pub workload: Workload,
+    /// Netns cookie of the pod.
+    pub netns_cookie: u64,
+    /// Socket factory for the pod's namespace.
+    pub sockets: SocketFactory,
+    /// The kernel side (original destinations, bypass entries).
+    pub datapath: Arc<Datapath>,
+    /// Agent ports.
+    pub ports: Ports,
+    /// Counters.
+    pub stats: ProxyStats,
+}
+
+/// Per-pod proxy counters.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    /// Outbound connections accepted on the outbound listener.
+    pub outbound_accepted: AtomicU64,
+    /// Outbound connections open now.
+    pub outbound_active: AtomicU64,
+    /// Outbound connections that failed (no original destination, loop, upstream refused).
+    pub outbound_failed: AtomicU64,
+    /// Inbound plaintext connections accepted.
+    pub inbound_accepted: AtomicU64,
+    /// Inbound plaintext connections open now.
+    pub inbound_active: AtomicU64,
+    /// Inbound plaintext connections that failed (app unreachable, agent port, bypass map).
+    pub inbound_failed: AtomicU64,
+    /// Connections on the tunnel port refused (HBONE arrives with the tunnel issue).
+    pub tunnel_refused: AtomicU64,
+    /// Bytes from apps in this pod to their destinations (outbound) and from clients to the app (inbound).
+    pub bytes_sent: AtomicU64,
+    /// Bytes in the other direction.
+    pub bytes_received: AtomicU64,
+}
+
+/// A serializable copy of [`ProxyStats`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ProxyStatsSnapshot {
+    /// See [`ProxyStats::outbound_accepted`].
+    pub outbound_accepted: u64,
+    /// See [`ProxyStats::outbound_active`].
+    pub outbound_active: u64,
+    /// See [`ProxyStats::outbound_failed`].
+    pub outbound_failed: u64,
+    /// See [`ProxyStats::inbound_accepted`].
+    pub inbound_accepted: u64,
+    /// See [`ProxyStats::inbound_active`].
+    pub inbound_active: u64,
+    /// See [`ProxyStats::inbound_failed`].
+    pub inbound_failed: u64,
+    /// See [`ProxyStats::tunnel_refused`].
+    pub tunnel_refused: u64,
+    /// See [`ProxyStats::bytes_sent`].
+    pub bytes_sent: u64,
+    /// See [`ProxyStats::bytes_received`].
+    pub bytes_received: u64,
+}
+
+impl ProxyStats {
+    /// Reads every counter.
+    pub fn snapshot(&self) -> ProxyStatsSnapshot {
+        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ProxyStatsSnapshot {
+            outbound_accepted: r(&self.outbound_accepted),
+            outbound_active: r(&self.outbound_active),
+            outbound_failed: r(&self.outbound_failed),
+            inbound_accepted: r(&self.inbound_accepted),
+            inbound_active: r(&self.inbound_active),
+            inbound_failed: r(&self.inbound_failed),
+            tunnel_refused: r(&self.tunnel_refused),
+            bytes_sent: r(&self.bytes_sent),
+            bytes_received: r(&self.bytes_received),
+        }
+    }
+}
+
+/// Increments a gauge now and decrements it when dropped.
+pub(crate) struct ActiveGuard<'a>(&'a AtomicU64);
+
+impl<'a> ActiveGuard<'a> {
+    pub(crate) fn new(c: &'a AtomicU64) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Closes `stream` with a reset, so the peer sees a refusal rather than a clean end.
+pub(crate) fn reset(stream: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Accept loop shared by the listeners: hands every accepted stream to `serve`, backing off on
+/// errors such as EMFILE instead of spinning.
+pub(crate) async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    component: &'static str,
+    serve: F,
+) where
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::debug!(listen.addr = %local, component, "listener established");
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(serve(stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(listen.addr = %local, component, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

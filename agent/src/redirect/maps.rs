@@ -91,13 +91,14 @@ pub struct AmbPod {
 
 /// `struct amb_pod_stats`.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct AmbPodStats {
     pub redirected: u64,
     pub exempted: u64,
     pub steered: u64,
     pub bypassed: u64,
     pub dropped: u64,
+    #[serde(skip)]
     pub _reserved: [u64; 3],
 }
 
@@ -235,7 +236,13 @@ impl AmbConnKey {
             v4 => v4,
         };
         let (family, addr) = addr_words(ip);
-        Self { netns_cookie, addr, port: client.port(), family, ..Default::default() }
+        Self {
+            netns_cookie,
+            addr,
+            port: client.port(),
+            family,
+            ..Default::default()
+        }
     }
 }
 
@@ -243,7 +250,11 @@ impl AmbAddrKey {
     /// The key of one pod address.
     pub fn new(ip: IpAddr) -> Self {
         let (family, addr) = addr_words(ip);
-        Self { addr, family, ..Default::default() }
+        Self {
+            addr,
+            family,
+            ..Default::default()
+        }
     }
 }
 
@@ -267,13 +278,22 @@ impl AmbBypassKey {
 impl AmbPod {
     /// The kernel view of an enrolled pod.
     pub fn new(id: u32, flags: u32, skip_ports: &[u16], skip_cidrs: &[IpNet]) -> Self {
-        let mut pod = Self { id, flags, ..Default::default() };
+        let mut pod = Self {
+            id,
+            flags,
+            ..Default::default()
+        };
         for (slot, port) in pod.skip_ports.iter_mut().zip(skip_ports) {
             *slot = *port;
         }
         for (slot, net) in pod.skip_cidrs.iter_mut().zip(skip_cidrs) {
             let (family, addr) = addr_words(net.network());
-            *slot = AmbCidr { addr, family, prefix_len: net.prefix_len(), _pad: 0 };
+            *slot = AmbCidr {
+                addr,
+                family,
+                prefix_len: net.prefix_len(),
+                _pad: 0,
+            };
         }
         pod
     }

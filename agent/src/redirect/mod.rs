@@ -1,9 +1,571 @@
 //! The eBPF datapath: load, pin and attach the kernel programs; enroll pods; read counters.
+//!
+//! Invariants:
+//! - Maps and links are pinned under the instance's bpffs directory, so the programs stay
+//!   attached when the agent exits: captured pods then fail closed (connect to a closed
+//!   listener, inbound SYNs dropped by sk_lookup) instead of bypassing the mesh.
+//! - A pod is enrolled in the kernel only after its listeners exist: listener sockets first,
+//!   then addresses, then the capture flags, then the sk_lookup link. Unenrollment reverses it.
+//! - On restart, new links are attached before the old pins are removed, so capture never lapses.
+pub mod events;
 pub mod maps;
 
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{
+    CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps,
+};
+use aya::{Ebpf, EbpfLoader};
+
+use crate::addr::{ClientAddr, OrigDstAddr};
+use crate::config::Config;
+use crate::sys::{self, Netns};
+use maps::{
+    AmbAddrKey, AmbBypassKey, AmbConnKey, AmbListenerKey, AmbOrigDst, AmbPod, AmbPodStats,
+    STAT_NAMES,
+};
+
 /// The kernel programs, compiled from agent-ebpf by build.rs.
-pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit.bpf.o"));
+pub static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit.bpf.o"));
 
 /// Program (C function) names in the object.
-pub const PROGRAMS: &[&str] =
-    &["connect4", "connect6", "getpeername4", "getpeername6", "sockops_est", "getsockopt_orig", "lookup_steer"];
+pub const PROGRAMS: &[&str] = &[
+    "connect4",
+    "connect6",
+    "getpeername4",
+    "getpeername6",
+    "sockops_est",
+    "getsockopt_orig",
+    "lookup_steer",
+];
+
+/// `BPF_NOEXIST` for map inserts.
+const BPF_NOEXIST: u64 = 1;
+
+/// Errors of the datapath; each names the program, map, cgroup or pod involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The object failed to load (verifier, BTF, map creation or pinning).
+    #[error("failed to load the kernel programs (pin dir {})", pin_dir.display())]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    /// A program is missing or has an unexpected type.
+    #[error("program {program} is missing or has the wrong type")]
+    Program { program: &'static str },
+    /// Loading one program into the kernel failed.
+    #[error("failed to load program {program}")]
+    ProgramLoad {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    /// Attaching a program failed.
+    #[error("failed to attach {program} to {}", target.display())]
+    Attach {
+        program: &'static str,
+        target: PathBuf,
+        #[source]
+        source: ProgramError,
+    },
+    /// A link could not be turned into a pinnable fd link.
+    #[error("link of {program} cannot be pinned")]
+    Link {
+        program: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    /// Pinning or unpinning a link failed.
+    #[error("failed to pin link {}", path.display())]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A map is missing or has an unexpected layout.
+    #[error("map {map} is missing or its layout differs from the agent's")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: Option<Box<MapError>>,
+    },
+    /// A map operation failed.
+    #[error("map {map}: {op} failed for pod {pod}")]
+    MapOp {
+        map: &'static str,
+        op: &'static str,
+        pod: String,
+        #[source]
+        source: Box<MapError>,
+    },
+    /// A cgroup or bpffs path could not be used.
+    #[error(transparent)]
+    Sys(#[from] sys::Error),
+    /// Opening a cgroup directory failed.
+    #[error("cannot open cgroup {}", path.display())]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A pod as the kernel programs know it.
+#[derive(Debug, Clone)]
+pub struct PodEntry {
+    /// `namespace/name`, for errors and logs.
+    pub key: String,
+    /// Network-namespace cookie.
+    pub netns_cookie: u64,
+    /// The kernel-side pod record (id, flags, skip lists).
+    pub pod: AmbPod,
+    /// Pod addresses steered by sk_lookup.
+    pub ips: Vec<std::net::IpAddr>,
+}
+
+struct Maps {
+    pods: BpfHashMap<MapData, u64, AmbPod>,
+    pod_stats: BpfHashMap<MapData, u64, AmbPodStats>,
+    pod_addrs: BpfHashMap<MapData, AmbAddrKey, u64>,
+    listeners: SockHash<MapData, AmbListenerKey>,
+    conns: BpfHashMap<MapData, AmbConnKey, AmbOrigDst>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// The loaded and attached kernel programs of one agent instance.
+pub struct Datapath {
+    bpf: Mutex<Ebpf>,
+    maps: Mutex<Maps>,
+    bypass: Mutex<BpfHashMap<MapData, AmbBypassKey, u32>>,
+    links_dir: PathBuf,
+    lookup_links: Mutex<HashMap<u64, PinnedLink>>,
+    // Held so the cgroup links stay pinned by this process as well.
+    _cgroup_links: Vec<PinnedLink>,
+}
+
+impl Datapath {
+    /// Loads the programs with `cfg`'s marks and ports, pins maps under `cfg.bpf_pin_dir`
+    /// (reusing maps pinned by a previous agent), and attaches the cgroup programs at
+    /// `pods_cgroup` (and `getsockopt_orig` also at `agent_cgroup` if it is outside it).
+    /// Returns the datapath and the event ring buffer.
+    pub fn load(
+        cfg: &Config,
+        pods_cgroup: &Path,
+        agent_cgroup: &Path,
+    ) -> Result<(Self, RingBuf<MapData>), Error> {
+        let pin_dir = &cfg.bpf_pin_dir;
+        if pin_dir.starts_with("/sys/fs/bpf") {
+            sys::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
+        }
+        let links_dir = pin_dir.join("links");
+        std::fs::create_dir_all(&links_dir).map_err(|source| Error::Pin {
+            path: links_dir.clone(),
+            source,
+        })?;
+        let (out_mark, deliver_mark) = (cfg.outbound_mark, cfg.deliver_mark);
+        let (p_out, p_in, p_tun) = (
+            cfg.ports.outbound,
+            cfg.ports.inbound_plaintext,
+            cfg.ports.tunnel,
+        );
+        let mut bpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .override_global("cfg_out_mark", &out_mark, true)
+            .override_global("cfg_deliver_mark", &deliver_mark, true)
+            .override_global("cfg_outbound_port", &p_out, true)
+            .override_global("cfg_inbound_port", &p_in, true)
+            .override_global("cfg_tunnel_port", &p_tun, true)
+            .load(BPF_OBJECT)
+            .map_err(|source| Error::Load {
+                pin_dir: pin_dir.clone(),
+                source: Box::new(source),
+            })?;
+
+        let pods_cg = File::open(pods_cgroup).map_err(|source| Error::Cgroup {
+            path: pods_cgroup.into(),
+            source,
+        })?;
+        let mut links = Vec::new();
+        for name in ["connect4", "connect6", "getpeername4", "getpeername6"] {
+            let prog: &mut CgroupSockAddr = program(&mut bpf, name)?;
+            prog.load().map_err(|source| Error::ProgramLoad {
+                program: name,
+                source,
+            })?;
+            let id = prog
+                .attach(&pods_cg, CgroupAttachMode::Single)
+                .map_err(|source| Error::Attach {
+                    program: name,
+                    target: pods_cgroup.into(),
+                    source,
+                })?;
+            let link = prog.take_link(id).map_err(|source| Error::Attach {
+                program: name,
+                target: pods_cgroup.into(),
+                source,
+            })?;
+            let fd = FdLink::try_from(link).map_err(|source| Error::Link {
+                program: name,
+                source,
+            })?;
+            links.push(pin_link(fd, &links_dir.join(name))?);
+        }
+        {
+            let name = "sockops_est";
+            let prog: &mut SockOps = program(&mut bpf, name)?;
+            prog.load().map_err(|source| Error::ProgramLoad {
+                program: name,
+                source,
+            })?;
+            let id = prog
+                .attach(&pods_cg, CgroupAttachMode::Single)
+                .map_err(|source| Error::Attach {
+                    program: name,
+                    target: pods_cgroup.into(),
+                    source,
+                })?;
+            let link = prog.take_link(id).map_err(|source| Error::Attach {
+                program: name,
+                target: pods_cgroup.into(),
+                source,
+            })?;
+            let fd = FdLink::try_from(link).map_err(|source| Error::Link {
+                program: name,
+                source,
+            })?;
+            links.push(pin_link(fd, &links_dir.join(name))?);
+        }
+        {
+            let name = "getsockopt_orig";
+            let prog: &mut CgroupSockopt = program(&mut bpf, name)?;
+            prog.load().map_err(|source| Error::ProgramLoad {
+                program: name,
+                source,
+            })?;
+            let mut targets = vec![pods_cgroup.to_path_buf()];
+            if !agent_cgroup.starts_with(pods_cgroup) {
+                targets.push(agent_cgroup.to_path_buf());
+            }
+            // aya 0.14 cannot pin this link type; it stays owned by the Ebpf object and
+            // detaches when the agent exits, which is harmless: only the agent asks for
+            // SO_ORIGINAL_DST.
+            for target in &targets {
+                let cg = File::open(target).map_err(|source| Error::Cgroup {
+                    path: target.clone(),
+                    source,
+                })?;
+                prog.attach(&cg, CgroupAttachMode::Single)
+                    .map_err(|source| Error::Attach {
+                        program: name,
+                        target: target.clone(),
+                        source,
+                    })?;
+            }
+        }
+        {
+            let name = "lookup_steer";
+            let prog: &mut SkLookup = program(&mut bpf, name)?;
+            prog.load().map_err(|source| Error::ProgramLoad {
+                program: name,
+                source,
+            })?;
+        }
+        let maps = Maps {
+            pods: take_map(&mut bpf, "amb_pods")?,
+            pod_stats: take_map(&mut bpf, "amb_pod_stats")?,
+            pod_addrs: take_map(&mut bpf, "amb_pod_addrs")?,
+            listeners: take_map(&mut bpf, "amb_listeners")?,
+            conns: take_map(&mut bpf, "amb_conns")?,
+            stats: take_map(&mut bpf, "amb_stats")?,
+        };
+        let bypass = take_map(&mut bpf, "amb_bypass")?;
+        let events: RingBuf<MapData> = take_map(&mut bpf, "amb_events")?;
+        let dp = Self {
+            bpf: Mutex::new(bpf),
+            maps: Mutex::new(maps),
+            bypass: Mutex::new(bypass),
+            links_dir,
+            lookup_links: Mutex::new(HashMap::new()),
+            _cgroup_links: links,
+        };
+        Ok((dp, events))
+    }
+
+    /// Registers a pod's inbound listener for `family` (AF_INET or AF_INET6) in the SOCKHASH.
+    pub fn add_listener(
+        &self,
+        key: &str,
+        netns_cookie: u64,
+        family: u8,
+        listener: &impl AsRawFd,
+    ) -> Result<(), Error> {
+        let k = AmbListenerKey {
+            netns_cookie,
+            family: u32::from(family),
+            _pad: 0,
+        };
+        lock(&self.maps)
+            .listeners
+            .insert(k, listener.as_raw_fd(), 0)
+            .map_err(|source| Error::MapOp {
+                map: "amb_listeners",
+                op: "insert",
+                pod: key.to_string(),
+                source: Box::new(source),
+            })
+    }
+
+    /// Enrolls a pod in the kernel (its listeners must already be registered) and attaches
+    /// sk_lookup to its network namespace.
+    pub fn enroll(&self, entry: &PodEntry, netns: &Netns) -> Result<(), Error> {
+        let op_err = |map, op| {
+            move |source: MapError| Error::MapOp {
+                map,
+                op,
+                pod: entry.key.clone(),
+                source: Box::new(source),
+            }
+        };
+        {
+            let mut m = lock(&self.maps);
+            // Keep counters across agent restarts: only create the entry if missing.
+            match m
+                .pod_stats
+                .insert(entry.netns_cookie, AmbPodStats::default(), BPF_NOEXIST)
+            {
+                Ok(()) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(e) => return Err(op_err("amb_pod_stats", "insert")(e)),
+            }
+            for ip in &entry.ips {
+                m.pod_addrs
+                    .insert(AmbAddrKey::new(*ip), entry.netns_cookie, 0)
+                    .map_err(op_err("amb_pod_addrs", "insert"))?;
+            }
+            m.pods
+                .insert(entry.netns_cookie, entry.pod, 0)
+                .map_err(op_err("amb_pods", "insert"))?;
+        }
+        let name = "lookup_steer";
+        let pin = self
+            .links_dir
+            .join(format!("lookup-{}", entry.netns_cookie));
+        let link = {
+            let mut bpf = lock(&self.bpf);
+            let prog: &mut SkLookup = program(&mut bpf, name)?;
+            let id = prog.attach(netns.file()).map_err(|source| Error::Attach {
+                program: name,
+                target: netns.path().into(),
+                source,
+            })?;
+            let link = prog.take_link(id).map_err(|source| Error::Attach {
+                program: name,
+                target: netns.path().into(),
+                source,
+            })?;
+            FdLink::from(link)
+        };
+        let pinned = pin_link(link, &pin)?;
+        lock(&self.lookup_links).insert(entry.netns_cookie, pinned);
+        Ok(())
+    }
+
+    /// Removes a pod from the kernel: capture stops, sk_lookup detaches, map entries go.
+    pub fn unenroll(&self, entry: &PodEntry) -> Result<(), Error> {
+        let op_err = |map, op| {
+            move |source: MapError| Error::MapOp {
+                map,
+                op,
+                pod: entry.key.clone(),
+                source: Box::new(source),
+            }
+        };
+        let mut first_err = None;
+        {
+            let mut m = lock(&self.maps);
+            if let Err(e) = ignore_missing(m.pods.remove(&entry.netns_cookie)) {
+                first_err.get_or_insert(op_err("amb_pods", "remove")(e));
+            }
+            for ip in &entry.ips {
+                if let Err(e) = ignore_missing(m.pod_addrs.remove(&AmbAddrKey::new(*ip))) {
+                    first_err.get_or_insert(op_err("amb_pod_addrs", "remove")(e));
+                }
+            }
+            for family in [maps::AF_INET, maps::AF_INET6] {
+                let k = AmbListenerKey {
+                    netns_cookie: entry.netns_cookie,
+                    family: u32::from(family),
+                    _pad: 0,
+                };
+                let _ = m.listeners.remove(&k); // absent once the socket closed: fine
+            }
+            let _ = m.pod_stats.remove(&entry.netns_cookie);
+        }
+        let pinned = lock(&self.lookup_links).remove(&entry.netns_cookie);
+        let pin = self
+            .links_dir
+            .join(format!("lookup-{}", entry.netns_cookie));
+        match pinned {
+            Some(p) => drop(
+                p.unpin()
+                    .map_err(|source| Error::Pin { path: pin, source })?,
+            ),
+            None => remove_pin(&pin)?,
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Removes sk_lookup pins of pods this agent does not serve (left by a previous run) and
+    /// their kernel entries.
+    pub fn remove_stale(&self, keep: &[u64]) -> Result<Vec<u64>, Error> {
+        let mut removed = Vec::new();
+        let known: Vec<u64> = {
+            let m = lock(&self.maps);
+            m.pods.keys().filter_map(Result::ok).collect()
+        };
+        let pins = std::fs::read_dir(&self.links_dir).map_err(|source| Error::Pin {
+            path: self.links_dir.clone(),
+            source,
+        })?;
+        let mut pinned: Vec<u64> = pins
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("lookup-")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        pinned.extend(known);
+        pinned.sort_unstable();
+        pinned.dedup();
+        for cookie in pinned.into_iter().filter(|c| !keep.contains(c)) {
+            let addrs: Vec<AmbAddrKey> = {
+                let m = lock(&self.maps);
+                m.pod_addrs
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(_, c)| *c == cookie)
+                    .map(|(k, _)| k)
+                    .collect()
+            };
+            let mut m = lock(&self.maps);
+            for a in addrs {
+                let _ = m.pod_addrs.remove(&a);
+            }
+            let _ = m.pods.remove(&cookie);
+            let _ = m.pod_stats.remove(&cookie);
+            drop(m);
+            remove_pin(&self.links_dir.join(format!("lookup-{cookie}")))?;
+            removed.push(cookie);
+        }
+        Ok(removed)
+    }
+
+    /// The original destination of a captured connection, from the tuple sockops recorded.
+    pub fn orig_dst(&self, netns_cookie: u64, client: ClientAddr) -> Option<OrigDstAddr> {
+        let key = AmbConnKey::new(netns_cookie, client.0);
+        let od = lock(&self.maps).conns.get(&key, 0).ok()?;
+        od.socket_addr().map(OrigDstAddr)
+    }
+
+    /// Marks a delivery connection so sk_lookup leaves its SYN to the app.
+    pub fn add_bypass(&self, key: &AmbBypassKey) -> Result<(), MapError> {
+        lock(&self.bypass).insert(*key, 1, 0)
+    }
+
+    /// Forgets a delivery connection.
+    pub fn remove_bypass(&self, key: &AmbBypassKey) {
+        let _ = lock(&self.bypass).remove(key);
+    }
+
+    /// Global per-hook counters, by name.
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        let m = lock(&self.maps);
+        STAT_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let sum = m
+                    .stats
+                    .get(&(i as u32), 0)
+                    .map(|v| v.iter().sum())
+                    .unwrap_or(0);
+                (*name, sum)
+            })
+            .collect()
+    }
+
+    /// Per-pod counters.
+    pub fn pod_stats(&self, netns_cookie: u64) -> Option<AmbPodStats> {
+        lock(&self.maps).pod_stats.get(&netns_cookie, 0).ok()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding a map lock leaves the map itself consistent (kernel-side state).
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn program<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program>,
+{
+    bpf.program_mut(name)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(Error::Program { program: name })
+}
+
+fn take_map<T>(bpf: &mut Ebpf, name: &'static str) -> Result<T, Error>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = bpf.take_map(name).ok_or(Error::Map {
+        map: name,
+        source: None,
+    })?;
+    T::try_from(map).map_err(|e| Error::Map {
+        map: name,
+        source: Some(Box::new(e)),
+    })
+}
+
+/// Pins `link` at `path`, replacing a pin left by a previous agent only after the new link is
+/// attached (the caller attached it already), so capture never lapses.
+fn pin_link(link: FdLink, path: &Path) -> Result<PinnedLink, Error> {
+    remove_pin(path)?;
+    link.pin(path).map_err(|e| Error::Pin {
+        path: path.into(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+fn remove_pin(path: &Path) -> Result<(), Error> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(Error::Pin {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}

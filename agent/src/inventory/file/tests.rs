@@ -54,8 +54,14 @@ fn parses_pods_namespaces_and_enrollment() {
     assert_eq!(client.ips.len(), 2, "podIP duplicates podIPs[0]");
     assert_eq!(client.skip_ports, vec![22, 2379]);
     assert_eq!(client.skip_cidrs.len(), 2);
-    assert_eq!(client.spiffe_id("cluster.local"), "spiffe://cluster.local/ns/shop/sa/client");
-    assert!(!snap.workloads["shop/opted-out"].enrolled, "pod label opts out");
+    assert_eq!(
+        client.spiffe_id("cluster.local"),
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
+    assert!(
+        !snap.workloads["shop/opted-out"].enrolled,
+        "pod label opts out"
+    );
     let plain = &snap.workloads["default/plain"];
     assert!(!plain.enrolled);
     assert_eq!(plain.service_account, "default");
@@ -82,7 +88,12 @@ fn type_error_reports_absolute_line() {
 
 #[test]
 fn broken_yaml_is_an_error_not_a_panic() {
-    for text in ["kind: Pod\nmetadata: [", "- - -\n  :", "kind: [1,2]\n", "kind: Pod\n"] {
+    for text in [
+        "kind: Pod\nmetadata: [",
+        "- - -\n  :",
+        "kind: [1,2]\n",
+        "kind: Pod\n",
+    ] {
         assert!(parse(Path::new("x"), text).is_err(), "{text:?}");
     }
 }

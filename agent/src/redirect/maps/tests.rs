@@ -14,7 +14,10 @@ fn c_layout() -> (BTreeMap<String, (usize, usize)>, BTreeMap<String, usize>) {
                 sizes.insert(name.to_string(), n.parse().unwrap());
             }
             [name, off, size] if name.contains('.') => {
-                fields.insert(name.to_string(), (off.parse().unwrap(), size.parse().unwrap()));
+                fields.insert(
+                    name.to_string(),
+                    (off.parse().unwrap(), size.parse().unwrap()),
+                );
             }
             [name, v] => {
                 sizes.insert(name.to_string(), v.parse().unwrap());
@@ -68,18 +71,30 @@ fn rust_mirror_matches_c_header() {
         ("amb_orig_dst.addr", field!(AmbOrigDst, addr)),
         ("amb_orig_dst.port", field!(AmbOrigDst, port)),
         ("amb_orig_dst.family", field!(AmbOrigDst, family)),
-        ("amb_conn_key.netns_cookie", field!(AmbConnKey, netns_cookie)),
+        (
+            "amb_conn_key.netns_cookie",
+            field!(AmbConnKey, netns_cookie),
+        ),
         ("amb_conn_key.addr", field!(AmbConnKey, addr)),
         ("amb_conn_key.port", field!(AmbConnKey, port)),
         ("amb_conn_key.family", field!(AmbConnKey, family)),
         ("amb_addr_key.addr", field!(AmbAddrKey, addr)),
         ("amb_addr_key.family", field!(AmbAddrKey, family)),
-        ("amb_listener_key.netns_cookie", field!(AmbListenerKey, netns_cookie)),
+        (
+            "amb_listener_key.netns_cookie",
+            field!(AmbListenerKey, netns_cookie),
+        ),
         ("amb_listener_key.family", field!(AmbListenerKey, family)),
         ("amb_bypass_key.remote", field!(AmbBypassKey, remote)),
         ("amb_bypass_key.local", field!(AmbBypassKey, local)),
-        ("amb_bypass_key.remote_port", field!(AmbBypassKey, remote_port)),
-        ("amb_bypass_key.local_port", field!(AmbBypassKey, local_port)),
+        (
+            "amb_bypass_key.remote_port",
+            field!(AmbBypassKey, remote_port),
+        ),
+        (
+            "amb_bypass_key.local_port",
+            field!(AmbBypassKey, local_port),
+        ),
         ("amb_bypass_key.family", field!(AmbBypassKey, family)),
         ("amb_event.netns_cookie", field!(AmbEvent, netns_cookie)),
         ("amb_event.addr", field!(AmbEvent, addr)),
@@ -89,9 +104,17 @@ fn rust_mirror_matches_c_header() {
         ("amb_event.pod_id", field!(AmbEvent, pod_id)),
     ];
     for (name, layout) in &rust_fields {
-        assert_eq!(fields.get(*name), Some(layout), "{name}: (offset, size) C vs Rust");
+        assert_eq!(
+            fields.get(*name),
+            Some(layout),
+            "{name}: (offset, size) C vs Rust"
+        );
     }
-    assert_eq!(fields.len(), rust_fields.len(), "every C field has a Rust check");
+    assert_eq!(
+        fields.len(),
+        rust_fields.len(),
+        "every C field has a Rust check"
+    );
 }
 
 #[test]
@@ -102,18 +125,28 @@ fn embedded_object_has_every_map_with_rust_sizes() {
         ("amb_pod_stats", 8, size_of::<AmbPodStats>()),
         ("amb_pod_addrs", size_of::<AmbAddrKey>(), 8),
         ("amb_orig_dst", 8, size_of::<AmbOrigDst>()),
-        ("amb_conns", size_of::<AmbConnKey>(), size_of::<AmbOrigDst>()),
+        (
+            "amb_conns",
+            size_of::<AmbConnKey>(),
+            size_of::<AmbOrigDst>(),
+        ),
         ("amb_listeners", size_of::<AmbListenerKey>(), 4),
         ("amb_bypass", size_of::<AmbBypassKey>(), 4),
         ("amb_stats", 4, 8),
     ];
     for (name, key, value) in expect {
-        let map = obj.maps.get(*name).unwrap_or_else(|| panic!("map {name} missing"));
+        let map = obj
+            .maps
+            .get(*name)
+            .unwrap_or_else(|| panic!("map {name} missing"));
         assert_eq!(map.key_size() as usize, *key, "{name} key size");
         assert_eq!(map.value_size() as usize, *value, "{name} value size");
     }
     for prog in crate::redirect::PROGRAMS {
-        assert!(obj.programs.contains_key(*prog), "program {prog} missing from the object");
+        assert!(
+            obj.programs.contains_key(*prog),
+            "program {prog} missing from the object"
+        );
     }
 }
 

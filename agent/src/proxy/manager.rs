@@ -1,0 +1,333 @@
+//! The pod manager: turns inventory snapshots into enrolled pods (listeners, kernel entries, tasks).
+//!
+//! Enrollment order (see redirect/mod.rs): bind listeners in the pod, register the inbound
+//! listeners, enroll in the kernel, then start the accept tasks. Removal reverses it; open
+//! connections keep running until they end.
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::socket::{tokio_listener, SocketFactory};
+use super::{outbound, plaintext, tunnel, PodContext, ProxyStats, ProxyStatsSnapshot};
+use crate::config::Config;
+use crate::inventory::{Snapshot, Workload};
+use crate::redirect::maps::{AmbPod, AmbPodStats, POD_F_CAPTURE_IN, POD_F_CAPTURE_OUT};
+use crate::redirect::{Datapath, PodEntry};
+use crate::sys::Netns;
+
+/// How often the manager re-checks pods' namespaces even without inventory changes.
+const RECHECK: Duration = Duration::from_secs(2);
+
+struct Enrolled {
+    ctx: Arc<PodContext>,
+    entry: PodEntry,
+    netns_ino: (u64, u64),
+    listeners: Vec<String>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Enrolled {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Why a pod that should be enrolled is not.
+#[derive(Debug, Clone)]
+struct Failed {
+    workload: Workload,
+    error: String,
+}
+
+/// Owns every enrolled pod of this node.
+pub struct Manager {
+    cfg: Arc<Config>,
+    datapath: Arc<Datapath>,
+    data_plane: Handle,
+    enrolled: Mutex<BTreeMap<String, Enrolled>>,
+    failed: Mutex<BTreeMap<String, Failed>>,
+    next_id: AtomicU32,
+}
+
+/// One pod in the status report.
+#[derive(Debug, Serialize)]
+pub struct PodStatus {
+    /// Pod name.
+    pub name: String,
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// SPIFFE identity.
+    pub identity: String,
+    /// Pod addresses.
+    pub ips: Vec<String>,
+    /// `enrolled` or `failed`.
+    pub state: &'static str,
+    /// Why enrollment failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Network namespace path.
+    pub netns: Option<PathBuf>,
+    /// Network namespace cookie.
+    pub netns_cookie: Option<u64>,
+    /// Listener addresses inside the pod.
+    pub listeners: Vec<String>,
+    /// Kernel per-pod counters.
+    pub counters: Option<AmbPodStats>,
+    /// Proxy counters.
+    pub proxy: Option<ProxyStatsSnapshot>,
+}
+
+impl Manager {
+    /// A manager that spawns connection tasks on `data_plane`.
+    pub fn new(cfg: Arc<Config>, datapath: Arc<Datapath>, data_plane: Handle) -> Self {
+        Self {
+            cfg,
+            datapath,
+            data_plane,
+            enrolled: Mutex::new(BTreeMap::new()),
+            failed: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU32::new(1),
+        }
+    }
+
+    /// Follows inventory snapshots until the sender goes away.
+    pub async fn run(self: Arc<Self>, mut rx: watch::Receiver<Arc<Snapshot>>) {
+        let mut first = true;
+        loop {
+            let snap = rx.borrow_and_update().clone();
+            let this = self.clone();
+            let reconciled = tokio::task::spawn_blocking(move || {
+                this.reconcile(&snap);
+                if first {
+                    this.remove_stale();
+                }
+            })
+            .await;
+            if let Err(e) = reconciled {
+                tracing::error!(error = %e, "pod reconcile task failed");
+            }
+            first = false;
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(RECHECK) => {}
+            }
+        }
+    }
+
+    /// Brings the enrolled set in line with `snap`.
+    pub fn reconcile(&self, snap: &Snapshot) {
+        let desired: BTreeMap<String, &Workload> = snap
+            .on_node(&self.cfg.node)
+            .filter(|w| w.enrolled && w.netns.is_some())
+            .map(|w| (w.key(), w))
+            .collect();
+        // Remove pods that left, changed, or whose namespace is gone or replaced.
+        let mut enrolled = lock(&self.enrolled);
+        let stale: Vec<String> = enrolled
+            .iter()
+            .filter(|(key, e)| match desired.get(*key) {
+                None => true,
+                Some(w) => **w != e.ctx.workload || netns_ino(w) != Some(e.netns_ino),
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in stale {
+            if let Some(e) = enrolled.remove(&key) {
+                let gone = desired.get(&key).is_some_and(|w| netns_ino(w).is_none());
+                if let Err(err) = self.datapath.unenroll(&e.entry) {
+                    tracing::error!(pod = %key, error = %err, "unenroll failed");
+                }
+                if gone {
+                    tracing::warn!(pod = %key, "pod network namespace vanished; unenrolled");
+                } else {
+                    tracing::info!(pod = %key, "pod unenrolled");
+                }
+            }
+        }
+        let mut failed = lock(&self.failed);
+        failed.retain(|k, _| desired.contains_key(k));
+        for (key, w) in desired {
+            if enrolled.contains_key(&key) {
+                continue;
+            }
+            match self.enroll(w) {
+                Ok(e) => {
+                    tracing::info!(pod = %key, netns.cookie = e.entry.netns_cookie, listeners = ?e.listeners, "pod enrolled");
+                    failed.remove(&key);
+                    enrolled.insert(key, e);
+                }
+                Err(err) => {
+                    let is_new = failed.get(&key).is_none_or(|f| f.error != err);
+                    if is_new {
+                        tracing::error!(pod = %key, error = %err, "cannot enroll pod; will retry");
+                    }
+                    failed.insert(
+                        key,
+                        Failed {
+                            workload: w.clone(),
+                            error: err,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn remove_stale(&self) {
+        let keep: Vec<u64> = lock(&self.enrolled)
+            .values()
+            .map(|e| e.entry.netns_cookie)
+            .collect();
+        match self.datapath.remove_stale(&keep) {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::info!(netns.cookies = ?removed, "removed kernel state of pods no longer served")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot remove stale kernel state"),
+        }
+    }
+
+    fn enroll(&self, w: &Workload) -> Result<Enrolled, String> {
+        let path = w.netns.clone().ok_or("no network namespace path")?;
+        let ino = netns_ino(w)
+            .ok_or_else(|| format!("network namespace {} does not exist", path.display()))?;
+        let netns = Arc::new(Netns::open(&path).map_err(|e| chain(&e))?);
+        let sockets =
+            SocketFactory::new(netns.clone(), self.cfg.outbound_mark, self.cfg.deliver_mark);
+        let p = self.cfg.ports;
+        let l = sockets
+            .listeners(p.outbound, p.inbound_plaintext, p.tunnel)
+            .map_err(|e| chain(&e))?;
+        let key = w.key();
+        for (family, listener) in &l.inbound {
+            self.datapath
+                .add_listener(&key, l.netns_cookie, *family, listener)
+                .map_err(|e| chain(&e))?;
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let entry = PodEntry {
+            key: key.clone(),
+            netns_cookie: l.netns_cookie,
+            pod: AmbPod::new(
+                id,
+                POD_F_CAPTURE_OUT | POD_F_CAPTURE_IN,
+                &w.skip_ports,
+                &w.skip_cidrs,
+            ),
+            ips: w.ips.clone(),
+        };
+        let ctx = Arc::new(PodContext {
+            workload: w.clone(),
+            netns_cookie: l.netns_cookie,
+            sockets,
+            datapath: self.datapath.clone(),
+            ports: p,
+            stats: ProxyStats::default(),
+        });
+        let mut names = Vec::new();
+        let mut tasks = Vec::new();
+        let _rt = self.data_plane.enter();
+        let mut add = |l: std::net::TcpListener| -> Result<tokio::net::TcpListener, String> {
+            names.push(l.local_addr().map(|a| a.to_string()).unwrap_or_default());
+            tokio_listener(l).map_err(|e| format!("cannot register listener with the runtime: {e}"))
+        };
+        let mut pending = Vec::new();
+        for s in l.outbound {
+            pending.push((0, add(s)?));
+        }
+        for (_, s) in l.inbound {
+            pending.push((1, add(s)?));
+        }
+        for s in l.tunnel {
+            pending.push((2, add(s)?));
+        }
+        // Kernel enrollment last before serving: the listeners exist and are registered.
+        if let Err(e) = self.datapath.enroll(&entry, &netns) {
+            let _ = self.datapath.unenroll(&entry);
+            return Err(chain(&e));
+        }
+        for (kind, listener) in pending {
+            let c = ctx.clone();
+            tasks.push(match kind {
+                0 => self.data_plane.spawn(outbound::run(listener, c)),
+                1 => self.data_plane.spawn(plaintext::run(listener, c)),
+                _ => self.data_plane.spawn(tunnel::run(listener, c)),
+            });
+        }
+        Ok(Enrolled {
+            ctx,
+            entry,
+            netns_ino: ino,
+            listeners: names,
+            tasks,
+        })
+    }
+
+    /// Status of every pod this agent serves or tried to serve.
+    pub fn status(&self) -> Vec<PodStatus> {
+        let td = &self.cfg.trust_domain;
+        let mut out: Vec<PodStatus> = lock(&self.enrolled)
+            .values()
+            .map(|e| {
+                let w = &e.ctx.workload;
+                PodStatus {
+                    name: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    identity: w.spiffe_id(td),
+                    ips: w.ips.iter().map(ToString::to_string).collect(),
+                    state: "enrolled",
+                    error: None,
+                    netns: w.netns.clone(),
+                    netns_cookie: Some(e.entry.netns_cookie),
+                    listeners: e.listeners.clone(),
+                    counters: self.datapath.pod_stats(e.entry.netns_cookie),
+                    proxy: Some(e.ctx.stats.snapshot()),
+                }
+            })
+            .collect();
+        out.extend(lock(&self.failed).values().map(|f| PodStatus {
+            name: f.workload.name.clone(),
+            namespace: f.workload.namespace.clone(),
+            identity: f.workload.spiffe_id(td),
+            ips: f.workload.ips.iter().map(ToString::to_string).collect(),
+            state: "failed",
+            error: Some(f.error.clone()),
+            netns: f.workload.netns.clone(),
+            netns_cookie: None,
+            listeners: Vec::new(),
+            counters: None,
+            proxy: None,
+        }));
+        out
+    }
+}
+
+fn netns_ino(w: &Workload) -> Option<(u64, u64)> {
+    let md = std::fs::metadata(w.netns.as_ref()?).ok()?;
+    Some((md.dev(), md.ino()))
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

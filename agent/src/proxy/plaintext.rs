@@ -1,0 +1,98 @@
+//! Inbound plaintext path: a captured connection to the pod is delivered to the app with the client's own address.
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument;
+
+use super::copy::copy_both;
+use super::{accept_loop, reset, ActiveGuard, PodContext, CONNECT_TIMEOUT};
+use crate::addr::{ClientAddr, OrigDstAddr};
+use crate::redirect::maps::AmbBypassKey;
+
+/// Serves one inbound plaintext listener of a pod until the task is aborted.
+pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
+    accept_loop(listener, "inbound_plaintext", move |stream, peer| {
+        let pod = pod.clone();
+        let span = tracing::info_span!("inbound", pod = %pod.workload.key(), src.addr = %peer);
+        async move { serve(stream, ClientAddr(peer), pod).await }.instrument(span)
+    })
+    .await
+}
+
+async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
+    let start = Instant::now();
+    let stats = &pod.stats;
+    stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
+    let _active = ActiveGuard::new(&stats.inbound_active);
+    // sk_lookup assigned the connection without rewriting it: our local address is where the
+    // client was going.
+    let orig = match down.local_addr() {
+        Ok(a) => OrigDstAddr(a),
+        Err(e) => {
+            stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "access", direction = "inbound", error = %e, "getsockname failed");
+            reset(down);
+            return;
+        }
+    };
+    if pod.ports.is_agent_port(orig.0.port()) {
+        stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason = "agent_port", "connection refused: agent ports are not application targets");
+        reset(down);
+        return;
+    }
+    let (sock, bound) = match pod.sockets.delivery_socket(client.0.ip()) {
+        Ok(s) => s,
+        Err(e) => {
+            stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason = "local", error = %e, "cannot create delivery socket");
+            reset(down);
+            return;
+        }
+    };
+    // The bypass must exist before the SYN leaves, and is needed only until the handshake is
+    // done: established sockets are found without sk_lookup.
+    let key = AmbBypassKey::new(bound, orig.0);
+    if let Err(e) = pod.datapath.add_bypass(&key) {
+        stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason = "bypass_map", error = %e, "cannot register delivery");
+        reset(down);
+        return;
+    }
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(orig.0)).await;
+    pod.datapath.remove_bypass(&key);
+    let mut up = match connected {
+        Ok(Ok(up)) => up,
+        Ok(Err(e)) => {
+            stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason = "app_unreachable", error = %e, "delivery failed");
+            reset(down);
+            return;
+        }
+        Err(_) => {
+            stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason = "app_timeout", "delivery failed: connect timed out");
+            reset(down);
+            return;
+        }
+    };
+    let _ = up.set_nodelay(true);
+    let mut down = down;
+    let result = copy_both(&mut down, &mut up).await;
+    let t = result.as_ref().copied().unwrap_or_default();
+    stats.bytes_sent.fetch_add(t.sent, Ordering::Relaxed);
+    stats
+        .bytes_received
+        .fetch_add(t.received, Ordering::Relaxed);
+    let dur_ms = start.elapsed().as_millis() as u64;
+    match result {
+        Ok(_) => {
+            tracing::info!(target: "access", direction = "inbound", dst.orig = %orig, security = "plaintext", bytes.sent = t.sent, bytes.recv = t.received, dur_ms, "connection complete")
+        }
+        Err(e) => {
+            tracing::info!(target: "access", direction = "inbound", dst.orig = %orig, security = "plaintext", dur_ms, error = %e, "connection ended with error")
+        }
+    }
+}
