@@ -1,1 +1,112 @@
-//! ambit end-to-end test harness: the network-namespace testbed.
+//! ambit end-to-end test harness: the network-namespace testbed, its servers, clients and agents.
+//!
+//! The privileged tests in `tests/tests/*.rs` build a [`Testbed`] each (unique names, removed
+//! on drop even when the test panics); `cargo xtask testbed` drives the same code by hand.
+pub mod agent;
+pub mod cgroup;
+pub mod client;
+pub mod cmd;
+pub mod config;
+pub mod net;
+pub mod process;
+pub mod servers;
+pub mod state;
+pub mod teardown;
+pub mod testbed;
+
+use std::time::{Duration, Instant};
+
+pub use agent::Status;
+pub use client::Reply;
+pub use state::{PodSpec, State, ECHO_PORT, HTTP_PORT, PEER_PORT};
+pub use testbed::{Options, Testbed};
+
+/// Default time `assert_eventually!` waits for its condition.
+pub const EVENTUALLY: Duration = Duration::from_secs(10);
+
+/// Whether the process runs as root.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Panics unless running as root: privileged tests must fail, never pass, without privileges.
+pub fn require_root() {
+    if let Err(e) = require_root_result() {
+        panic!("{e:#}");
+    }
+}
+
+/// `Err` unless running as root, naming what is needed.
+pub fn require_root_result() -> anyhow::Result<()> {
+    if !is_root() {
+        anyhow::bail!(
+            "the ambit testbed needs root (network namespaces, cgroup v2, bpffs); \
+             run `cargo xtask test` as root"
+        );
+    }
+    Ok(())
+}
+
+/// Builds a default testbed with agents, or panics with the reason (and the kernel version).
+pub fn testbed() -> Testbed {
+    testbed_with(Options::default())
+}
+
+/// Builds a testbed with `opts`, or panics with the reason (and the kernel version).
+pub fn testbed_with(opts: Options) -> Testbed {
+    require_root();
+    match Testbed::up(opts) {
+        Ok(tb) => tb,
+        Err(e) => panic!("testbed up failed on kernel {}: {e:#}", kernel_release()),
+    }
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "?".into(), |s| s.trim().into())
+}
+
+/// Polls `f` every 100 ms until it returns `Some`, for at most `timeout`; `None` on timeout.
+pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Asserts that a condition becomes true within a deadline (default [`EVENTUALLY`]), polling
+/// it every 100 ms, instead of sleeping. Extra arguments format the failure message.
+///
+/// ```ignore
+/// assert_eventually!(tb.status("node1").unwrap().kernel("connect4_redirect") > Some(0));
+/// assert_eventually!(timeout = Duration::from_secs(3), done(), "still waiting for {x}");
+/// ```
+#[macro_export]
+macro_rules! assert_eventually {
+    (timeout = $t:expr, $cond:expr $(,)?) => {
+        $crate::assert_eventually!(timeout = $t, $cond, "")
+    };
+    (timeout = $t:expr, $cond:expr, $($msg:tt)+) => {
+        if $crate::eventually($t, || if $cond { Some(()) } else { None }).is_none() {
+            panic!(
+                "condition `{}` not true within {:?}: {}",
+                stringify!($cond),
+                $t,
+                format!($($msg)+)
+            );
+        }
+    };
+    ($cond:expr $(,)?) => {
+        $crate::assert_eventually!(timeout = $crate::EVENTUALLY, $cond, "")
+    };
+    ($cond:expr, $($msg:tt)+) => {
+        $crate::assert_eventually!(timeout = $crate::EVENTUALLY, $cond, $($msg)+)
+    };
+}

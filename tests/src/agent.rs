@@ -1,0 +1,123 @@
+//! The node agents as processes: start one in its node's netns, query `ambit status --json`.
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::cmd;
+use crate::config;
+use crate::process;
+use crate::state::{write_atomic, Node, State};
+
+/// How long `ambit status` may take.
+pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Writes `node`'s config and starts `ambit run` in the node's netns (through `nsenter`, so
+/// /sys is not remounted). It starts in the instance's root cgroup and joins its own cgroup.
+pub fn start(state: &State, node: &Node, bin: &Path) -> Result<Child> {
+    write_atomic(&node.config, config::agent_config(state, node).as_bytes())?;
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
+    let argv = [
+        bin.as_os_str(),
+        "run".as_ref(),
+        "--config".as_ref(),
+        node.config.as_os_str(),
+    ];
+    process::spawn_in(
+        &state.cgroup_root,
+        &node.netns_path(),
+        &argv,
+        &node.log,
+        &[("RUST_LOG", rust_log.as_str()), ("NO_COLOR", "1")],
+    )
+}
+
+/// `ambit status --json` of `node`'s agent, parsed.
+pub fn status(bin: &Path, node: &Node) -> Result<Status> {
+    let text = cmd::check(
+        Command::new(bin)
+            .arg("status")
+            .arg("--admin-socket")
+            .arg(&node.admin_socket)
+            .arg("--json"),
+        STATUS_TIMEOUT,
+    )?;
+    let value = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "`ambit status --json` of {} printed non-JSON: {text}",
+            node.name
+        )
+    })?;
+    Ok(Status(value))
+}
+
+/// The last `lines` lines of a log file (for failure messages).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// One agent's `/status` document, read by field name so small shape changes stay easy.
+#[derive(Debug, Clone)]
+pub struct Status(pub Value);
+
+impl Status {
+    /// A kernel (per-hook) counter, e.g. `connect4_redirect`, `lookup_steer`.
+    pub fn kernel(&self, name: &str) -> Option<u64> {
+        let k = &self.0["kernel"];
+        k[name].as_u64().or_else(|| k["counters"][name].as_u64())
+    }
+
+    /// A kernel counter that must exist.
+    pub fn kernel_required(&self, name: &str) -> Result<u64> {
+        match self.kernel(name) {
+            Some(v) => Ok(v),
+            None => bail!(
+                "status has no kernel counter `{name}`: {}",
+                self.0["kernel"]
+            ),
+        }
+    }
+
+    /// The entry of pod `name` in `pods` (matched on `name`, or `namespace/name`).
+    pub fn pod(&self, name: &str) -> Option<&Value> {
+        self.0["pods"].as_array()?.iter().find(|p| {
+            p["name"].as_str() == Some(name)
+                || p["name"].as_str().and_then(|n| n.rsplit('/').next()) == Some(name)
+        })
+    }
+
+    /// Pod `name`'s `state` (`enrolled`, ...).
+    pub fn pod_state(&self, name: &str) -> Option<&str> {
+        self.pod(name)?["state"].as_str()
+    }
+
+    /// One of pod `name`'s counters (`redirected`, `steered`, `bypassed`, ...).
+    pub fn pod_counter(&self, pod: &str, counter: &str) -> Option<u64> {
+        self.pod(pod)?["counters"][counter].as_u64()
+    }
+
+    /// Sums every number found under `path` (e.g. `proxy`) whose key contains `needle`; used for
+    /// loosely-shaped sections such as connection counts.
+    pub fn sum_matching(&self, section: &str, needle: &str) -> u64 {
+        fn walk(v: &Value, needle: &str, key_hit: bool, acc: &mut u64) {
+            match v {
+                Value::Object(m) => {
+                    for (k, v) in m {
+                        walk(v, needle, key_hit || k.contains(needle), acc);
+                    }
+                }
+                Value::Array(a) => a.iter().for_each(|v| walk(v, needle, key_hit, acc)),
+                Value::Number(n) if key_hit => *acc += n.as_u64().unwrap_or(0),
+                _ => {}
+            }
+        }
+        let mut acc = 0;
+        walk(&self.0[section], needle, false, &mut acc);
+        acc
+    }
+}

@@ -1,0 +1,166 @@
+//! Talking from inside a pod: the Python test client, curl, and typed views of their results.
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::servers;
+use crate::state::url_host;
+use crate::testbed::Testbed;
+
+/// Socket timeout the client uses for each connect, send and receive.
+pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Testbed {
+    /// Runs the test client (`client.py`) in `pod` and parses its one-line JSON report. Failed
+    /// connections are reports too (`error`, `stage`), not errors; errors are for a client that
+    /// printed no JSON or timed out.
+    pub fn client(&self, pod: &str, args: &[String], timeout: Duration) -> Result<Value> {
+        let script = self.state().dir.join("client.py");
+        let mut argv = vec![
+            servers::python().to_string_lossy().into_owned(),
+            script.to_string_lossy().into_owned(),
+            "--timeout".to_string(),
+            format!("{}", SOCKET_TIMEOUT.as_secs_f32()),
+        ];
+        argv.extend(args.iter().cloned());
+        let out = self.exec(pod, &argv, timeout)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let line = stdout
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .with_context(|| {
+                format!(
+                    "client in {pod} printed no report ({}); stdout: {stdout}; stderr: {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+        serde_json::from_str(line).with_context(|| format!("client report is not JSON: {line}"))
+    }
+
+    /// Connects from `pod` to `ip:port`, sends `send` (if any), half-closes and reads to EOF.
+    pub fn request(&self, pod: &str, ip: IpAddr, port: u16, send: Option<&str>) -> Result<Reply> {
+        let mut args = vec!["request".to_string(), ip.to_string(), port.to_string()];
+        if let Some(s) = send {
+            args.push(format!("--send={s}"));
+        }
+        self.client(pod, &args, Duration::from_secs(20)).map(Reply)
+    }
+
+    /// Sends `bytes` random bytes from `pod` to the echo server at `ip` and reads them back.
+    pub fn transfer(&self, pod: &str, ip: IpAddr, port: u16, bytes: usize) -> Result<Value> {
+        let args = [
+            "transfer".to_string(),
+            ip.to_string(),
+            port.to_string(),
+            bytes.to_string(),
+        ];
+        self.client(pod, &args, Duration::from_secs(120))
+    }
+
+    /// Opens `count` echo connections from `pod` to `ip:port`, all at once; returns the report.
+    pub fn concurrent(&self, pod: &str, ip: IpAddr, port: u16, count: usize) -> Result<Value> {
+        let args = [
+            "concurrent".to_string(),
+            ip.to_string(),
+            port.to_string(),
+            count.to_string(),
+        ];
+        self.client(pod, &args, Duration::from_secs(60))
+    }
+
+    /// `curl` from `pod`: GETs `http://ip:port/path` and returns the body (errors on failure).
+    pub fn http_get(&self, pod: &str, ip: IpAddr, port: u16, path: &str) -> Result<String> {
+        let url = format!("http://{}:{port}{path}", url_host(ip));
+        let argv = [
+            "curl",
+            "-sS",
+            "--fail",
+            "--connect-timeout",
+            "5",
+            "-m",
+            "20",
+            &url,
+        ];
+        let out = self.exec(pod, &argv, Duration::from_secs(30))?;
+        if !out.status.success() {
+            bail!(
+                "curl {url} from {pod} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Downloads `http://ip:port/path` from `pod` into a file of the instance dir; returns its path.
+    pub fn http_download(&self, pod: &str, ip: IpAddr, port: u16, path: &str) -> Result<PathBuf> {
+        let url = format!("http://{}:{port}{path}", url_host(ip));
+        let file = self.state().dir.join(format!("download-{pod}-{port}"));
+        let file_s = file.to_string_lossy().into_owned();
+        let argv = [
+            "curl",
+            "-sS",
+            "--fail",
+            "--connect-timeout",
+            "5",
+            "-m",
+            "90",
+            "-o",
+            &file_s,
+            &url,
+        ];
+        let out = self.exec(pod, &argv, Duration::from_secs(100))?;
+        if !out.status.success() {
+            bail!(
+                "curl {url} from {pod} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(file)
+    }
+}
+
+/// The report of one `request`: what the client's socket saw.
+#[derive(Debug, Clone)]
+pub struct Reply(pub Value);
+
+impl Reply {
+    /// The connection worked: no error was reported.
+    pub fn ok(&self) -> bool {
+        self.0.get("error").is_none()
+    }
+
+    /// Bytes received, as text (empty when none).
+    pub fn data(&self) -> &str {
+        self.0["data"].as_str().unwrap_or("")
+    }
+
+    /// `getpeername()` of the client's socket, as `ip:port` / `[ip]:port`.
+    pub fn peer(&self) -> &str {
+        self.0["peer"].as_str().unwrap_or("")
+    }
+
+    /// The error, if any (`stage: message`).
+    pub fn error(&self) -> Option<String> {
+        let e = self.0.get("error")?.as_str()?;
+        Some(format!("{}: {e}", self.0["stage"].as_str().unwrap_or("?")))
+    }
+}
+
+/// sha256 of a file, via `sha256sum`.
+pub fn sha256_file(path: &std::path::Path) -> Result<String> {
+    let out = crate::cmd::check(
+        std::process::Command::new("sha256sum").arg(path),
+        Duration::from_secs(30),
+    )?;
+    out.split_whitespace()
+        .next()
+        .map(str::to_string)
+        .context("sha256sum printed nothing")
+}

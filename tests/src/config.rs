@@ -1,0 +1,70 @@
+//! Renders the agents' config files and the shared Kubernetes-shaped inventory.
+use std::fmt::Write as _;
+
+use crate::state::{Node, Pod, State};
+
+/// How often agents poll the inventory file, in milliseconds.
+pub const INVENTORY_POLL_MS: u64 = 200;
+
+/// The `ambit run --config` YAML for `node`.
+pub fn agent_config(state: &State, node: &Node) -> String {
+    format!(
+        "# ambit testbed {id}: agent of {name}\n\
+         node: {name}\n\
+         trustDomain: cluster.local\n\
+         inventory: {inventory}\n\
+         inventoryPollMs: {INVENTORY_POLL_MS}\n\
+         adminSocket: {socket}\n\
+         bpfPinDir: {pins}\n\
+         podsCgroup: {pods}\n\
+         agentCgroup: {agent}\n",
+        id = state.id,
+        name = node.name,
+        inventory = state.inventory.display(),
+        socket = node.admin_socket.display(),
+        pins = node.pin_dir.display(),
+        pods = node.cgroup.display(),
+        agent = node.agent_cgroup.display(),
+    )
+}
+
+/// The inventory: the `default` Namespace and every pod, as `kubectl get -o yaml` documents.
+pub fn inventory(state: &State) -> String {
+    let mut out = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  labels:\n    \
+         kubernetes.io/metadata.name: default\n",
+    );
+    for pod in &state.pods {
+        out.push_str("---\n");
+        out.push_str(&pod_yaml(pod));
+    }
+    out
+}
+
+fn pod_yaml(pod: &Pod) -> String {
+    let mut y = String::new();
+    let _ = write!(
+        y,
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  labels:\n    \
+         app: {name}\n",
+        name = pod.name,
+        ns = pod.namespace,
+    );
+    if pod.enrolled {
+        y.push_str("    ambit.io/mode: enabled\n");
+    }
+    let _ = write!(
+        y,
+        "  annotations:\n    ambit.io/netns: {netns}\n    ambit.io/cgroup: {cgroup}\n\
+         spec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers:\n  - name: app\n    \
+         image: testbed\n\
+         status:\n  phase: Running\n  podIP: {v4}\n  podIPs:\n  - ip: {v4}\n  - ip: {v6}\n",
+        netns = pod.netns_path().display(),
+        cgroup = pod.cgroup.display(),
+        node = pod.node,
+        name = pod.name,
+        v4 = pod.ipv4,
+        v6 = pod.ipv6,
+    );
+    y
+}

@@ -1,0 +1,238 @@
+//! Network plumbing with `ip`: node and pod namespaces, bridges, the underlay, per-pod routing.
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::cmd::{self, ip, SETUP_TIMEOUT};
+use crate::state::{Node, Pod};
+
+/// SO_MARK of the agent's delivery sockets; pods route it to `lo` (inbound-recipe.md §A).
+pub const DELIVER_MARK: u32 = 0x53a;
+/// Routing table holding the pods' `local default` route for marked replies.
+pub const DELIVER_TABLE: u32 = 100;
+
+/// Node `index`'s bridge address (the pods' IPv4 gateway): `10.<index>.0.1`.
+pub fn gateway_v4(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, index, 0, 1)
+}
+
+/// Node `index`'s bridge IPv6 address: `fd00:<index>::1`.
+pub fn gateway_v6(index: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, index.into(), 0, 0, 0, 0, 0, 1)
+}
+
+/// The `host`th address in node `index`'s IPv4 pod range: `10.<index>.0.<host>`.
+pub fn pod_v4(index: u8, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, index, 0, host)
+}
+
+/// The `host`th address in node `index`'s IPv6 pod range: `fd00:<index>::<host>`.
+pub fn pod_v6(index: u8, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, index.into(), 0, 0, 0, 0, 0, host.into())
+}
+
+/// Node `index`'s underlay IPv4 address: `192.168.254.<index>/30`.
+pub fn underlay_v4(index: u8) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 254, index)
+}
+
+/// Node `index`'s underlay IPv6 address: `fd00:ff::<index>/64`.
+pub fn underlay_v6(index: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0xff, 0, 0, 0, 0, 0, index.into())
+}
+
+/// Creates the named network namespace with `lo` up.
+pub fn add_netns(name: &str) -> Result<()> {
+    ip(&["netns", "add", name])?;
+    ip(&["-n", name, "link", "set", "lo", "up"])?;
+    Ok(())
+}
+
+/// Deletes the named network namespace; a missing one is fine.
+pub fn delete_netns(name: &str) -> Result<()> {
+    if !crate::state::netns_path(name).exists() {
+        return Ok(());
+    }
+    ip(&["netns", "del", name]).map(drop)
+}
+
+/// Sets sysctls (`key=value`, dotted keys) inside the namespace at `netns_path`.
+pub fn sysctl(netns_path: &Path, settings: &[&str]) -> Result<()> {
+    let mut script = String::from("set -e");
+    for s in settings {
+        let (key, value) = s
+            .split_once('=')
+            .context("sysctl setting needs `key=value`")?;
+        script.push_str(&format!(
+            "; echo {value} > /proc/sys/{}",
+            key.replace('.', "/")
+        ));
+    }
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", netns_path.display()))
+        .args(["--", "sh", "-c", &script]);
+    cmd::check(&mut c, SETUP_TIMEOUT).map(drop)
+}
+
+/// Builds a node: its namespace, forwarding, and a bridge `br0` that is its pods' gateway.
+pub fn setup_node(node: &Node) -> Result<()> {
+    let ns = node.netns.as_str();
+    add_netns(ns)?;
+    sysctl(
+        &node.netns_path(),
+        &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+    )?;
+    ip(&["-n", ns, "link", "add", "br0", "type", "bridge"])?;
+    let gw4 = format!("{}/24", gateway_v4(node.index));
+    let gw6 = format!("{}/64", gateway_v6(node.index));
+    ip(&["-n", ns, "addr", "add", &gw4, "dev", "br0"])?;
+    ip(&["-n", ns, "addr", "add", &gw6, "dev", "br0", "nodad"])?;
+    ip(&["-n", ns, "link", "set", "br0", "up"])?;
+    Ok(())
+}
+
+/// Joins two nodes with a veth pair `ul0` and routes each one's pod ranges via the other.
+pub fn link_nodes(a: &Node, b: &Node) -> Result<()> {
+    ip(&[
+        "-n", &a.netns, "link", "add", "ul0", "type", "veth", "peer", "name", "ul0", "netns",
+        &b.netns,
+    ])?;
+    for (me, peer) in [(a, b), (b, a)] {
+        let ns = me.netns.as_str();
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/30", me.underlay_v4),
+            "dev",
+            "ul0",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/64", me.underlay_v6),
+            "dev",
+            "ul0",
+            "nodad",
+        ])?;
+        ip(&["-n", ns, "link", "set", "ul0", "up"])?;
+        let cidr4 = format!("10.{}.0.0/24", peer.index);
+        let cidr6 = format!("fd00:{}::/64", peer.index);
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            &cidr4,
+            "via",
+            &peer.underlay_v4.to_string(),
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "route",
+            "add",
+            &cidr6,
+            "via",
+            &peer.underlay_v6.to_string(),
+        ])?;
+    }
+    Ok(())
+}
+
+/// Builds a pod: namespace, veth `eth0` into its node's bridge, addresses, default routes, and
+/// the routing that returns the app's replies to the agent's transparent delivery sockets.
+pub fn setup_pod(pod: &Pod, node: &Node, host: u8) -> Result<()> {
+    let ns = pod.netns.as_str();
+    let node_ns = node.netns.as_str();
+    let port = format!("vp{host}");
+    add_netns(ns)?;
+    ip(&[
+        "-n", node_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
+    ip(&["-n", node_ns, "link", "set", &port, "master", "br0", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{}/24", pod.ipv4),
+        "dev",
+        "eth0",
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{}/64", pod.ipv6),
+        "dev",
+        "eth0",
+        "nodad",
+    ])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "add",
+        "default",
+        "via",
+        &gateway_v4(node.index).to_string(),
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &gateway_v6(node.index).to_string(),
+    ])?;
+    delivery_routing(pod)
+}
+
+/// inbound-recipe.md §A: marked SYNs make the app's socket inherit the mark, and marked packets
+/// are routed to `lo`, where the agent's transparent socket picks them up.
+fn delivery_routing(pod: &Pod) -> Result<()> {
+    let ns = pod.netns.as_str();
+    sysctl(
+        &pod.netns_path(),
+        &[
+            "net.ipv4.tcp_fwmark_accept=1",
+            "net.ipv4.fwmark_reflect=1",
+            "net.ipv6.fwmark_reflect=1",
+        ],
+    )?;
+    let mark = format!("{DELIVER_MARK:#x}");
+    let table = DELIVER_TABLE.to_string();
+    for (family, any) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
+        ip(&[
+            "-n", ns, family, "rule", "add", "fwmark", &mark, "lookup", &table, "pref", "100",
+        ])?;
+        ip(&[
+            "-n", ns, family, "route", "add", "local", any, "dev", "lo", "table", &table,
+        ])?;
+    }
+    Ok(())
+}
+
+/// TCP ports listening in the namespace at `netns_path` (from `ss -Hltn`).
+pub fn listening_ports(netns_path: &Path) -> Result<Vec<u16>> {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net={}", netns_path.display()))
+        .args(["--", "ss", "-Hltn"]);
+    let out = cmd::check(&mut c, SETUP_TIMEOUT)?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|local| local.rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
+        .collect())
+}

@@ -1,0 +1,530 @@
+//! The testbed: two node namespaces, pods behind them, test servers and one agent per node.
+//!
+//! Everything global is named after a unique run id (`ambit-<id>-*` namespaces, the
+//! `<cgroup2>/ambit-<id>` cgroup tree, `/sys/fs/bpf/ambit-<id>-<node>` pin dirs), and the state
+//! file is written before each resource is created, so `teardown` (on drop, or `cargo xtask
+//! testbed down` after a crash) can always remove exactly what this instance made.
+use std::collections::hash_map::RandomState;
+use std::fs;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::Signal;
+
+use crate::agent::{self, Status};
+use crate::cgroup;
+use crate::config;
+use crate::net;
+use crate::process;
+use crate::servers;
+use crate::state::{self, Node, Pod, PodSpec, Process, State, BASE_DIR, CLI_POINTER};
+use crate::state::{ECHO_PORT, HTTP_PORT, PEER_PORT};
+use crate::teardown;
+
+/// How long agents get to report every local enrolled pod as enrolled.
+pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long servers get to listen.
+pub const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How to build a testbed.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Pods to create (default: [`PodSpec::defaults`]).
+    pub pods: Vec<PodSpec>,
+    /// Start one agent per node and wait until it serves its enrolled pods.
+    pub agents: bool,
+    /// The `ambit` binary (default: [`default_agent_bin`]).
+    pub agent_bin: Option<PathBuf>,
+    /// Keep the instance when the `Testbed` is dropped (CLI `up`); `down` removes it.
+    pub persistent: bool,
+    /// Print progress lines to stderr.
+    pub progress: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            pods: PodSpec::defaults(),
+            agents: true,
+            agent_bin: None,
+            persistent: false,
+            progress: true,
+        }
+    }
+}
+
+/// A running testbed instance. Dropping it tears everything down unless it is persistent.
+#[derive(Debug)]
+pub struct Testbed {
+    state: State,
+    children: Vec<Child>,
+    persistent: bool,
+    progress: bool,
+    torn_down: bool,
+    started: Instant,
+}
+
+impl Testbed {
+    /// Builds a new instance. On error, what was built so far is removed again.
+    pub fn up(opts: Options) -> Result<Self> {
+        crate::require_root_result()?;
+        let mut tb = Self::create_state(&opts)?;
+        if let Err(e) = tb.build(&opts) {
+            if let Err(cleanup) = tb.teardown() {
+                eprintln!(
+                    "testbed {}: cleanup after failed build: {cleanup:#}",
+                    tb.state.id
+                );
+            }
+            return Err(e);
+        }
+        Ok(tb)
+    }
+
+    /// Takes over an existing instance from its state file (CLI commands). The result is
+    /// persistent: dropping it leaves the instance running.
+    pub fn attach(state_file: &Path) -> Result<Self> {
+        let state = State::load(state_file)?;
+        Ok(Self {
+            state,
+            children: Vec::new(),
+            persistent: true,
+            progress: true,
+            torn_down: false,
+            started: Instant::now(),
+        })
+    }
+
+    /// The instance the CLI acts on (`<BASE_DIR>/cli-instance`), if any.
+    pub fn cli_instance() -> Result<Option<Self>> {
+        let pointer = Path::new(BASE_DIR).join(CLI_POINTER);
+        let Ok(id) = fs::read_to_string(&pointer) else {
+            return Ok(None);
+        };
+        let file = teardown::instance_dir(id.trim()).join("state.json");
+        if !file.exists() {
+            return Ok(None);
+        }
+        Self::attach(&file).map(Some)
+    }
+
+    /// Makes this instance the one CLI commands act on.
+    pub fn make_cli_instance(&self) -> Result<()> {
+        fs::create_dir_all(BASE_DIR)?;
+        state::write_atomic(
+            &Path::new(BASE_DIR).join(CLI_POINTER),
+            self.state.id.as_bytes(),
+        )
+    }
+
+    /// Keeps the instance after drop (or not).
+    pub fn set_persistent(&mut self, persistent: bool) {
+        self.persistent = persistent;
+        self.state.owner_pid = if persistent {
+            None
+        } else {
+            Some(std::process::id())
+        };
+    }
+
+    /// The recorded state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Pod `name`; panics if the testbed has no such pod (a test bug).
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.state
+            .pod(name)
+            .expect("the test names a pod of its testbed")
+    }
+
+    /// Node `name`; panics if the testbed has no such node (a test bug).
+    pub fn node(&self, name: &str) -> &Node {
+        self.state
+            .node(name)
+            .expect("the test names a node of its testbed")
+    }
+
+    /// Runs `argv` in pod `pod`'s netns and cgroup, killed at `timeout`.
+    pub fn exec<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        pod: &str,
+        argv: &[S],
+        timeout: Duration,
+    ) -> Result<Output> {
+        let pod = self.state.pod(pod)?;
+        process::exec_in(&pod.cgroup, &pod.netns_path(), argv, timeout)
+    }
+
+    /// The `ambit` binary the agents run.
+    pub fn agent_bin(&self) -> Result<&Path> {
+        self.state
+            .agent_bin
+            .as_deref()
+            .context("testbed was built without an agent binary")
+    }
+
+    /// `ambit status --json` of `node`'s agent.
+    pub fn status(&self, node: &str) -> Result<Status> {
+        agent::status(self.agent_bin()?, self.state.node(node)?)
+    }
+
+    /// PID of `node`'s agent, if we started one that is still recorded.
+    pub fn agent_pid(&self, node: &str) -> Option<i32> {
+        let role = format!("agent {node}");
+        self.state
+            .processes
+            .iter()
+            .find(|p| p.role == role)
+            .map(|p| p.pid)
+    }
+
+    /// Whether `node`'s agent process is alive.
+    pub fn agent_running(&self, node: &str) -> bool {
+        self.agent_pid(node).is_some_and(|pid| {
+            cgroup::pid_in(pid, &self.state.cgroup_root, &self.state.cgroup_mount)
+        })
+    }
+
+    /// Starts `node`'s agent (again).
+    pub fn start_agent(&mut self, node: &str) -> Result<()> {
+        let bin = self.agent_bin()?.to_path_buf();
+        let node = self.state.node(node)?.clone();
+        self.forget_process(&format!("agent {}", node.name));
+        let child = agent::start(&self.state, &node, &bin)?;
+        self.record(format!("agent {}", node.name), child)
+    }
+
+    /// Sends `signal` to `node`'s agent and waits (bounded) until it has exited.
+    pub fn stop_agent(&mut self, node: &str, signal: Signal) -> Result<()> {
+        let pid = self
+            .agent_pid(node)
+            .with_context(|| format!("no agent recorded for {node}"))?;
+        let (root, mount) = (
+            self.state.cgroup_root.clone(),
+            self.state.cgroup_mount.clone(),
+        );
+        process::signal_ours(pid, signal, &root, &mount);
+        if !process::wait_gone(pid, Duration::from_secs(10), &root, &mount) {
+            bail!("agent of {node} (pid {pid}) still running 10s after {signal}");
+        }
+        for child in self.children.iter_mut().filter(|c| c.id() as i32 == pid) {
+            process::reap(child, Duration::from_secs(1));
+        }
+        self.forget_process(&format!("agent {node}"));
+        Ok(())
+    }
+
+    /// Waits until every agent reports each enrolled local pod as `enrolled`.
+    pub fn wait_agents_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for node in self.state.nodes.clone() {
+            if !self.agent_running(&node.name) && self.agent_pid(&node.name).is_none() {
+                continue;
+            }
+            let want: Vec<String> = self
+                .state
+                .pods_on(&node.name)
+                .filter(|p| p.enrolled)
+                .map(|p| p.name.clone())
+                .collect();
+            loop {
+                if !self.agent_running(&node.name) {
+                    bail!(
+                        "agent of {} exited during startup; log {}:\n{}",
+                        node.name,
+                        node.log.display(),
+                        agent::log_tail(&node.log, 40)
+                    );
+                }
+                let last = match self.status(&node.name) {
+                    Ok(st) if want.iter().all(|p| st.pod_state(p) == Some("enrolled")) => break,
+                    Ok(st) => format!("status: {}", st.0),
+                    Err(e) => format!("{e:#}"),
+                };
+                if Instant::now() >= deadline {
+                    bail!(
+                        "agent of {} not ready after {timeout:?} (want {want:?} enrolled); last {last}; log:\n{}",
+                        node.name,
+                        agent::log_tail(&node.log, 40)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// Enrolls or unenrolls `pod` by rewriting the inventory (agents poll it).
+    pub fn set_enrolled(&mut self, pod: &str, enrolled: bool) -> Result<()> {
+        let p = self
+            .state
+            .pods
+            .iter_mut()
+            .find(|p| p.name == pod)
+            .with_context(|| format!("no pod `{pod}`"))?;
+        p.enrolled = enrolled;
+        self.state.save()?;
+        self.write_inventory()
+    }
+
+    /// Log tails of every agent, for failure messages.
+    pub fn agent_logs(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for n in &self.state.nodes {
+            out.push_str(&format!(
+                "----- agent {} ({}) -----\n",
+                n.name,
+                n.log.display()
+            ));
+            out.push_str(&agent::log_tail(&n.log, lines));
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Removes the instance now (also done on drop for non-persistent instances).
+    pub fn down(mut self) -> Result<()> {
+        self.teardown()
+    }
+
+    /// What of this instance still exists (for checking `down`).
+    pub fn leftovers(&self) -> Vec<String> {
+        teardown::leftovers(&self.state)
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        self.progress("tearing down");
+        teardown::teardown(&self.state, &mut self.children)
+    }
+
+    fn create_state(opts: &Options) -> Result<Self> {
+        let mount = cgroup::mount_point()?;
+        fs::create_dir_all(BASE_DIR).with_context(|| format!("creating {BASE_DIR}"))?;
+        let id = fresh_id(&mount)?;
+        let dir = teardown::instance_dir(&id);
+        let cgroup_root = mount.join(format!("ambit-{id}"));
+        let bpffs = Path::new("/sys/fs/bpf");
+        let mut nodes = Vec::new();
+        for index in 1..=2u8 {
+            let name = format!("node{index}");
+            let cgroup = cgroup_root.join(&name);
+            nodes.push(Node {
+                netns: format!("ambit-{id}-{name}"),
+                underlay_v4: net::underlay_v4(index),
+                underlay_v6: net::underlay_v6(index),
+                agent_cgroup: cgroup.join("agent"),
+                cgroup,
+                config: dir.join(format!("{name}.yaml")),
+                admin_socket: dir.join(format!("{name}.sock")),
+                pin_dir: bpffs.join(format!("ambit-{id}-{name}")),
+                log: dir.join(format!("{name}.log")),
+                name,
+                index,
+            });
+        }
+        let mut pods = Vec::new();
+        for spec in &opts.pods {
+            let node = nodes
+                .iter()
+                .find(|n| n.name == spec.node)
+                .with_context(|| format!("no node {}", spec.node))?;
+            let host =
+                2 + u8::try_from(pods.iter().filter(|p: &&Pod| p.node == spec.node).count())?;
+            pods.push(Pod {
+                name: spec.name.clone(),
+                namespace: "default".into(),
+                node: spec.node.clone(),
+                netns: format!("ambit-{id}-{}", spec.name),
+                cgroup: node.cgroup.join(&spec.name),
+                ipv4: net::pod_v4(node.index, host),
+                ipv6: net::pod_v6(node.index, host),
+                enrolled: spec.enrolled,
+                servers: spec.servers,
+            });
+        }
+        let agent_bin = match &opts.agent_bin {
+            Some(b) => Some(b.clone()),
+            None => default_agent_bin(),
+        };
+        let state = State {
+            inventory: dir.join("inventory.yaml"),
+            owner_pid: if opts.persistent {
+                None
+            } else {
+                Some(std::process::id())
+            },
+            agent_bin,
+            cgroup_mount: mount,
+            cgroup_root,
+            dir,
+            id,
+            nodes,
+            pods,
+            processes: Vec::new(),
+        };
+        state.save()?;
+        Ok(Self {
+            state,
+            children: Vec::new(),
+            persistent: opts.persistent,
+            progress: opts.progress,
+            torn_down: false,
+            started: Instant::now(),
+        })
+    }
+
+    fn build(&mut self, opts: &Options) -> Result<()> {
+        let st = self.state.clone();
+        self.progress(&format!(
+            "building instance {} in {}",
+            st.id,
+            st.dir.display()
+        ));
+        for n in &st.nodes {
+            net::setup_node(n)?;
+        }
+        net::link_nodes(&st.nodes[0], &st.nodes[1])?;
+        cgroup::create(&st.cgroup_root)?;
+        for n in &st.nodes {
+            cgroup::create(&n.agent_cgroup)?;
+        }
+        for pod in &st.pods {
+            let node = st.node(&pod.node)?;
+            let host = pod.ipv4.octets()[3];
+            net::setup_pod(pod, node, host)?;
+            cgroup::create(&pod.cgroup)?;
+        }
+        self.progress(&format!(
+            "{} nodes and {} pods are up; starting servers",
+            st.nodes.len(),
+            st.pods.len()
+        ));
+        servers::prepare_files(&st)?;
+        for pod in st.pods.iter().filter(|p| p.servers) {
+            for (role, child) in servers::start(&st, pod)? {
+                self.record(role, child)?;
+            }
+        }
+        self.wait_servers()?;
+        self.write_inventory()?;
+        if opts.agents {
+            let bin = self.agent_bin()?.to_path_buf();
+            if !bin.exists() {
+                bail!(
+                    "agent binary {} not found; build it with `cargo build -p ambit-agent`",
+                    bin.display()
+                );
+            }
+            self.progress(&format!("starting agents ({})", bin.display()));
+            for n in &st.nodes {
+                self.start_agent(&n.name)?;
+            }
+            self.wait_agents_ready(AGENT_READY_TIMEOUT)?;
+        }
+        self.progress("ready");
+        Ok(())
+    }
+
+    fn wait_servers(&self) -> Result<()> {
+        let deadline = Instant::now() + SERVER_READY_TIMEOUT;
+        for pod in self.state.pods.iter().filter(|p| p.servers) {
+            loop {
+                let ports = net::listening_ports(&pod.netns_path())?;
+                if [HTTP_PORT, ECHO_PORT, PEER_PORT]
+                    .iter()
+                    .all(|p| ports.contains(p))
+                {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!("servers in {} not listening after {SERVER_READY_TIMEOUT:?}: ports {ports:?}", pod.name);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    fn write_inventory(&self) -> Result<()> {
+        state::write_atomic(
+            &self.state.inventory,
+            config::inventory(&self.state).as_bytes(),
+        )
+    }
+
+    fn record(&mut self, role: String, child: Child) -> Result<()> {
+        let pid = i32::try_from(child.id())?;
+        self.state.processes.push(Process { pid, role });
+        self.children.push(child);
+        self.state.save()
+    }
+
+    fn forget_process(&mut self, role: &str) {
+        self.state.processes.retain(|p| p.role != role);
+        let _ = self.state.save();
+    }
+
+    fn progress(&self, msg: &str) {
+        if self.progress {
+            let t = self.started.elapsed().as_secs_f32();
+            eprintln!("testbed {} [{t:5.1}s]: {msg}", self.state.id);
+        }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if self.persistent || self.torn_down {
+            return;
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.agent_logs(60));
+        }
+        if let Err(e) = self.teardown() {
+            eprintln!("testbed {}: teardown failed: {e:#}", self.state.id);
+        }
+    }
+}
+
+/// `target/<profile>/ambit` next to the running executable (tests live in `target/<profile>/deps`).
+pub fn default_agent_bin() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("AMBIT_BIN") {
+        return Some(PathBuf::from(bin));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let mut dir = exe.parent()?;
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent()?;
+    }
+    Some(dir.join("ambit"))
+}
+
+/// A 6-hex-digit id not used by any namespace, cgroup or instance on this machine; its instance
+/// dir is created here (`create_dir` is the atomic claim between parallel runs).
+fn fresh_id(mount: &Path) -> Result<String> {
+    for _ in 0..100 {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos(),
+        );
+        let id = format!("{:06x}", h.finish() & 0xff_ffff);
+        let taken = mount.join(format!("ambit-{id}")).exists()
+            || state::netns_path(&format!("ambit-{id}-node1")).exists();
+        if !taken && fs::create_dir(teardown::instance_dir(&id)).is_ok() {
+            return Ok(id);
+        }
+    }
+    bail!("could not find a free testbed id")
+}
