@@ -1,0 +1,232 @@
+//! `cargo xtask testbed up|down|status|exec|ambit`: the testbed by hand.
+use std::process::{Command as Proc, ExitCode};
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+
+use ambit_e2e::{process, teardown, Options, Testbed};
+
+use crate::cargo;
+
+/// Testbed subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create the testbed (idempotent: an intact one is kept) and print its state file.
+    Up {
+        /// Only build the network and servers; start no agents.
+        #[arg(long)]
+        no_agents: bool,
+        /// Use the existing `ambit` binary instead of running `cargo build -p ambit-agent`.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Remove the testbed, and any left behind by crashed test runs.
+    Down,
+    /// Show the testbed: pods, addresses, processes, and each agent's status.
+    Status,
+    /// Run a command inside a pod's network namespace and cgroup.
+    Exec {
+        /// Pod name (client, outsider, server, legacy).
+        pod: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Run the `ambit` CLI against a node's agent (its admin socket).
+    Ambit {
+        /// Node name (node1, node2).
+        node: String,
+        /// Arguments for `ambit`, e.g. `status --json`.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Runs a testbed subcommand.
+pub(crate) fn run(cmd: Command) -> Result<ExitCode> {
+    ambit_e2e::require_root_result()?;
+    match cmd {
+        Command::Up {
+            no_agents,
+            no_build,
+        } => up(!no_agents, no_build).map(|_| ExitCode::SUCCESS),
+        Command::Down => down().map(|()| ExitCode::SUCCESS),
+        Command::Status => status().map(|()| ExitCode::SUCCESS),
+        Command::Exec { pod, cmd } => exec(&pod, &cmd),
+        Command::Ambit { node, args } => ambit(&node, &args),
+    }
+}
+
+/// Brings the CLI testbed up unless an intact one exists; returns it.
+pub(crate) fn up(agents: bool, no_build: bool) -> Result<Testbed> {
+    if let Some(tb) = Testbed::cli_instance()? {
+        let problems = health(&tb, agents);
+        if problems.is_empty() {
+            eprintln!("==> testbed {} is already up", tb.state().id);
+            print_state(&tb)?;
+            return Ok(tb);
+        }
+        eprintln!(
+            "==> testbed {} is broken ({}); recreating it",
+            tb.state().id,
+            problems.join("; ")
+        );
+        tb.down()?;
+    }
+    let agent_bin = if agents && !no_build {
+        Some(cargo::build_agent()?)
+    } else {
+        None
+    };
+    let opts = Options {
+        agents,
+        agent_bin,
+        persistent: true,
+        ..Options::default()
+    };
+    let tb = Testbed::up(opts)?;
+    tb.make_cli_instance()?;
+    print_state(&tb)?;
+    Ok(tb)
+}
+
+fn down() -> Result<()> {
+    let mut removed = Vec::new();
+    if let Some(tb) = Testbed::cli_instance()? {
+        removed.push(tb.state().id.clone());
+        tb.down()?;
+    }
+    for state in teardown::stale_instances() {
+        removed.push(format!(
+            "{} (stale, owner {:?} gone)",
+            state.id, state.owner_pid
+        ));
+        teardown::teardown(&state, &mut Vec::new())?;
+    }
+    if removed.is_empty() {
+        eprintln!("==> no testbed to remove");
+    } else {
+        eprintln!("==> removed testbed {}", removed.join(", "));
+    }
+    Ok(())
+}
+
+fn status() -> Result<()> {
+    let Some(tb) = Testbed::cli_instance()? else {
+        eprintln!("no testbed; create one with `cargo xtask testbed up`");
+        return Ok(());
+    };
+    let st = tb.state();
+    println!("testbed {} (state {})", st.id, st.state_file().display());
+    for node in &st.nodes {
+        println!(
+            "  {} netns {} underlay {} / {}",
+            node.name, node.netns, node.underlay_v4, node.underlay_v6
+        );
+        for pod in st.pods_on(&node.name) {
+            println!(
+                "    pod {:<9} {:<10} {:<12} netns {}",
+                pod.name,
+                if pod.enrolled { "enrolled" } else { "-" },
+                pod.ipv4,
+                pod.netns
+            );
+        }
+    }
+    for p in &st.processes {
+        let alive = ambit_e2e::cgroup::pid_in(p.pid, &st.cgroup_root, &st.cgroup_mount);
+        println!(
+            "  pid {:>7} {:<24} {}",
+            p.pid,
+            p.role,
+            if alive { "running" } else { "GONE" }
+        );
+    }
+    let problems = health(&tb, true);
+    if !problems.is_empty() {
+        println!("  problems: {}", problems.join("; "));
+    }
+    for node in &st.nodes {
+        if tb.agent_running(&node.name) {
+            println!("\n$ ambit status   # {}", node.name);
+            let bin = tb.agent_bin()?;
+            let _ = Proc::new(bin)
+                .arg("status")
+                .arg("--admin-socket")
+                .arg(&node.admin_socket)
+                .status();
+        }
+    }
+    Ok(())
+}
+
+fn exec(pod: &str, cmd: &[String]) -> Result<ExitCode> {
+    let tb = Testbed::cli_instance()?.context("no testbed; run `cargo xtask testbed up` first")?;
+    let pod = tb.state().pod(pod)?;
+    let status = process::command_in(&pod.cgroup, &pod.netns_path(), cmd)
+        .status()
+        .with_context(|| format!("running {cmd:?} in {}", pod.name))?;
+    Ok(exit_code(status.code()))
+}
+
+fn ambit(node: &str, args: &[String]) -> Result<ExitCode> {
+    let tb = Testbed::cli_instance()?.context("no testbed; run `cargo xtask testbed up` first")?;
+    let node = tb.state().node(node)?;
+    let bin = tb.agent_bin()?;
+    let mut c = Proc::new(bin);
+    c.args(args).env("AMBIT_ADMIN_SOCKET", &node.admin_socket);
+    let first = args.first().map(String::as_str).unwrap_or("");
+    let takes_socket = !matches!(
+        first,
+        "" | "run" | "help" | "-h" | "--help" | "-V" | "--version"
+    );
+    if takes_socket && !args.iter().any(|a| a.starts_with("--admin-socket")) {
+        c.arg("--admin-socket").arg(&node.admin_socket);
+    }
+    let status = c
+        .status()
+        .with_context(|| format!("running {}", bin.display()))?;
+    Ok(exit_code(status.code()))
+}
+
+/// Why the testbed is not intact (missing namespaces, dead processes); empty when fine.
+fn health(tb: &Testbed, agents: bool) -> Vec<String> {
+    let st = tb.state();
+    let mut out = Vec::new();
+    for ns in st
+        .nodes
+        .iter()
+        .map(|n| &n.netns)
+        .chain(st.pods.iter().map(|p| &p.netns))
+    {
+        if !ambit_e2e::state::netns_path(ns).exists() {
+            out.push(format!("netns {ns} missing"));
+        }
+    }
+    for p in &st.processes {
+        if !ambit_e2e::cgroup::pid_in(p.pid, &st.cgroup_root, &st.cgroup_mount) {
+            out.push(format!("{} (pid {}) not running", p.role, p.pid));
+        }
+    }
+    if agents && !st.processes.iter().any(|p| p.role.starts_with("agent")) {
+        out.push("no agents".into());
+    }
+    out
+}
+
+fn print_state(tb: &Testbed) -> Result<()> {
+    let file = tb.state().state_file();
+    let text =
+        std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    println!("{text}");
+    eprintln!("==> state file: {}", file.display());
+    Ok(())
+}
+
+fn exit_code(code: Option<i32>) -> ExitCode {
+    match code {
+        Some(0) => ExitCode::SUCCESS,
+        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    }
+}
