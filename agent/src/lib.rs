@@ -6,6 +6,8 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod inventory;
+pub mod policy;
 pub mod proxy;
 pub mod redirect;
 pub mod sys;
+pub mod tunnel;

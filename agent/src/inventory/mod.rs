@@ -68,6 +68,8 @@ pub struct Snapshot {
     pub workloads: BTreeMap<String, Workload>,
     /// Namespace labels keyed by namespace name.
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Istio PeerAuthentication objects.
+    pub peer_authentications: Vec<crate::policy::peer_auth::PeerAuthentication>,
 }
 
 impl Snapshot {

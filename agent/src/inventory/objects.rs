@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 /// `metadata` of any object.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectMeta {
     /// Object name.

@@ -104,3 +104,26 @@ fn bad_skip_annotations_are_rejected() {
     let err = parse(Path::new("x"), text).unwrap_err().to_string();
     assert!(err.contains("excludeOutboundPorts"), "{err}");
 }
+
+#[test]
+fn parses_peer_authentication_and_rejects_bad_ones() {
+    let text = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls:\n    mode: STRICT\n";
+    let snap = parse(Path::new("x"), text).unwrap();
+    assert_eq!(snap.peer_authentications.len(), 1);
+    let bad_mode = text.replace("STRICT", "SRTICT");
+    let err = parse(Path::new("x"), &bad_mode).unwrap_err().to_string();
+    assert!(
+        err.contains("PeerAuthentication strict") && err.contains("spec.mtls.mode"),
+        "{err}"
+    );
+    let bad_api = text.replace("security.istio.io/v1", "security.istio.io/v2");
+    assert!(parse(Path::new("x"), &bad_api)
+        .unwrap_err()
+        .to_string()
+        .contains("apiVersion"));
+    let no_selector = "apiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata:\n  name: p\nspec:\n  portLevelMtls:\n    80:\n      mode: STRICT\n";
+    assert!(parse(Path::new("x"), no_selector)
+        .unwrap_err()
+        .to_string()
+        .contains("selector"));
+}

@@ -1,0 +1,2 @@
+//! Policy: Istio PeerAuthentication resolution (and, later, L4 AuthorizationPolicy and DestinationRule).
+pub mod peer_auth;

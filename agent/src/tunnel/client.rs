@@ -1,0 +1,126 @@
+//! HBONE client: TLS 1.3 + h2 to a peer's 15008, then one CONNECT stream per tunnelled connection.
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode, Uri};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::stream::H2Stream;
+use super::{Error, ALPN_H2, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
+use crate::identity as tls;
+
+/// An established HBONE connection to one peer, able to carry many CONNECT streams.
+#[derive(Clone)]
+pub struct Tunnel {
+    peer: SocketAddr,
+    send: SendRequest<Bytes>,
+}
+
+impl Tunnel {
+    /// Runs the TLS handshake (the config's verifier checks the peer's identity) and the
+    /// HTTP/2 preface over `tcp`; the connection task runs on the current runtime.
+    pub async fn handshake(
+        tcp: TcpStream,
+        peer: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, Error> {
+        let name = || peer.to_string();
+        // The server name is not used for verification (identities are checked on the URI
+        // SAN); an IP name keeps rustls from sending SNI.
+        let server_name = tls::server_name();
+        let tls_stream = tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            TlsConnector::from(tls).connect(server_name, tcp),
+        )
+        .await
+        .map_err(|_| Error::HandshakeTimeout { peer: name() })?
+        .map_err(|source| Error::Tls {
+            peer: name(),
+            source,
+        })?;
+        if tls_stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+            return Err(Error::Alpn { peer: name() });
+        }
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .handshake(tls_stream)
+            .await
+            .map_err(|source| Error::H2 {
+                peer: name(),
+                source,
+            })?;
+        let peer_str = name();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer.addr = %peer_str, error = %e, "hbone connection closed");
+            }
+        });
+        Ok(Self { peer, send })
+    }
+
+    /// The peer this tunnel goes to.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Whether the connection can still open streams.
+    pub fn is_open(&mut self) -> bool {
+        futures_ready(&mut self.send)
+    }
+
+    /// Opens a CONNECT stream to `authority` (`ip:port`; IPv6 in brackets).
+    pub async fn connect(&mut self, authority: SocketAddr) -> Result<H2Stream, Error> {
+        let peer = self.peer.to_string();
+        let auth = authority.to_string();
+        let uri = Uri::builder()
+            .authority(auth.as_str())
+            .build()
+            .map_err(|_| Error::Authority {
+                authority: auth.clone(),
+            })?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(uri)
+            .version(http::Version::HTTP_2)
+            .body(())
+            .map_err(|_| Error::Authority {
+                authority: auth.clone(),
+            })?;
+        let mut send = self
+            .send
+            .clone()
+            .ready()
+            .await
+            .map_err(|source| Error::H2 {
+                peer: peer.clone(),
+                source,
+            })?;
+        let (response, stream) = send.send_request(req, false).map_err(|source| Error::H2 {
+            peer: peer.clone(),
+            source,
+        })?;
+        let response = response.await.map_err(|source| Error::H2 {
+            peer: peer.clone(),
+            source,
+        })?;
+        if response.status() != StatusCode::OK {
+            return Err(Error::Status {
+                peer,
+                authority: auth,
+                status: response.status(),
+            });
+        }
+        Ok(H2Stream::new(stream, response.into_body()))
+    }
+}
+
+fn futures_ready(send: &mut SendRequest<Bytes>) -> bool {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    !matches!(send.poll_ready(&mut cx), std::task::Poll::Ready(Err(_)))
+}

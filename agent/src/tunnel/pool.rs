@@ -1,0 +1,181 @@
+//! HBONE connection pool: many CONNECT streams share one mTLS connection per (source pod, peer, identities).
+//!
+//! Invariants:
+//! - A key names the source pod (its netns cookie: the TCP source address is the pod's), the
+//!   source identity (the certificate presented), the peer address and the identity the peer
+//!   must prove. Connections are never shared across keys.
+//! - A connection carries at most `max_streams` streams at once; past that another one opens.
+//! - A connection idle (no stream) for `idle_timeout`, or closed by the peer, is dropped by
+//!   `reap`; the lock is never held across an await.
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::client::Tunnel;
+use super::stream::H2Stream;
+use super::Error;
+use crate::identity::SpiffeId;
+
+/// Streams per connection before another connection opens (as ztunnel).
+pub const DEFAULT_MAX_STREAMS: usize = 100;
+/// How long an unused connection is kept.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
+
+/// What a pooled connection is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    /// Netns cookie of the source pod.
+    pub src_netns: u64,
+    /// Identity presented by the source.
+    pub src_id: SpiffeId,
+    /// The peer's tunnel address (`pod_ip:15008`).
+    pub peer: SocketAddr,
+    /// Identity the peer must prove.
+    pub dst_id: SpiffeId,
+}
+
+struct Entry {
+    tunnel: Tunnel,
+    active: Arc<AtomicUsize>,
+    last_used: Arc<Mutex<Instant>>,
+}
+
+/// The pool.
+pub struct Pool {
+    conns: Mutex<HashMap<PoolKey, Vec<Entry>>>,
+    max_streams: usize,
+    idle_timeout: Duration,
+}
+
+/// Keeps a stream counted against its connection until dropped.
+pub struct StreamGuard {
+    active: Arc<AtomicUsize>,
+    last_used: Arc<Mutex<Instant>>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        *lock(&self.last_used) = Instant::now();
+    }
+}
+
+/// Pool counters for status.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct PoolStats {
+    /// Open connections.
+    pub connections: usize,
+    /// Streams in use.
+    pub streams: usize,
+}
+
+impl Pool {
+    /// An empty pool.
+    pub fn new(max_streams: usize, idle_timeout: Duration) -> Self {
+        Self {
+            conns: Mutex::new(HashMap::new()),
+            max_streams: max_streams.max(1),
+            idle_timeout,
+        }
+    }
+
+    /// Opens a CONNECT stream to `authority` over a pooled connection for `key`, dialing a new
+    /// connection with `dial` when none has room.
+    pub async fn stream<D, Fut>(
+        &self,
+        key: &PoolKey,
+        authority: SocketAddr,
+        dial: D,
+    ) -> Result<(H2Stream, StreamGuard), Error>
+    where
+        D: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Tunnel, Error>>,
+    {
+        if let Some((mut tunnel, guard)) = self.checkout(key) {
+            match tunnel.connect(authority).await {
+                Ok(s) => return Ok((s, guard)),
+                // A CONNECT refused by the peer is an answer, not a broken connection.
+                Err(e @ Error::Status { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::debug!(peer.addr = %key.peer, error = %e, "pooled connection failed; dialing a new one")
+                }
+            }
+        }
+        let tunnel = dial().await?;
+        let active = Arc::new(AtomicUsize::new(1));
+        let last_used = Arc::new(Mutex::new(Instant::now()));
+        let guard = StreamGuard {
+            active: active.clone(),
+            last_used: last_used.clone(),
+        };
+        lock(&self.conns)
+            .entry(key.clone())
+            .or_default()
+            .push(Entry {
+                tunnel: tunnel.clone(),
+                active,
+                last_used,
+            });
+        let mut tunnel = tunnel;
+        let stream = tunnel.connect(authority).await?;
+        Ok((stream, guard))
+    }
+
+    fn checkout(&self, key: &PoolKey) -> Option<(Tunnel, StreamGuard)> {
+        let mut conns = lock(&self.conns);
+        let entries = conns.get_mut(key)?;
+        entries.retain_mut(|e| e.tunnel.is_open());
+        let e = entries
+            .iter()
+            .find(|e| e.active.load(Ordering::Relaxed) < self.max_streams)?;
+        e.active.fetch_add(1, Ordering::Relaxed);
+        Some((
+            e.tunnel.clone(),
+            StreamGuard {
+                active: e.active.clone(),
+                last_used: e.last_used.clone(),
+            },
+        ))
+    }
+
+    /// Drops connections that are closed or idle past the timeout.
+    pub fn reap(&self) {
+        let now = Instant::now();
+        let mut conns = lock(&self.conns);
+        for entries in conns.values_mut() {
+            entries.retain_mut(|e| {
+                let idle = e.active.load(Ordering::Relaxed) == 0
+                    && now.duration_since(*lock(&e.last_used)) >= self.idle_timeout;
+                !idle && e.tunnel.is_open()
+            });
+        }
+        conns.retain(|_, v| !v.is_empty());
+    }
+
+    /// Drops every connection of a source pod (it left the node).
+    pub fn forget_source(&self, src_netns: u64) {
+        lock(&self.conns).retain(|k, _| k.src_netns != src_netns);
+    }
+
+    /// Connection and stream counts.
+    pub fn stats(&self) -> PoolStats {
+        let conns = lock(&self.conns);
+        let connections = conns.values().map(Vec::len).sum();
+        let streams = conns
+            .values()
+            .flatten()
+            .map(|e| e.active.load(Ordering::Relaxed))
+            .sum();
+        PoolStats {
+            connections,
+            streams,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
