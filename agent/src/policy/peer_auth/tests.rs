@@ -42,14 +42,15 @@ fn precedence_table() {
     let server = labels(&[("app", "server")]);
     let other = labels(&[("app", "other")]);
     // (policies, namespace, labels, port) -> (mode, level)
-    let cases: Vec<(
-        &[PeerAuthentication],
-        &str,
-        &BTreeMap<String, String>,
+    type Case<'a> = (
+        &'a [PeerAuthentication],
+        &'a str,
+        &'a BTreeMap<String, String>,
         u16,
         Effective,
-        &str,
-    )> = vec![
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
         (&all[..1], "shop", &server, 80, Effective::Strict, "mesh"),
         (
             &all[..2],
