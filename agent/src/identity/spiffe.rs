@@ -6,9 +6,13 @@
 //! a workload identity must have the Kubernetes shape `/ns/<namespace>/sa/<service-account>`.
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// URI scheme of every SPIFFE ID.
 const SCHEME: &str = "spiffe://";
+/// What precedes the namespace and the service account in a workload identity.
+const NS: &str = "/ns/";
+const SA: &str = "/sa/";
 /// SPIFFE-ID.md 2.3: a SPIFFE ID is at most 2048 bytes long.
 const MAX_ID_BYTES: usize = 2048;
 /// SPIFFE-ID.md 2.1: a trust domain name is at most 255 bytes long.
@@ -21,12 +25,15 @@ pub struct TrustDomain(String);
 /// A workload identity: trust domain, Kubernetes namespace and service account.
 ///
 /// Built only by parsing or [`SpiffeId::new`], so every value is a valid SPIFFE ID and its
-/// [`Display`](fmt::Display) form parses back to an equal value.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// [`Display`](fmt::Display) form parses back to an equal value. Cloning is a reference-count
+/// bump: identities key connection pools and certificate caches.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
-    trust_domain: TrustDomain,
-    namespace: String,
-    service_account: String,
+    /// The whole ID, `spiffe://<td>/ns/<ns>/sa/<sa>`, checked on construction.
+    uri: Arc<str>,
+    /// Byte offsets of `<ns>` and `<sa>` in `uri` (it is at most 2048 bytes long).
+    namespace_at: u16,
+    service_account_at: u16,
 }
 
 /// Why a string is not a valid trust domain or workload SPIFFE ID.
@@ -120,26 +127,45 @@ impl SpiffeId {
             check_segment(&id, segment)?;
         }
         // A segment may not smuggle in a `/` (check_segment refuses it), so the shape holds.
-        Ok(Self {
-            trust_domain,
-            namespace: namespace.to_owned(),
-            service_account: service_account.to_owned(),
-        })
+        Ok(Self::from_parts(
+            &id,
+            trust_domain.as_str().len(),
+            namespace.len(),
+        ))
     }
 
-    /// The trust domain this identity belongs to.
-    pub fn trust_domain(&self) -> &TrustDomain {
-        &self.trust_domain
+    /// The trust domain this identity belongs to, e.g. `cluster.local`.
+    pub fn trust_domain(&self) -> &str {
+        // Offsets were computed from this very string in `from_parts`, on ASCII boundaries.
+        &self.uri[SCHEME.len()..usize::from(self.namespace_at) - NS.len()]
     }
 
     /// The Kubernetes namespace.
     pub fn namespace(&self) -> &str {
-        &self.namespace
+        &self.uri[usize::from(self.namespace_at)..usize::from(self.service_account_at) - SA.len()]
     }
 
     /// The Kubernetes service account.
     pub fn service_account(&self) -> &str {
-        &self.service_account
+        &self.uri[usize::from(self.service_account_at)..]
+    }
+
+    /// The whole ID as a string.
+    pub fn as_str(&self) -> &str {
+        &self.uri
+    }
+
+    /// Wraps `uri`, already checked to be `spiffe://<td>/ns/<ns>/sa/<sa>` with segments of the
+    /// given lengths and at most [`MAX_ID_BYTES`] long.
+    fn from_parts(uri: &str, trust_domain_len: usize, namespace_len: usize) -> Self {
+        let namespace_at = SCHEME.len() + trust_domain_len + NS.len();
+        let service_account_at = namespace_at + namespace_len + SA.len();
+        // Both offsets are below MAX_ID_BYTES (2048), far from u16::MAX.
+        Self {
+            uri: Arc::from(uri),
+            namespace_at: u16::try_from(namespace_at).unwrap_or(u16::MAX),
+            service_account_at: u16::try_from(service_account_at).unwrap_or(u16::MAX),
+        }
     }
 }
 
@@ -170,11 +196,9 @@ impl FromStr for SpiffeId {
         check_trust_domain(input, authority)?;
         let segments = split_path(input, path)?;
         match segments.as_slice() {
-            ["ns", namespace, "sa", service_account] => Ok(Self {
-                trust_domain: TrustDomain(authority.to_owned()),
-                namespace: (*namespace).to_owned(),
-                service_account: (*service_account).to_owned(),
-            }),
+            ["ns", namespace, "sa", _] => {
+                Ok(Self::from_parts(input, authority.len(), namespace.len()))
+            }
             _ => Err(SpiffeIdError::NotWorkload {
                 input: input.to_owned(),
             }),
@@ -184,11 +208,13 @@ impl FromStr for SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{SCHEME}{}/ns/{}/sa/{}",
-            self.trust_domain, self.namespace, self.service_account
-        )
+        f.write_str(&self.uri)
+    }
+}
+
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("SpiffeId").field(&&*self.uri).finish()
     }
 }
 

@@ -7,7 +7,7 @@ fn parse(s: &str) -> Result<SpiffeId, SpiffeIdError> {
 #[test]
 fn parses_and_prints_workload_identity() {
     let id = parse("spiffe://cluster.local/ns/shop/sa/client").unwrap();
-    assert_eq!(id.trust_domain().as_str(), "cluster.local");
+    assert_eq!(id.trust_domain(), "cluster.local");
     assert_eq!(id.namespace(), "shop");
     assert_eq!(id.service_account(), "client");
     assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/client");
@@ -189,4 +189,27 @@ fn trust_domain_parses_alone() {
     assert!("Cluster.local".parse::<TrustDomain>().is_err());
     assert!("".parse::<TrustDomain>().is_err());
     assert!("td/x".parse::<TrustDomain>().is_err());
+}
+
+#[test]
+fn accessors_split_the_id_at_the_right_places() {
+    let id = parse("spiffe://a.b/ns/n-1/sa/s_2").unwrap();
+    assert_eq!(
+        (id.trust_domain(), id.namespace(), id.service_account()),
+        ("a.b", "n-1", "s_2")
+    );
+    assert_eq!(id.as_str(), "spiffe://a.b/ns/n-1/sa/s_2");
+    assert_eq!(
+        format!("{id:?}"),
+        r#"SpiffeId("spiffe://a.b/ns/n-1/sa/s_2")"#
+    );
+    let built = SpiffeId::new("a.b".parse().unwrap(), "n-1", "s_2").unwrap();
+    assert_eq!(
+        (
+            built.trust_domain(),
+            built.namespace(),
+            built.service_account()
+        ),
+        ("a.b", "n-1", "s_2")
+    );
 }
