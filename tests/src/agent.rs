@@ -35,9 +35,10 @@ pub fn start(state: &State, node: &Node, bin: &Path) -> Result<Child> {
     )
 }
 
-/// `ambit status --json` of `node`'s agent, parsed.
+/// `ambit status --json` of `node`'s agent, parsed. The CLI exits 1 (still printing the
+/// document) when a pod failed to enroll; only a missing document is an error.
 pub fn status(bin: &Path, node: &Node) -> Result<Status> {
-    let text = cmd::check(
+    let out = cmd::run(
         Command::new(bin)
             .arg("status")
             .arg("--admin-socket")
@@ -45,6 +46,15 @@ pub fn status(bin: &Path, node: &Node) -> Result<Status> {
             .arg("--json"),
         STATUS_TIMEOUT,
     )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        bail!(
+            "`ambit status` of {} failed ({}): {}",
+            node.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     let value = serde_json::from_str(&text).with_context(|| {
         format!(
             "`ambit status --json` of {} printed non-JSON: {text}",

@@ -124,6 +124,20 @@ impl Testbed {
         }
         Ok(file)
     }
+
+    /// Lines the peer-report server of `pod` has logged (one `peer=...` per connection it got).
+    pub fn peer_log(&self, pod: &str) -> Vec<String> {
+        let path = self
+            .state()
+            .dir
+            .join(format!("{pod}-{}.log", crate::state::PEER_PORT));
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("peer="))
+            .map(str::to_string)
+            .collect()
+    }
 }
 
 /// The report of one `request`: what the client's socket saw.

@@ -7,6 +7,7 @@ pub mod cgroup;
 pub mod client;
 pub mod cmd;
 pub mod config;
+pub mod counters;
 pub mod net;
 pub mod process;
 pub mod servers;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 pub use agent::Status;
 pub use client::Reply;
+pub use servers::HELLO;
 pub use state::{PodSpec, State, ECHO_PORT, HTTP_PORT, PEER_PORT};
 pub use testbed::{Options, Testbed};
 
@@ -84,7 +86,7 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
 /// Asserts that a condition becomes true within a deadline (default [`EVENTUALLY`]), polling
 /// it every 100 ms, instead of sleeping. Extra arguments format the failure message.
 ///
-/// ```ignore
+/// ```text
 /// assert_eventually!(tb.status("node1").unwrap().kernel("connect4_redirect") > Some(0));
 /// assert_eventually!(timeout = Duration::from_secs(3), done(), "still waiting for {x}");
 /// ```

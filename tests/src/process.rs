@@ -63,7 +63,24 @@ pub fn spawn_in<S: AsRef<OsStr>>(
         .stdout(out)
         .stderr(err);
     let shown = cmd::describe(&c);
-    c.spawn().with_context(|| format!("starting `{shown}`"))
+    let mut child = c.spawn().with_context(|| format!("starting `{shown}`"))?;
+    // Return once it is in its cgroup, so callers can tell "ours and running" by membership.
+    let mount = cgroup::mount_point()?;
+    let pid = i32::try_from(child.id())?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cgroup::pid_in(pid, cgroup, &mount) {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!("`{shown}` exited at once ({status}); see {}", log.display());
+        }
+        if Instant::now() >= deadline {
+            anyhow::bail!(
+                "`{shown}` did not join cgroup {} within 5s",
+                cgroup.display()
+            );
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+    Ok(child)
 }
 
 /// Sends `signal` to the process group `pid` if `pid` is a live process in `owner_cgroup`.

@@ -38,6 +38,13 @@ pub fn teardown(state: &State, children: &mut Vec<Child>) -> Result<()> {
         process::reap(child, Duration::from_secs(1));
     }
     children.clear();
+    for p in &procs {
+        // Reaps zombies of processes we started without keeping a handle; ECHILD otherwise.
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(p.pid),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+    }
     for node in &state.nodes {
         note(remove_dir_all(&node.pin_dir));
     }
