@@ -81,7 +81,12 @@ async fn serve(
         tx,
         reloads.clone(),
     ));
-    let manager = Arc::new(Manager::new(cfg.clone(), datapath.clone(), data_plane));
+    let manager = Arc::new(Manager::new(
+        cfg.clone(),
+        datapath.clone(),
+        data_plane,
+        rx.clone(),
+    ));
     tokio::spawn(manager.clone().run(rx));
     let listener = server::bind(&cfg.admin_socket)?;
     let state = Arc::new(AdminState {

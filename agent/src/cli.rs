@@ -19,6 +19,10 @@ pub enum Command {
     Run(RunArgs),
     /// Show the agent's status (enrolled pods, listeners, kernel counters).
     Status(AdminArgs),
+    /// List the connections the agent is carrying now.
+    Connections(AdminArgs),
+    /// Show the effective PeerAuthentication mode of every enrolled pod.
+    Policy(AdminArgs),
 }
 
 /// `ambit run`.

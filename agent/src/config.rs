@@ -114,10 +114,19 @@ pub struct Config {
     /// Log output format.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Istio root namespace: its selector-less policies apply mesh-wide.
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
+    /// Source addresses admitted in plaintext even under STRICT (kubelet health probes).
+    #[serde(default)]
+    pub probe_sources: Vec<std::net::IpAddr>,
 }
 
 fn default_trust_domain() -> String {
     "cluster.local".to_string()
+}
+fn default_root_namespace() -> String {
+    crate::policy::peer_auth::DEFAULT_ROOT_NAMESPACE.to_string()
 }
 fn default_poll_ms() -> u64 {
     500

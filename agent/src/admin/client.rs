@@ -13,13 +13,7 @@ use crate::cli::AdminArgs;
 /// `ambit status`: exit code 0 when every local pod is enrolled, 1 when some failed, 2 when the
 /// agent cannot be reached.
 pub fn status(args: AdminArgs) -> anyhow::Result<()> {
-    let v = match get(&args.admin_socket, "/status") {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("ambit: {e:#}");
-            std::process::exit(2);
-        }
-    };
+    let v = get_or_exit(&args, "/status");
     if args.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -32,6 +26,80 @@ pub fn status(args: AdminArgs) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `ambit connections`.
+pub fn connections(args: AdminArgs) -> anyhow::Result<()> {
+    let v = get_or_exit(&args, "/connections");
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<9} {:<20} {:<24} {:<24} {:<10} {:>8} {:>10} {:>10}  PEER IDENTITY",
+        "DIRECTION", "POD", "SOURCE", "DESTINATION", "SECURITY", "AGE(s)", "SENT", "RECEIVED"
+    );
+    for c in v["connections"].as_array().into_iter().flatten() {
+        let peer = if c["direction"] == "outbound" {
+            &c["dst_identity"]
+        } else {
+            &c["src_identity"]
+        };
+        println!(
+            "{:<9} {:<20} {:<24} {:<24} {:<10} {:>8.1} {:>10} {:>10}  {}",
+            s(&c["direction"]),
+            s(&c["pod"]),
+            s(&c["src"]),
+            s(&c["dst"]),
+            s(&c["security"]),
+            c["age_s"].as_f64().unwrap_or(0.0),
+            n(&c["bytes_sent"]),
+            n(&c["bytes_received"]),
+            peer.as_str().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
+/// `ambit policy`.
+pub fn policy(args: AdminArgs) -> anyhow::Result<()> {
+    let v = get_or_exit(&args, "/policies");
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<28} {:<8} {:<12} {:<10} DECIDED BY",
+        "POD", "PORT", "MODE", "LEVEL"
+    );
+    for p in v["policies"].as_array().into_iter().flatten() {
+        let pa = &p["peer_authentication"];
+        let row = |port: &str, r: &serde_json::Value| {
+            println!(
+                "{:<28} {:<8} {:<12} {:<10} {}",
+                s(&p["pod"]),
+                port,
+                s(&r["mode"]),
+                s(&r["level"]),
+                r["policy"].as_str().unwrap_or("(default: nothing set)")
+            );
+        };
+        row("*", &pa["default"]);
+        for (port, r) in pa["ports"].as_object().into_iter().flatten() {
+            row(port, r);
+        }
+    }
+    Ok(())
+}
+
+fn get_or_exit(args: &AdminArgs, path: &str) -> serde_json::Value {
+    match get(&args.admin_socket, path) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("ambit: {e:#}");
+            std::process::exit(2);
+        }
+    }
 }
 
 /// GETs `path` from the admin socket and parses the JSON body.

@@ -189,6 +189,48 @@ pub fn resolve(
     out
 }
 
+/// The effective mode of a workload on every port, and the ports that differ.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explained {
+    /// The mode on ports without a port-level setting.
+    pub default: Resolution,
+    /// Ports whose mode comes from `portLevelMtls`.
+    pub ports: BTreeMap<u16, Resolution>,
+}
+
+/// Resolves the mode on every port of a workload (see [`resolve`]).
+pub fn explain(
+    policies: &[PeerAuthentication],
+    root_namespace: &str,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> Explained {
+    // Port 0 is never a target port, so it yields the workload-wide answer.
+    let default = resolve(policies, root_namespace, namespace, labels, 0);
+    let mut ports = BTreeMap::new();
+    let selected = policies.iter().filter(|p| {
+        p.metadata.namespace == namespace
+            && p.spec
+                .selector
+                .as_ref()
+                .is_some_and(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
+    });
+    for p in selected {
+        for port in p
+            .spec
+            .port_level_mtls
+            .keys()
+            .filter_map(|p| u16::try_from(*p).ok())
+        {
+            let r = resolve(policies, root_namespace, namespace, labels, port);
+            if r.level == "port" {
+                ports.insert(port, r);
+            }
+        }
+    }
+    Explained { default, ports }
+}
+
 /// Checks what Istio's validation rejects; returns (field, message).
 pub fn validate(p: &PeerAuthentication) -> Result<(), (String, String)> {
     if !p.spec.port_level_mtls.is_empty() && p.spec.selector.is_none() {

@@ -15,10 +15,12 @@ use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::conns::{ConnRow, ConnTable};
 use super::socket::{tokio_listener, SocketFactory};
 use super::{outbound, plaintext, tunnel, PodContext, ProxyStats, ProxyStatsSnapshot};
 use crate::config::Config;
 use crate::inventory::{Snapshot, Workload};
+use crate::policy::peer_auth;
 use crate::redirect::maps::{AmbPod, AmbPodStats, POD_F_CAPTURE_IN, POD_F_CAPTURE_OUT};
 use crate::redirect::{Datapath, PodEntry};
 use crate::sys::Netns;
@@ -57,6 +59,17 @@ pub struct Manager {
     enrolled: Mutex<BTreeMap<String, Enrolled>>,
     failed: Mutex<BTreeMap<String, Failed>>,
     next_id: AtomicU32,
+    inventory: watch::Receiver<Arc<Snapshot>>,
+    conns: Arc<ConnTable>,
+}
+
+/// One pod in `GET /policies`.
+#[derive(Debug, Serialize)]
+pub struct PodPolicy {
+    /// `namespace/name`.
+    pub pod: String,
+    /// Effective PeerAuthentication for all ports and for ports with their own mode.
+    pub peer_authentication: peer_auth::Explained,
 }
 
 /// One pod in the status report.
@@ -89,7 +102,12 @@ pub struct PodStatus {
 
 impl Manager {
     /// A manager that spawns connection tasks on `data_plane`.
-    pub fn new(cfg: Arc<Config>, datapath: Arc<Datapath>, data_plane: Handle) -> Self {
+    pub fn new(
+        cfg: Arc<Config>,
+        datapath: Arc<Datapath>,
+        data_plane: Handle,
+        inventory: watch::Receiver<Arc<Snapshot>>,
+    ) -> Self {
         Self {
             cfg,
             datapath,
@@ -97,6 +115,8 @@ impl Manager {
             enrolled: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(BTreeMap::new()),
             next_id: AtomicU32::new(1),
+            inventory,
+            conns: Arc::new(ConnTable::default()),
         }
     }
 
@@ -232,6 +252,9 @@ impl Manager {
             sockets,
             datapath: self.datapath.clone(),
             ports: p,
+            inventory: self.inventory.clone(),
+            cfg: self.cfg.clone(),
+            conns: self.conns.clone(),
             stats: ProxyStats::default(),
         });
         let mut names = Vec::new();
@@ -271,6 +294,34 @@ impl Manager {
             listeners: names,
             tasks,
         })
+    }
+
+    /// Every open proxied connection.
+    pub fn connections(&self) -> Vec<ConnRow> {
+        self.conns.rows()
+    }
+
+    /// Effective PeerAuthentication of every enrolled pod.
+    pub fn policies(&self) -> Vec<PodPolicy> {
+        let snap = self.inventory.borrow().clone();
+        lock(&self.enrolled)
+            .values()
+            .map(|e| {
+                let w = snap
+                    .workloads
+                    .get(&e.ctx.workload.key())
+                    .unwrap_or(&e.ctx.workload);
+                PodPolicy {
+                    pod: w.key(),
+                    peer_authentication: peer_auth::explain(
+                        &snap.peer_authentications,
+                        &self.cfg.root_namespace,
+                        &w.namespace,
+                        &w.labels,
+                    ),
+                }
+            })
+            .collect()
     }
 
     /// Status of every pod this agent serves or tried to serve.

@@ -1,4 +1,5 @@
 //! The data plane: per-pod outbound, inbound-plaintext and tunnel listeners, and the pod manager.
+pub mod conns;
 pub mod copy;
 pub mod manager;
 pub mod outbound;
@@ -32,6 +33,12 @@ pub struct PodContext {
     pub datapath: Arc<Datapath>,
     /// Agent ports.
     pub ports: Ports,
+    /// The latest inventory (destinations, policies).
+    pub inventory: tokio::sync::watch::Receiver<Arc<crate::inventory::Snapshot>>,
+    /// Agent-wide settings the paths need.
+    pub cfg: Arc<crate::config::Config>,
+    /// Open connections of the whole agent.
+    pub conns: Arc<conns::ConnTable>,
     /// Counters.
     pub stats: ProxyStats,
 }
@@ -51,6 +58,8 @@ pub struct ProxyStats {
     pub inbound_active: AtomicU64,
     /// Inbound plaintext connections that failed (app unreachable, agent port, bypass map).
     pub inbound_failed: AtomicU64,
+    /// Inbound plaintext connections refused by PeerAuthentication STRICT.
+    pub inbound_denied: AtomicU64,
     /// Connections on the tunnel port refused (HBONE arrives with the tunnel issue).
     pub tunnel_refused: AtomicU64,
     /// Bytes from apps in this pod to their destinations (outbound) and from clients to the app (inbound).
@@ -74,6 +83,8 @@ pub struct ProxyStatsSnapshot {
     pub inbound_active: u64,
     /// See [`ProxyStats::inbound_failed`].
     pub inbound_failed: u64,
+    /// See [`ProxyStats::inbound_denied`].
+    pub inbound_denied: u64,
     /// See [`ProxyStats::tunnel_refused`].
     pub tunnel_refused: u64,
     /// See [`ProxyStats::bytes_sent`].
@@ -93,6 +104,7 @@ impl ProxyStats {
             inbound_accepted: r(&self.inbound_accepted),
             inbound_active: r(&self.inbound_active),
             inbound_failed: r(&self.inbound_failed),
+            inbound_denied: r(&self.inbound_denied),
             tunnel_refused: r(&self.tunnel_refused),
             bytes_sent: r(&self.bytes_sent),
             bytes_received: r(&self.bytes_received),

@@ -7,6 +7,7 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+use super::conns::ConnInfo;
 use super::copy::copy_both;
 use super::{accept_loop, reset, ActiveGuard, PodContext, CONNECT_TIMEOUT};
 use crate::addr::{ClientAddr, OrigDstAddr};
@@ -55,7 +56,16 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
         }
     };
     let (mut down, mut up) = (down, up);
-    let result = copy_both(&mut down, &mut up).await;
+    let guard = pod.conns.open(ConnInfo {
+        direction: "outbound",
+        pod: pod.workload.key(),
+        src: client.to_string(),
+        dst: orig.to_string(),
+        src_identity: None,
+        dst_identity: None,
+        security: "plaintext",
+    });
+    let result = copy_both(&mut down, &mut up, &guard.bytes).await;
     let t = result.as_ref().copied().unwrap_or_default();
     stats.bytes_sent.fetch_add(t.sent, Ordering::Relaxed);
     stats

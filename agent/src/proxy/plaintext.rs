@@ -6,9 +6,11 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+use super::conns::ConnInfo;
 use super::copy::copy_both;
 use super::{accept_loop, reset, ActiveGuard, PodContext, CONNECT_TIMEOUT};
 use crate::addr::{ClientAddr, OrigDstAddr};
+use crate::policy::peer_auth::{self, Effective};
 use crate::redirect::maps::AmbBypassKey;
 
 /// Serves one inbound plaintext listener of a pod until the task is aborted.
@@ -40,6 +42,12 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
     if pod.ports.is_agent_port(orig.0.port()) {
         stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason = "agent_port", "connection refused: agent ports are not application targets");
+        reset(down);
+        return;
+    }
+    if let Some(policy) = strict_policy(&pod, client, orig) {
+        stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, security = "plaintext", reason = "policy_strict", policy = %policy, "plaintext connection refused: PeerAuthentication STRICT");
         reset(down);
         return;
     }
@@ -80,7 +88,16 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
     };
     let _ = up.set_nodelay(true);
     let mut down = down;
-    let result = copy_both(&mut down, &mut up).await;
+    let guard = pod.conns.open(ConnInfo {
+        direction: "inbound",
+        pod: pod.workload.key(),
+        src: client.to_string(),
+        dst: orig.to_string(),
+        src_identity: None,
+        dst_identity: None,
+        security: "plaintext",
+    });
+    let result = copy_both(&mut down, &mut up, &guard.bytes).await;
     let t = result.as_ref().copied().unwrap_or_default();
     stats.bytes_sent.fetch_add(t.sent, Ordering::Relaxed);
     stats
@@ -95,4 +112,25 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
             tracing::info!(target: "access", direction = "inbound", dst.orig = %orig, security = "plaintext", dur_ms, error = %e, "connection ended with error")
         }
     }
+}
+
+/// The deciding policy when the pod's effective mode for this port is STRICT (and the source
+/// is not an admitted probe source); `None` when plaintext may pass.
+fn strict_policy(pod: &PodContext, client: ClientAddr, orig: OrigDstAddr) -> Option<String> {
+    if pod.cfg.probe_sources.contains(&client.0.ip()) {
+        return None;
+    }
+    let snap = pod.inventory.borrow().clone();
+    let w = snap
+        .workloads
+        .get(&pod.workload.key())
+        .unwrap_or(&pod.workload);
+    let r = peer_auth::resolve(
+        &snap.peer_authentications,
+        &pod.cfg.root_namespace,
+        &w.namespace,
+        &w.labels,
+        orig.0.port(),
+    );
+    (r.mode == Effective::Strict).then(|| r.policy.unwrap_or_else(|| "default".into()))
 }
