@@ -101,6 +101,25 @@ pub enum CaError {
     Random,
 }
 
+impl CaError {
+    /// Whether the request was at fault (answer `InvalidArgument`), rather than the CA
+    /// itself (answer `Internal`).
+    pub fn is_bad_request(&self) -> bool {
+        match self {
+            Self::ForeignTrustDomain { .. } | Self::Csr { .. } | Self::Ttl { .. } => true,
+            Self::Generate { .. }
+            | Self::Pem { .. }
+            | Self::Key { .. }
+            | Self::Unusable { .. }
+            | Self::KeyMismatch
+            | Self::NotValidNow
+            | Self::Roots { .. }
+            | Self::SelfCheck { .. }
+            | Self::Random => false,
+        }
+    }
+}
+
 impl CertificateAuthority {
     /// Generates a self-signed ECDSA P-256 root for `trust_domain` (dev and testbed use).
     pub fn generate_root(

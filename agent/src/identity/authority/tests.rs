@@ -141,6 +141,7 @@ fn refuses_csr_naming_another_identity() {
         ),
         "{err:?}"
     );
+    assert!(err.is_bad_request());
 }
 
 #[test]
