@@ -44,3 +44,38 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn exec_takes_the_command_after_double_dash() {
+        let cli = Cli::try_parse_from([
+            "xtask", "testbed", "exec", "client", "--", "curl", "-s", "x",
+        ])
+        .unwrap();
+        let Command::Testbed(testbed::Command::Exec { pod, cmd }) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(pod, "client");
+        assert_eq!(cmd, ["curl", "-s", "x"]);
+    }
+
+    #[test]
+    fn test_passes_filters_through() {
+        let cli =
+            Cli::try_parse_from(["xtask", "test", "--e2e-only", "fails_closed", "ipv6"]).unwrap();
+        let Command::Test(args) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(args.filters, ["fails_closed", "ipv6"]);
+    }
+}

@@ -19,7 +19,7 @@ pub(crate) struct Args {
     #[arg(long)]
     no_install: bool,
     /// Test name filters, passed to the test binaries.
-    filters: Vec<String>,
+    pub(crate) filters: Vec<String>,
 }
 
 /// Runs the test tiers in order; stops at the first failing one.

@@ -21,7 +21,11 @@ pub(crate) enum Command {
         no_build: bool,
     },
     /// Remove the testbed, and any left behind by crashed test runs.
-    Down,
+    Down {
+        /// Also remove instances whose owning test process still runs.
+        #[arg(long)]
+        all: bool,
+    },
     /// Show the testbed: pods, addresses, processes, and each agent's status.
     Status,
     /// Run a command inside a pod's network namespace and cgroup.
@@ -50,7 +54,7 @@ pub(crate) fn run(cmd: Command) -> Result<ExitCode> {
             no_agents,
             no_build,
         } => up(!no_agents, no_build).map(|_| ExitCode::SUCCESS),
-        Command::Down => down().map(|()| ExitCode::SUCCESS),
+        Command::Down { all } => down(all).map(|()| ExitCode::SUCCESS),
         Command::Status => status().map(|()| ExitCode::SUCCESS),
         Command::Exec { pod, cmd } => exec(&pod, &cmd),
         Command::Ambit { node, args } => ambit(&node, &args),
@@ -90,17 +94,19 @@ pub(crate) fn up(agents: bool, no_build: bool) -> Result<Testbed> {
     Ok(tb)
 }
 
-fn down() -> Result<()> {
+fn down(all: bool) -> Result<()> {
     let mut removed = Vec::new();
     if let Some(tb) = Testbed::cli_instance()? {
         removed.push(tb.state().id.clone());
         tb.down()?;
     }
-    for state in teardown::stale_instances() {
-        removed.push(format!(
-            "{} (stale, owner {:?} gone)",
-            state.id, state.owner_pid
-        ));
+    let others = if all {
+        teardown::all_instances()
+    } else {
+        teardown::stale_instances()
+    };
+    for state in others {
+        removed.push(format!("{} (owner {:?})", state.id, state.owner_pid));
         teardown::teardown(&state, &mut Vec::new())?;
     }
     if removed.is_empty() {
