@@ -86,6 +86,7 @@ async fn serve(
         datapath.clone(),
         data_plane,
         rx.clone(),
+        None,
     ));
     tokio::spawn(manager.clone().run(rx));
     let listener = server::bind(&cfg.admin_socket)?;

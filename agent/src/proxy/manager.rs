@@ -17,13 +17,15 @@ use tokio::task::JoinHandle;
 
 use super::conns::{ConnRow, ConnTable};
 use super::socket::{tokio_listener, SocketFactory};
-use super::{outbound, plaintext, tunnel, PodContext, ProxyStats, ProxyStatsSnapshot};
+use super::tls::TlsSource;
+use super::{inbound, outbound, plaintext, PodContext, ProxyStats, ProxyStatsSnapshot};
 use crate::config::Config;
 use crate::inventory::{Snapshot, Workload};
 use crate::policy::peer_auth;
 use crate::redirect::maps::{AmbPod, AmbPodStats, POD_F_CAPTURE_IN, POD_F_CAPTURE_OUT};
 use crate::redirect::{Datapath, PodEntry};
 use crate::sys::Netns;
+use crate::tunnel::pool::{Pool, DEFAULT_IDLE, DEFAULT_MAX_STREAMS};
 
 /// How often the manager re-checks pods' namespaces even without inventory changes.
 const RECHECK: Duration = Duration::from_secs(2);
@@ -61,6 +63,8 @@ pub struct Manager {
     next_id: AtomicU32,
     inventory: watch::Receiver<Arc<Snapshot>>,
     conns: Arc<ConnTable>,
+    tls: Option<Arc<TlsSource>>,
+    pool: Arc<Pool>,
 }
 
 /// One pod in `GET /policies`.
@@ -107,6 +111,7 @@ impl Manager {
         datapath: Arc<Datapath>,
         data_plane: Handle,
         inventory: watch::Receiver<Arc<Snapshot>>,
+        tls: Option<Arc<TlsSource>>,
     ) -> Self {
         Self {
             cfg,
@@ -117,6 +122,8 @@ impl Manager {
             next_id: AtomicU32::new(1),
             inventory,
             conns: Arc::new(ConnTable::default()),
+            tls,
+            pool: Arc::new(Pool::new(DEFAULT_MAX_STREAMS, DEFAULT_IDLE)),
         }
     }
 
@@ -255,6 +262,8 @@ impl Manager {
             inventory: self.inventory.clone(),
             cfg: self.cfg.clone(),
             conns: self.conns.clone(),
+            tls: self.tls.clone(),
+            pool: self.pool.clone(),
             stats: ProxyStats::default(),
         });
         let mut names = Vec::new();
@@ -284,7 +293,7 @@ impl Manager {
             tasks.push(match kind {
                 0 => self.data_plane.spawn(outbound::run(listener, c)),
                 1 => self.data_plane.spawn(plaintext::run(listener, c)),
-                _ => self.data_plane.spawn(tunnel::run(listener, c)),
+                _ => self.data_plane.spawn(inbound::run(listener, c)),
             });
         }
         Ok(Enrolled {

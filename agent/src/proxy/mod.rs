@@ -1,20 +1,26 @@
 //! The data plane: per-pod outbound, inbound-plaintext and tunnel listeners, and the pod manager.
 pub mod conns;
 pub mod copy;
+pub mod inbound;
 pub mod manager;
 pub mod outbound;
 pub mod plaintext;
 pub mod socket;
-pub mod tunnel;
+pub mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::{IpAddr, SocketAddr};
+
 use serde::Serialize;
+use tokio::net::TcpStream;
 
 use crate::config::Ports;
+use crate::identity::SpiffeId;
 use crate::inventory::Workload;
+use crate::redirect::maps::AmbBypassKey;
 use crate::redirect::Datapath;
 use socket::SocketFactory;
 
@@ -37,10 +43,59 @@ pub struct PodContext {
     pub inventory: tokio::sync::watch::Receiver<Arc<crate::inventory::Snapshot>>,
     /// Agent-wide settings the paths need.
     pub cfg: Arc<crate::config::Config>,
+    /// Certificates and trust for HBONE; `None` when the agent runs without a CA (capture
+    /// only: enrolled pods talk plaintext through the agents).
+    pub tls: Option<Arc<tls::TlsSource>>,
+    /// The agent's HBONE connection pool.
+    pub pool: Arc<crate::tunnel::pool::Pool>,
     /// Open connections of the whole agent.
     pub conns: Arc<conns::ConnTable>,
     /// Counters.
     pub stats: ProxyStats,
+}
+
+impl PodContext {
+    /// The pod's SPIFFE identity; `None` (logged) if its namespace or service account cannot
+    /// form one.
+    pub fn identity(&self) -> Option<SpiffeId> {
+        let raw = self.workload.spiffe_id(&self.cfg.trust_domain);
+        raw.parse()
+            .map_err(|e| tracing::warn!(pod = %self.workload.key(), identity = %raw, error = %e, "pod has no valid SPIFFE identity"))
+            .ok()
+    }
+}
+
+/// Connects to the app at `target` inside the pod from the client's own address `client_ip`
+/// (transparent socket, delivery mark, sk_lookup bypass). Errors are a reason for the log.
+pub(crate) async fn deliver(
+    pod: &PodContext,
+    client_ip: IpAddr,
+    target: SocketAddr,
+) -> Result<TcpStream, &'static str> {
+    let (sock, bound) = pod.sockets.delivery_socket(client_ip).map_err(|e| {
+        tracing::warn!(dst.orig = %target, error = %e, "cannot create delivery socket");
+        "local"
+    })?;
+    // The bypass must exist before the SYN leaves, and is needed only until the handshake is
+    // done: established sockets are found without sk_lookup.
+    let key = AmbBypassKey::new(bound, target);
+    pod.datapath.add_bypass(&key).map_err(|e| {
+        tracing::warn!(dst.orig = %target, error = %e, "cannot register delivery in the bypass map");
+        "bypass_map"
+    })?;
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(target)).await;
+    pod.datapath.remove_bypass(&key);
+    match connected {
+        Ok(Ok(up)) => {
+            let _ = up.set_nodelay(true);
+            Ok(up)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(dst.orig = %target, error = %e, "app refused");
+            Err("app_unreachable")
+        }
+        Err(_) => Err("app_timeout"),
+    }
 }
 
 /// Per-pod proxy counters.

@@ -1,4 +1,4 @@
-//! Inbound plaintext path: a captured connection to the pod is delivered to the app with the client's own address.
+//! Inbound plaintext path: a captured connection to the pod is checked against PeerAuthentication and delivered to the app.
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,10 +8,9 @@ use tracing::Instrument;
 
 use super::conns::ConnInfo;
 use super::copy::copy_both;
-use super::{accept_loop, reset, ActiveGuard, PodContext, CONNECT_TIMEOUT};
+use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
 use crate::addr::{ClientAddr, OrigDstAddr};
 use crate::policy::peer_auth::{self, Effective};
-use crate::redirect::maps::AmbBypassKey;
 
 /// Serves one inbound plaintext listener of a pod until the task is aborted.
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
@@ -51,42 +50,15 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
         reset(down);
         return;
     }
-    let (sock, bound) = match pod.sockets.delivery_socket(client.0.ip()) {
-        Ok(s) => s,
-        Err(e) => {
+    let mut up = match deliver(&pod, client.0.ip(), orig.0).await {
+        Ok(up) => up,
+        Err(reason) => {
             stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason = "local", error = %e, "cannot create delivery socket");
+            tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason, "delivery failed");
             reset(down);
             return;
         }
     };
-    // The bypass must exist before the SYN leaves, and is needed only until the handshake is
-    // done: established sockets are found without sk_lookup.
-    let key = AmbBypassKey::new(bound, orig.0);
-    if let Err(e) = pod.datapath.add_bypass(&key) {
-        stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason = "bypass_map", error = %e, "cannot register delivery");
-        reset(down);
-        return;
-    }
-    let connected = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(orig.0)).await;
-    pod.datapath.remove_bypass(&key);
-    let mut up = match connected {
-        Ok(Ok(up)) => up,
-        Ok(Err(e)) => {
-            stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason = "app_unreachable", error = %e, "delivery failed");
-            reset(down);
-            return;
-        }
-        Err(_) => {
-            stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason = "app_timeout", "delivery failed: connect timed out");
-            reset(down);
-            return;
-        }
-    };
-    let _ = up.set_nodelay(true);
     let mut down = down;
     let guard = pod.conns.open(ConnInfo {
         direction: "inbound",
