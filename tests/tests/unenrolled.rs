@@ -4,7 +4,24 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use ambit_e2e::counters::changed;
+use ambit_e2e::Testbed;
 use ambit_e2e::{assert_eventually, testbed, ECHO_PORT, HELLO, HTTP_PORT, PEER_PORT};
+use serde_json::Value;
+
+/// Each listed pod's kernel counters and proxy statistics, by name.
+fn pod_counters(tb: &Testbed, node: &str) -> Vec<(String, Value, Value)> {
+    let st = tb.status(node).expect("agent answers status");
+    let pods = st.0["pods"].as_array().cloned().unwrap_or_default();
+    pods.iter()
+        .map(|p| {
+            (
+                p["name"].to_string(),
+                p["counters"].clone(),
+                p["proxy"].clone(),
+            )
+        })
+        .collect()
+}
 
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
@@ -13,10 +30,7 @@ fn traffic_between_unenrolled_pods_is_untouched() {
     let legacy = IpAddr::V4(tb.pod("legacy").ipv4);
     let outsider = tb.pod("outsider").ipv4;
     let before = [tb.kernel_snapshot("node1"), tb.kernel_snapshot("node2")];
-    let pods_before = [
-        tb.status("node1").unwrap().0["pods"].clone(),
-        tb.status("node2").unwrap().0["pods"].clone(),
-    ];
+    let pods_before = [pod_counters(&tb, "node1"), pod_counters(&tb, "node2")];
 
     assert_eq!(
         tb.http_get("outsider", legacy, HTTP_PORT, "/hello.txt")
@@ -61,10 +75,7 @@ fn traffic_between_unenrolled_pods_is_untouched() {
             changed(b, a)
         );
     }
-    let pods_after = [
-        tb.status("node1").unwrap().0["pods"].clone(),
-        tb.status("node2").unwrap().0["pods"].clone(),
-    ];
+    let pods_after = [pod_counters(&tb, "node1"), pod_counters(&tb, "node2")];
     for (b, a) in pods_before.iter().zip(pods_after.iter()) {
         assert_eq!(b, a, "enrolled pods' counters moved");
     }
