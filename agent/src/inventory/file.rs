@@ -15,6 +15,7 @@ use super::{
     Snapshot, Workload, CGROUP_ANNOTATION, EXCLUDE_CIDRS_ANNOTATION, EXCLUDE_PORTS_ANNOTATION,
     MODE_LABEL, NETNS_ANNOTATION,
 };
+use crate::policy::authz::{self, AuthorizationPolicy};
 use crate::policy::peer_auth::{self, PeerAuthentication};
 
 /// Errors reading or parsing an inventory file.
@@ -117,6 +118,26 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
                 peer_auth::validate(&pa)
                     .map_err(|(f, m)| err(&kind, &name, f, m, line_of(&chunk, "spec:")))?;
                 snap.peer_authentications.push(pa);
+            }
+            "AuthorizationPolicy" => {
+                let api = value
+                    .get("apiVersion")
+                    .and_then(|a| a.as_str())
+                    .unwrap_or_default();
+                if !matches!(api, "security.istio.io/v1" | "security.istio.io/v1beta1") {
+                    let msg = format!(
+                        "unsupported apiVersion `{api}` (want security.istio.io/v1 or v1beta1)"
+                    );
+                    return Err(err(&kind, &name, "apiVersion".into(), msg, 1));
+                }
+                let mut ap: AuthorizationPolicy =
+                    typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
+                if ap.metadata.namespace.is_empty() {
+                    ap.metadata.namespace = "default".into();
+                }
+                authz::validate(&ap)
+                    .map_err(|(f, m)| err(&kind, &name, f, m, line_of(&chunk, "spec:")))?;
+                snap.authorization_policies.push(ap);
             }
             "List" => {
                 return Err(err(

@@ -70,6 +70,8 @@ pub struct Snapshot {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Istio PeerAuthentication objects.
     pub peer_authentications: Vec<crate::policy::peer_auth::PeerAuthentication>,
+    /// Istio AuthorizationPolicy objects.
+    pub authorization_policies: Vec<crate::policy::authz::AuthorizationPolicy>,
 }
 
 impl Snapshot {

@@ -5,6 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
+use tokio::sync::Notify;
+
+use crate::policy::authz::ConnAttrs;
 
 /// What is known about one open connection.
 #[derive(Debug, Clone, Serialize)]
@@ -23,12 +26,16 @@ pub struct ConnInfo {
     pub dst_identity: Option<String>,
     /// `mutual_tls` or `plaintext`.
     pub security: &'static str,
+    /// What inbound authorization decided on; re-checked when policies change.
+    #[serde(skip)]
+    pub authz: Option<ConnAttrs>,
 }
 
 struct Entry {
     info: ConnInfo,
     started: Instant,
     bytes: Arc<ByteCounts>,
+    closer: Arc<Notify>,
 }
 
 /// Live byte counters of one connection.
@@ -53,6 +60,8 @@ pub struct ConnGuard {
     id: u64,
     /// The connection's byte counters.
     pub bytes: Arc<ByteCounts>,
+    /// Notified when the connection must be closed (a policy no longer allows it).
+    pub closer: Arc<Notify>,
 }
 
 impl Drop for ConnGuard {
@@ -82,19 +91,36 @@ impl ConnTable {
     pub fn open(self: &Arc<Self>, info: ConnInfo) -> ConnGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let bytes = Arc::new(ByteCounts::default());
-        lock(&self.open).insert(
-            id,
-            Entry {
-                info,
-                started: Instant::now(),
-                bytes: bytes.clone(),
-            },
-        );
+        let closer = Arc::new(Notify::new());
+        let entry = Entry {
+            info,
+            started: Instant::now(),
+            bytes: bytes.clone(),
+            closer: closer.clone(),
+        };
+        lock(&self.open).insert(id, entry);
         ConnGuard {
             table: self.clone(),
             id,
             bytes,
+            closer,
         }
+    }
+
+    /// Closes every authorized connection for which `still_allowed` says no; returns how many.
+    pub fn reevaluate(&self, still_allowed: impl Fn(&ConnInfo, &ConnAttrs) -> bool) -> usize {
+        let open = lock(&self.open);
+        let mut closed = 0;
+        for e in open.values() {
+            if let Some(attrs) = &e.info.authz {
+                if !still_allowed(&e.info, attrs) {
+                    // notify_one stores a permit, so a copy loop not yet waiting still sees it.
+                    e.closer.notify_one();
+                    closed += 1;
+                }
+            }
+        }
+        closed
     }
 
     /// Every open connection.

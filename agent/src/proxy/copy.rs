@@ -37,6 +37,23 @@ where
     Ok(Transferred { sent, received })
 }
 
+/// [`copy_both`] that stops early (with an error) when `closer` is notified.
+pub async fn copy_until_closed<A, B>(
+    a: &mut A,
+    b: &mut B,
+    counts: &ByteCounts,
+    closer: &tokio::sync::Notify,
+) -> io::Result<Transferred>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    tokio::select! {
+        r = copy_both(a, b, counts) => r,
+        () = closer.notified() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed: no longer allowed by policy")),
+    }
+}
+
 /// Counts the bytes read from `inner`.
 struct Counted<'a, S: ?Sized> {
     inner: &'a mut S,

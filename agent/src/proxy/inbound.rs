@@ -9,8 +9,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use super::conns::ConnInfo;
-use super::copy::copy_both;
+use super::copy::copy_until_closed;
 use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
+use crate::policy::authz::ConnAttrs;
 use crate::tunnel::server::{serve_connection, PendingConnect};
 
 /// Serves one tunnel listener of a pod until the task is aborted.
@@ -71,6 +72,23 @@ async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     if pod.ports.is_agent_port(target.port()) {
         return refuse(p, StatusCode::BAD_REQUEST, "agent_port");
     }
+    let principal = p
+        .connect
+        .peer_id
+        .to_string()
+        .trim_start_matches("spiffe://")
+        .to_string();
+    let attrs = ConnAttrs {
+        principal: Some(principal),
+        namespace: Some(p.connect.peer_id.namespace().to_string()),
+        src_ip: client_ip,
+        dst_port: target.port(),
+        dst_ip: target.ip(),
+    };
+    if !pod.authorize(&attrs).allowed() {
+        stats.authz_denied.fetch_add(1, Ordering::Relaxed);
+        return refuse(p, StatusCode::UNAUTHORIZED, "policy_denied");
+    }
     stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard::new(&stats.inbound_active);
     let mut up = match deliver(&pod, client_ip, target).await {
@@ -92,8 +110,9 @@ async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
         src_identity: Some(peer_id.clone()),
         dst_identity: pod.identity().map(|i| i.to_string()),
         security: "mutual_tls",
+        authz: Some(attrs),
     });
-    let result = copy_both(&mut down, &mut up, &guard.bytes).await;
+    let result = copy_until_closed(&mut down, &mut up, &guard.bytes, &guard.closer).await;
     let t = result.as_ref().copied().unwrap_or_default();
     stats.bytes_sent.fetch_add(t.sent, Ordering::Relaxed);
     stats

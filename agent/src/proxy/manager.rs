@@ -21,7 +21,7 @@ use super::tls::TlsSource;
 use super::{inbound, outbound, plaintext, PodContext, ProxyStats, ProxyStatsSnapshot};
 use crate::config::Config;
 use crate::inventory::{Snapshot, Workload};
-use crate::policy::peer_auth;
+use crate::policy::{authz, peer_auth};
 use crate::redirect::maps::{AmbPod, AmbPodStats, POD_F_CAPTURE_IN, POD_F_CAPTURE_OUT};
 use crate::redirect::{Datapath, PodEntry};
 use crate::sys::Netns;
@@ -72,8 +72,21 @@ pub struct Manager {
 pub struct PodPolicy {
     /// `namespace/name`.
     pub pod: String,
+    /// AuthorizationPolicies that apply to the pod.
+    pub authorization: Vec<AppliedAuthz>,
     /// Effective PeerAuthentication for all ports and for ports with their own mode.
     pub peer_authentication: peer_auth::Explained,
+}
+
+/// An AuthorizationPolicy that applies to a pod.
+#[derive(Debug, Serialize)]
+pub struct AppliedAuthz {
+    /// `namespace/name`.
+    pub policy: String,
+    /// ALLOW, DENY, AUDIT or CUSTOM.
+    pub action: authz::Action,
+    /// Fields ambit cannot check at L4 (the rule fails safe).
+    pub unsupported: Vec<String>,
 }
 
 /// One pod in the status report.
@@ -135,6 +148,7 @@ impl Manager {
             let this = self.clone();
             let reconciled = tokio::task::spawn_blocking(move || {
                 this.reconcile(&snap);
+                this.reauthorize(&snap);
                 if first {
                     this.remove_stale();
                 }
@@ -207,6 +221,30 @@ impl Manager {
                     );
                 }
             }
+        }
+    }
+
+    /// Closes open inbound connections that the current AuthorizationPolicies no longer allow.
+    fn reauthorize(&self, snap: &Snapshot) {
+        let root = &self.cfg.root_namespace;
+        let closed = self.conns.reevaluate(|info, attrs| {
+            let Some(w) = snap.workloads.get(&info.pod) else {
+                return true;
+            };
+            authz::evaluate(
+                &snap.authorization_policies,
+                root,
+                &w.namespace,
+                &w.labels,
+                attrs,
+            )
+            .allowed()
+        });
+        if closed > 0 {
+            tracing::info!(
+                connections = closed,
+                "closing connections no longer allowed after a policy update"
+            );
         }
     }
 
@@ -320,7 +358,18 @@ impl Manager {
                     .workloads
                     .get(&e.ctx.workload.key())
                     .unwrap_or(&e.ctx.workload);
+                let authorization = snap
+                    .authorization_policies
+                    .iter()
+                    .filter(|p| p.applies_to(&self.cfg.root_namespace, &w.namespace, &w.labels))
+                    .map(|p| AppliedAuthz {
+                        policy: p.key(),
+                        action: p.spec.action,
+                        unsupported: authz::unsupported(p),
+                    })
+                    .collect();
                 PodPolicy {
+                    authorization,
                     pod: w.key(),
                     peer_authentication: peer_auth::explain(
                         &snap.peer_authentications,

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use crate::config::Ports;
 use crate::identity::SpiffeId;
 use crate::inventory::Workload;
+use crate::policy::authz::{self, ConnAttrs, Decision};
 use crate::redirect::maps::AmbBypassKey;
 use crate::redirect::Datapath;
 use socket::SocketFactory;
@@ -62,6 +63,24 @@ impl PodContext {
         raw.parse()
             .map_err(|e| tracing::warn!(pod = %self.workload.key(), identity = %raw, error = %e, "pod has no valid SPIFFE identity"))
             .ok()
+    }
+}
+
+impl PodContext {
+    /// Decides an inbound connection to this pod with its AuthorizationPolicies.
+    pub fn authorize(&self, attrs: &ConnAttrs) -> Decision {
+        let snap = self.inventory.borrow().clone();
+        let w = snap
+            .workloads
+            .get(&self.workload.key())
+            .unwrap_or(&self.workload);
+        authz::evaluate(
+            &snap.authorization_policies,
+            &self.cfg.root_namespace,
+            &w.namespace,
+            &w.labels,
+            attrs,
+        )
     }
 }
 
@@ -115,6 +134,8 @@ pub struct ProxyStats {
     pub inbound_failed: AtomicU64,
     /// Inbound plaintext connections refused by PeerAuthentication STRICT.
     pub inbound_denied: AtomicU64,
+    /// Inbound connections refused or closed by AuthorizationPolicy.
+    pub authz_denied: AtomicU64,
     /// Connections on the tunnel port refused (HBONE arrives with the tunnel issue).
     pub tunnel_refused: AtomicU64,
     /// Bytes from apps in this pod to their destinations (outbound) and from clients to the app (inbound).
@@ -140,6 +161,8 @@ pub struct ProxyStatsSnapshot {
     pub inbound_failed: u64,
     /// See [`ProxyStats::inbound_denied`].
     pub inbound_denied: u64,
+    /// See [`ProxyStats::authz_denied`].
+    pub authz_denied: u64,
     /// See [`ProxyStats::tunnel_refused`].
     pub tunnel_refused: u64,
     /// See [`ProxyStats::bytes_sent`].
@@ -160,6 +183,7 @@ impl ProxyStats {
             inbound_active: r(&self.inbound_active),
             inbound_failed: r(&self.inbound_failed),
             inbound_denied: r(&self.inbound_denied),
+            authz_denied: r(&self.authz_denied),
             tunnel_refused: r(&self.tunnel_refused),
             bytes_sent: r(&self.bytes_sent),
             bytes_received: r(&self.bytes_received),

@@ -133,6 +133,7 @@ async fn carry<U>(
             .then(|| pod.workload.spiffe_id(&pod.cfg.trust_domain)),
         dst_identity: dst_identity.clone(),
         security,
+        authz: None,
     });
     let result = copy_both(down, up, &guard.bytes).await;
     let t = result.as_ref().copied().unwrap_or_default();

@@ -7,9 +7,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use super::conns::ConnInfo;
-use super::copy::copy_both;
+use super::copy::copy_until_closed;
 use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
 use crate::addr::{ClientAddr, OrigDstAddr};
+use crate::policy::authz::ConnAttrs;
 use crate::policy::peer_auth::{self, Effective};
 
 /// Serves one inbound plaintext listener of a pod until the task is aborted.
@@ -50,6 +51,20 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
         reset(down);
         return;
     }
+    let attrs = ConnAttrs {
+        principal: None,
+        namespace: None,
+        src_ip: client.0.ip(),
+        dst_port: orig.0.port(),
+        dst_ip: orig.0.ip(),
+    };
+    let decision = pod.authorize(&attrs);
+    if !decision.allowed() {
+        stats.authz_denied.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, security = "plaintext", reason = "policy_denied", decision = ?decision, "connection refused by AuthorizationPolicy");
+        reset(down);
+        return;
+    }
     let mut up = match deliver(&pod, client.0.ip(), orig.0).await {
         Ok(up) => up,
         Err(reason) => {
@@ -68,8 +83,9 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
         src_identity: None,
         dst_identity: None,
         security: "plaintext",
+        authz: Some(attrs),
     });
-    let result = copy_both(&mut down, &mut up, &guard.bytes).await;
+    let result = copy_until_closed(&mut down, &mut up, &guard.bytes, &guard.closer).await;
     let t = result.as_ref().copied().unwrap_or_default();
     stats.bytes_sent.fetch_add(t.sent, Ordering::Relaxed);
     stats
