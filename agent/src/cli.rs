@@ -19,6 +19,8 @@ pub enum Command {
     Run(RunArgs),
     /// Show the agent's status (enrolled pods, listeners, kernel counters).
     Status(AdminArgs),
+    /// Run the certificate authority (Istio CA API over gRPC + TLS).
+    Ca(CaArgs),
     /// List the connections the agent is carrying now.
     Connections(AdminArgs),
     /// Show the effective PeerAuthentication mode of every enrolled pod.
@@ -31,6 +33,17 @@ pub struct RunArgs {
     /// Configuration file (YAML).
     #[arg(long, short, env = "AMBIT_CONFIG")]
     pub config: PathBuf,
+}
+
+/// `ambit ca`.
+#[derive(Debug, Args)]
+pub struct CaArgs {
+    /// CA configuration file (YAML).
+    #[arg(long, short, env = "AMBIT_CA_CONFIG")]
+    pub config: PathBuf,
+    /// Dev/testbed: write a new root to the config's certDir if it holds none.
+    #[arg(long)]
+    pub generate: bool,
 }
 
 /// Options shared by the admin-socket clients.

@@ -2,6 +2,7 @@
 pub mod addr;
 pub mod admin;
 pub mod app;
+pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod identity;

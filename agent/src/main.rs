@@ -8,6 +8,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => ambit::app::run(args),
         Command::Status(args) => ambit::admin::client::status(args),
+        Command::Ca(args) => Ok(ambit::ca::run(args)?),
         Command::Connections(args) => ambit::admin::client::connections(args),
         Command::Policy(args) => ambit::admin::client::policy(args),
     }

@@ -1,0 +1,506 @@
+//! The agent's CA client: `CreateCertificate` over TLS, on behalf of a pod's identity.
+//!
+//! Each call makes a fresh key and CSR, reads the service-account token file anew (kubelet
+//! rotates projected tokens), asks for the identity with `ImpersonatedIdentity`, and checks
+//! the answer as ztunnel does: the chain must be an X.509-SVID that verifies against the roots
+//! the CA sent, and its identity must be exactly the one asked for. The TLS channel verifies
+//! the CA's serving certificate against the configured root file, and is rebuilt when that
+//! file changes.
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use http::uri::PathAndQuery;
+use http::Uri;
+use hyper_util::rt::TokioIo;
+use rustls::{ClientConfig, RootCertStore};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic_prost::ProstCodec;
+use tower_service::Service;
+
+use crate::ca::material::pem_block;
+use crate::ca::proto::{
+    IstioCertificateRequest, IstioCertificateResponse, CREATE_CERTIFICATE_PATH,
+};
+use crate::identity::{
+    new_csr, verify_svid, BundleError, CsrError, PeerRole, SpiffeId, SvidError, TrustBundle,
+    TrustDomain, WorkloadCertError, WorkloadCertificate,
+};
+
+/// Default CA port (istiod's).
+const DEFAULT_PORT: u16 = 15012;
+
+/// Where and how the agent asks for certificates: the agent config's `ca:` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaClientConfig {
+    /// The CA: `host:port` or `https://host:port` (port 15012 when omitted).
+    pub address: String,
+    /// PEM root(s) the CA's serving certificate must chain to (the CA's `root-cert.pem`).
+    pub root_cert: PathBuf,
+    /// The node agent's service-account token (audience `ambit-ca`), read for every request.
+    pub token_file: PathBuf,
+    /// Name to verify in the CA's certificate; defaults to the host of `address`.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Requested certificate lifetime.
+    #[serde(default = "default_ttl_secs")]
+    pub ttl_secs: u64,
+    /// Deadline of one request, connection included.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// A client of `istio.v1.auth.IstioCertificateService` (ambit ca or istiod).
+pub struct CaClient {
+    cfg: CaClientConfig,
+    /// `http://host:port`: TLS is added by our connector, so tonic sees plain HTTP/2.
+    endpoint: Uri,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+    /// The channel and the root file text it was built with.
+    channel: Mutex<Option<(String, Channel)>>,
+}
+
+/// A certificate the CA issued, checked, with the roots the CA sent along.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The SVID and its key.
+    pub certificate: WorkloadCertificate,
+    /// The roots from the last entry of the response (several during a root rotation).
+    pub roots: TrustBundle,
+}
+
+/// Why a certificate could not be obtained.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// `address` is not `host[:port]` or `https://host[:port]`.
+    #[error("ca address {address:?} is invalid: {reason}")]
+    Address {
+        address: String,
+        reason: &'static str,
+    },
+    /// `serverName` (or the host) is not a DNS name or IP address.
+    #[error("ca server name {name:?} is not a dns name or ip address")]
+    ServerName { name: String },
+    /// The root file could not be read.
+    #[error("cannot read ca root file {}", path.display())]
+    RootFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The root file holds no usable root.
+    #[error("ca root file {}", path.display())]
+    Roots {
+        path: PathBuf,
+        #[source]
+        source: BundleError,
+    },
+    /// rustls refused the TLS settings.
+    #[error("failed to build the ca client tls config")]
+    Tls {
+        #[source]
+        source: rustls::Error,
+    },
+    /// The token file could not be read.
+    #[error("cannot read token file {}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The token file is empty or holds characters a header cannot carry.
+    #[error("token file {} is empty or not a token", path.display())]
+    BadToken { path: PathBuf },
+    /// Key or CSR generation failed.
+    #[error("failed to make a csr")]
+    Csr {
+        #[source]
+        source: CsrError,
+    },
+    /// The CA was not reachable or the request did not complete.
+    #[error("ca {address}: request for {id} failed")]
+    Transport {
+        address: String,
+        id: SpiffeId,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The request did not reach the CA: connection refused, TLS failure (e.g. a serving
+    /// certificate that does not chain to the configured root), connection lost.
+    #[error("ca {address} unreachable for {id}")]
+    Unreachable {
+        address: String,
+        id: SpiffeId,
+        #[source]
+        source: tonic::Status,
+    },
+    /// The CA answered with an error status (refused, or failed).
+    #[error("ca {address} refused {id}")]
+    Refused {
+        address: String,
+        id: SpiffeId,
+        #[source]
+        source: tonic::Status,
+    },
+    /// No answer in time.
+    #[error("ca {address}: request for {id} timed out after {timeout:?}")]
+    Timeout {
+        address: String,
+        id: SpiffeId,
+        timeout: Duration,
+    },
+    /// The response holds no leaf or no roots.
+    #[error("ca {address} answered {id} with {entries} chain entries, expected a leaf and roots")]
+    ShortChain {
+        address: String,
+        id: SpiffeId,
+        entries: usize,
+    },
+    /// A response entry is not PEM certificates.
+    #[error("ca {address} answered {id} with an invalid pem certificate")]
+    ResponsePem {
+        address: String,
+        id: SpiffeId,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The response's roots are unusable.
+    #[error("ca {address} answered {id} with unusable roots")]
+    ResponseRoots {
+        address: String,
+        id: SpiffeId,
+        #[source]
+        source: BundleError,
+    },
+    /// The returned chain is not a valid SVID under the returned roots.
+    #[error("ca {address} answered {id} with a certificate that is not a valid svid")]
+    InvalidSvid {
+        address: String,
+        id: SpiffeId,
+        #[source]
+        source: Box<SvidError>,
+    },
+    /// The CA signed another identity than the one asked for.
+    #[error("ca {address} issued {actual} when {expected} was asked for")]
+    IdentityMismatch {
+        address: String,
+        expected: SpiffeId,
+        actual: SpiffeId,
+    },
+    /// The chain and our key do not make a usable certificate.
+    #[error("ca {address} answered {id} with an unusable certificate")]
+    Certificate {
+        address: String,
+        id: SpiffeId,
+        #[source]
+        source: Box<WorkloadCertError>,
+    },
+}
+
+impl CaClient {
+    /// Builds a client; nothing is read or connected until the first [`CaClient::fetch`].
+    pub fn new(cfg: CaClientConfig) -> Result<Self, ClientError> {
+        let bad = |reason| ClientError::Address {
+            address: cfg.address.clone(),
+            reason,
+        };
+        let text = if cfg.address.contains("://") {
+            cfg.address.clone()
+        } else {
+            format!("https://{}", cfg.address)
+        };
+        let uri: Uri = text.parse().map_err(|_| bad("not a uri"))?;
+        if uri.scheme_str() != Some("https") {
+            return Err(bad("scheme must be https"));
+        }
+        if uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
+        {
+            return Err(bad("must not have a path"));
+        }
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = authority.port_u16().unwrap_or(DEFAULT_PORT);
+        let endpoint = match host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(ip)) => format!("http://[{ip}]:{port}"),
+            _ => format!("http://{host}:{port}"),
+        };
+        let endpoint = endpoint.parse().map_err(|_| bad("not a uri"))?;
+        let name = cfg.server_name.clone().unwrap_or_else(|| host.clone());
+        let server_name =
+            ServerName::try_from(name.clone()).map_err(|_| ClientError::ServerName { name })?;
+        Ok(Self {
+            cfg,
+            endpoint,
+            host,
+            port,
+            server_name,
+            channel: Mutex::new(None),
+        })
+    }
+
+    /// The configuration this client was built from.
+    pub fn config(&self) -> &CaClientConfig {
+        &self.cfg
+    }
+
+    /// Asks the CA for a certificate for `id` and checks what comes back.
+    pub async fn fetch(&self, id: &SpiffeId) -> Result<Issued, ClientError> {
+        let timeout = Duration::from_millis(self.cfg.timeout_ms.max(1));
+        let address = self.cfg.address.clone();
+        match tokio::time::timeout(timeout, self.fetch_inner(id)).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Timeout {
+                address,
+                id: id.clone(),
+                timeout,
+            }),
+        }
+    }
+
+    async fn fetch_inner(&self, id: &SpiffeId) -> Result<Issued, ClientError> {
+        let token_path = &self.cfg.token_file;
+        let token = tokio::fs::read_to_string(token_path)
+            .await
+            .map_err(|source| ClientError::TokenFile {
+                path: token_path.clone(),
+                source,
+            })?;
+        let bearer = MetadataValue::try_from(format!("Bearer {}", token.trim()))
+            .ok()
+            .filter(|_| !token.trim().is_empty())
+            .ok_or_else(|| ClientError::BadToken {
+                path: token_path.clone(),
+            })?;
+        let channel = self.channel().await?;
+        let generated = new_csr(id).map_err(|source| ClientError::Csr { source })?;
+        let csr_pem = pem_block("CERTIFICATE REQUEST", generated.csr.as_ref());
+        let ttl_secs = i64::try_from(self.cfg.ttl_secs).unwrap_or(i64::MAX);
+        let mut request = tonic::Request::new(IstioCertificateRequest::impersonating(
+            csr_pem,
+            ttl_secs,
+            &id.to_string(),
+        ));
+        request.metadata_mut().insert("authorization", bearer);
+        request.set_timeout(Duration::from_millis(self.cfg.timeout_ms.max(1)));
+
+        let address = || self.cfg.address.clone();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready()
+            .await
+            .map_err(|source| ClientError::Transport {
+                address: address(),
+                id: id.clone(),
+                source,
+            })?;
+        let response: tonic::Response<IstioCertificateResponse> = grpc
+            .unary(
+                request,
+                PathAndQuery::from_static(CREATE_CERTIFICATE_PATH),
+                ProstCodec::default(),
+            )
+            .await
+            .map_err(|source| {
+                // Statuses made on our side of the wire carry the transport error as source;
+                // those the CA sent do not.
+                if source.code() == tonic::Code::Unavailable && source.source().is_some() {
+                    ClientError::Unreachable {
+                        address: address(),
+                        id: id.clone(),
+                        source,
+                    }
+                } else {
+                    ClientError::Refused {
+                        address: address(),
+                        id: id.clone(),
+                        source,
+                    }
+                }
+            })?;
+        self.check(id, response.into_inner(), generated.key)
+    }
+
+    /// Checks a response: an SVID of exactly `id` under the roots sent along.
+    fn check(
+        &self,
+        id: &SpiffeId,
+        response: IstioCertificateResponse,
+        key: rustls_pki_types::PrivateKeyDer<'static>,
+    ) -> Result<Issued, ClientError> {
+        let address = || self.cfg.address.clone();
+        let entries = response.cert_chain;
+        let Some((roots_pem, chain_pems)) = entries.split_last().filter(|(_, c)| !c.is_empty())
+        else {
+            return Err(ClientError::ShortChain {
+                address: address(),
+                id: id.clone(),
+                entries: entries.len(),
+            });
+        };
+        let mut chain = Vec::new();
+        for pem in chain_pems {
+            for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                chain.push(der.map_err(|source| ClientError::ResponsePem {
+                    address: address(),
+                    id: id.clone(),
+                    source,
+                })?);
+            }
+        }
+        let roots =
+            TrustBundle::from_pem(roots_pem).map_err(|source| ClientError::ResponseRoots {
+                address: address(),
+                id: id.clone(),
+                source,
+            })?;
+        let now = UnixTime::since_unix_epoch(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        // Always parses: it came out of a valid SPIFFE ID. Were it not to, the empty list would
+        // make verification fail rather than pass.
+        let domains: Vec<TrustDomain> = id.trust_domain().parse().into_iter().collect();
+        for role in [PeerRole::Client, PeerRole::Server] {
+            let actual = verify_svid(&chain, &roots, now, &domains, role).map_err(|source| {
+                ClientError::InvalidSvid {
+                    address: address(),
+                    id: id.clone(),
+                    source: Box::new(source),
+                }
+            })?;
+            if actual != *id {
+                return Err(ClientError::IdentityMismatch {
+                    address: address(),
+                    expected: id.clone(),
+                    actual,
+                });
+            }
+        }
+        let certificate =
+            WorkloadCertificate::new(chain, key).map_err(|source| ClientError::Certificate {
+                address: address(),
+                id: id.clone(),
+                source: Box::new(source),
+            })?;
+        Ok(Issued { certificate, roots })
+    }
+
+    /// The channel for the current root file, rebuilt when the file changed.
+    async fn channel(&self) -> Result<Channel, ClientError> {
+        let path = &self.cfg.root_cert;
+        let root_pem =
+            tokio::fs::read_to_string(path)
+                .await
+                .map_err(|source| ClientError::RootFile {
+                    path: path.clone(),
+                    source,
+                })?;
+        // A poisoned lock only means a holder panicked between two plain assignments.
+        let mut cached = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((pem, channel)) = cached.as_ref() {
+            if *pem == root_pem {
+                return Ok(channel.clone());
+            }
+        }
+        let bundle = TrustBundle::from_pem(&root_pem).map_err(|source| ClientError::Roots {
+            path: path.clone(),
+            source,
+        })?;
+        let mut store = RootCertStore::empty();
+        let (_, ignored) = store.add_parsable_certificates(bundle.roots().iter().cloned());
+        if ignored > 0 {
+            tracing::warn!(path = %path.display(), ignored, "some ca roots are unusable for tls");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|source| ClientError::Tls { source })?
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = Connector {
+            tls: TlsConnector::from(Arc::new(tls)),
+            host: self.host.clone(),
+            port: self.port,
+            server_name: self.server_name.clone(),
+        };
+        let timeout = Duration::from_millis(self.cfg.timeout_ms.max(1));
+        let channel = Endpoint::from(self.endpoint.clone())
+            .connect_timeout(timeout)
+            .connect_with_connector_lazy(connector);
+        *cached = Some((root_pem, channel.clone()));
+        Ok(channel)
+    }
+}
+
+impl std::fmt::Debug for CaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaClient")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens TCP + TLS to the CA for tonic's channel.
+#[derive(Clone)]
+struct Connector {
+    tls: TlsConnector,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+}
+
+type ConnectFuture =
+    Pin<Box<dyn Future<Output = io::Result<TokioIo<TlsStream<TcpStream>>>> + Send>>;
+
+impl Service<Uri> for Connector {
+    type Response = TokioIo<TlsStream<TcpStream>>;
+    type Error = io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = TcpStream::connect((this.host.as_str(), this.port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = this.tls.connect(this.server_name, tcp).await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
+fn default_ttl_secs() -> u64 {
+    24 * 3600
+}
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,326 @@
+//! The CA's gRPC server: TLS accept, the hand-written `IstioCertificateService`, shutdown.
+//!
+//! TLS handshakes run in their own tasks with a deadline, outside tonic: a client sending
+//! garbage, plaintext or nothing at all costs one task for at most [`HANDSHAKE_TIMEOUT`], is
+//! logged and counted, and never holds up other clients. Only completed TLS connections reach
+//! the HTTP/2 server.
+use std::convert::Infallible;
+use std::future::{self, Future};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::Body;
+use tonic::server::{Grpc, UnaryService};
+use tonic::transport::server::Connected;
+use tonic::{Code, Status};
+use tonic_prost::ProstCodec;
+use tower_service::Service;
+
+use crate::ca::proto::{
+    IstioCertificateRequest, IstioCertificateResponse, CREATE_CERTIFICATE_PATH,
+};
+use crate::ca::service::CaService;
+
+/// Deadline for a client to complete the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest gRPC request decoded; CSRs are refused above `identity::MAX_CSR_BYTES` with a
+/// precise message, larger messages by tonic ("message length too large").
+pub const MAX_REQUEST_BYTES: usize = 128 * 1024;
+/// Deadline for one request, and for open requests at shutdown.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Handshakes in progress at once; more connections wait in the accept queue.
+const MAX_HANDSHAKES: usize = 256;
+
+/// A CA server running on a bound listener; dropping it stops it (abruptly).
+#[derive(Debug)]
+pub struct RunningCa {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    /// `None` only after [`RunningCa::stop`] took it.
+    task: Option<JoinHandle<()>>,
+}
+
+/// Why the server stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listen socket could not be bound.
+    #[error("cannot listen on {addr}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    /// rustls refused the TLS settings.
+    #[error("failed to build the ca tls config")]
+    Tls {
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+impl RunningCa {
+    /// Starts serving `service` on `listener` with the serving certificate `serving`.
+    pub fn spawn(
+        listener: TcpListener,
+        service: Arc<CaService>,
+        serving: Arc<CertifiedKey>,
+    ) -> Result<Self, ServerError> {
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            source,
+        })?;
+        let tls = tls_config(serving)?;
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(serve(listener, service, tls, stopped));
+        Ok(Self {
+            addr,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, tells connected clients to go away (HTTP/2 GOAWAY), waits for open
+    /// requests up to the request deadline, then closes every connection.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(REQUEST_TIMEOUT, task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+
+    /// Waits until the server stops by itself (it does not, unless its task panics).
+    pub async fn wait(&mut self) {
+        if let Some(task) = self.task.as_mut() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for RunningCa {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// The rustls server config: the ring provider, TLS 1.3 and 1.2 (istiod offers both), ALPN h2.
+fn tls_config(serving: Arc<CertifiedKey>) -> Result<Arc<ServerConfig>, ServerError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|source| ServerError::Tls { source })?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Serving(serving)));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+async fn serve(
+    listener: TcpListener,
+    service: Arc<CaService>,
+    tls: Arc<ServerConfig>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let (conns_tx, conns_rx) = mpsc::channel(MAX_HANDSHAKES);
+    let accept = tokio::spawn(accept_loop(
+        listener,
+        service.clone(),
+        tls,
+        conns_tx,
+        stopped.clone(),
+    ));
+    let shutdown = async move {
+        while !*stopped.borrow_and_update() {
+            if stopped.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    let result = tonic::transport::Server::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .serve_with_incoming_shutdown(
+            GrpcService(service),
+            ReceiverStream::new(conns_rx),
+            shutdown,
+        )
+        .await;
+    accept.abort();
+    if let Err(error) = result {
+        tracing::error!(error = %crate::ca::service::chain(&error), "ca grpc server failed");
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    service: Arc<CaService>,
+    tls: Arc<ServerConfig>,
+    conns: mpsc::Sender<io::Result<TlsConn>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    while !*stopped.borrow_and_update() {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(%error, "ca accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => continue,
+        };
+        let Ok(permit) = handshakes.clone().acquire_owned().await else {
+            return;
+        };
+        let acceptor = acceptor.clone();
+        let conns = conns.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    let _ = conns.send(Ok(TlsConn { tls, peer })).await;
+                }
+                Ok(Err(error)) => {
+                    service.stats().count("tls_handshake_failed");
+                    tracing::warn!(peer.addr = %peer, %error, "ca tls handshake failed");
+                }
+                Err(_) => {
+                    service.stats().count("tls_handshake_timeout");
+                    tracing::warn!(peer.addr = %peer, "ca tls handshake timed out");
+                }
+            }
+        });
+    }
+}
+
+/// The server's one certificate, handed to every client (no SNI-based choice).
+#[derive(Debug)]
+struct Serving(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Serving {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// The client's address, in each request's extensions.
+#[derive(Debug, Clone, Copy)]
+struct PeerAddr(SocketAddr);
+
+/// A TLS connection whose handshake completed.
+struct TlsConn {
+    tls: TlsStream<TcpStream>,
+    peer: SocketAddr,
+}
+
+impl Connected for TlsConn {
+    type ConnectInfo = PeerAddr;
+
+    fn connect_info(&self) -> PeerAddr {
+        PeerAddr(self.peer)
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
+
+/// `istio.v1.auth.IstioCertificateService`, routed by hand (what tonic-build would generate).
+#[derive(Clone)]
+struct GrpcService(Arc<CaService>);
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
+
+impl Service<http::Request<Body>> for GrpcService {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if request.uri().path() != CREATE_CERTIFICATE_PATH {
+            let path = request.uri().path().chars().take(128).collect::<String>();
+            let status = Status::new(Code::Unimplemented, format!("unknown method {path}"));
+            return Box::pin(future::ready(Ok(status.into_http())));
+        }
+        let unary = CreateCertificate(self.0.clone());
+        Box::pin(async move {
+            let mut grpc = Grpc::new(ProstCodec::default())
+                .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
+            Ok(grpc.unary(unary, request).await)
+        })
+    }
+}
+
+/// The `CreateCertificate` method.
+struct CreateCertificate(Arc<CaService>);
+
+impl UnaryService<IstioCertificateRequest> for CreateCertificate {
+    type Response = IstioCertificateResponse;
+    type Future = future::Ready<Result<tonic::Response<IstioCertificateResponse>, Status>>;
+
+    fn call(&mut self, request: tonic::Request<IstioCertificateRequest>) -> Self::Future {
+        let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
+        let result = self.0.handle(peer, request.metadata(), request.get_ref());
+        future::ready(result.map(tonic::Response::new))
+    }
+}
+
+impl tonic::server::NamedService for GrpcService {
+    const NAME: &'static str = crate::ca::proto::SERVICE_NAME;
+}
