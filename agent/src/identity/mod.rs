@@ -8,6 +8,7 @@ mod authority;
 mod bundle;
 mod certificate;
 mod csr;
+pub mod manager;
 mod spiffe;
 mod tls;
 mod verify;
