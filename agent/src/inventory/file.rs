@@ -11,11 +11,13 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::objects::{Namespace, Pod};
+use super::services::{self, EndpointSliceObject, ServiceObject, SERVICE_NAME_LABEL};
 use super::{
     Snapshot, Workload, CGROUP_ANNOTATION, EXCLUDE_CIDRS_ANNOTATION, EXCLUDE_PORTS_ANNOTATION,
     MODE_LABEL, NETNS_ANNOTATION,
 };
 use crate::policy::authz::{self, AuthorizationPolicy};
+use crate::policy::destination_rule::DestinationRule;
 use crate::policy::peer_auth::{self, PeerAuthentication};
 
 /// Errors reading or parsing an inventory file.
@@ -57,6 +59,8 @@ pub struct ObjectError {
 pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
     let mut snap = Snapshot::default();
     let mut pods = Vec::new();
+    let mut service_objs = Vec::new();
+    let mut slices = Vec::new();
     for (doc, (first_line, chunk)) in documents(text).into_iter().enumerate() {
         let err = |kind: &str, name: &str, field: String, message: String, line: usize| {
             Error::Object(Box::new(ObjectError {
@@ -90,7 +94,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
         match kind.as_str() {
             "Pod" => {
                 let pod: Pod = typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
-                let line = line_of(&chunk, "metadata:");
+                let line = first_line + line_of(&chunk, "metadata:") - 1;
                 pods.push((pod, line, doc));
             }
             "Namespace" => {
@@ -139,6 +143,48 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
                     .map_err(|(f, m)| err(&kind, &name, f, m, line_of(&chunk, "spec:")))?;
                 snap.authorization_policies.push(ap);
             }
+            "Service" => {
+                let s: ServiceObject =
+                    typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
+                service_objs.push((s, doc, first_line + line_of(&chunk, "spec:") - 1));
+            }
+            "EndpointSlice" => {
+                let s: EndpointSliceObject =
+                    typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
+                slices.push(s);
+            }
+            "DestinationRule" => {
+                let api = value
+                    .get("apiVersion")
+                    .and_then(|a| a.as_str())
+                    .unwrap_or_default();
+                if !matches!(
+                    api,
+                    "networking.istio.io/v1"
+                        | "networking.istio.io/v1beta1"
+                        | "networking.istio.io/v1alpha3"
+                ) {
+                    let msg = format!(
+                        "unsupported apiVersion `{api}` (want networking.istio.io/v1 or v1beta1)"
+                    );
+                    return Err(err(&kind, &name, "apiVersion".into(), msg, 1));
+                }
+                let mut dr: DestinationRule =
+                    typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
+                if dr.metadata.namespace.is_empty() {
+                    dr.metadata.namespace = "default".into();
+                }
+                if dr.spec.host.is_empty() {
+                    return Err(err(
+                        &kind,
+                        &name,
+                        "spec.host".into(),
+                        "must not be empty".into(),
+                        line_of(&chunk, "spec:"),
+                    ));
+                }
+                snap.destination_rules.push(dr);
+            }
             "List" => {
                 return Err(err(
                     &kind,
@@ -152,6 +198,36 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
             // Kinds other issues add (policies, services) or that ambit ignores.
             _ => {}
         }
+    }
+    for (obj, doc, line) in &service_objs {
+        let ns = if obj.metadata.namespace.is_empty() {
+            "default"
+        } else {
+            obj.metadata.namespace.as_str()
+        };
+        let mine: Vec<&EndpointSliceObject> = slices
+            .iter()
+            .filter(|s| {
+                let s_ns = if s.metadata.namespace.is_empty() {
+                    "default"
+                } else {
+                    s.metadata.namespace.as_str()
+                };
+                s_ns == ns && s.metadata.labels.get(SERVICE_NAME_LABEL) == Some(&obj.metadata.name)
+            })
+            .collect();
+        let svc = services::service(obj, &mine).map_err(|(field, message)| {
+            Error::Object(Box::new(ObjectError {
+                path: path.to_path_buf(),
+                doc: doc + 1,
+                kind: "Service".into(),
+                name: obj.metadata.name.clone(),
+                field,
+                message,
+                line: *line,
+            }))
+        })?;
+        snap.services.insert(svc.key(), svc);
     }
     for (pod, line, doc) in pods {
         let kind = "Pod";

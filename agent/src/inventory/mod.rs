@@ -1,6 +1,7 @@
 //! The inventory: workloads (pods) and namespaces known to the agent, from a file or Kubernetes.
 pub mod file;
 pub mod objects;
+pub mod services;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -72,12 +73,21 @@ pub struct Snapshot {
     pub peer_authentications: Vec<crate::policy::peer_auth::PeerAuthentication>,
     /// Istio AuthorizationPolicy objects.
     pub authorization_policies: Vec<crate::policy::authz::AuthorizationPolicy>,
+    /// Services keyed by `namespace/name`.
+    pub services: BTreeMap<String, services::Service>,
+    /// Istio DestinationRule objects.
+    pub destination_rules: Vec<crate::policy::destination_rule::DestinationRule>,
 }
 
 impl Snapshot {
     /// Workloads scheduled on `node`.
     pub fn on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
         self.workloads.values().filter(move |w| w.node == node)
+    }
+
+    /// The Service with virtual IP `ip`, if any.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&services::Service> {
+        self.services.values().find(|s| s.vips.contains(&ip))
     }
 
     /// The workload owning `ip`, if any.

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::conns::{ConnRow, ConnTable};
+use super::route::RoundRobin;
 use super::socket::{tokio_listener, SocketFactory};
 use super::tls::TlsSource;
 use super::{inbound, outbound, plaintext, PodContext, ProxyStats, ProxyStatsSnapshot};
@@ -65,6 +66,7 @@ pub struct Manager {
     conns: Arc<ConnTable>,
     tls: Option<Arc<TlsSource>>,
     pool: Arc<Pool>,
+    lb: Arc<RoundRobin>,
 }
 
 /// One pod in `GET /policies`.
@@ -137,6 +139,7 @@ impl Manager {
             conns: Arc::new(ConnTable::default()),
             tls,
             pool: Arc::new(Pool::new(DEFAULT_MAX_STREAMS, DEFAULT_IDLE)),
+            lb: Arc::new(RoundRobin::default()),
         }
     }
 
@@ -302,6 +305,7 @@ impl Manager {
             conns: self.conns.clone(),
             tls: self.tls.clone(),
             pool: self.pool.clone(),
+            lb: self.lb.clone(),
             stats: ProxyStats::default(),
         });
         let mut names = Vec::new();

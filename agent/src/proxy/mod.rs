@@ -5,6 +5,7 @@ pub mod inbound;
 pub mod manager;
 pub mod outbound;
 pub mod plaintext;
+pub mod route;
 pub mod socket;
 pub mod tls;
 
@@ -49,6 +50,8 @@ pub struct PodContext {
     pub tls: Option<Arc<tls::TlsSource>>,
     /// The agent's HBONE connection pool.
     pub pool: Arc<crate::tunnel::pool::Pool>,
+    /// Round-robin state of Service endpoints.
+    pub lb: Arc<route::RoundRobin>,
     /// Open connections of the whole agent.
     pub conns: Arc<conns::ConnTable>,
     /// Counters.

@@ -10,21 +10,13 @@ use tracing::Instrument;
 
 use super::conns::ConnInfo;
 use super::copy::copy_both;
+use super::route::{self, Route, RouteCtx};
 use super::{accept_loop, reset, ActiveGuard, PodContext, CONNECT_TIMEOUT};
 use crate::addr::{ClientAddr, OrigDstAddr, PeerAddr};
 use crate::identity::SpiffeId;
-use crate::inventory::Workload;
-use crate::policy::peer_auth::{self, Effective};
 use crate::tunnel::client::Tunnel;
-use crate::tunnel::pool::PoolKey;
-
-/// How a destination is reached.
-enum Route {
-    /// HBONE to the destination pod's tunnel port, which must prove `dst_id`.
-    Tunnel { peer: PeerAddr, dst_id: SpiffeId },
-    /// Plaintext from inside the pod (not enrolled, or PeerAuthentication DISABLE).
-    Passthrough,
-}
+use crate::tunnel::pool::{PoolKey, StreamGuard};
+use crate::tunnel::stream::H2Stream;
 
 /// Serves one outbound listener of a pod until the task is aborted.
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
@@ -52,87 +44,103 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
     if is_loop(&pod, orig.0) {
         return fail(down, "loop", format!("{orig} is the agent itself"));
     }
-    let route = match route(&pod, orig) {
-        Ok(r) => r,
-        Err(e) => return fail(down, "no_identity", e),
+    let decision = {
+        let snap = pod.inventory.borrow().clone();
+        let ctx = RouteCtx {
+            snap: &snap,
+            trust_domain: &pod.cfg.trust_domain,
+            root_namespace: &pod.cfg.root_namespace,
+            tunnel_port: pod.ports.tunnel,
+            mtls: pod.tls.is_some(),
+        };
+        route::decide(&ctx, orig.0, |svc, n| pod.lb.next(svc, n))
     };
+    tracing::debug!(dst.orig = %orig, steps = ?decision.steps, "route decided");
     let mut down = down;
-    match route {
-        Route::Passthrough => {
-            let up =
-                match tokio::time::timeout(CONNECT_TIMEOUT, pod.sockets.connect_outbound(orig.0))
-                    .await
-                {
-                    Ok(Ok(up)) => up,
-                    Ok(Err(e)) => return fail(down, "upstream", format!("{orig}: {e}")),
-                    Err(_) => {
-                        return fail(
-                            down,
-                            "upstream_timeout",
-                            format!("{orig}: connect timed out"),
-                        )
-                    }
-                };
-            let mut up = up;
-            carry(
-                &pod,
-                client,
-                orig,
-                None,
-                "plaintext",
-                &mut down,
-                &mut up,
-                start,
-            )
-            .await;
-        }
-        Route::Tunnel { peer, dst_id } => {
-            let (mut up, _guard) = match tunnel(&pod, orig, peer, &dst_id).await {
-                Ok(s) => s,
-                Err(e) => {
-                    return fail(down, "tunnel", format!("{orig} via {peer} ({dst_id}): {e}"))
+    match decision.route {
+        Route::Refuse { reason } => fail(down, "refused", format!("{orig}: {reason}")),
+        Route::Plaintext { target } => {
+            let connect = pod.sockets.connect_outbound(target);
+            let mut up = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                Ok(Ok(up)) => up,
+                Ok(Err(e)) => return fail(down, "upstream", format!("{target}: {e}")),
+                Err(_) => {
+                    return fail(
+                        down,
+                        "upstream_timeout",
+                        format!("{target}: connect timed out"),
+                    )
                 }
             };
-            carry(
-                &pod,
+            let conn = Carried {
                 client,
                 orig,
-                Some(dst_id.to_string()),
-                "mutual_tls",
-                &mut down,
-                &mut up,
-                start,
-            )
-            .await;
+                target,
+                dst_identity: None,
+                security: "plaintext",
+            };
+            carry(&pod, conn, &mut down, &mut up, start).await;
+        }
+        Route::Tunnel {
+            peer,
+            target,
+            dst_id,
+        } => {
+            let Ok(dst_id) = dst_id.parse::<SpiffeId>() else {
+                return fail(
+                    down,
+                    "no_identity",
+                    format!("{orig}: bad destination identity {dst_id}"),
+                );
+            };
+            let (mut up, _guard) = match tunnel(&pod, target, PeerAddr(peer), &dst_id).await {
+                Ok(s) => s,
+                Err(e) => {
+                    return fail(
+                        down,
+                        "tunnel",
+                        format!("{target} via {peer} ({dst_id}): {e}"),
+                    )
+                }
+            };
+            let conn = Carried {
+                client,
+                orig,
+                target,
+                dst_identity: Some(dst_id.to_string()),
+                security: "mutual_tls",
+            };
+            carry(&pod, conn, &mut down, &mut up, start).await;
         }
     }
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site per route; a struct would only rename them"
-)]
-async fn carry<U>(
-    pod: &PodContext,
+/// What the access log and connection table say about a carried connection.
+struct Carried {
     client: ClientAddr,
     orig: OrigDstAddr,
+    target: SocketAddr,
     dst_identity: Option<String>,
     security: &'static str,
-    down: &mut TcpStream,
-    up: &mut U,
-    start: Instant,
-) where
+}
+
+async fn carry<U>(pod: &PodContext, c: Carried, down: &mut TcpStream, up: &mut U, start: Instant)
+where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let guard = pod.conns.open(ConnInfo {
         direction: "outbound",
         pod: pod.workload.key(),
-        src: client.to_string(),
-        dst: orig.to_string(),
-        src_identity: (security == "mutual_tls")
+        src: c.client.to_string(),
+        dst: if c.target == c.orig.0 {
+            c.orig.to_string()
+        } else {
+            format!("{} via {}", c.target, c.orig)
+        },
+        src_identity: (c.security == "mutual_tls")
             .then(|| pod.workload.spiffe_id(&pod.cfg.trust_domain)),
-        dst_identity: dst_identity.clone(),
-        security,
+        dst_identity: c.dst_identity.clone(),
+        security: c.security,
         authz: None,
     });
     let result = copy_both(down, up, &guard.bytes).await;
@@ -142,63 +150,24 @@ async fn carry<U>(
         .bytes_received
         .fetch_add(t.received, Ordering::Relaxed);
     let dur_ms = start.elapsed().as_millis() as u64;
-    let peer_id = dst_identity.unwrap_or_default();
+    let (orig, target, security) = (c.orig, c.target, c.security);
+    let peer_id = c.dst_identity.unwrap_or_default();
     match result {
         Ok(_) => {
-            tracing::info!(target: "access", direction = "outbound", dst.orig = %orig, security, peer.id = %peer_id, bytes.sent = t.sent, bytes.recv = t.received, dur_ms, "connection complete")
+            tracing::info!(target: "access", direction = "outbound", dst.orig = %orig, dst.target = %target, security, peer.id = %peer_id, bytes.sent = t.sent, bytes.recv = t.received, dur_ms, "connection complete")
         }
         Err(e) => {
-            tracing::info!(target: "access", direction = "outbound", dst.orig = %orig, security, peer.id = %peer_id, dur_ms, error = %e, "connection ended with error")
+            tracing::info!(target: "access", direction = "outbound", dst.orig = %orig, dst.target = %target, security, peer.id = %peer_id, dur_ms, error = %e, "connection ended with error")
         }
     }
-}
-
-/// Enrolled destinations are tunnelled unless their PeerAuthentication for the port is
-/// DISABLE, or the agent runs without identities (no `ca` configured: capture only).
-fn route(pod: &PodContext, orig: OrigDstAddr) -> Result<Route, String> {
-    if pod.tls.is_none() {
-        return Ok(Route::Passthrough);
-    }
-    let snap = pod.inventory.borrow().clone();
-    let Some(dst) = snap.by_ip(orig.0.ip()).filter(|w| w.enrolled) else {
-        return Ok(Route::Passthrough);
-    };
-    let mode = peer_auth::resolve(
-        &snap.peer_authentications,
-        &pod.cfg.root_namespace,
-        &dst.namespace,
-        &dst.labels,
-        orig.0.port(),
-    );
-    if mode.mode == Effective::Disable {
-        return Ok(Route::Passthrough);
-    }
-    // An enrolled destination without a valid identity cannot be reached securely: refuse
-    // rather than send plaintext.
-    let dst_id = dst_identity(pod, dst)
-        .ok_or_else(|| format!("destination {} has no valid identity", dst.key()))?;
-    Ok(Route::Tunnel {
-        peer: PeerAddr(SocketAddr::new(orig.0.ip(), pod.ports.tunnel)),
-        dst_id,
-    })
-}
-
-fn dst_identity(pod: &PodContext, dst: &Workload) -> Option<SpiffeId> {
-    dst.spiffe_id(&pod.cfg.trust_domain).parse().ok()
 }
 
 async fn tunnel(
     pod: &PodContext,
-    orig: OrigDstAddr,
+    target: SocketAddr,
     peer: PeerAddr,
     dst_id: &SpiffeId,
-) -> Result<
-    (
-        crate::tunnel::stream::H2Stream,
-        crate::tunnel::pool::StreamGuard,
-    ),
-    String,
-> {
+) -> Result<(H2Stream, StreamGuard), String> {
     let src_id = pod.identity().ok_or("source pod has no valid identity")?;
     let tls = pod.tls.as_ref().ok_or("agent has no identities")?;
     let key = PoolKey {
@@ -207,26 +176,24 @@ async fn tunnel(
         peer: peer.0,
         dst_id: dst_id.clone(),
     };
+    let tls_err = |e: String| crate::tunnel::Error::Tls {
+        peer: peer.to_string(),
+        source: std::io::Error::other(e),
+    };
     let dial = || async {
-        let tls = tls
+        let config = tls
             .client(&src_id, dst_id)
-            .map_err(|e| crate::tunnel::Error::Tls {
-                peer: peer.to_string(),
-                source: std::io::Error::other(e),
-            })?;
+            .map_err(|e| tls_err(e.to_string()))?;
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, pod.sockets.connect_outbound(peer.0))
             .await
             .map_err(|_| crate::tunnel::Error::HandshakeTimeout {
                 peer: peer.to_string(),
             })?
-            .map_err(|e| crate::tunnel::Error::Tls {
-                peer: peer.to_string(),
-                source: std::io::Error::other(e),
-            })?;
-        Tunnel::handshake(tcp, peer.0, Arc::new(tls)).await
+            .map_err(|e| tls_err(e.to_string()))?;
+        Tunnel::handshake(tcp, peer.0, Arc::new(config)).await
     };
     pod.pool
-        .stream(&key, orig.0, dial)
+        .stream(&key, target, dial)
         .await
         .map_err(|e| error_chain(&e))
 }

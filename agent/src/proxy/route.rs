@@ -1,0 +1,240 @@
+//! The outbound routing decision: Service resolution, DestinationRule, destination PeerAuthentication → tunnel, plaintext or refusal, with reasons.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::identity::SpiffeId;
+use crate::inventory::services::Endpoint;
+use crate::inventory::Snapshot;
+use crate::policy::destination_rule::{self, TlsMode};
+use crate::policy::peer_auth::{self, Effective};
+
+/// Cluster DNS domain of Service FQDNs.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// What the decision needs besides the inventory.
+pub struct RouteCtx<'a> {
+    /// The inventory.
+    pub snap: &'a Snapshot,
+    /// Trust domain of identities.
+    pub trust_domain: &'a str,
+    /// Istio root namespace.
+    pub root_namespace: &'a str,
+    /// Peers' tunnel port.
+    pub tunnel_port: u16,
+    /// Whether this agent has identities (a CA is configured).
+    pub mtls: bool,
+}
+
+/// Where a connection goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "route", rename_all = "snake_case")]
+pub enum Route {
+    /// HBONE to `peer` (the endpoint's tunnel port), CONNECT to `target`, the peer must prove `dst_id`.
+    Tunnel {
+        /// The endpoint's tunnel address.
+        peer: SocketAddr,
+        /// The CONNECT authority.
+        target: SocketAddr,
+        /// The identity the peer must prove.
+        dst_id: String,
+    },
+    /// Plaintext from inside the source pod to `target`.
+    Plaintext {
+        /// Where to connect.
+        target: SocketAddr,
+    },
+    /// Refused.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A route with the steps that led to it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    /// The route.
+    #[serde(flatten)]
+    pub route: Route,
+    /// Human-readable reasoning, in order.
+    pub steps: Vec<String>,
+}
+
+/// Round-robin position per Service.
+#[derive(Default)]
+pub struct RoundRobin(Mutex<HashMap<String, usize>>);
+
+impl RoundRobin {
+    /// The next index in `0..n` for `key`.
+    pub fn next(&self, key: &str, n: usize) -> usize {
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let slot = m.entry(key.to_string()).or_insert(0);
+        let i = *slot % n.max(1);
+        *slot = slot.wrapping_add(1);
+        i
+    }
+}
+
+/// Decides how a connection to `orig` is carried. `pick(service key, ready count)` chooses
+/// the endpoint index.
+pub fn decide(
+    ctx: &RouteCtx<'_>,
+    orig: SocketAddr,
+    pick: impl FnOnce(&str, usize) -> usize,
+) -> Decision {
+    let mut steps = Vec::new();
+    let refuse = |steps: Vec<String>, reason: String| Decision {
+        route: Route::Refuse { reason },
+        steps,
+    };
+    let (target, client_tls) = match ctx.snap.service_by_vip(orig.ip()) {
+        Some(svc) => {
+            steps.push(format!(
+                "{} is a virtual IP of Service {}",
+                orig.ip(),
+                svc.key()
+            ));
+            if !svc.ports.contains_key(&orig.port()) {
+                return refuse(
+                    steps,
+                    format!("Service {} has no port {}", svc.key(), orig.port()),
+                );
+            }
+            let ready: Vec<&Endpoint> = svc.endpoints.iter().filter(|e| e.ready).collect();
+            if ready.is_empty() {
+                return refuse(
+                    steps,
+                    format!("Service {} has no ready endpoints", svc.key()),
+                );
+            }
+            let ep = ready[pick(&svc.key(), ready.len()) % ready.len()];
+            let Some(port) = svc.target_port(orig.port(), ep) else {
+                return refuse(
+                    steps,
+                    format!(
+                        "Service {} port {} has no target port on endpoint {}",
+                        svc.key(),
+                        orig.port(),
+                        ep.ip
+                    ),
+                );
+            };
+            let target = SocketAddr::new(ep.ip, port);
+            steps.push(format!(
+                "endpoint {target} chosen from {} ready",
+                ready.len()
+            ));
+            let tls = destination_rule::client_tls(
+                &ctx.snap.destination_rules,
+                svc,
+                orig.port(),
+                CLUSTER_DOMAIN,
+            );
+            match &tls {
+                Some(t) => steps.push(format!(
+                    "DestinationRule {} sets tls mode {:?} for port {}",
+                    t.rule,
+                    t.mode,
+                    orig.port()
+                )),
+                None => steps.push("no DestinationRule applies".to_string()),
+            }
+            (target, tls)
+        }
+        None => (orig, None),
+    };
+    let requires_mtls = client_tls
+        .as_ref()
+        .is_some_and(|t| t.mode == TlsMode::IstioMutual);
+    let disables_mtls = client_tls
+        .as_ref()
+        .is_some_and(|t| t.mode != TlsMode::IstioMutual);
+    let Some(dst) = ctx.snap.by_ip(target.ip()).filter(|w| w.enrolled) else {
+        steps.push(format!("{} is not an enrolled pod", target.ip()));
+        if requires_mtls {
+            return refuse(
+                steps,
+                "DestinationRule requires mTLS but the destination is not in the mesh".into(),
+            );
+        }
+        return Decision {
+            route: Route::Plaintext { target },
+            steps,
+        };
+    };
+    steps.push(format!("{} is enrolled pod {}", target.ip(), dst.key()));
+    if !ctx.mtls {
+        if requires_mtls {
+            return refuse(
+                steps,
+                "DestinationRule requires mTLS but this agent has no CA configured".into(),
+            );
+        }
+        steps.push("this agent runs without a CA: plaintext".to_string());
+        return Decision {
+            route: Route::Plaintext { target },
+            steps,
+        };
+    }
+    let pa = peer_auth::resolve(
+        &ctx.snap.peer_authentications,
+        ctx.root_namespace,
+        &dst.namespace,
+        &dst.labels,
+        target.port(),
+    );
+    let by = pa.policy.clone().unwrap_or_else(|| "nothing set".into());
+    steps.push(format!(
+        "destination PeerAuthentication on port {}: {} ({}, {by})",
+        target.port(),
+        pa.mode,
+        pa.level
+    ));
+    if disables_mtls {
+        if pa.mode == Effective::Strict {
+            steps.push(
+                "warning: the destination is STRICT and will refuse this plaintext".to_string(),
+            );
+        }
+        return Decision {
+            route: Route::Plaintext { target },
+            steps,
+        };
+    }
+    if pa.mode == Effective::Disable && !requires_mtls {
+        steps.push("DISABLE: peers send plaintext".to_string());
+        return Decision {
+            route: Route::Plaintext { target },
+            steps,
+        };
+    }
+    let raw_id = dst.spiffe_id(ctx.trust_domain);
+    if raw_id.parse::<SpiffeId>().is_err() {
+        return refuse(
+            steps,
+            format!("destination {} has no valid identity ({raw_id})", dst.key()),
+        );
+    }
+    steps.push(format!(
+        "HBONE to {}:{} requiring {raw_id}",
+        target.ip(),
+        ctx.tunnel_port
+    ));
+    Decision {
+        route: Route::Tunnel {
+            peer: SocketAddr::new(target.ip(), ctx.tunnel_port),
+            target,
+            dst_id: raw_id,
+        },
+        steps,
+    }
+}
+
+#[cfg(test)]
+mod tests;
