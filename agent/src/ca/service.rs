@@ -120,9 +120,9 @@ pub struct StatsSnapshot {
     pub refused: BTreeMap<&'static str, u64>,
 }
 
-/// What a successful request produced, for the log line.
+/// What a successful request produced: the response, and what to log about it.
 #[derive(Debug)]
-pub struct Issued {
+pub struct Signed {
     /// The response to send.
     pub response: IstioCertificateResponse,
     /// Who it was for.
@@ -189,7 +189,7 @@ impl CaService {
         authorization: Option<&str>,
         request: &IstioCertificateRequest,
         now: SystemTime,
-    ) -> Result<Issued, Refusal> {
+    ) -> Result<Signed, Refusal> {
         let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
         let outcome = self.decide(authorization, request, now);
         match &outcome {
@@ -223,7 +223,7 @@ impl CaService {
         authorization: Option<&str>,
         request: &IstioCertificateRequest,
         now: SystemTime,
-    ) -> Result<Issued, Refusal> {
+    ) -> Result<Signed, Refusal> {
         let token = authorization
             .and_then(|value| value.strip_prefix("Bearer "))
             .map(str::trim)
@@ -304,7 +304,7 @@ impl CaService {
             .map(|der| pem_block("CERTIFICATE", der))
             .collect();
         cert_chain.push(self.roots_pem.clone());
-        Ok(Issued {
+        Ok(Signed {
             response: IstioCertificateResponse { cert_chain },
             id,
             node,

@@ -21,7 +21,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::ca::client::{CaClient, ClientError};
+use crate::ca::client::CaClient;
 use crate::identity::{SpiffeId, Timestamp, TrustBundle, WorkloadCertificate};
 
 /// Requests in flight to the CA at once, over all identities.
@@ -349,7 +349,7 @@ async fn renew(
                 delay
             }
             Err(error) => {
-                let message = error_chain(&error);
+                let message = crate::ca::service::chain(&error);
                 let mut delay = jittered(backoff, unit_random());
                 backoff = backoff.saturating_mul(2).min(settings.max_backoff);
                 let valid = slot.borrow().valid_cert(now);
@@ -410,18 +410,6 @@ fn unit_random() -> f64 {
         Ok(()) => (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64,
         Err(_) => 0.5,
     }
-}
-
-/// The error and its sources, joined with `: `.
-fn error_chain(error: &ClientError) -> String {
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 fn rfc3339(t: SystemTime) -> String {

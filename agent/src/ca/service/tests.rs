@@ -37,7 +37,7 @@ fn request(csr: String, id: &str) -> IstioCertificateRequest {
     IstioCertificateRequest::impersonating(csr, 600, id)
 }
 
-fn ask(f: &Fixture, node: &str, request: &IstioCertificateRequest) -> Result<Issued, Refusal> {
+fn ask(f: &Fixture, node: &str, request: &IstioCertificateRequest) -> Result<Signed, Refusal> {
     let bearer = format!("Bearer {}", f.token(node));
     f.service
         .create_certificate(None, Some(&bearer), request, SystemTime::now())

@@ -153,6 +153,18 @@ async fn keeps_valid_certificate_while_ca_is_down_and_recovers() {
 }
 
 #[test]
+fn renewal_is_due_at_half_life_within_five_percent() {
+    let cert = crate::identity::testing::TestCa::new("cluster.local").svid(WEB);
+    let lifetime = cert.not_after().duration_since(cert.not_before()).unwrap();
+    let at_issue = |random| renewal_delay(&cert, cert.not_before(), random);
+    assert_eq!(at_issue(0.5), lifetime / 2);
+    assert!(at_issue(0.0) >= lifetime.mul_f64(0.449) && at_issue(0.0) < lifetime / 2);
+    assert!(at_issue(0.999) > lifetime / 2 && at_issue(0.999) <= lifetime.mul_f64(0.551));
+    // Past the renewal point: due now.
+    assert_eq!(renewal_delay(&cert, cert.not_after(), 0.5), Duration::ZERO);
+}
+
+#[test]
 fn backoff_jitter_and_renewal_stay_in_bounds() {
     let base = Duration::from_secs(10);
     assert_eq!(jittered(base, 0.0), Duration::from_secs(8));
