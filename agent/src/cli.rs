@@ -25,6 +25,8 @@ pub enum Command {
     Connections(AdminArgs),
     /// Show the effective PeerAuthentication mode of every enrolled pod.
     Policy(AdminArgs),
+    /// Explain why a connection from a pod to an address is tunnelled, plaintext or refused.
+    Explain(ExplainArgs),
 }
 
 /// `ambit run`.
@@ -44,6 +46,20 @@ pub struct CaArgs {
     /// Dev/testbed: write a new root to the config's certDir if it holds none.
     #[arg(long)]
     pub generate: bool,
+}
+
+/// `ambit explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// Source pod as NAMESPACE/NAME.
+    #[arg(long)]
+    pub from: String,
+    /// Destination as IP:PORT (IPv6 in brackets), a pod or a Service VIP.
+    #[arg(long)]
+    pub to: String,
+    /// Admin socket and output options.
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 /// Options shared by the admin-socket clients.

@@ -11,5 +11,6 @@ fn main() -> anyhow::Result<()> {
         Command::Ca(args) => Ok(ambit::ca::run(args)?),
         Command::Connections(args) => ambit::admin::client::connections(args),
         Command::Policy(args) => ambit::admin::client::policy(args),
+        Command::Explain(args) => ambit::admin::client::explain(args),
     }
 }

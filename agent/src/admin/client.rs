@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
-use crate::cli::AdminArgs;
+use crate::cli::{AdminArgs, ExplainArgs};
 
 /// `ambit status`: exit code 0 when every local pod is enrolled, 1 when some failed, 2 when the
 /// agent cannot be reached.
@@ -88,6 +88,56 @@ pub fn policy(args: AdminArgs) -> anyhow::Result<()> {
         for (port, r) in pa["ports"].as_object().into_iter().flatten() {
             row(port, r);
         }
+    }
+    Ok(())
+}
+
+/// `ambit explain`: exit code 0 when the connection would be carried, 1 when refused.
+pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
+    let enc = |s: &str| {
+        s.replace('%', "%25")
+            .replace('[', "%5B")
+            .replace(']', "%5D")
+            .replace('&', "%26")
+    };
+    let path = format!("/explain?from={}&to={}", enc(&args.from), enc(&args.to));
+    let v = get_or_exit(&args.admin, &path);
+    if args.admin.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{} -> {}: {}", s(&v["from"]), s(&v["to"]), s(&v["verdict"]));
+        println!("\nsource agent:");
+        for step in v["outbound"]["steps"].as_array().into_iter().flatten() {
+            println!("  - {}", s(step));
+        }
+        if let Some(r) = v["outbound"]["reason"].as_str() {
+            println!("  refused: {r}");
+        }
+        if v["inbound"].is_object() {
+            let i = &v["inbound"];
+            let pa = &i["peer_authentication"];
+            println!("\ndestination agent ({}):", s(&i["pod"]));
+            println!(
+                "  - PeerAuthentication: {} ({}, {})",
+                s(&pa["mode"]),
+                s(&pa["level"]),
+                pa["policy"].as_str().unwrap_or("nothing set")
+            );
+            println!("  - AuthorizationPolicy: {}", i["authorization"]);
+        }
+        let warnings = v["warnings"].as_array().cloned().unwrap_or_default();
+        if !warnings.is_empty() {
+            println!("\nwarnings:");
+            for w in warnings {
+                println!("  ! {}", s(&w));
+            }
+        }
+    }
+    let refused = v["verdict"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("refused"));
+    if refused {
+        std::process::exit(1);
     }
     Ok(())
 }

@@ -109,17 +109,72 @@ pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
 }
 
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/status") => json_response(StatusCode::OK, &status(state)),
-        (_, "/status") => json_response(
+    let path = req.uri().path();
+    let get = req.method() == Method::GET;
+    match path {
+        "/status" if get => json_response(StatusCode::OK, &status(state)),
+        "/connections" if get => json_response(
+            StatusCode::OK,
+            &json!({ "connections": state.manager.connections() }),
+        ),
+        "/policies" if get => json_response(
+            StatusCode::OK,
+            &json!({ "policies": state.manager.policies() }),
+        ),
+        "/explain" if get => explain(state, req.uri().query().unwrap_or_default()),
+        "/status" | "/connections" | "/policies" | "/explain" => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": "method not allowed"}),
         ),
-        (_, path) => json_response(
+        _ => json_response(
             StatusCode::NOT_FOUND,
             &json!({"error": format!("no such path {path}")}),
         ),
     }
+}
+
+fn explain(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
+    let param = |name: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| percent_decode(v))
+    };
+    let bad = |msg: String| {
+        state.bad_requests.fetch_add(1, Ordering::Relaxed);
+        json_response(StatusCode::BAD_REQUEST, &json!({ "error": msg }))
+    };
+    let (Some(from), Some(to)) = (param("from"), param("to")) else {
+        return bad("explain needs from=NAMESPACE/POD and to=IP:PORT".into());
+    };
+    let Ok(to) = to.parse::<std::net::SocketAddr>() else {
+        return bad(format!("to={to} is not IP:PORT (IPv6 in brackets)"));
+    };
+    match state.manager.explain(&from, to) {
+        Ok(e) => json_response(StatusCode::OK, &json!(e)),
+        Err(e) => json_response(StatusCode::NOT_FOUND, &json!({ "error": e.to_string() })),
+    }
+}
+
+/// Decodes `%XX` escapes of a query value; malformed escapes are kept as written.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The `/status` document.

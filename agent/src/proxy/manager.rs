@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::conns::{ConnRow, ConnTable};
+use super::explain;
 use super::route::RoundRobin;
 use super::socket::{tokio_listener, SocketFactory};
 use super::tls::TlsSource;
@@ -345,6 +346,25 @@ impl Manager {
             listeners: names,
             tasks,
         })
+    }
+
+    /// Explains a connection from pod `from` (`namespace/name`) to `to`.
+    pub fn explain(
+        &self,
+        from: &str,
+        to: std::net::SocketAddr,
+    ) -> Result<explain::Explanation, explain::Error> {
+        let snap = self.inventory.borrow().clone();
+        let c = &self.cfg;
+        explain::explain(
+            &snap,
+            &c.trust_domain,
+            &c.root_namespace,
+            c.ports.tunnel,
+            self.tls.is_some(),
+            from,
+            to,
+        )
     }
 
     /// Every open proxied connection.

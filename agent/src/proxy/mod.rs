@@ -1,6 +1,7 @@
 //! The data plane: per-pod outbound, inbound-plaintext and tunnel listeners, and the pod manager.
 pub mod conns;
 pub mod copy;
+pub mod explain;
 pub mod inbound;
 pub mod manager;
 pub mod outbound;

@@ -1,0 +1,322 @@
+//! `ambit explain`: why a connection from a pod to an address is (or would be) tunnelled, plaintext or refused.
+use std::net::SocketAddr;
+
+use serde::Serialize;
+
+use super::route::{self, Decision, Route, RouteCtx};
+use crate::inventory::{Snapshot, Workload};
+use crate::policy::authz::{self, ConnAttrs};
+use crate::policy::peer_auth::{self, Effective, Resolution};
+
+/// The whole answer.
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    /// Source pod (`namespace/name`).
+    pub from: String,
+    /// Destination as dialled.
+    pub to: SocketAddr,
+    /// What the source agent does.
+    pub outbound: Decision,
+    /// What the destination agent does, when the destination is an enrolled pod.
+    pub inbound: Option<Inbound>,
+    /// One line: tunnelled, plaintext or refused, and by whom.
+    pub verdict: String,
+    /// Likely mistakes found in the policies that concern this connection.
+    pub warnings: Vec<String>,
+}
+
+/// The destination side.
+#[derive(Debug, Serialize)]
+pub struct Inbound {
+    /// Destination pod.
+    pub pod: String,
+    /// Its PeerAuthentication on the target port.
+    pub peer_authentication: Resolution,
+    /// The AuthorizationPolicy decision for this source.
+    pub authorization: authz::Decision,
+}
+
+/// Errors in the question itself.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The source pod is not in the inventory.
+    #[error("no pod {0} in the inventory (use namespace/name)")]
+    UnknownSource(String),
+}
+
+/// Explains a connection from pod `from` (`namespace/name`) to `to`.
+pub fn explain(
+    snap: &Snapshot,
+    trust_domain: &str,
+    root_namespace: &str,
+    tunnel_port: u16,
+    mtls: bool,
+    from: &str,
+    to: SocketAddr,
+) -> Result<Explanation, Error> {
+    let src = snap
+        .workloads
+        .get(from)
+        .ok_or_else(|| Error::UnknownSource(from.to_string()))?;
+    let ctx = RouteCtx {
+        snap,
+        trust_domain,
+        root_namespace,
+        tunnel_port,
+        mtls,
+    };
+    let mut warnings = Vec::new();
+    if !src.enrolled {
+        warnings.push(format!(
+            "source {from} is not enrolled: its connections are not captured at all"
+        ));
+    }
+    let outbound = route::decide(&ctx, to, |_, _| 0);
+    let (target, tunnelled) = match &outbound.route {
+        Route::Tunnel { target, .. } => (Some(*target), true),
+        Route::Plaintext { target } => (Some(*target), false),
+        Route::Refuse { .. } => (None, false),
+    };
+    let dst = target.and_then(|t| snap.by_ip(t.ip()).map(|w| (t, w)));
+    let inbound = dst
+        .filter(|(_, w)| w.enrolled)
+        .map(|(t, w)| inbound(snap, root_namespace, trust_domain, src, w, t, tunnelled));
+    if let Some((t, w)) = dst {
+        if !w.enrolled {
+            warnings.push(format!("destination {} is not enrolled: PeerAuthentication and AuthorizationPolicy do not apply to it", w.key()));
+        }
+        warnings.extend(policy_warnings(snap, root_namespace, w, t.port()));
+    }
+    let verdict = verdict(&outbound, inbound.as_ref(), tunnelled, src.enrolled);
+    Ok(Explanation {
+        from: from.to_string(),
+        to,
+        outbound,
+        inbound,
+        verdict,
+        warnings,
+    })
+}
+
+fn inbound(
+    snap: &Snapshot,
+    root: &str,
+    trust_domain: &str,
+    src: &Workload,
+    dst: &Workload,
+    target: SocketAddr,
+    tunnelled: bool,
+) -> Inbound {
+    let pa = peer_auth::resolve(
+        &snap.peer_authentications,
+        root,
+        &dst.namespace,
+        &dst.labels,
+        target.port(),
+    );
+    let src_ip = src
+        .ips
+        .iter()
+        .find(|i| i.is_ipv4() == target.is_ipv4())
+        .or(src.ips.first())
+        .copied();
+    let attrs = ConnAttrs {
+        principal: tunnelled.then(|| {
+            src.spiffe_id(trust_domain)
+                .trim_start_matches("spiffe://")
+                .to_string()
+        }),
+        namespace: tunnelled.then(|| src.namespace.clone()),
+        src_ip: src_ip.unwrap_or(target.ip()),
+        dst_port: target.port(),
+        dst_ip: target.ip(),
+    };
+    let authorization = authz::evaluate(
+        &snap.authorization_policies,
+        root,
+        &dst.namespace,
+        &dst.labels,
+        &attrs,
+    );
+    Inbound {
+        pod: dst.key(),
+        peer_authentication: pa,
+        authorization,
+    }
+}
+
+fn verdict(
+    outbound: &Decision,
+    inbound: Option<&Inbound>,
+    tunnelled: bool,
+    src_enrolled: bool,
+) -> String {
+    if !src_enrolled {
+        return "not captured: the source pod is not in the mesh".into();
+    }
+    if let Route::Refuse { reason } = &outbound.route {
+        return format!("refused by the source agent: {reason}");
+    }
+    let Some(inb) = inbound else {
+        return "plaintext to a destination outside the mesh".into();
+    };
+    if !tunnelled && inb.peer_authentication.mode == Effective::Strict {
+        let by = inb.peer_authentication.policy.as_deref().unwrap_or("?");
+        return format!("refused by the destination: plaintext under STRICT ({by})");
+    }
+    if !inb.authorization.allowed() {
+        return format!(
+            "refused by the destination: AuthorizationPolicy {:?}",
+            inb.authorization
+        );
+    }
+    if tunnelled {
+        "tunnelled over mTLS (HBONE)".into()
+    } else {
+        format!(
+            "plaintext, accepted by the destination ({})",
+            inb.peer_authentication.mode
+        )
+    }
+}
+
+/// Policies that look like they were meant to apply but do not.
+fn policy_warnings(snap: &Snapshot, root: &str, dst: &Workload, port: u16) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in &snap.peer_authentications {
+        let ns = &p.metadata.namespace;
+        if let Some(sel) = &p.spec.selector {
+            let selects_any = snap.workloads.values().any(|w| {
+                &w.namespace == ns
+                    && sel
+                        .match_labels
+                        .iter()
+                        .all(|(k, v)| w.labels.get(k) == Some(v))
+            });
+            if !selects_any {
+                out.push(format!(
+                    "PeerAuthentication {} selects no pod (selector {:?})",
+                    p.key(),
+                    sel.match_labels
+                ));
+            }
+        } else if ns != root && !snap.workloads.values().any(|w| &w.namespace == ns) {
+            out.push(format!("PeerAuthentication {} is in namespace {ns}, which has no pods; mesh-wide policies belong in {root}", p.key()));
+        }
+        if p.spec.selector.is_none() && ns != &dst.namespace && ns != root {
+            out.push(format!(
+                "PeerAuthentication {} is in namespace {ns} and does not apply to {}",
+                p.key(),
+                dst.key()
+            ));
+        }
+        if p.spec.selector.is_some() && !p.spec.port_level_mtls.is_empty() && ns == &dst.namespace {
+            let applies = p.spec.selector.as_ref().is_some_and(|s| {
+                s.match_labels
+                    .iter()
+                    .all(|(k, v)| dst.labels.get(k) == Some(v))
+            });
+            if applies && !p.spec.port_level_mtls.contains_key(&u32::from(port)) {
+                out.push(format!(
+                    "PeerAuthentication {} has port-level modes, but not for target port {port}",
+                    p.key()
+                ));
+            }
+        }
+    }
+    for a in &snap.authorization_policies {
+        let unsupported = authz::unsupported(a);
+        if !unsupported.is_empty() && a.applies_to(root, &dst.namespace, &dst.labels) {
+            out.push(format!(
+                "AuthorizationPolicy {} uses fields ambit cannot check at L4 ({}): it fails safe",
+                a.key(),
+                unsupported.join(", ")
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::inventory::file::parse;
+
+    const INV: &str = r#"
+kind: Namespace
+metadata: {name: shop, labels: {ambit.io/mode: enabled}}
+---
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node1, serviceAccountName: client}
+status: {podIPs: [{ip: 10.1.0.2}]}
+---
+kind: Pod
+metadata: {name: outsider, namespace: other}
+spec: {nodeName: node1}
+status: {podIPs: [{ip: 10.1.0.3}]}
+---
+kind: Pod
+metadata: {name: server, namespace: shop, labels: {app: server}}
+spec: {nodeName: node2, serviceAccountName: server}
+status: {podIPs: [{ip: 10.2.0.2}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: istio-config}
+spec: {mtls: {mode: STRICT}}
+"#;
+
+    #[test]
+    fn strict_in_the_wrong_namespace_is_flagged() {
+        let s = parse(Path::new("x"), INV).unwrap();
+        let e = explain(
+            &s,
+            "cluster.local",
+            "istio-system",
+            15008,
+            true,
+            "shop/client",
+            "10.2.0.2:8080".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(e.verdict, "tunnelled over mTLS (HBONE)");
+        assert!(
+            e.warnings
+                .iter()
+                .any(|w| w.contains("istio-config") && w.contains("no pods")),
+            "{:?}",
+            e.warnings
+        );
+    }
+
+    #[test]
+    fn plaintext_under_strict_is_refused_by_the_destination() {
+        let text = format!("{INV}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: strict, namespace: shop}}\nspec: {{mtls: {{mode: STRICT}}}}\n");
+        let s = parse(Path::new("x"), &text).unwrap();
+        // The outsider is not enrolled: not captured, so its plaintext reaches the server's agent.
+        let e = explain(
+            &s,
+            "cluster.local",
+            "istio-system",
+            15008,
+            false,
+            "shop/client",
+            "10.2.0.2:8080".parse().unwrap(),
+        )
+        .unwrap();
+        assert!(e.verdict.contains("STRICT"), "{}", e.verdict);
+        let unknown = explain(
+            &s,
+            "cluster.local",
+            "istio-system",
+            15008,
+            true,
+            "nope/x",
+            "10.2.0.2:80".parse().unwrap(),
+        );
+        assert!(unknown.is_err());
+    }
+}
