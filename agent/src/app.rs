@@ -13,11 +13,15 @@ use anyhow::Context;
 use tokio::sync::watch;
 
 use crate::admin::server::{self, AdminState};
+use crate::ca::CaClient;
 use crate::cli::RunArgs;
 use crate::config::{Config, LogFormat};
+use crate::identity::manager::{CertManager, ManagerSettings};
+use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
 use crate::inventory::file::{self, ReloadStats};
 use crate::inventory::Snapshot;
 use crate::proxy::manager::Manager;
+use crate::proxy::tls::TlsSource;
 use crate::redirect::{events, Datapath};
 use crate::sys;
 
@@ -81,12 +85,22 @@ async fn serve(
         tx,
         reloads.clone(),
     ));
+    let (tls, certs) = match identities(&cfg)? {
+        Some((tls, certs)) => (Some(tls), Some(certs)),
+        None => {
+            tracing::warn!(
+                "no ca configured: capture only, enrolled pods talk plaintext (no mTLS)"
+            );
+            (None, None)
+        }
+    };
     let manager = Arc::new(Manager::new(
         cfg.clone(),
         datapath.clone(),
         data_plane,
         rx.clone(),
-        None,
+        tls,
+        certs,
     ));
     tokio::spawn(manager.clone().run(rx));
     let listener = server::bind(&cfg.admin_socket)?;
@@ -104,6 +118,45 @@ async fn serve(
     shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// The certificate manager and the TLS source built on it, when a CA is configured.
+fn identities(cfg: &Config) -> anyhow::Result<Option<(Arc<TlsSource>, Arc<CertManager>)>> {
+    let Some(ca) = cfg.ca.clone() else {
+        return Ok(None);
+    };
+    let root_pem = std::fs::read_to_string(&ca.root_cert)
+        .with_context(|| format!("cannot read ca.rootCert {}", ca.root_cert.display()))?;
+    let roots = TrustBundle::from_pem(&root_pem).with_context(|| {
+        format!(
+            "ca.rootCert {} holds no usable root",
+            ca.root_cert.display()
+        )
+    })?;
+    let mut domains = vec![cfg
+        .trust_domain
+        .parse::<TrustDomain>()
+        .context("trustDomain")?];
+    for alias in &cfg.trust_domain_aliases {
+        domains.push(
+            alias
+                .parse::<TrustDomain>()
+                .with_context(|| format!("trustDomainAliases: {alias}"))?,
+        );
+    }
+    let client = CaClient::new(ca).context("cannot set up the ca client")?;
+    let certs = Arc::new(CertManager::new(
+        client,
+        tokio::runtime::Handle::current(),
+        ManagerSettings::default(),
+    ));
+    let lookup = certs.clone();
+    let tls = Arc::new(TlsSource::new(
+        Arc::new(move |id: &SpiffeId| lookup.get(id)),
+        roots,
+        domains,
+    ));
+    Ok(Some((tls, certs)))
 }
 
 async fn shutdown_signal() {
@@ -131,7 +184,7 @@ fn under(root: &Path, p: &Path) -> PathBuf {
     }
 }
 
-fn init_logging(format: LogFormat) {
+pub(crate) fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AMBIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

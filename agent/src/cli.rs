@@ -21,6 +21,8 @@ pub enum Command {
     Status(AdminArgs),
     /// Run the certificate authority (Istio CA API over gRPC + TLS).
     Ca(CaArgs),
+    /// Show the local identities' certificates (serial, validity, next renewal, state).
+    Certs(AdminArgs),
     /// List the connections the agent is carrying now.
     Connections(AdminArgs),
     /// Show the effective PeerAuthentication mode of every enrolled pod.

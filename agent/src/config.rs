@@ -120,6 +120,13 @@ pub struct Config {
     /// Source addresses admitted in plaintext even under STRICT (kubelet health probes).
     #[serde(default)]
     pub probe_sources: Vec<std::net::IpAddr>,
+    /// Other trust domains whose identities are accepted as ours.
+    #[serde(default)]
+    pub trust_domain_aliases: Vec<String>,
+    /// The CA that issues the pods' certificates. Without it the agent only captures:
+    /// enrolled pods talk plaintext through the agents (no mTLS).
+    #[serde(default)]
+    pub ca: Option<crate::ca::CaClientConfig>,
 }
 
 fn default_trust_domain() -> String {

@@ -9,6 +9,7 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => ambit::app::run(args),
         Command::Status(args) => ambit::admin::client::status(args),
         Command::Ca(args) => Ok(ambit::ca::run(args)?),
+        Command::Certs(args) => ambit::admin::client::certs(args),
         Command::Connections(args) => ambit::admin::client::connections(args),
         Command::Policy(args) => ambit::admin::client::policy(args),
         Command::Explain(args) => ambit::admin::client::explain(args),

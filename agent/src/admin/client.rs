@@ -28,6 +28,36 @@ pub fn status(args: AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ambit certs`: exit code 1 when some identity has no valid certificate.
+pub fn certs(args: AdminArgs) -> anyhow::Result<()> {
+    let v = get_or_exit(&args, "/certs");
+    let rows = v["certs"].as_array().cloned().unwrap_or_default();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!(
+            "{:<48} {:<13} {:<5} {:<22} {:<22} {:<22} SERIAL",
+            "IDENTITY", "STATE", "PODS", "NOT AFTER", "NEXT RENEWAL", "LAST ERROR"
+        );
+        for c in &rows {
+            println!(
+                "{:<48} {:<13} {:<5} {:<22} {:<22} {:<22} {}",
+                s(&c["identity"]),
+                s(&c["state"]),
+                n(&c["pods"]),
+                c["notAfter"].as_str().unwrap_or("-"),
+                c["nextRenewal"].as_str().unwrap_or("-"),
+                c["lastError"].as_str().unwrap_or("-"),
+                c["serial"].as_str().unwrap_or("-"),
+            );
+        }
+    }
+    if rows.iter().any(|c| c["state"] != "available") {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 /// `ambit connections`.
 pub fn connections(args: AdminArgs) -> anyhow::Result<()> {
     let v = get_or_exit(&args, "/connections");

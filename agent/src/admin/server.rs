@@ -121,8 +121,11 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             StatusCode::OK,
             &json!({ "policies": state.manager.policies() }),
         ),
+        "/certs" if get => {
+            json_response(StatusCode::OK, &json!({ "certs": state.manager.certs() }))
+        }
         "/explain" if get => explain(state, req.uri().query().unwrap_or_default()),
-        "/status" | "/connections" | "/policies" | "/explain" => json_response(
+        "/status" | "/connections" | "/policies" | "/explain" | "/certs" => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": "method not allowed"}),
         ),

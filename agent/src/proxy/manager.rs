@@ -22,6 +22,7 @@ use super::socket::{tokio_listener, SocketFactory};
 use super::tls::TlsSource;
 use super::{inbound, outbound, plaintext, PodContext, ProxyStats, ProxyStatsSnapshot};
 use crate::config::Config;
+use crate::identity::manager::{CertManager, CertStatus};
 use crate::inventory::{Snapshot, Workload};
 use crate::policy::{authz, peer_auth};
 use crate::redirect::maps::{AmbPod, AmbPodStats, POD_F_CAPTURE_IN, POD_F_CAPTURE_OUT};
@@ -68,6 +69,7 @@ pub struct Manager {
     tls: Option<Arc<TlsSource>>,
     pool: Arc<Pool>,
     lb: Arc<RoundRobin>,
+    certs: Option<Arc<CertManager>>,
 }
 
 /// One pod in `GET /policies`.
@@ -128,6 +130,7 @@ impl Manager {
         data_plane: Handle,
         inventory: watch::Receiver<Arc<Snapshot>>,
         tls: Option<Arc<TlsSource>>,
+        certs: Option<Arc<CertManager>>,
     ) -> Self {
         Self {
             cfg,
@@ -141,6 +144,7 @@ impl Manager {
             tls,
             pool: Arc::new(Pool::new(DEFAULT_MAX_STREAMS, DEFAULT_IDLE)),
             lb: Arc::new(RoundRobin::default()),
+            certs,
         }
     }
 
@@ -153,6 +157,7 @@ impl Manager {
             let reconciled = tokio::task::spawn_blocking(move || {
                 this.reconcile(&snap);
                 this.reauthorize(&snap);
+                this.refresh_trust();
                 if first {
                     this.remove_stale();
                 }
@@ -188,6 +193,10 @@ impl Manager {
             .collect();
         for key in stale {
             if let Some(e) = enrolled.remove(&key) {
+                if let (Some(certs), Some(id)) = (&self.certs, e.ctx.identity()) {
+                    certs.forget(&id);
+                }
+                self.pool.forget_source(e.entry.netns_cookie);
                 let gone = desired.get(&key).is_some_and(|w| netns_ino(w).is_none());
                 if let Err(err) = self.datapath.unenroll(&e.entry) {
                     tracing::error!(pod = %key, error = %err, "unenroll failed");
@@ -209,6 +218,9 @@ impl Manager {
                 Ok(e) => {
                     tracing::info!(pod = %key, netns.cookie = e.entry.netns_cookie, listeners = ?e.listeners, "pod enrolled");
                     failed.remove(&key);
+                    if let (Some(certs), Some(id)) = (&self.certs, e.ctx.identity()) {
+                        certs.track(&id);
+                    }
                     enrolled.insert(key, e);
                 }
                 Err(err) => {
@@ -226,6 +238,25 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Trusts the roots the CA sent last (root rotation) on top of the configured ones, and
+    /// drops idle tunnel connections.
+    fn refresh_trust(&self) {
+        self.pool.reap();
+        if let (Some(tls), Some(certs)) = (&self.tls, &self.certs) {
+            if let Some(roots) = certs.roots() {
+                tls.add_roots(&roots);
+            }
+        }
+    }
+
+    /// Certificate status of the local identities (empty without a CA).
+    pub fn certs(&self) -> Vec<CertStatus> {
+        self.certs
+            .as_ref()
+            .map(|c| c.snapshot())
+            .unwrap_or_default()
     }
 
     /// Closes open inbound connections that the current AuthorizationPolicies no longer allow.

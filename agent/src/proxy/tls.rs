@@ -48,6 +48,19 @@ impl TlsSource {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(roots);
     }
 
+    /// Adds roots (from CA responses) to the configured ones; a no-op when all are known.
+    pub fn add_roots(&self, extra: &TrustBundle) {
+        let mut cur = self
+            .roots
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let known = |r: &rustls::pki_types::CertificateDer<'_>| cur.roots().iter().any(|c| c == r);
+        if extra.roots().iter().all(known) {
+            return;
+        }
+        *cur = Arc::new(cur.merged(extra));
+    }
+
     fn roots(&self) -> Arc<TrustBundle> {
         self.roots
             .read()
