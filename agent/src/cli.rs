@@ -29,6 +29,8 @@ pub enum Command {
     Policy(AdminArgs),
     /// Explain why a connection from a pod to an address is tunnelled, plaintext or refused.
     Explain(ExplainArgs),
+    /// Chained CNI plugin: run by the container runtime (`CNI_*` variables, config on stdin).
+    Cni,
 }
 
 /// `ambit run`.

@@ -4,6 +4,10 @@ use clap::Parser;
 use ambit::cli::{Cli, Command};
 
 fn main() -> anyhow::Result<()> {
+    // Runtimes run CNI plugins by file name, without arguments: `/opt/cni/bin/ambit-cni`.
+    if ambit::cni::plugin::invoked_as_plugin() {
+        std::process::exit(ambit::cni::plugin::main());
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => ambit::app::run(args),
@@ -13,5 +17,6 @@ fn main() -> anyhow::Result<()> {
         Command::Connections(args) => ambit::admin::client::connections(args),
         Command::Policy(args) => ambit::admin::client::policy(args),
         Command::Explain(args) => ambit::admin::client::explain(args),
+        Command::Cni => std::process::exit(ambit::cni::plugin::main()),
     }
 }

@@ -1,0 +1,95 @@
+//! The agent's standard CNI handler: record the pod in the map, then answer from the inventory.
+//!
+//! ADD waits (up to `wait`) until the inventory shows the pod with the reported namespace, which
+//! means the Kubernetes source merged the CNI report; then a pod that is not enrolled gets
+//! `NotInMesh` at once, and an enrolled one gets `Enrolled` once `confirm` (the pod manager)
+//! says its capture is in place. The plugin holds the pod's start until then, so an enrolled
+//! pod's first connection is already captured.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::pods::PodMap;
+use super::server::Handler;
+use super::{CniCommand, CniEvent, CniReply};
+use crate::inventory::Snapshot;
+
+/// Whether the pod manager has set a pod (`namespace/name`) up: `None` while pending,
+/// `Some(Err(reason))` when it gave up.
+pub type Confirm = Arc<dyn Fn(&str) -> Option<Result<(), String>> + Send + Sync>;
+
+/// How often a waiting ADD looks at the inventory and the manager again.
+const POLL: Duration = Duration::from_millis(25);
+
+/// Builds the handler for [`super::server::serve`].
+pub fn handler(
+    map: Arc<PodMap>,
+    inventory: watch::Receiver<Arc<Snapshot>>,
+    confirm: Option<Confirm>,
+    wait: Duration,
+) -> Handler {
+    Arc::new(move |event: CniEvent| handle(&map, &inventory, confirm.as_ref(), wait, &event))
+}
+
+fn handle(
+    map: &PodMap,
+    inventory: &watch::Receiver<Arc<Snapshot>>,
+    confirm: Option<&Confirm>,
+    wait: Duration,
+    event: &CniEvent,
+) -> CniReply {
+    let key = event.pod.key();
+    if let Err(e) = map.apply(event) {
+        tracing::error!(error = %e, "cannot record CNI pod");
+        return CniReply::Failed {
+            message: format!("agent cannot record pod {key}: {e}"),
+        };
+    }
+    if event.command == CniCommand::Del {
+        tracing::info!("pod sandbox removed");
+        return CniReply::NotInMesh;
+    }
+    let deadline = Instant::now() + wait;
+    let mut last = String::from("not in the agent's inventory yet (is the API watch behind?)");
+    loop {
+        let snap = inventory.borrow().clone();
+        match snap.workloads.get(&key) {
+            Some(w) if !w.enrolled => {
+                tracing::info!("pod not in the mesh");
+                return CniReply::NotInMesh;
+            }
+            Some(w) if w.netns.is_some() && w.netns == event.netns => {
+                match confirm
+                    .and_then(|c| c(&key))
+                    .or(confirm.is_none().then_some(Ok(())))
+                {
+                    Some(Ok(())) => {
+                        tracing::info!(netns = ?event.netns, "pod enrolled");
+                        return CniReply::Enrolled;
+                    }
+                    Some(Err(reason)) => {
+                        return CniReply::Failed {
+                            message: format!("pod {key}: {reason}"),
+                        }
+                    }
+                    None => last = "capture not in place yet".into(),
+                }
+            }
+            Some(w) => {
+                last = format!(
+                    "inventory has not taken the reported netns yet (pod is on node `{}`)",
+                    w.node
+                );
+            }
+            None => {}
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(reason = %last, "pod not ready in time; the runtime will retry");
+            return CniReply::Failed {
+                message: format!("pod {key}: {last}"),
+            };
+        }
+        std::thread::sleep(POLL);
+    }
+}
