@@ -280,7 +280,7 @@ fn typed<T: DeserializeOwned>(chunk: &str) -> Result<T, (String, String, usize)>
     })
 }
 
-fn workload(
+pub(crate) fn workload(
     pod: Pod,
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
 ) -> Result<Workload, (String, String)> {

@@ -1,5 +1,6 @@
 //! The inventory: workloads (pods) and namespaces known to the agent, from a file or Kubernetes.
 pub mod file;
+pub mod kube;
 pub mod objects;
 pub mod services;
 

@@ -1,0 +1,273 @@
+//! MOCK Kubernetes API server for the reflector tests (list + watch over HTTP on 127.0.0.1).
+//!
+//! This is a mock, used only to drive kube-rs's real client and watcher through real sockets:
+//! it serves collections of JSON objects, numbered watch events replayed from a resourceVersion,
+//! 404 Status for kinds it is told the cluster lacks, and injected 500s. It knows nothing of
+//! field selectors, pagination or bookmarks, which the reflectors here do not need.
+use std::collections::{BTreeMap, BTreeSet};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http_body_util::{Full, StreamBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+
+/// Collection path for a `kind` (the subset the inventory watches).
+pub(super) fn path_of(kind: &str) -> &'static str {
+    match kind {
+        "Pod" => "/api/v1/pods",
+        "Namespace" => "/api/v1/namespaces",
+        "Service" => "/api/v1/services",
+        "EndpointSlice" => "/apis/discovery.k8s.io/v1/endpointslices",
+        "PeerAuthentication" => "/apis/security.istio.io/v1/peerauthentications",
+        "AuthorizationPolicy" => "/apis/security.istio.io/v1/authorizationpolicies",
+        "DestinationRule" => "/apis/networking.istio.io/v1/destinationrules",
+        other => panic!("fake API does not serve {other}"),
+    }
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// path -> key -> object
+    objects: BTreeMap<String, BTreeMap<String, Value>>,
+    /// (rv, path, event type, object)
+    log: Vec<(u64, String, &'static str, Value)>,
+    missing: BTreeSet<String>,
+    fail_lists: BTreeMap<String, usize>,
+    list_requests: BTreeMap<String, usize>,
+}
+
+/// A running mock API server.
+pub(super) struct FakeApi {
+    pub(super) addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    notify: Arc<Notify>,
+}
+
+impl FakeApi {
+    /// Starts serving on 127.0.0.1 (an ephemeral port) in the current runtime.
+    pub(super) async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(State::default()));
+        let notify = Arc::new(Notify::new());
+        let (s, n) = (state.clone(), notify.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (s, n) = (s.clone(), n.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let (s, n) = (s.clone(), n.clone());
+                        async move { Ok::<_, Infallible>(route(&s, &n, &req)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            state,
+            notify,
+        }
+    }
+
+    /// A kube client talking to this server.
+    pub(super) fn client(&self) -> kube::Client {
+        let uri = format!("http://{}", self.addr).parse().unwrap();
+        kube::Client::try_from(kube::Config::new(uri)).unwrap()
+    }
+
+    /// Adds or replaces an object (a JSON value with `kind` and `metadata`).
+    pub(super) fn apply(&self, obj: Value) {
+        self.record(obj, false);
+    }
+
+    /// Deletes an object.
+    pub(super) fn delete(&self, obj: Value) {
+        self.record(obj, true);
+    }
+
+    /// Makes a kind's collection answer 404, as for a CRD that is not installed.
+    pub(super) fn set_missing(&self, kind: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .missing
+            .insert(path_of(kind).into());
+    }
+
+    /// Makes the next `n` lists of `kind` fail with 500.
+    pub(super) fn fail_lists(&self, kind: &str, n: usize) {
+        self.state
+            .lock()
+            .unwrap()
+            .fail_lists
+            .insert(path_of(kind).into(), n);
+    }
+
+    /// How many list requests `kind` got.
+    pub(super) fn list_requests(&self, kind: &str) -> usize {
+        let s = self.state.lock().unwrap();
+        s.list_requests.get(path_of(kind)).copied().unwrap_or(0)
+    }
+
+    fn record(&self, mut obj: Value, delete: bool) {
+        let kind = obj["kind"].as_str().unwrap().to_string();
+        let path = path_of(&kind).to_string();
+        let key = format!(
+            "{}/{}",
+            obj["metadata"]["namespace"].as_str().unwrap_or(""),
+            obj["metadata"]["name"].as_str().unwrap()
+        );
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        let rv = s.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let coll = s.objects.entry(path.clone()).or_default();
+        let kind = if delete {
+            coll.remove(&key);
+            "DELETED"
+        } else if coll.insert(key, obj.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        s.log.push((rv, path, kind, obj));
+        drop(s);
+        self.notify.notify_waiters();
+    }
+}
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn route(
+    state: &Arc<Mutex<State>>,
+    notify: &Arc<Notify>,
+    req: &Request<hyper::body::Incoming>,
+) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let query: BTreeMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let mut s = state.lock().unwrap();
+    if s.missing.contains(&path) || !is_served(&path) {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    }
+    if query.get("watch").map(String::as_str) == Some("true") {
+        let from: u64 = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        drop(s);
+        return watch(state.clone(), notify.clone(), path, from);
+    }
+    *s.list_requests.entry(path.clone()).or_default() += 1;
+    if let Some(n) = s.fail_lists.get_mut(&path).filter(|n| **n > 0) {
+        *n -= 1;
+        return status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "injected failure",
+        );
+    }
+    let items: Vec<Value> = s
+        .objects
+        .get(&path)
+        .map(|c| c.values().cloned().collect())
+        .unwrap_or_default();
+    let body = json!({
+        "kind": "List",
+        "apiVersion": "v1",
+        "metadata": {"resourceVersion": s.rv.to_string()},
+        "items": items,
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+fn is_served(path: &str) -> bool {
+    [
+        "Pod",
+        "Namespace",
+        "Service",
+        "EndpointSlice",
+        "PeerAuthentication",
+        "AuthorizationPolicy",
+        "DestinationRule",
+    ]
+    .iter()
+    .any(|k| path_of(k) == path)
+}
+
+/// Streams the events of `path` after `from`, then new ones as they come.
+fn watch(state: Arc<Mutex<State>>, notify: Arc<Notify>, path: String, from: u64) -> Response<Body> {
+    let stream = futures_util::stream::unfold(from, move |mut seen| {
+        let (state, notify, path) = (state.clone(), notify.clone(), path.clone());
+        async move {
+            loop {
+                let waiter = notify.notified();
+                let next = {
+                    let s = state.lock().unwrap();
+                    s.log
+                        .iter()
+                        .find(|(rv, p, _, _)| *rv > seen && *p == path)
+                        .map(|(rv, _, t, o)| (*rv, json!({"type": t, "object": o})))
+                };
+                if let Some((rv, ev)) = next {
+                    seen = rv;
+                    let mut line = serde_json::to_vec(&ev).unwrap();
+                    line.push(b'\n');
+                    return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(line))), seen));
+                }
+                waiter.await;
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(http_body_util::BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap()
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let body = json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code.as_u16(),
+    });
+    json_response(code, &body)
+}
+
+fn json_response(code: StatusCode, body: &Value) -> Response<Body> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(http_body_util::BodyExt::boxed(Full::new(Bytes::from(
+            serde_json::to_vec(body).unwrap(),
+        ))))
+        .unwrap()
+}
