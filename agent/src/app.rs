@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::watch;
 
+use crate::admin::logging::{self, LogControl};
+use crate::admin::metrics;
 use crate::admin::server::{self, AdminState};
 use crate::ca::CaClient;
 use crate::cli::RunArgs;
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
 use crate::identity::manager::{CertManager, ManagerSettings};
 use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
 use crate::inventory::file::{self, ReloadStats};
@@ -28,7 +30,7 @@ use crate::sys;
 /// `ambit run`.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config)?;
-    init_logging(cfg.log_format);
+    let log = logging::init(cfg.log_format);
     let cg_root = sys::cgroup2_mount()?;
     let pods_cgroup = under(&cg_root, &cfg.pods_cgroup);
     let agent_cgroup = under(&cg_root, &cfg.agent_cgroup);
@@ -58,9 +60,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         datapath,
         ring,
         data_plane.handle().clone(),
+        log,
     ));
     data_plane.shutdown_timeout(Duration::from_secs(1));
-    let _ = std::fs::remove_file(&cfg.admin_socket);
     tracing::info!("agent stopped; kernel programs stay attached (pods fail closed)");
     result
 }
@@ -70,6 +72,7 @@ async fn serve(
     datapath: Arc<Datapath>,
     ring: aya::maps::RingBuf<aya::maps::MapData>,
     data_plane: tokio::runtime::Handle,
+    log: LogControl,
 ) -> anyhow::Result<()> {
     tokio::spawn(events::drain(ring));
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
@@ -102,22 +105,49 @@ async fn serve(
         tls,
         certs,
     ));
+    let rx_admin = rx.clone();
     tokio::spawn(manager.clone().run(rx));
     let listener = server::bind(&cfg.admin_socket)?;
+    let registry = metrics::registry(manager.metrics(), datapath.clone(), manager.clone());
     let state = Arc::new(AdminState {
-        node: cfg.node.clone(),
-        inventory: cfg.inventory.clone(),
+        cfg: cfg.clone(),
         reloads,
         manager,
         datapath,
         started: Instant::now(),
         bad_requests: AtomicU64::new(0),
+        registry,
+        log,
+        inventory_rx: rx_admin,
     });
-    tokio::spawn(server::serve(listener, state));
-    tracing::info!(admin.socket = %cfg.admin_socket.display(), "agent ready");
-    shutdown_signal().await;
-    tracing::info!("shutting down");
+    if let Some(addr) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind metricsListen {addr}"))?;
+        tokio::spawn(server::serve_metrics(l, state.clone()));
+    }
+    let admin_ino = inode(&cfg.admin_socket);
+    tokio::spawn(server::serve(listener, state.clone()));
+    tracing::info!(admin.socket = %cfg.admin_socket.display(), "agent serving");
+    let drain = state.manager.drain_trigger();
+    tokio::select! {
+        () = shutdown_signal() => {},
+        () = drain.notified() => {},
+    }
+    state
+        .manager
+        .drain(Duration::from_millis(cfg.drain_deadline_ms))
+        .await;
+    // A newer agent may have bound the same path already: remove only our own socket.
+    if admin_ino.is_some() && inode(&cfg.admin_socket) == admin_ino {
+        let _ = std::fs::remove_file(&cfg.admin_socket);
+    }
     Ok(())
+}
+
+fn inode(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
 /// The certificate manager and the TLS source built on it, when a CA is configured.
@@ -181,17 +211,5 @@ fn under(root: &Path, p: &Path) -> PathBuf {
         p.to_path_buf()
     } else {
         root.join(p)
-    }
-}
-
-pub(crate) fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AMBIT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
     }
 }

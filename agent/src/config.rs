@@ -1,7 +1,7 @@
 //! Agent configuration: parsed once from a YAML file into typed values.
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Default SO_MARK of the agent's outbound sockets (as Istio's 1337).
 pub const DEFAULT_OUTBOUND_MARK: u32 = 0x539;
@@ -37,7 +37,7 @@ pub enum Error {
 }
 
 /// The agent's ports inside every enrolled pod.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Ports {
     /// Outbound capture listener (127.0.0.1 and ::1).
@@ -66,7 +66,7 @@ impl Ports {
 }
 
 /// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -77,7 +77,7 @@ pub enum LogFormat {
 }
 
 /// The agent's configuration (`ambit run --config FILE`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
     /// Name of the node this agent serves; only pods with this `spec.nodeName` are enrolled.
@@ -123,6 +123,12 @@ pub struct Config {
     /// Other trust domains whose identities are accepted as ours.
     #[serde(default)]
     pub trust_domain_aliases: Vec<String>,
+    /// Optional TCP listener for `GET /metrics` (e.g. `0.0.0.0:15020`).
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How long open connections may finish after SIGTERM before they are cut.
+    #[serde(default = "default_drain_ms")]
+    pub drain_deadline_ms: u64,
     /// The CA that issues the pods' certificates. Without it the agent only captures:
     /// enrolled pods talk plaintext through the agents (no mTLS).
     #[serde(default)]
@@ -131,6 +137,9 @@ pub struct Config {
 
 fn default_trust_domain() -> String {
     "cluster.local".to_string()
+}
+fn default_drain_ms() -> u64 {
+    5000
 }
 fn default_root_namespace() -> String {
     crate::policy::peer_auth::DEFAULT_ROOT_NAMESPACE.to_string()

@@ -15,7 +15,14 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::UnixListener;
 
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use super::logging::LogControl;
+use super::metrics;
+use crate::config::Config;
 use crate::inventory::file::ReloadStats;
+use crate::inventory::Snapshot;
 use crate::proxy::manager::Manager;
 use crate::redirect::Datapath;
 
@@ -33,10 +40,8 @@ pub enum Error {
 
 /// What the admin API reports on.
 pub struct AdminState {
-    /// Node name.
-    pub node: String,
-    /// Inventory file path.
-    pub inventory: PathBuf,
+    /// The agent's configuration.
+    pub cfg: Arc<Config>,
     /// Inventory reload counters.
     pub reloads: Arc<ReloadStats>,
     /// The pod manager.
@@ -47,6 +52,12 @@ pub struct AdminState {
     pub started: Instant,
     /// Admin requests refused as malformed.
     pub bad_requests: AtomicU64,
+    /// Metrics.
+    pub registry: Registry,
+    /// Run-time log filter.
+    pub log: LogControl,
+    /// The inventory as last loaded.
+    pub inventory_rx: watch::Receiver<Arc<Snapshot>>,
 }
 
 /// Binds the admin socket (replacing a stale one), restricted to its owner.
@@ -110,22 +121,44 @@ pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
 
 fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    let get = req.method() == Method::GET;
+    let query = req.uri().query().unwrap_or_default();
+    let (get, post) = (req.method() == Method::GET, req.method() == Method::POST);
+    let ok = |v: serde_json::Value| json_response(StatusCode::OK, &v);
     match path {
-        "/status" if get => json_response(StatusCode::OK, &status(state)),
-        "/connections" if get => json_response(
-            StatusCode::OK,
-            &json!({ "connections": state.manager.connections() }),
-        ),
-        "/policies" if get => json_response(
-            StatusCode::OK,
-            &json!({ "policies": state.manager.policies() }),
-        ),
-        "/certs" if get => {
-            json_response(StatusCode::OK, &json!({ "certs": state.manager.certs() }))
+        "/status" if get => ok(status(state)),
+        "/workloads" if get => ok(json!({ "workloads": workloads(state) })),
+        "/certs" if get => ok(json!({ "certs": state.manager.certs() })),
+        "/connections" if get => ok(json!({ "connections": state.manager.connections() })),
+        "/policies" if get => ok(json!({ "policies": state.manager.policies() })),
+        "/explain" if get => explain(state, query),
+        "/config_dump" if get => ok(config_dump(state)),
+        "/metrics" if get => metrics_response(state),
+        "/logging" if get => ok(json!({ "level": state.log.current() })),
+        "/logging" if post => match param(query, "level") {
+            None => bad(
+                state,
+                "POST /logging needs level=FILTER (e.g. info, ambit=debug)".into(),
+            ),
+            Some(level) => match state.log.set(&level) {
+                Ok(()) => ok(json!({ "level": state.log.current() })),
+                Err(e) => bad(state, chain(&e)),
+            },
+        },
+        "/healthz/ready" if get => {
+            let (ready, reasons) = state.manager.readiness();
+            let code = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json_response(code, &json!({ "ready": ready, "waiting_for": reasons }))
         }
-        "/explain" if get => explain(state, req.uri().query().unwrap_or_default()),
-        "/status" | "/connections" | "/policies" | "/explain" | "/certs" => json_response(
+        "/drain" if post => {
+            state.manager.drain_trigger().notify_one();
+            ok(json!({ "draining": true }))
+        }
+        "/status" | "/workloads" | "/certs" | "/connections" | "/policies" | "/explain"
+        | "/config_dump" | "/metrics" | "/logging" | "/healthz/ready" | "/drain" => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             &json!({"error": "method not allowed"}),
         ),
@@ -136,23 +169,117 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+fn bad(state: &AdminState, msg: String) -> Response<Full<Bytes>> {
+    state.bad_requests.fetch_add(1, Ordering::Relaxed);
+    json_response(StatusCode::BAD_REQUEST, &json!({ "error": msg }))
+}
+
+fn param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| percent_decode(v))
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn metrics_response(state: &AdminState) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(metrics::render(&state.registry))));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    resp
+}
+
+/// Every pod in the inventory, with whether this agent serves it.
+fn workloads(state: &AdminState) -> Vec<serde_json::Value> {
+    let snap = state.inventory_rx.borrow().clone();
+    let td = &state.cfg.trust_domain;
+    snap.workloads
+        .values()
+        .map(|w| {
+            json!({
+                "name": w.name,
+                "namespace": w.namespace,
+                "identity": w.spiffe_id(td),
+                "node": w.node,
+                "local": w.node == state.cfg.node,
+                "ips": w.ips,
+                "enrolled": w.enrolled,
+                "labels": w.labels,
+                "netns": w.netns,
+            })
+        })
+        .collect()
+}
+
+/// Everything in one document.
+fn config_dump(state: &AdminState) -> serde_json::Value {
+    json!({
+        "config": &*state.cfg,
+        "log_level": state.log.current(),
+        "status": status(state),
+        "workloads": workloads(state),
+        "certs": state.manager.certs(),
+        "connections": state.manager.connections(),
+        "policies": state.manager.policies(),
+    })
+}
+
+/// Serves only `GET /metrics` on a TCP listener (Prometheus scrapes; `:15020` in the DaemonSet).
+pub async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move {
+                    Ok::<_, Infallible>(match (req.method(), req.uri().path()) {
+                        (&Method::GET, "/metrics" | "/stats/prometheus") => {
+                            metrics_response(&state)
+                        }
+                        _ => json_response(
+                            StatusCode::NOT_FOUND,
+                            &json!({"error": "only GET /metrics here"}),
+                        ),
+                    })
+                }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(5))
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+        });
+    }
+}
+
 fn explain(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
-    let param = |name: &str| {
-        query
-            .split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| percent_decode(v))
-    };
-    let bad = |msg: String| {
-        state.bad_requests.fetch_add(1, Ordering::Relaxed);
-        json_response(StatusCode::BAD_REQUEST, &json!({ "error": msg }))
-    };
-    let (Some(from), Some(to)) = (param("from"), param("to")) else {
-        return bad("explain needs from=NAMESPACE/POD and to=IP:PORT".into());
+    let (Some(from), Some(to)) = (param(query, "from"), param(query, "to")) else {
+        return bad(
+            state,
+            "explain needs from=NAMESPACE/POD and to=IP:PORT".into(),
+        );
     };
     let Ok(to) = to.parse::<std::net::SocketAddr>() else {
-        return bad(format!("to={to} is not IP:PORT (IPv6 in brackets)"));
+        return bad(state, format!("to={to} is not IP:PORT (IPv6 in brackets)"));
     };
     match state.manager.explain(&from, to) {
         Ok(e) => json_response(StatusCode::OK, &json!(e)),
@@ -189,11 +316,11 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         .map(|(k, v)| (k.to_string(), json!(v)))
         .collect();
     json!({
-        "node": state.node,
+        "node": state.cfg.node,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.started.elapsed().as_secs(),
         "inventory": {
-            "path": state.inventory,
+            "path": state.cfg.inventory,
             "loads": state.reloads.loads.load(Ordering::Relaxed),
             "errors": state.reloads.errors.load(Ordering::Relaxed),
         },

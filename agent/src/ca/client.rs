@@ -44,7 +44,7 @@ use crate::identity::{
 const DEFAULT_PORT: u16 = 15012;
 
 /// Where and how the agent asks for certificates: the agent config's `ca:` section.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CaClientConfig {
     /// The CA: `host:port` or `https://host:port` (port 15012 when omitted).

@@ -75,6 +75,9 @@ pub struct CertStatus {
     pub not_before: Option<String>,
     /// End of its validity (RFC 3339, UTC).
     pub not_after: Option<String>,
+    /// End of its validity, unix seconds (for metrics).
+    #[serde(skip)]
+    pub not_after_unix: Option<i64>,
     /// When the next request is due: renewal, or retry after a failure (RFC 3339, UTC).
     pub next_renewal: Option<String>,
     /// Why the last request failed, if it did.
@@ -297,6 +300,14 @@ impl Slot {
             serial: cert.map(|c| c.serial().to_owned()),
             not_before: cert.map(|c| rfc3339(c.not_before())),
             not_after: cert.map(|c| rfc3339(c.not_after())),
+            not_after_unix: cert.and_then(|c| {
+                let secs = c
+                    .not_after()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?
+                    .as_secs();
+                i64::try_from(secs).ok()
+            }),
             next_renewal: self.next_renewal.map(rfc3339),
             last_error: self.last_error.clone(),
             renewals: self.renewals,

@@ -1,5 +1,6 @@
-//! The table of open proxied connections, for `GET /connections`; entries leave when their guard drops.
+//! Connection accounting: the table behind `GET /connections`, Istio TCP metrics and the access log (one line per connection at close).
 use std::collections::BTreeMap;
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -7,6 +8,8 @@ use std::time::Instant;
 use serde::Serialize;
 use tokio::sync::Notify;
 
+use super::copy::Transferred;
+use crate::admin::metrics::{ProxyMetrics, TcpLabels};
 use crate::policy::authz::ConnAttrs;
 
 /// What is known about one open connection.
@@ -18,8 +21,11 @@ pub struct ConnInfo {
     pub pod: String,
     /// Source address.
     pub src: String,
-    /// Destination (original) address.
+    /// Destination as the client dialled it.
     pub dst: String,
+    /// Where the bytes go when that differs (Service endpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
     /// Source identity, when proved (mTLS) or known (outbound from a local pod).
     pub src_identity: Option<String>,
     /// Destination identity, when known.
@@ -29,6 +35,9 @@ pub struct ConnInfo {
     /// What inbound authorization decided on; re-checked when policies change.
     #[serde(skip)]
     pub authz: Option<ConnAttrs>,
+    /// Metric labels.
+    #[serde(skip)]
+    pub labels: TcpLabels,
 }
 
 struct Entry {
@@ -47,27 +56,23 @@ pub struct ByteCounts {
     pub received: AtomicU64,
 }
 
-/// Open connections of this agent.
-#[derive(Default)]
+/// Open connections of this agent, and the metrics they feed.
 pub struct ConnTable {
     next: AtomicU64,
     open: Mutex<BTreeMap<u64, Entry>>,
+    metrics: Arc<ProxyMetrics>,
 }
 
-/// Removes its connection from the table when dropped.
+/// Keeps a connection in the table; [`ConnGuard::finish`] writes its access-log line.
 pub struct ConnGuard {
     table: Arc<ConnTable>,
     id: u64,
+    started: Instant,
+    info: ConnInfo,
     /// The connection's byte counters.
     pub bytes: Arc<ByteCounts>,
     /// Notified when the connection must be closed (a policy no longer allows it).
     pub closer: Arc<Notify>,
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        lock(&self.table.open).remove(&self.id);
-    }
 }
 
 /// One row of `GET /connections`.
@@ -87,14 +92,35 @@ pub struct ConnRow {
 }
 
 impl ConnTable {
+    /// An empty table feeding `metrics`.
+    pub fn new(metrics: Arc<ProxyMetrics>) -> Self {
+        Self {
+            next: AtomicU64::new(0),
+            open: Mutex::new(BTreeMap::new()),
+            metrics,
+        }
+    }
+
+    /// The metrics this table feeds.
+    pub fn metrics(&self) -> &ProxyMetrics {
+        &self.metrics
+    }
+
+    /// The shared metrics handle.
+    pub fn metrics_arc(&self) -> Arc<ProxyMetrics> {
+        self.metrics.clone()
+    }
+
     /// Registers an open connection.
     pub fn open(self: &Arc<Self>, info: ConnInfo) -> ConnGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let bytes = Arc::new(ByteCounts::default());
         let closer = Arc::new(Notify::new());
+        self.metrics.opened.get_or_create(&info.labels).inc();
+        let started = Instant::now();
         let entry = Entry {
-            info,
-            started: Instant::now(),
+            info: info.clone(),
+            started,
             bytes: bytes.clone(),
             closer: closer.clone(),
         };
@@ -102,6 +128,8 @@ impl ConnTable {
         ConnGuard {
             table: self.clone(),
             id,
+            started,
+            info,
             bytes,
             closer,
         }
@@ -136,6 +164,82 @@ impl ConnTable {
             })
             .collect()
     }
+}
+
+impl ConnGuard {
+    /// Ends the connection: counts its bytes and writes its access-log line.
+    pub fn finish(self, result: &io::Result<Transferred>) {
+        let (sent, received) = (
+            self.bytes.sent.load(Ordering::Relaxed),
+            self.bytes.received.load(Ordering::Relaxed),
+        );
+        let dur_ms = self.started.elapsed().as_millis() as u64;
+        let i = &self.info;
+        let (outcome, error) = match result {
+            Ok(_) => ("ok", String::new()),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
+                ("closed_by_policy", e.to_string())
+            }
+            Err(e) => ("error", e.to_string()),
+        };
+        tracing::info!(
+            target: "access",
+            direction = i.direction,
+            pod = %i.pod,
+            src.addr = %i.src,
+            src.id = i.src_identity.as_deref().unwrap_or("-"),
+            dst.orig = %i.dst,
+            dst.target = i.target.as_deref().unwrap_or(&i.dst),
+            dst.id = i.dst_identity.as_deref().unwrap_or("-"),
+            security = i.security,
+            bytes.sent = sent,
+            bytes.recv = received,
+            dur_ms,
+            result = outcome,
+            error,
+            "connection closed"
+        );
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        lock(&self.table.open).remove(&self.id);
+        let m = &self.table.metrics;
+        let l = &self.info.labels;
+        m.closed.get_or_create(l).inc();
+        m.sent_bytes
+            .get_or_create(l)
+            .inc_by(self.bytes.sent.load(Ordering::Relaxed));
+        m.received_bytes
+            .get_or_create(l)
+            .inc_by(self.bytes.received.load(Ordering::Relaxed));
+    }
+}
+
+/// Writes the access-log line and metrics of a connection refused before it was carried.
+pub fn refused(
+    metrics: &ProxyMetrics,
+    labels: &TcpLabels,
+    direction: &'static str,
+    src: &str,
+    dst: &str,
+    reason: &str,
+    error: &str,
+) {
+    metrics.refused(labels);
+    tracing::warn!(
+        target: "access",
+        direction,
+        src.addr = %src,
+        dst.orig = %dst,
+        security = if labels.connection_security_policy == "mutual_tls" { "mutual_tls" } else { "plaintext" },
+        response_flags = labels.response_flags,
+        result = "refused",
+        reason,
+        error,
+        "connection refused"
+    );
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -1,16 +1,16 @@
-//! Inbound tunnel path: terminate HBONE on 15008, check the CONNECT target, deliver to the app with the client's address.
+//! Inbound tunnel path: terminate HBONE on 15008, check the CONNECT target and policy, deliver to the app with the client's address.
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use super::conns::ConnInfo;
+use super::conns::{self, ConnInfo};
 use super::copy::copy_until_closed;
 use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
+use crate::admin::metrics::ReasonLabel;
 use crate::policy::authz::ConnAttrs;
 use crate::tunnel::server::{serve_connection, PendingConnect};
 
@@ -26,60 +26,78 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
 }
 
 async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
+    let refused = |reason: &'static str, error: String| {
+        pod.stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(target: "access", direction = "inbound", src.addr = %peer, reason, error, "tunnel connection refused");
+    };
     let Some(id) = pod.identity() else {
-        reset(tcp);
-        return;
+        refused("no_identity", "this pod has no valid identity".into());
+        return reset(tcp);
     };
     let Some(source) = pod.tls.as_ref() else {
-        pod.stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(target: "access", direction = "inbound", reason = "no_ca", "tunnel connection refused: agent runs without identities");
-        reset(tcp);
-        return;
+        refused("no_ca", "agent runs without identities".into());
+        return reset(tcp);
     };
     let tls = match source.server(&id) {
         Ok(c) => Arc::new(c),
         Err(e) => {
-            pod.stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(target: "access", direction = "inbound", reason = "no_certificate", error = %e, "tunnel connection refused");
-            reset(tcp);
-            return;
+            refused("no_certificate", e.to_string());
+            return reset(tcp);
         }
     };
     let handler_pod = pod.clone();
-    let served = serve_connection(tcp, peer, tls, move |p| handle(p, handler_pod.clone())).await;
-    if let Err(e) = served {
-        pod.stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(target: "access", direction = "inbound", reason = "tunnel", error = %e, "tunnel connection failed");
+    if let Err(e) = serve_connection(tcp, peer, tls, pod.draining.clone(), move |p| {
+        handle(p, handler_pod.clone())
+    })
+    .await
+    {
+        refused("tunnel", e.to_string());
     }
 }
 
 async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
-    let start = Instant::now();
     let stats = &pod.stats;
     let target = p.connect.authority;
     let peer_id = p.connect.peer_id.to_string();
     let src = p.connect.peer;
     // The source agent dials from inside the source pod, so the TCP peer is the client pod.
-    let client_ip = p.connect.peer.ip();
-    let refuse = |p: PendingConnect, status: StatusCode, reason: &'static str| {
+    let client_ip = src.ip();
+    let dst_id = pod.workload.spiffe_id(&pod.cfg.trust_domain);
+    let labels = |flags| {
+        pod.labels(
+            "destination",
+            client_ip,
+            target.ip(),
+            Some(&peer_id),
+            Some(&dst_id),
+            None,
+            true,
+            flags,
+        )
+    };
+    let metrics = pod.conns.metrics();
+    let refuse = |p: PendingConnect, status: StatusCode, flags, reason: &'static str| {
         stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(target: "access", direction = "inbound", security = "mutual_tls", peer.id = %peer_id, dst.orig = %target, status = status.as_u16(), reason, "tunnel stream refused");
+        let error = format!("answered {status} to {peer_id}");
+        conns::refused(
+            metrics,
+            &labels(flags),
+            "inbound",
+            &src.to_string(),
+            &target.to_string(),
+            reason,
+            &error,
+        );
         p.refuse(status);
     };
     if !pod.workload.ips.contains(&target.ip()) {
-        return refuse(p, StatusCode::BAD_REQUEST, "foreign_target");
+        return refuse(p, StatusCode::BAD_REQUEST, "NR", "foreign_target");
     }
     if pod.ports.is_agent_port(target.port()) {
-        return refuse(p, StatusCode::BAD_REQUEST, "agent_port");
+        return refuse(p, StatusCode::BAD_REQUEST, "NR", "agent_port");
     }
-    let principal = p
-        .connect
-        .peer_id
-        .to_string()
-        .trim_start_matches("spiffe://")
-        .to_string();
     let attrs = ConnAttrs {
-        principal: Some(principal),
+        principal: Some(peer_id.trim_start_matches("spiffe://").to_string()),
         namespace: Some(p.connect.peer_id.namespace().to_string()),
         src_ip: client_ip,
         dst_port: target.port(),
@@ -87,7 +105,13 @@ async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     };
     if !pod.authorize(&attrs).allowed() {
         stats.authz_denied.fetch_add(1, Ordering::Relaxed);
-        return refuse(p, StatusCode::UNAUTHORIZED, "policy_denied");
+        metrics
+            .denials
+            .get_or_create(&ReasonLabel {
+                reason: "authorization",
+            })
+            .inc();
+        return refuse(p, StatusCode::UNAUTHORIZED, "DENY", "policy_denied");
     }
     stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard::new(&stats.inbound_active);
@@ -95,7 +119,7 @@ async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
         Ok(up) => up,
         Err(reason) => {
             stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
-            return refuse(p, StatusCode::SERVICE_UNAVAILABLE, reason);
+            return refuse(p, StatusCode::SERVICE_UNAVAILABLE, "UF", reason);
         }
     };
     let Some(mut down) = p.accept() else {
@@ -107,10 +131,12 @@ async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
         pod: pod.workload.key(),
         src: src.to_string(),
         dst: target.to_string(),
+        target: None,
         src_identity: Some(peer_id.clone()),
-        dst_identity: pod.identity().map(|i| i.to_string()),
+        dst_identity: Some(dst_id.clone()),
         security: "mutual_tls",
         authz: Some(attrs),
+        labels: labels("-"),
     });
     let result = copy_until_closed(&mut down, &mut up, &guard.bytes, &guard.closer).await;
     let t = result.as_ref().copied().unwrap_or_default();
@@ -118,13 +144,5 @@ async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     stats
         .bytes_received
         .fetch_add(t.received, Ordering::Relaxed);
-    let dur_ms = start.elapsed().as_millis() as u64;
-    match result {
-        Ok(_) => {
-            tracing::info!(target: "access", direction = "inbound", security = "mutual_tls", peer.id = %peer_id, dst.orig = %target, bytes.sent = t.sent, bytes.recv = t.received, dur_ms, "connection complete")
-        }
-        Err(e) => {
-            tracing::info!(target: "access", direction = "inbound", security = "mutual_tls", peer.id = %peer_id, dst.orig = %target, dur_ms, error = %e, "connection ended with error")
-        }
-    }
+    guard.finish(&result);
 }

@@ -21,6 +21,7 @@ use super::route::RoundRobin;
 use super::socket::{tokio_listener, SocketFactory};
 use super::tls::TlsSource;
 use super::{inbound, outbound, plaintext, PodContext, ProxyStats, ProxyStatsSnapshot};
+use crate::admin::metrics::ProxyMetrics;
 use crate::config::Config;
 use crate::identity::manager::{CertManager, CertStatus};
 use crate::inventory::{Snapshot, Workload};
@@ -70,6 +71,9 @@ pub struct Manager {
     pool: Arc<Pool>,
     lb: Arc<RoundRobin>,
     certs: Option<Arc<CertManager>>,
+    synced: std::sync::atomic::AtomicBool,
+    drain: Arc<tokio::sync::Notify>,
+    draining: watch::Sender<bool>,
 }
 
 /// One pod in `GET /policies`.
@@ -140,11 +144,14 @@ impl Manager {
             failed: Mutex::new(BTreeMap::new()),
             next_id: AtomicU32::new(1),
             inventory,
-            conns: Arc::new(ConnTable::default()),
+            conns: Arc::new(ConnTable::new(Arc::new(ProxyMetrics::default()))),
             tls,
             pool: Arc::new(Pool::new(DEFAULT_MAX_STREAMS, DEFAULT_IDLE)),
             lb: Arc::new(RoundRobin::default()),
             certs,
+            synced: std::sync::atomic::AtomicBool::new(false),
+            drain: Arc::new(tokio::sync::Notify::new()),
+            draining: watch::channel(false).0,
         }
     }
 
@@ -167,6 +174,7 @@ impl Manager {
                 tracing::error!(error = %e, "pod reconcile task failed");
             }
             first = false;
+            self.synced.store(true, Ordering::Relaxed);
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(RECHECK) => {}
@@ -338,6 +346,7 @@ impl Manager {
             tls: self.tls.clone(),
             pool: self.pool.clone(),
             lb: self.lb.clone(),
+            draining: self.draining.subscribe(),
             stats: ProxyStats::default(),
         });
         let mut names = Vec::new();
@@ -396,6 +405,81 @@ impl Manager {
             from,
             to,
         )
+    }
+
+    /// The proxy's metric families.
+    pub fn metrics(&self) -> Arc<ProxyMetrics> {
+        self.conns.metrics_arc()
+    }
+
+    /// Whether the agent is ready: first inventory reconcile done and every enrolled pod's
+    /// identity has a certificate (when a CA is configured). Otherwise, what it waits for.
+    pub fn readiness(&self) -> (bool, Vec<String>) {
+        let mut waiting = Vec::new();
+        if !self.synced.load(Ordering::Relaxed) {
+            waiting.push("first inventory reconcile".to_string());
+        }
+        if *self.draining.borrow() {
+            waiting.push("agent is draining".to_string());
+        }
+        if let Some(certs) = &self.certs {
+            for e in lock(&self.enrolled).values() {
+                if let Some(id) = e.ctx.identity() {
+                    if certs.get(&id).is_none() {
+                        waiting.push(format!("certificate for {id}"));
+                    }
+                }
+            }
+        }
+        waiting.dedup();
+        (waiting.is_empty(), waiting)
+    }
+
+    /// Notified by `POST /drain`.
+    pub fn drain_trigger(&self) -> Arc<tokio::sync::Notify> {
+        self.drain.clone()
+    }
+
+    /// A receiver that turns true when draining starts (tunnel servers send GOAWAY).
+    pub fn draining(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+
+    /// Drains: stop accepting (listeners close; queued connections migrate to a new agent's
+    /// SO_REUSEPORT listener), tell tunnel peers GOAWAY, then wait up to `deadline` for open
+    /// connections to finish. Kernel state stays pinned for the next agent.
+    pub async fn drain(&self, deadline: std::time::Duration) {
+        self.draining.send_replace(true);
+        let stopped: Vec<String> = lock(&self.enrolled)
+            .values_mut()
+            .map(|e| {
+                for t in e.tasks.drain(..) {
+                    t.abort();
+                }
+                e.ctx.workload.key()
+            })
+            .collect();
+        tracing::info!(
+            pods = stopped.len(),
+            deadline_ms = deadline.as_millis() as u64,
+            "drain started: listeners closed"
+        );
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let open = self.conns.rows().len();
+            if open == 0 {
+                tracing::info!("drain complete: no open connections");
+                return;
+            }
+            if tokio::time::Instant::now() >= until {
+                tracing::warn!(
+                    connections = open,
+                    "drain deadline reached; cutting open connections"
+                );
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// Every open proxied connection.

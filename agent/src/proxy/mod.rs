@@ -19,6 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Serialize;
 use tokio::net::TcpStream;
 
+use crate::admin::metrics::TcpLabels;
 use crate::config::Ports;
 use crate::identity::SpiffeId;
 use crate::inventory::Workload;
@@ -51,6 +52,8 @@ pub struct PodContext {
     pub tls: Option<Arc<tls::TlsSource>>,
     /// The agent's HBONE connection pool.
     pub pool: Arc<crate::tunnel::pool::Pool>,
+    /// Turns true when the agent drains (tunnel servers send GOAWAY).
+    pub draining: tokio::sync::watch::Receiver<bool>,
     /// Round-robin state of Service endpoints.
     pub lb: Arc<route::RoundRobin>,
     /// Open connections of the whole agent.
@@ -86,6 +89,57 @@ impl PodContext {
             attrs,
         )
     }
+}
+
+impl PodContext {
+    /// Istio metric labels for a connection between `src_ip` and `dst_ip` as this side sees it.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "mirrors the label set; called once per path"
+    )]
+    pub(crate) fn labels(
+        &self,
+        reporter: &'static str,
+        src_ip: IpAddr,
+        dst_ip: IpAddr,
+        src_id: Option<&str>,
+        dst_id: Option<&str>,
+        service: Option<&str>,
+        mtls: bool,
+        response_flags: &'static str,
+    ) -> TcpLabels {
+        let snap = self.inventory.borrow().clone();
+        let who = |ip: IpAddr| {
+            snap.by_ip(ip).map_or_else(
+                || ("unknown".to_string(), "unknown".to_string()),
+                |w| (workload_name(w), w.namespace.clone()),
+            )
+        };
+        let (sw, sns) = who(src_ip);
+        let (dw, dns) = who(dst_ip);
+        let unknown = || "unknown".to_string();
+        TcpLabels {
+            reporter,
+            source_workload: sw,
+            source_workload_namespace: sns,
+            source_principal: src_id.map_or_else(unknown, str::to_string),
+            destination_workload: dw,
+            destination_workload_namespace: dns,
+            destination_principal: dst_id.map_or_else(unknown, str::to_string),
+            destination_service: service.map_or_else(unknown, str::to_string),
+            connection_security_policy: if mtls { "mutual_tls" } else { "none" },
+            response_flags,
+        }
+    }
+}
+
+/// The workload name of a pod for metrics: its `app` label (as Istio's canonical name), else its name.
+fn workload_name(w: &crate::inventory::Workload) -> String {
+    w.labels
+        .get("app.kubernetes.io/name")
+        .or_else(|| w.labels.get("app"))
+        .cloned()
+        .unwrap_or_else(|| w.name.clone())
 }
 
 /// Connects to the app at `target` inside the pod from the client's own address `client_ip`

@@ -2,17 +2,17 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use super::conns::ConnInfo;
+use super::conns::{self, ConnInfo};
 use super::copy::copy_both;
 use super::route::{self, Route, RouteCtx};
 use super::{accept_loop, reset, ActiveGuard, PodContext, CONNECT_TIMEOUT};
 use crate::addr::{ClientAddr, OrigDstAddr, PeerAddr};
+use crate::admin::metrics::{ReasonLabel, TcpLabels};
 use crate::identity::SpiffeId;
 use crate::tunnel::client::Tunnel;
 use crate::tunnel::pool::{PoolKey, StreamGuard};
@@ -29,22 +29,54 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
 }
 
 async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
-    let start = Instant::now();
     let stats = &pod.stats;
     stats.outbound_accepted.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard::new(&stats.outbound_active);
-    let fail = |down: TcpStream, reason: &'static str, error: String| {
+    let src_ip = pod
+        .workload
+        .ips
+        .iter()
+        .find(|i| i.is_ipv4() == client.0.is_ipv4())
+        .or(pod.workload.ips.first())
+        .copied();
+    let src_ip = src_ip.unwrap_or(client.0.ip());
+    let fail = |down: TcpStream,
+                dst: SocketAddr,
+                flags: &'static str,
+                reason: &'static str,
+                error: String| {
         stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(target: "access", direction = "outbound", reason, error, "connection refused");
+        let labels = pod.labels("source", src_ip, dst.ip(), None, None, None, false, flags);
+        conns::refused(
+            pod.conns.metrics(),
+            &labels,
+            "outbound",
+            &client.to_string(),
+            &dst.to_string(),
+            reason,
+            &error,
+        );
         reset(down);
     };
     let Some(orig) = orig_dst(&down, client, &pod) else {
-        return fail(down, "no_orig_dst", "original destination unknown".into());
+        return fail(
+            down,
+            client.0,
+            "NR",
+            "no_orig_dst",
+            "original destination unknown".into(),
+        );
     };
     if is_loop(&pod, orig.0) {
-        return fail(down, "loop", format!("{orig} is the agent itself"));
+        return fail(
+            down,
+            orig.0,
+            "NR",
+            "loop",
+            format!("{orig} is the agent itself"),
+        );
     }
-    let decision = {
+    let (decision, service) = {
         let snap = pod.inventory.borrow().clone();
         let ctx = RouteCtx {
             snap: &snap,
@@ -53,33 +85,62 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
             tunnel_port: pod.ports.tunnel,
             mtls: pod.tls.is_some(),
         };
-        route::decide(&ctx, orig.0, |svc, n| pod.lb.next(svc, n))
+        let service = snap
+            .service_by_vip(orig.0.ip())
+            .map(|s| s.fqdn(route::CLUSTER_DOMAIN));
+        (
+            route::decide(&ctx, orig.0, |svc, n| pod.lb.next(svc, n)),
+            service,
+        )
     };
     tracing::debug!(dst.orig = %orig, steps = ?decision.steps, "route decided");
     let mut down = down;
+    let src_id = pod.workload.spiffe_id(&pod.cfg.trust_domain);
     match decision.route {
-        Route::Refuse { reason } => fail(down, "refused", format!("{orig}: {reason}")),
+        Route::Refuse { reason } => {
+            pod.conns
+                .metrics()
+                .denials
+                .get_or_create(&ReasonLabel { reason: "route" })
+                .inc();
+            fail(down, orig.0, "NR", "refused", reason)
+        }
         Route::Plaintext { target } => {
             let connect = pod.sockets.connect_outbound(target);
             let mut up = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
                 Ok(Ok(up)) => up,
-                Ok(Err(e)) => return fail(down, "upstream", format!("{target}: {e}")),
+                Ok(Err(e)) => {
+                    return fail(down, target, "UF", "upstream", format!("{target}: {e}"))
+                }
                 Err(_) => {
                     return fail(
                         down,
+                        target,
+                        "UF",
                         "upstream_timeout",
                         format!("{target}: connect timed out"),
                     )
                 }
             };
+            let labels = pod.labels(
+                "source",
+                src_ip,
+                target.ip(),
+                None,
+                None,
+                service.as_deref(),
+                false,
+                "-",
+            );
             let conn = Carried {
                 client,
                 orig,
                 target,
                 dst_identity: None,
                 security: "plaintext",
+                labels,
             };
-            carry(&pod, conn, &mut down, &mut up, start).await;
+            carry(&pod, conn, &mut down, &mut up).await;
         }
         Route::Tunnel {
             peer,
@@ -89,8 +150,10 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
             let Ok(dst_id) = dst_id.parse::<SpiffeId>() else {
                 return fail(
                     down,
+                    target,
+                    "NR",
                     "no_identity",
-                    format!("{orig}: bad destination identity {dst_id}"),
+                    format!("bad destination identity {dst_id}"),
                 );
             };
             let (mut up, _guard) = match tunnel(&pod, target, PeerAddr(peer), &dst_id).await {
@@ -98,33 +161,48 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
                 Err(e) => {
                     return fail(
                         down,
+                        target,
+                        "UF",
                         "tunnel",
                         format!("{target} via {peer} ({dst_id}): {e}"),
                     )
                 }
             };
+            let d = dst_id.to_string();
+            let labels = pod.labels(
+                "source",
+                src_ip,
+                target.ip(),
+                Some(&src_id),
+                Some(&d),
+                service.as_deref(),
+                true,
+                "-",
+            );
             let conn = Carried {
                 client,
                 orig,
                 target,
-                dst_identity: Some(dst_id.to_string()),
+                dst_identity: Some(d),
                 security: "mutual_tls",
+                labels,
             };
-            carry(&pod, conn, &mut down, &mut up, start).await;
+            carry(&pod, conn, &mut down, &mut up).await;
         }
     }
 }
 
-/// What the access log and connection table say about a carried connection.
+/// What the access log, metrics and connection table say about a carried connection.
 struct Carried {
     client: ClientAddr,
     orig: OrigDstAddr,
     target: SocketAddr,
     dst_identity: Option<String>,
     security: &'static str,
+    labels: TcpLabels,
 }
 
-async fn carry<U>(pod: &PodContext, c: Carried, down: &mut TcpStream, up: &mut U, start: Instant)
+async fn carry<U>(pod: &PodContext, c: Carried, down: &mut TcpStream, up: &mut U)
 where
     U: AsyncRead + AsyncWrite + Unpin,
 {
@@ -132,16 +210,14 @@ where
         direction: "outbound",
         pod: pod.workload.key(),
         src: c.client.to_string(),
-        dst: if c.target == c.orig.0 {
-            c.orig.to_string()
-        } else {
-            format!("{} via {}", c.target, c.orig)
-        },
+        dst: c.orig.to_string(),
+        target: (c.target != c.orig.0).then(|| c.target.to_string()),
         src_identity: (c.security == "mutual_tls")
             .then(|| pod.workload.spiffe_id(&pod.cfg.trust_domain)),
-        dst_identity: c.dst_identity.clone(),
+        dst_identity: c.dst_identity,
         security: c.security,
         authz: None,
+        labels: c.labels,
     });
     let result = copy_both(down, up, &guard.bytes).await;
     let t = result.as_ref().copied().unwrap_or_default();
@@ -149,17 +225,7 @@ where
     pod.stats
         .bytes_received
         .fetch_add(t.received, Ordering::Relaxed);
-    let dur_ms = start.elapsed().as_millis() as u64;
-    let (orig, target, security) = (c.orig, c.target, c.security);
-    let peer_id = c.dst_identity.unwrap_or_default();
-    match result {
-        Ok(_) => {
-            tracing::info!(target: "access", direction = "outbound", dst.orig = %orig, dst.target = %target, security, peer.id = %peer_id, bytes.sent = t.sent, bytes.recv = t.received, dur_ms, "connection complete")
-        }
-        Err(e) => {
-            tracing::info!(target: "access", direction = "outbound", dst.orig = %orig, dst.target = %target, security, peer.id = %peer_id, dur_ms, error = %e, "connection ended with error")
-        }
-    }
+    guard.finish(&result);
 }
 
 async fn tunnel(

@@ -1,15 +1,15 @@
-//! Inbound plaintext path: a captured connection to the pod is checked against PeerAuthentication and delivered to the app.
+//! Inbound plaintext path: a captured connection to the pod is checked against PeerAuthentication and AuthorizationPolicy, then delivered to the app.
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-use super::conns::ConnInfo;
+use super::conns::{self, ConnInfo};
 use super::copy::copy_until_closed;
 use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
 use crate::addr::{ClientAddr, OrigDstAddr};
+use crate::admin::metrics::ReasonLabel;
 use crate::policy::authz::ConnAttrs;
 use crate::policy::peer_auth::{self, Effective};
 
@@ -24,32 +24,65 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
 }
 
 async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
-    let start = Instant::now();
     let stats = &pod.stats;
     stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard::new(&stats.inbound_active);
     // sk_lookup assigned the connection without rewriting it: our local address is where the
     // client was going.
-    let orig = match down.local_addr() {
-        Ok(a) => OrigDstAddr(a),
-        Err(e) => {
-            stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(target: "access", direction = "inbound", error = %e, "getsockname failed");
-            reset(down);
-            return;
-        }
+    let Ok(orig) = down.local_addr().map(OrigDstAddr) else {
+        stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
+        reset(down);
+        return;
+    };
+    let dst_id = pod.workload.spiffe_id(&pod.cfg.trust_domain);
+    let labels = |flags| {
+        pod.labels(
+            "destination",
+            client.0.ip(),
+            orig.0.ip(),
+            None,
+            Some(&dst_id),
+            None,
+            false,
+            flags,
+        )
+    };
+    let metrics = pod.conns.metrics();
+    let refuse = |down: TcpStream, flags, reason: &'static str, error: String| {
+        conns::refused(
+            metrics,
+            &labels(flags),
+            "inbound",
+            &client.to_string(),
+            &orig.to_string(),
+            reason,
+            &error,
+        );
+        reset(down);
     };
     if pod.ports.is_agent_port(orig.0.port()) {
         stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason = "agent_port", "connection refused: agent ports are not application targets");
-        reset(down);
-        return;
+        return refuse(
+            down,
+            "NR",
+            "agent_port",
+            "agent ports are not application targets".into(),
+        );
     }
     if let Some(policy) = strict_policy(&pod, client, orig) {
         stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, security = "plaintext", reason = "policy_strict", policy = %policy, "plaintext connection refused: PeerAuthentication STRICT");
-        reset(down);
-        return;
+        metrics
+            .denials
+            .get_or_create(&ReasonLabel {
+                reason: "strict_plaintext",
+            })
+            .inc();
+        return refuse(
+            down,
+            "DENY",
+            "policy_strict",
+            format!("plaintext under STRICT ({policy})"),
+        );
     }
     let attrs = ConnAttrs {
         principal: None,
@@ -61,17 +94,24 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
     let decision = pod.authorize(&attrs);
     if !decision.allowed() {
         stats.authz_denied.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, security = "plaintext", reason = "policy_denied", decision = ?decision, "connection refused by AuthorizationPolicy");
-        reset(down);
-        return;
+        metrics
+            .denials
+            .get_or_create(&ReasonLabel {
+                reason: "authorization",
+            })
+            .inc();
+        return refuse(
+            down,
+            "DENY",
+            "policy_denied",
+            format!("AuthorizationPolicy: {decision:?}"),
+        );
     }
     let mut up = match deliver(&pod, client.0.ip(), orig.0).await {
         Ok(up) => up,
         Err(reason) => {
             stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(target: "access", direction = "inbound", dst.orig = %orig, reason, "delivery failed");
-            reset(down);
-            return;
+            return refuse(down, "UF", reason, "delivery to the app failed".into());
         }
     };
     let mut down = down;
@@ -80,10 +120,12 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
         pod: pod.workload.key(),
         src: client.to_string(),
         dst: orig.to_string(),
+        target: None,
         src_identity: None,
         dst_identity: None,
         security: "plaintext",
         authz: Some(attrs),
+        labels: labels("-"),
     });
     let result = copy_until_closed(&mut down, &mut up, &guard.bytes, &guard.closer).await;
     let t = result.as_ref().copied().unwrap_or_default();
@@ -91,15 +133,7 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
     stats
         .bytes_received
         .fetch_add(t.received, Ordering::Relaxed);
-    let dur_ms = start.elapsed().as_millis() as u64;
-    match result {
-        Ok(_) => {
-            tracing::info!(target: "access", direction = "inbound", dst.orig = %orig, security = "plaintext", bytes.sent = t.sent, bytes.recv = t.received, dur_ms, "connection complete")
-        }
-        Err(e) => {
-            tracing::info!(target: "access", direction = "inbound", dst.orig = %orig, security = "plaintext", dur_ms, error = %e, "connection ended with error")
-        }
-    }
+    guard.finish(&result);
 }
 
 /// The deciding policy when the pod's effective mode for this port is STRICT (and the source

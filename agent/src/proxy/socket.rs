@@ -89,6 +89,9 @@ impl SocketFactory {
                 let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)
                     .map_err(err("socket"))?;
                 s.set_reuse_address(true).map_err(err("SO_REUSEADDR"))?;
+                // A restarting agent binds beside the old one; the kernel hands queued
+                // connections of a closing listener to its sibling (tcp_migrate_req).
+                s.set_reuse_port(true).map_err(err("SO_REUSEPORT"))?;
                 if addr.is_ipv6() {
                     s.set_only_v6(true).map_err(err("IPV6_V6ONLY"))?;
                 }
@@ -101,6 +104,9 @@ impl SocketFactory {
             let v6 = |p| SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), p);
             let lo4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), outbound);
             let lo6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), outbound);
+            // This thread is inside the pod's netns, so /proc/sys/net is the pod's. Best effort:
+            // without it a restart may reset connections queued on the old listeners.
+            let _ = std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1");
             let out4 = listen(lo4)?;
             let netns_cookie = sys::netns_cookie(&out4)?;
             let mut l = PodListeners {

@@ -51,12 +51,13 @@ impl PendingConnect {
 }
 
 /// Serves one accepted TCP connection on the tunnel port: TLS (client certificate required by
-/// `tls`), HTTP/2, then `handle` for every CONNECT. Non-CONNECT requests get 405, malformed
+/// `tls`), HTTP/2, then `handle` for every CONNECT; when `draining` turns true, GOAWAY. Non-CONNECT requests get 405, malformed
 /// authorities 400.
 pub async fn serve_connection<H, Fut>(
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
+    mut draining: tokio::sync::watch::Receiver<bool>,
     handle: H,
 ) -> Result<(), Error>
 where
@@ -91,7 +92,19 @@ where
             peer: name(),
             source,
         })?;
-    while let Some(next) = conn.accept().await {
+    let mut goaway_sent = false;
+    loop {
+        let next = tokio::select! {
+            next = conn.accept() => next,
+            // Drain: GOAWAY lets streams in flight finish and stops new ones; keep polling the
+            // connection so they can.
+            _ = draining.wait_for(|d| *d), if !goaway_sent => {
+                goaway_sent = true;
+                conn.graceful_shutdown();
+                continue;
+            }
+        };
+        let Some(next) = next else { break };
         let (req, respond) = match next {
             Ok(r) => r,
             Err(source) => {

@@ -26,7 +26,9 @@ async fn echo_server(ca: &TestCa) -> SocketAddr {
     let tls = Arc::new(server_config(&cert, Arc::new(ca.bundle()), tds()).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
+        let _keep = drain_tx;
         loop {
             let (tcp, peer) = listener.accept().await.unwrap();
             let tls = tls.clone();
@@ -34,6 +36,7 @@ async fn echo_server(ca: &TestCa) -> SocketAddr {
                 tcp,
                 peer,
                 tls,
+                drain_rx.clone(),
                 |p: PendingConnect| async move {
                     assert_eq!(p.connect.peer_id.to_string(), CLIENT);
                     if p.connect.authority.port() == 1 {
@@ -156,4 +159,37 @@ async fn pool_reuses_one_connection_and_bounds_streams() {
         .await
         .unwrap();
     assert_eq!(pool.stats().connections, 2, "reused, not redialed");
+}
+
+#[tokio::test]
+async fn drain_sends_goaway_but_lets_open_streams_finish() {
+    let ca = TestCa::new("cluster.local");
+    let cert = ca.svid(SERVER);
+    let tls = Arc::new(server_config(&cert, Arc::new(ca.bundle()), tds()).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.unwrap();
+        serve_connection(tcp, peer, tls, drain_rx, |p: PendingConnect| async move {
+            let mut s = p.accept().unwrap();
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.unwrap();
+            s.write_all(&buf).await.unwrap();
+            s.shutdown().await.unwrap();
+        })
+        .await
+        .unwrap();
+    });
+    let mut t = tunnel(&ca, addr, SERVER).await.unwrap();
+    let mut open = t.connect("10.0.0.1:80".parse().unwrap()).await.unwrap();
+    drain_tx.send_replace(true);
+    // The open stream still carries bytes after GOAWAY...
+    open.write_all(b"still here").await.unwrap();
+    open.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    open.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"still here");
+    // ...but no new stream is accepted.
+    assert!(t.connect("10.0.0.1:81".parse().unwrap()).await.is_err());
 }

@@ -1,0 +1,198 @@
+//! Prometheus metrics: Istio's TCP metrics with Istio's labels, plus `ambit_*` kernel, certificate and policy figures.
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::proxy::manager::Manager;
+use crate::redirect::Datapath;
+
+/// Istio's standard labels of the TCP metrics. Every value comes from a bounded set (workloads,
+/// namespaces and identities in the inventory; fixed flags), so cardinality stays bounded.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` (outbound side) or `destination` (inbound side).
+    pub reporter: &'static str,
+    /// Source workload name (`app` label, else pod name), or `unknown`.
+    pub source_workload: String,
+    /// Source namespace, or `unknown`.
+    pub source_workload_namespace: String,
+    /// Source SPIFFE ID, or `unknown` (plaintext).
+    pub source_principal: String,
+    /// Destination workload name, or `unknown`.
+    pub destination_workload: String,
+    /// Destination namespace, or `unknown`.
+    pub destination_workload_namespace: String,
+    /// Destination SPIFFE ID, or `unknown`.
+    pub destination_principal: String,
+    /// Destination Service (`name.namespace.svc.cluster.local`), or `unknown`.
+    pub destination_service: String,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+    /// `-`, or `DENY` (policy), `UF` (upstream failure), `NR` (no route).
+    pub response_flags: &'static str,
+}
+
+/// Policy denial reasons.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `strict_plaintext`, `authorization`, `destination_rule`, ...
+    pub reason: &'static str,
+}
+
+/// Counters the data plane updates.
+#[derive(Debug, Default)]
+pub struct ProxyMetrics {
+    /// `istio_tcp_connections_opened_total`.
+    pub opened: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes_total` (source to destination).
+    pub sent_bytes: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total` (destination to source).
+    pub received_bytes: Family<TcpLabels, Counter>,
+    /// `ambit_policy_denials_total`.
+    pub denials: Family<ReasonLabel, Counter>,
+}
+
+impl ProxyMetrics {
+    /// Counts a connection refused before it was carried (opened and closed at once).
+    pub fn refused(&self, labels: &TcpLabels) {
+        self.opened.get_or_create(labels).inc();
+        self.closed.get_or_create(labels).inc();
+    }
+}
+
+/// Builds the registry: the proxy counters plus collectors that read the kernel counters and
+/// the certificate states at scrape time.
+pub fn registry(
+    proxy: Arc<ProxyMetrics>,
+    datapath: Arc<Datapath>,
+    manager: Arc<Manager>,
+) -> Registry {
+    let mut r = Registry::default();
+    r.register(
+        "istio_tcp_connections_opened",
+        "TCP connections opened",
+        proxy.opened.clone(),
+    );
+    r.register(
+        "istio_tcp_connections_closed",
+        "TCP connections closed",
+        proxy.closed.clone(),
+    );
+    r.register(
+        "istio_tcp_sent_bytes",
+        "Bytes sent from source to destination",
+        proxy.sent_bytes.clone(),
+    );
+    r.register(
+        "istio_tcp_received_bytes",
+        "Bytes sent from destination to source",
+        proxy.received_bytes.clone(),
+    );
+    r.register(
+        "ambit_policy_denials",
+        "Connections refused or closed by policy, by reason",
+        proxy.denials.clone(),
+    );
+    r.register_collector(Box::new(Runtime { datapath, manager }));
+    r
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn render(r: &Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, r).is_err() {
+        let _ = writeln!(out, "# encoding failed");
+    }
+    out
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CounterLabel {
+    counter: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabel {
+    identity: String,
+}
+
+/// Reads kernel counters and certificate states on each scrape.
+struct Runtime {
+    datapath: Arc<Datapath>,
+    manager: Arc<Manager>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Runtime")
+    }
+}
+
+impl Collector for Runtime {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = self.datapath.stats();
+        {
+            let mut e = encoder.encode_descriptor(
+                "ambit_datapath",
+                "Kernel program counters by hook and outcome (captures, exemptions, lookups, map full)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (name, v) in stats {
+                let label = CounterLabel { counter: name };
+                ConstCounter::new(v).encode(e.encode_family(&label)?)?;
+            }
+        }
+        let certs = self.manager.certs();
+        {
+            let mut e = encoder.encode_descriptor(
+                "ambit_certificate_expiry_timestamp_seconds",
+                "When each local identity's certificate expires (unix seconds)",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for c in &certs {
+                if let Some(t) = c.not_after_unix {
+                    let label = IdentityLabel {
+                        identity: c.identity.clone(),
+                    };
+                    ConstGauge::new(t).encode(e.encode_family(&label)?)?;
+                }
+            }
+        }
+        for (name, help, get) in [
+            (
+                "ambit_certificate_renewals",
+                "Certificates obtained per identity",
+                (|c: &crate::identity::manager::CertStatus| c.renewals) as fn(&_) -> u64,
+            ),
+            (
+                "ambit_certificate_failures",
+                "Failed CA requests per identity",
+                |c| c.failures.into(),
+            ),
+        ] {
+            let mut e = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for c in &certs {
+                let label = IdentityLabel {
+                    identity: c.identity.clone(),
+                };
+                ConstCounter::new(get(c)).encode(e.encode_family(&label)?)?;
+            }
+        }
+        Ok(())
+    }
+}
