@@ -29,6 +29,12 @@ pub enum Command {
     Policy(AdminArgs),
     /// Explain why a connection from a pod to an address is tunnelled, plaintext or refused.
     Explain(ExplainArgs),
+    /// List the pods in the inventory (and which this agent serves).
+    Workloads(AdminArgs),
+    /// Show the log filter, or set it (`ambit logging debug`, `ambit logging ambit=trace,info`).
+    Logging(LoggingArgs),
+    /// Print the Prometheus metrics.
+    Metrics(AdminArgs),
     /// Chained CNI plugin: run by the container runtime (`CNI_*` variables, config on stdin).
     Cni,
 }
@@ -52,15 +58,31 @@ pub struct CaArgs {
     pub generate: bool,
 }
 
-/// `ambit explain`.
+/// `ambit explain SRC_POD DST_ADDR:PORT`.
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
     /// Source pod as NAMESPACE/NAME.
-    #[arg(long)]
-    pub from: String,
-    /// Destination as IP:PORT (IPv6 in brackets), a pod or a Service VIP.
-    #[arg(long)]
-    pub to: String,
+    #[arg(value_name = "SRC_POD", required_unless_present = "from")]
+    pub src: Option<String>,
+    /// Destination as IP:PORT (IPv6 in brackets): a pod or a Service VIP.
+    #[arg(value_name = "DST_ADDR:PORT", required_unless_present = "to")]
+    pub dst: Option<String>,
+    /// Source pod (alternative to the first argument).
+    #[arg(long, conflicts_with = "src")]
+    pub from: Option<String>,
+    /// Destination (alternative to the second argument).
+    #[arg(long, conflicts_with = "dst")]
+    pub to: Option<String>,
+    /// Admin socket and output options.
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// `ambit logging [LEVEL]`.
+#[derive(Debug, Args)]
+pub struct LoggingArgs {
+    /// New filter (EnvFilter syntax); without it, print the current one.
+    pub level: Option<String>,
     /// Admin socket and output options.
     #[command(flatten)]
     pub admin: AdminArgs,

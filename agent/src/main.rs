@@ -17,6 +17,9 @@ fn main() -> anyhow::Result<()> {
         Command::Connections(args) => ambit::admin::client::connections(args),
         Command::Policy(args) => ambit::admin::client::policy(args),
         Command::Explain(args) => ambit::admin::client::explain(args),
+        Command::Workloads(args) => ambit::admin::client::workloads(args),
+        Command::Logging(args) => ambit::admin::client::logging(args),
+        Command::Metrics(args) => ambit::admin::client::metrics(args),
         Command::Cni => std::process::exit(ambit::cni::plugin::main()),
     }
 }

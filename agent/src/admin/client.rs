@@ -8,7 +8,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
-use crate::cli::{AdminArgs, ExplainArgs};
+use crate::cli::{AdminArgs, ExplainArgs, LoggingArgs};
 
 /// `ambit status`: exit code 0 when every local pod is enrolled, 1 when some failed, 2 when the
 /// agent cannot be reached.
@@ -56,6 +56,94 @@ pub fn certs(args: AdminArgs) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `ambit workloads`.
+pub fn workloads(args: AdminArgs) -> anyhow::Result<()> {
+    let v = get_or_exit(&args, "/workloads");
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<32} {:<8} {:<6} {:<9} {:<30} IDENTITY",
+        "POD", "NODE", "LOCAL", "ENROLLED", "IPS"
+    );
+    for w in v["workloads"].as_array().into_iter().flatten() {
+        let ips: Vec<&str> = w["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i.as_str())
+            .collect();
+        println!(
+            "{:<32} {:<8} {:<6} {:<9} {:<30} {}",
+            format!("{}/{}", s(&w["namespace"]), s(&w["name"])),
+            s(&w["node"]),
+            w["local"],
+            w["enrolled"],
+            ips.join(","),
+            s(&w["identity"]),
+        );
+    }
+    Ok(())
+}
+
+/// `ambit logging [LEVEL]`.
+pub fn logging(args: LoggingArgs) -> anyhow::Result<()> {
+    let v = match &args.level {
+        None => get_or_exit(&args.admin, "/logging"),
+        Some(level) => {
+            let path = format!(
+                "/logging?level={}",
+                level.replace('%', "%25").replace('&', "%26")
+            );
+            match request(&args.admin.admin_socket, http::Method::POST, &path) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("ambit: {e:#}");
+                    std::process::exit(2);
+                }
+            }
+        }
+    };
+    if args.admin.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", s(&v["level"]));
+    }
+    Ok(())
+}
+
+/// `ambit metrics`: the Prometheus text.
+pub fn metrics(args: AdminArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let text = rt.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            raw(&args.admin_socket, http::Method::GET, "/metrics"),
+        )
+        .await
+    });
+    match text {
+        Ok(Ok(body)) => {
+            print!("{}", String::from_utf8_lossy(&body));
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            eprintln!("ambit: {e:#}");
+            std::process::exit(2);
+        }
+        Err(_) => {
+            eprintln!(
+                "ambit: admin socket {} did not answer in 10 s",
+                args.admin_socket.display()
+            );
+            std::process::exit(2);
+        }
+    }
 }
 
 /// `ambit connections`.
@@ -130,7 +218,9 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
             .replace(']', "%5D")
             .replace('&', "%26")
     };
-    let path = format!("/explain?from={}&to={}", enc(&args.from), enc(&args.to));
+    let from = args.from.or(args.src).unwrap_or_default();
+    let to = args.to.or(args.dst).unwrap_or_default();
+    let path = format!("/explain?from={}&to={}", enc(&from), enc(&to));
     let v = get_or_exit(&args.admin, &path);
     if args.admin.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -184,17 +274,27 @@ fn get_or_exit(args: &AdminArgs, path: &str) -> serde_json::Value {
 
 /// GETs `path` from the admin socket and parses the JSON body.
 pub fn get(socket: &Path, path: &str) -> anyhow::Result<serde_json::Value> {
+    request(socket, http::Method::GET, path)
+}
+
+/// Sends `method path` to the admin socket and parses the JSON body.
+pub fn request(
+    socket: &Path,
+    method: http::Method,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(10), get_async(socket, path))
+    let body = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), raw(socket, method, path))
             .await
             .with_context(|| format!("admin socket {} did not answer in 10 s", socket.display()))?
-    })
+    })?;
+    serde_json::from_slice(&body).with_context(|| format!("{path}: response is not JSON"))
 }
 
-async fn get_async(socket: &Path, path: &str) -> anyhow::Result<serde_json::Value> {
+async fn raw(socket: &Path, method: http::Method, path: &str) -> anyhow::Result<Bytes> {
     let stream = UnixStream::connect(socket).await.with_context(|| {
         format!(
             "cannot connect to the agent's admin socket {}",
@@ -203,22 +303,24 @@ async fn get_async(socket: &Path, path: &str) -> anyhow::Result<serde_json::Valu
     })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = http::Request::get(path)
+    let req = http::Request::builder()
+        .method(method.clone())
+        .uri(path)
         .header("host", "localhost")
         .body(Empty::<Bytes>::new())?;
     let resp = sender
         .send_request(req)
         .await
-        .with_context(|| format!("GET {path}"))?;
+        .with_context(|| format!("{method} {path}"))?;
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
         bail!(
-            "GET {path}: {status}: {}",
+            "{method} {path}: {status}: {}",
             String::from_utf8_lossy(&body).trim()
         );
     }
-    serde_json::from_slice(&body).with_context(|| format!("GET {path}: response is not JSON"))
+    Ok(body)
 }
 
 fn print_status(v: &serde_json::Value) {
