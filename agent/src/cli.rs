@@ -37,6 +37,8 @@ pub enum Command {
     Metrics(AdminArgs),
     /// Chained CNI plugin: run by the container runtime (`CNI_*` variables, config on stdin).
     Cni,
+    /// Install the CNI plugin and chain it into the node's CNI config (init container).
+    CniInstall(crate::cni::install::InstallArgs),
 }
 
 /// `ambit run`.

@@ -21,5 +21,6 @@ fn main() -> anyhow::Result<()> {
         Command::Logging(args) => ambit::admin::client::logging(args),
         Command::Metrics(args) => ambit::admin::client::metrics(args),
         Command::Cni => std::process::exit(ambit::cni::plugin::main()),
+        Command::CniInstall(args) => Ok(ambit::cni::install::run(&args)?),
     }
 }

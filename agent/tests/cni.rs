@@ -1,6 +1,9 @@
 //! The `ambit` binary as a CNI plugin, run exactly as a container runtime runs it (env + stdin,
 //! by the name `ambit-cni`), against the agent's real CNI server, handler and pod map.
-#![expect(clippy::unwrap_used, reason = "test helpers panic on setup failure, like the tests")]
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers panic on setup failure, like the tests"
+)]
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -6,6 +6,7 @@
 //! and passes `prevResult` through. The agent records every pod it hears of in a map file, so
 //! after a restart it knows its pods' namespaces again without the runtime calling back.
 pub mod handler;
+pub mod install;
 pub mod plugin;
 pub mod pods;
 pub mod server;
