@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sys::statfs::{statfs, NSFS_MAGIC};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::{wire, CniCommand, CniEvent, CniReply, NetnsId};
@@ -141,14 +142,19 @@ fn decode(body: &[u8], fds: &[RawFd]) -> Result<CniEvent, String> {
     Ok(event)
 }
 
-/// Device and inode of the network namespace behind `fd`; an error if it is not one.
+/// Device and inode of the namespace behind `fd`; an error if it is not a namespace file.
+/// (Whether it is a *network* namespace is settled by `setns(CLONE_NEWNET)` at enrollment.)
 fn netns_of_fd(fd: RawFd) -> Result<NetnsId, String> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
-        .map_err(|e| format!("cannot inspect the fd passed by the plugin: {e}"))?;
-    if !link.to_string_lossy().starts_with("net:[") {
+    // The magic link resolves to the nsfs inode whether the fd came from /proc/<pid>/ns/net or
+    // from a bind mount such as /run/netns/<name>.
+    let link = format!("/proc/self/fd/{fd}");
+    let fs = statfs(link.as_str())
+        .map_err(|e| format!("cannot inspect the fd passed by the plugin: statfs: {e}"))?;
+    if fs.filesystem_type() != NSFS_MAGIC {
+        let target = std::fs::read_link(&link).unwrap_or_default();
         return Err(format!(
             "the fd passed by the plugin is not a network namespace ({})",
-            link.display()
+            target.display()
         ));
     }
     let st = nix::sys::stat::fstat(fd)
