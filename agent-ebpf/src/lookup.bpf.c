@@ -75,7 +75,9 @@ int lookup_steer(struct bpf_sk_lookup *ctx)
 		emit_event(AMB_EVENT_NO_LISTENER, *ns, 0, family, ak.addr, bpf_htons(lport));
 		return SK_DROP;
 	}
-	err = bpf_sk_assign(ctx, sk, 0);
+	/* REPLACE: during an agent restart two sk_lookup programs (old and new link) run on the
+	 * netns; the second would otherwise fail with -EEXIST and drop the SYN. */
+	err = bpf_sk_assign(ctx, sk, BPF_SK_LOOKUP_F_REPLACE);
 	bpf_sk_release(sk);
 	if (err) {
 		stat_inc(AMB_STAT_LOOKUP_ASSIGN_FAIL);

@@ -158,7 +158,13 @@ impl Manager {
     /// Follows inventory snapshots until the sender goes away.
     pub async fn run(self: Arc<Self>, mut rx: watch::Receiver<Arc<Snapshot>>) {
         let mut first = true;
+        let mut draining = self.draining.subscribe();
         loop {
+            // A draining agent hands the pods to its successor: it must not touch kernel state
+            // or listeners any more.
+            if *draining.borrow() {
+                return;
+            }
             let snap = rx.borrow_and_update().clone();
             let this = self.clone();
             let reconciled = tokio::task::spawn_blocking(move || {
@@ -178,6 +184,7 @@ impl Manager {
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(RECHECK) => {}
+                _ = draining.changed() => {}
             }
         }
     }
@@ -466,7 +473,20 @@ impl Manager {
         );
         let until = tokio::time::Instant::now() + deadline;
         loop {
-            let open = self.conns.rows().len();
+            // Count from accept, not from the copy: a connection still dialing its upstream is
+            // not in the table yet but must not be cut.
+            let in_flight: u64 = lock(&self.enrolled)
+                .values()
+                .map(|e| {
+                    e.ctx.stats.outbound_active.load(Ordering::Relaxed)
+                        + e.ctx.stats.inbound_active.load(Ordering::Relaxed)
+                })
+                .sum();
+            let open = self
+                .conns
+                .rows()
+                .len()
+                .max(usize::try_from(in_flight).unwrap_or(usize::MAX));
             if open == 0 {
                 tracing::info!("drain complete: no open connections");
                 return;
