@@ -323,6 +323,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "path": state.cfg.inventory,
             "loads": state.reloads.loads.load(Ordering::Relaxed),
             "errors": state.reloads.errors.load(Ordering::Relaxed),
+            "warnings": state.inventory_rx.borrow().warnings.clone(),
         },
         "admin": { "bad_requests": state.bad_requests.load(Ordering::Relaxed) },
         "pods": state.manager.status(),

@@ -195,8 +195,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
                 ))
             }
             "" => return Err(err("?", &name, "kind".into(), "missing kind".into(), 1)),
-            // Kinds other issues add (policies, services) or that ambit ignores.
-            _ => {}
+            // Objects ambit has no use for (Deployments, ConfigMaps, ...): noted, not fatal.
+            other => snap.warnings.push(format!(
+                "document {}: kind {other} ({name}) is not used by ambit; ignored",
+                doc + 1
+            )),
         }
     }
     for (obj, doc, line) in &service_objs {
@@ -227,6 +230,12 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
                 line: *line,
             }))
         })?;
+        if svc.endpoints.iter().all(|e| !e.ready) {
+            snap.warnings.push(format!(
+                "Service {} has no ready endpoints: connections to it will be refused",
+                svc.key()
+            ));
+        }
         snap.services.insert(svc.key(), svc);
     }
     for (pod, line, doc) in pods {
@@ -390,6 +399,8 @@ pub struct ReloadStats {
     pub loads: AtomicU64,
     /// Failed loads (the last good state stayed in force).
     pub errors: AtomicU64,
+    /// Warnings in the inventory in force (ignored kinds, Services without endpoints, ...).
+    pub warnings: AtomicU64,
 }
 
 /// Polls `path` every `interval`; publishes each new good snapshot, keeps the last good one on error.
@@ -406,6 +417,12 @@ pub async fn watch_file(
                 match parse(&path, &text) {
                     Ok(snap) => {
                         stats.loads.fetch_add(1, Ordering::Relaxed);
+                        stats
+                            .warnings
+                            .store(snap.warnings.len() as u64, Ordering::Relaxed);
+                        for w in &snap.warnings {
+                            tracing::warn!(path = %path.display(), warning = %w, "inventory");
+                        }
                         tracing::info!(path = %path.display(), workloads = snap.workloads.len(), "inventory loaded");
                         tx.send_if_modified(|cur| {
                             let changed = **cur != snap;

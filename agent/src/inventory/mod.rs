@@ -78,6 +78,8 @@ pub struct Snapshot {
     pub services: BTreeMap<String, services::Service>,
     /// Istio DestinationRule objects.
     pub destination_rules: Vec<crate::policy::destination_rule::DestinationRule>,
+    /// Problems that did not stop the load: ignored kinds, Services without endpoints.
+    pub warnings: Vec<String>,
 }
 
 impl Snapshot {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::peer_auth::Selector;
 use crate::inventory::objects::ObjectMeta;
+use crate::policy::destination_rule::Ignored;
 
 /// `spec.action`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
@@ -30,8 +31,14 @@ pub enum Action {
 
 /// `rules[].from[].source`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Source {
+    /// Service accounts as `namespace/name` (Istio 1.24+).
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    /// Negated `serviceAccounts`.
+    #[serde(default)]
+    pub not_service_accounts: Vec<String>,
     #[serde(default)]
     pub principals: Vec<String>,
     #[serde(default)]
@@ -56,7 +63,7 @@ pub struct Source {
 
 /// `rules[].to[].operation`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Operation {
     #[serde(default)]
     pub ports: Vec<String>,
@@ -78,6 +85,7 @@ pub struct Operation {
 
 /// `rules[].from[]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct From {
     #[serde(default)]
     pub source: Source,
@@ -85,6 +93,7 @@ pub struct From {
 
 /// `rules[].to[]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct To {
     #[serde(default)]
     pub operation: Operation,
@@ -92,7 +101,7 @@ pub struct To {
 
 /// `rules[].when[]`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Condition {
     pub key: String,
     #[serde(default)]
@@ -103,6 +112,7 @@ pub struct Condition {
 
 /// One rule: all of `from`, `to` and `when` must match (each list matches if any entry does).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Rule {
     #[serde(default)]
     pub from: Vec<From>,
@@ -114,8 +124,17 @@ pub struct Rule {
 
 /// `spec` of an AuthorizationPolicy.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub target_ref: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub target_refs: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub provider: Ignored,
     #[serde(default)]
     pub selector: Option<Selector>,
     #[serde(default)]
@@ -301,6 +320,8 @@ fn source_matches(s: &Source, c: &ConnAttrs) -> bool {
         && negative(&s.not_principals, |p| principal.is_some_and(|v| string_match(p, v)))
         && positive(&s.namespaces, |p| namespace.is_some_and(|v| string_match(p, v)))
         && negative(&s.not_namespaces, |p| namespace.is_some_and(|v| string_match(p, v)))
+        && positive(&s.service_accounts, |p| service_account(principal).is_some_and(|v| string_match(p, &v)))
+        && negative(&s.not_service_accounts, |p| service_account(principal).is_some_and(|v| string_match(p, &v)))
         && positive(&s.ip_blocks, |b| ip_match(b, c.src_ip))
         && negative(&s.not_ip_blocks, |b| ip_match(b, c.src_ip))
         // No proxy in front at L4: the remote IP is the source IP.
@@ -333,6 +354,14 @@ fn positive(list: &[String], f: impl Fn(&str) -> bool) -> bool {
 /// No entry may match.
 fn negative(list: &[String], f: impl Fn(&str) -> bool) -> bool {
     !list.iter().any(|v| f(v))
+}
+
+/// `namespace/name` of a principal `td/ns/NS/sa/SA`.
+fn service_account(principal: Option<&str>) -> Option<String> {
+    let p = principal?;
+    let (_, rest) = p.split_once("/ns/")?;
+    let (ns, sa) = rest.split_once("/sa/")?;
+    Some(format!("{ns}/{sa}"))
 }
 
 /// Istio string match: exact, `*` (any non-empty), `prefix*`, `*suffix`.

@@ -2,6 +2,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::inventory::objects::ObjectMeta;
+
+/// An Istio field ambit accepts but does not use.
+pub type Ignored = Option<serde_yaml::Value>;
 use crate::inventory::services::Service;
 
 /// `trafficPolicy.tls.mode`.
@@ -20,13 +23,39 @@ pub enum TlsMode {
 
 /// `tls`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TlsSettings {
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub client_certificate: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub private_key: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub ca_certificates: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub credential_name: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub subject_alt_names: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub sni: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub insecure_skip_verify: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub ca_crl: Ignored,
     /// Mode.
     pub mode: TlsMode,
 }
 
 /// `port`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PortSelector {
     /// Service port number.
     pub number: u16,
@@ -34,7 +63,17 @@ pub struct PortSelector {
 
 /// `portLevelSettings[]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortTrafficPolicy {
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub load_balancer: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub connection_pool: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub outlier_detection: Ignored,
     /// Which port.
     pub port: PortSelector,
     /// TLS for that port.
@@ -44,8 +83,23 @@ pub struct PortTrafficPolicy {
 
 /// `trafficPolicy`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicy {
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub load_balancer: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub connection_pool: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub outlier_detection: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub tunnel: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub proxy_protocol: Ignored,
     /// TLS for every port.
     #[serde(default)]
     pub tls: Option<TlsSettings>,
@@ -56,8 +110,17 @@ pub struct TrafficPolicy {
 
 /// `spec`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestinationRuleSpec {
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub subsets: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub export_to: Ignored,
+    /// Istio field ambit does not use; accepted so valid objects load.
+    #[serde(default)]
+    pub workload_selector: Ignored,
     /// Host: a Service FQDN, or a short name resolved in the rule's namespace.
     pub host: String,
     /// Policy.

@@ -170,3 +170,19 @@ fn bad_port_is_rejected_at_load() {
     let p: AuthorizationPolicy = serde_yaml::from_str(text).unwrap();
     assert!(validate(&p).is_err());
 }
+
+#[test]
+fn typo_fields_are_rejected_and_service_accounts_match() {
+    let typo = "metadata:\n  name: x\n  namespace: shop\nspec:\n  rules:\n  - from:\n    - source:\n        principal: [\"a\"]\n";
+    let err = serde_yaml::from_str::<AuthorizationPolicy>(typo)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("principal"), "{err}");
+    let p = policy(
+        "shop",
+        "sa",
+        "rules:\n- from:\n  - source:\n      serviceAccounts: [\"shop/client\"]",
+    );
+    assert!(eval(std::slice::from_ref(&p), &mtls("client", "shop", 80)).allowed());
+    assert!(!eval(&[p], &mtls("client", "other", 80)).allowed());
+}
