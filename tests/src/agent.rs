@@ -5,6 +5,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::cmd;
@@ -62,6 +63,98 @@ pub fn status(bin: &Path, node: &Node) -> Result<Status> {
         )
     })?;
     Ok(Status(value))
+}
+
+/// Runs `ambit ARGS --admin-socket S --json` against `node`'s agent and parses what it prints.
+/// Commands that exit non-zero while still printing their document (`certs` with an
+/// unavailable identity) are fine; only a missing document is an error.
+pub fn admin_json(bin: &Path, node: &Node, args: &[&str]) -> Result<Value> {
+    let out = cmd::run(
+        Command::new(bin)
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&node.admin_socket)
+            .arg("--json"),
+        STATUS_TIMEOUT,
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        bail!(
+            "`ambit {}` of {} failed ({}): {}",
+            args.join(" "),
+            node.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_str(&text).with_context(|| {
+        format!(
+            "`ambit {} --json` of {} printed non-JSON: {text}",
+            args.join(" "),
+            node.name
+        )
+    })
+}
+
+/// One identity's certificate, as `GET /certs` (`ambit certs --json`) reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Cert {
+    /// SPIFFE ID.
+    pub identity: String,
+    /// `initializing`, `available` or `unavailable`.
+    pub state: String,
+    /// Local pods using it.
+    pub pods: u64,
+    /// Serial (hex) of the certificate served.
+    pub serial: Option<String>,
+    /// Validity start (RFC 3339).
+    pub not_before: Option<String>,
+    /// Validity end (RFC 3339).
+    pub not_after: Option<String>,
+    /// When the next request is due.
+    pub next_renewal: Option<String>,
+    /// Why the last request failed.
+    pub last_error: Option<String>,
+    /// Certificates received after the first.
+    pub renewals: u64,
+    /// Failed requests since the last success.
+    pub failures: u64,
+}
+
+/// An agent's certificates.
+#[derive(Debug, Clone, Default)]
+pub struct Certs(pub Vec<Cert>);
+
+impl Certs {
+    /// The certificate of `identity`.
+    pub fn get(&self, identity: &str) -> Option<&Cert> {
+        self.0.iter().find(|c| c.identity == identity)
+    }
+}
+
+/// One open connection, as `GET /connections` (`ambit connections --json`) reports it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Connection {
+    /// `outbound` or `inbound`.
+    pub direction: String,
+    /// The local pod (`namespace/name`).
+    pub pod: String,
+    /// Source address.
+    pub src: String,
+    /// Destination address.
+    pub dst: String,
+    /// Source identity (proved, for inbound mTLS).
+    pub src_identity: Option<String>,
+    /// Destination identity.
+    pub dst_identity: Option<String>,
+    /// `mutual_tls` or `plaintext`.
+    pub security: String,
+    /// Bytes from source to destination.
+    pub bytes_sent: u64,
+    /// Bytes from destination to source.
+    pub bytes_received: u64,
 }
 
 /// The last `lines` lines of a log file (for failure messages).

@@ -1,14 +1,17 @@
 //! Renders the agents' config files and the shared Kubernetes-shaped inventory.
 use std::fmt::Write as _;
 
+use crate::net;
 use crate::state::{Node, Pod, State};
 
 /// How often agents poll the inventory file, in milliseconds.
 pub const INVENTORY_POLL_MS: u64 = 200;
 
-/// The `ambit run --config` YAML for `node`.
+/// The `ambit run --config` YAML for `node`: with a `ca:` section when the testbed has a CA
+/// (mTLS), without one otherwise (capture only). The node's bridge addresses, where its
+/// kubelet's probes would come from, are admitted under STRICT.
 pub fn agent_config(state: &State, node: &Node) -> String {
-    format!(
+    let mut out = format!(
         "# ambit testbed {id}: agent of {name}\n\
          node: {name}\n\
          trustDomain: cluster.local\n\
@@ -17,7 +20,8 @@ pub fn agent_config(state: &State, node: &Node) -> String {
          adminSocket: {socket}\n\
          bpfPinDir: {pins}\n\
          podsCgroup: {pods}\n\
-         agentCgroup: {agent}\n",
+         agentCgroup: {agent}\n\
+         probeSources: [{probe4}, \"{probe6}\"]\n",
         id = state.id,
         name = node.name,
         inventory = state.inventory.display(),
@@ -25,18 +29,30 @@ pub fn agent_config(state: &State, node: &Node) -> String {
         pins = node.pin_dir.display(),
         pods = node.cgroup.display(),
         agent = node.agent_cgroup.display(),
-    )
+        probe4 = net::gateway_v4(node.index),
+        probe6 = net::gateway_v6(node.index),
+    );
+    if let Some(ca) = &state.ca {
+        out.push_str(&crate::ca::agent_section(ca, node));
+    }
+    out
 }
 
-/// The inventory: the `default` Namespace and every pod, as `kubectl get -o yaml` documents.
+/// The inventory: the `default` Namespace, every listed pod, as `kubectl get -o yaml`
+/// documents, then the objects added with `apply`.
 pub fn inventory(state: &State) -> String {
     let mut out = String::from(
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: default\n  labels:\n    \
          kubernetes.io/metadata.name: default\n",
     );
-    for pod in &state.pods {
+    for pod in state.pods.iter().filter(|p| p.in_inventory) {
         out.push_str("---\n");
         out.push_str(&pod_yaml(pod));
+    }
+    for obj in &state.applied {
+        out.push_str("---\n");
+        out.push_str(obj.yaml.trim_end());
+        out.push('\n');
     }
     out
 }

@@ -2,13 +2,20 @@
 //!
 //! The privileged tests in `tests/tests/*.rs` build a [`Testbed`] each (unique names, removed
 //! on drop even when the test panics); `cargo xtask testbed` drives the same code by hand.
+pub mod admin;
 pub mod agent;
+pub mod apply;
+pub mod ca;
+pub mod capture;
 pub mod cgroup;
 pub mod client;
 pub mod cmd;
 pub mod config;
 pub mod counters;
+pub mod hbone;
 pub mod net;
+pub mod pcap;
+pub mod policy;
 pub mod process;
 pub mod servers;
 pub mod state;
@@ -17,10 +24,10 @@ pub mod testbed;
 
 use std::time::{Duration, Instant};
 
-pub use agent::Status;
+pub use agent::{Cert, Certs, Connection, Status};
 pub use client::Reply;
 pub use servers::HELLO;
-pub use state::{PodSpec, State, ECHO_PORT, HTTP_PORT, PEER_PORT};
+pub use state::{PodSpec, State, CA_PORT, ECHO_PORT, HTTP_PORT, PEER_PORT, TUNNEL_PORT};
 pub use testbed::{Options, Testbed};
 
 /// Default time `assert_eventually!` waits for its condition.
@@ -63,6 +70,18 @@ pub fn testbed_with(opts: Options) -> Testbed {
     }
 }
 
+/// A string that occurs nowhere else (in captures, logs, replies): `AMBIT-MARKER-<hex>`.
+pub fn unique_marker() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    format!("AMBIT-MARKER-{:016x}", h.finish())
+}
+
 /// `uname -r`.
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -81,6 +100,34 @@ pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Opt
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Runs a privileged test body twice, for behaviour that must hold in both agent modes:
+/// `NAME::mtls` on the default testbed (a CA; enrolled pods talk HBONE) and
+/// `NAME::capture_only` on a testbed without a CA (the agents carry plaintext). `NAME` is a
+/// function of the test file taking the [`Testbed`] (functions and modules do not collide).
+///
+/// ```text
+/// both_modes!(echo_reaches_the_server);
+/// fn echo_reaches_the_server(tb: Testbed) { ... }
+/// ```
+#[macro_export]
+macro_rules! both_modes {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            #[ignore = "privileged: run with `cargo xtask test`"]
+            fn mtls() {
+                super::$name($crate::testbed())
+            }
+
+            #[test]
+            #[ignore = "privileged: run with `cargo xtask test`"]
+            fn capture_only() {
+                super::$name($crate::testbed_with($crate::Options::capture_only()))
+            }
+        }
+    };
 }
 
 /// Asserts that a condition becomes true within a deadline (default [`EVENTUALLY`]), polling

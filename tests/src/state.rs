@@ -1,6 +1,6 @@
 //! The testbed's persisted state: names, addresses, paths and PIDs, enough to clean up after a crash.
 use std::fs;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -16,6 +16,12 @@ pub const HTTP_PORT: u16 = 8080;
 pub const ECHO_PORT: u16 = 9000;
 /// Port of the server that writes back `peer=<ip>:<port>` of each connection.
 pub const PEER_PORT: u16 = 7000;
+/// The agents' HBONE (mTLS tunnel) port inside every enrolled pod.
+pub const TUNNEL_PORT: u16 = 15008;
+/// The CA's gRPC port (istiod's).
+pub const CA_PORT: u16 = 15012;
+/// The testbed's SPIFFE trust domain.
+pub const TRUST_DOMAIN: &str = "cluster.local";
 
 /// Everything a testbed instance created, written to `<dir>/state.json` before each step.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,8 +44,52 @@ pub struct State {
     pub nodes: Vec<Node>,
     /// Pods, in creation order.
     pub pods: Vec<Pod>,
-    /// Long-running processes we started (servers, agents).
+    /// Long-running processes we started (servers, agents, the CA, captures).
     pub processes: Vec<Process>,
+    /// The CA and token issuer; `None` when the agents run capture-only (no mTLS).
+    #[serde(default)]
+    pub ca: Option<Ca>,
+    /// Objects added with `apply`, written to the inventory after the testbed's own.
+    #[serde(default)]
+    pub applied: Vec<Applied>,
+}
+
+/// The testbed's CA (`ambit ca`) and the token issuer that plays the Kubernetes API server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ca {
+    /// Node whose network namespace the CA runs in.
+    pub node: String,
+    /// gRPC (TLS) listen address: that node's underlay IPv4 address, port [`CA_PORT`].
+    pub addr: SocketAddr,
+    /// `certDir`: the root material (`root-cert.pem`, ...), generated at first start.
+    pub cert_dir: PathBuf,
+    /// The CA's config file.
+    pub config: PathBuf,
+    /// The CA's log file.
+    pub log: PathBuf,
+    /// The CA process's cgroup.
+    pub cgroup: PathBuf,
+    /// Token issuer URL (`iss`).
+    pub issuer: String,
+    /// The issuer's private key (PKCS#8 DER, mode 0600), so tests and xtask can mint tokens.
+    pub issuer_key: PathBuf,
+    /// The issuer's public keys: the CA's `tokens.jwksFile`.
+    pub jwks: PathBuf,
+    /// Certificate lifetime the agents ask for, in seconds.
+    pub cert_ttl_secs: u64,
+}
+
+/// An object added with `apply`; a later object with the same key replaces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// `kind`.
+    pub kind: String,
+    /// `metadata.namespace` (empty for cluster-scoped kinds).
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// The document, as given.
+    pub yaml: String,
 }
 
 /// One node: a network namespace with a bridge for its pods and an underlay link to the others.
@@ -67,6 +117,9 @@ pub struct Node {
     pub pin_dir: PathBuf,
     /// The agent's log file (stdout and stderr).
     pub log: PathBuf,
+    /// The agent's service-account token for the CA (node claim = this node).
+    #[serde(default)]
+    pub token_file: PathBuf,
 }
 
 /// One pod: its own netns and cgroup, a veth into its node's bridge, IPv4 and IPv6.
@@ -90,6 +143,14 @@ pub struct Pod {
     pub enrolled: bool,
     /// Whether it runs the test servers (HTTP, echo, peer report).
     pub servers: bool,
+    /// Whether the testbed lists it in the inventory (a pod the cluster does not know about,
+    /// e.g. a rogue one, is not).
+    #[serde(default = "yes")]
+    pub in_inventory: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A long-running process we started.
@@ -112,6 +173,8 @@ pub struct PodSpec {
     pub enrolled: bool,
     /// Runs the test servers.
     pub servers: bool,
+    /// Listed in the inventory (default true).
+    pub in_inventory: bool,
 }
 
 impl PodSpec {
@@ -122,6 +185,16 @@ impl PodSpec {
             node: node.into(),
             enrolled,
             servers,
+            in_inventory: true,
+        }
+    }
+
+    /// A pod that exists on `node` but that the inventory does not list (nothing about it is
+    /// known to the agents or the CA); it runs no servers.
+    pub fn unlisted(name: &str, node: &str) -> Self {
+        Self {
+            in_inventory: false,
+            ..Self::new(name, node, false, false)
         }
     }
 
@@ -172,6 +245,13 @@ impl State {
             .with_context(|| format!("no node `{name}`"))
     }
 
+    /// The CA, if the testbed runs one.
+    pub fn ca(&self) -> Result<&Ca> {
+        self.ca
+            .as_ref()
+            .context("this testbed runs without a CA (capture only)")
+    }
+
     /// Pods scheduled on `node`.
     pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
         self.pods.iter().filter(move |p| p.node == node)
@@ -182,6 +262,11 @@ impl Pod {
     /// `/run/netns/<netns>`.
     pub fn netns_path(&self) -> PathBuf {
         netns_path(&self.netns)
+    }
+
+    /// The pod's SPIFFE identity: its namespace and service account (named after the pod).
+    pub fn identity(&self) -> String {
+        identity(&self.namespace, &self.name)
     }
 
     /// The pod's address of the given family (`v6` true: IPv6).
@@ -199,6 +284,11 @@ impl Node {
     pub fn netns_path(&self) -> PathBuf {
         netns_path(&self.netns)
     }
+}
+
+/// `spiffe://cluster.local/ns/<namespace>/sa/<service_account>`.
+pub fn identity(namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}")
 }
 
 /// `/run/netns/<name>`, where `ip netns add` puts named namespaces.

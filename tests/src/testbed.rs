@@ -15,12 +15,13 @@ use anyhow::{bail, Context, Result};
 use nix::sys::signal::Signal;
 
 use crate::agent::{self, Status};
+use crate::ca;
 use crate::cgroup;
 use crate::config;
 use crate::net;
 use crate::process;
 use crate::servers;
-use crate::state::{self, Node, Pod, PodSpec, Process, State, BASE_DIR, CLI_POINTER};
+use crate::state::{self, Applied, Node, Pod, PodSpec, Process, State, BASE_DIR, CLI_POINTER};
 use crate::state::{ECHO_PORT, HTTP_PORT, PEER_PORT};
 use crate::teardown;
 
@@ -28,6 +29,8 @@ use crate::teardown;
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long servers get to listen.
 pub const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Certificate lifetime the agents ask for unless a test says otherwise (Istio's default).
+pub const DEFAULT_CERT_TTL_SECS: u64 = 24 * 3600;
 
 /// How to build a testbed.
 #[derive(Debug, Clone)]
@@ -42,6 +45,12 @@ pub struct Options {
     pub persistent: bool,
     /// Print progress lines to stderr.
     pub progress: bool,
+    /// Run a CA (`ambit ca`, with the testbed as token issuer) and give the agents a `ca:`
+    /// section, so enrolled pods talk mTLS (HBONE). Without it the agents only capture:
+    /// enrolled pods talk plaintext through them. Needs `agents`.
+    pub ca: bool,
+    /// Certificate lifetime the agents ask the CA for, in seconds.
+    pub cert_ttl_secs: u64,
 }
 
 impl Default for Options {
@@ -52,6 +61,26 @@ impl Default for Options {
             agent_bin: None,
             persistent: false,
             progress: true,
+            ca: true,
+            cert_ttl_secs: DEFAULT_CERT_TTL_SECS,
+        }
+    }
+}
+
+impl Options {
+    /// The default testbed with agents but no CA: capture only, plaintext between agents.
+    pub fn capture_only() -> Self {
+        Self {
+            ca: false,
+            ..Self::default()
+        }
+    }
+
+    /// The default testbed with certificates of `secs` seconds (renewed at about half that).
+    pub fn cert_ttl(secs: u64) -> Self {
+        Self {
+            cert_ttl_secs: secs,
+            ..Self::default()
         }
     }
 }
@@ -160,6 +189,20 @@ impl Testbed {
         process::exec_in(&pod.cgroup, &pod.netns_path(), argv, timeout)
     }
 
+    /// Runs `argv` in `node`'s own network namespace (where its agent and, on a real node, its
+    /// kubelet run), in the instance's `host` cgroup, killed at `timeout`.
+    pub fn exec_on_node<S: AsRef<std::ffi::OsStr>>(
+        &self,
+        node: &str,
+        argv: &[S],
+        timeout: Duration,
+    ) -> Result<Output> {
+        let node = self.state.node(node)?;
+        let cg = self.state.cgroup_root.join("host");
+        cgroup::create(&cg)?;
+        process::exec_in(&cg, &node.netns_path(), argv, timeout)
+    }
+
     /// The `ambit` binary the agents run.
     pub fn agent_bin(&self) -> Result<&Path> {
         self.state
@@ -175,12 +218,7 @@ impl Testbed {
 
     /// PID of `node`'s agent, if we started one that is still recorded.
     pub fn agent_pid(&self, node: &str) -> Option<i32> {
-        let role = format!("agent {node}");
-        self.state
-            .processes
-            .iter()
-            .find(|p| p.role == role)
-            .map(|p| p.pid)
+        self.pid_of(&format!("agent {node}"))
     }
 
     /// Whether `node`'s agent process is alive.
@@ -201,25 +239,70 @@ impl Testbed {
 
     /// Sends `signal` to `node`'s agent and waits (bounded) until it has exited.
     pub fn stop_agent(&mut self, node: &str, signal: Signal) -> Result<()> {
+        self.stop_role(&format!("agent {node}"), signal)
+    }
+
+    /// Sends `signal` to our process with `role` and waits (bounded) until it has exited.
+    fn stop_role(&mut self, role: &str, signal: Signal) -> Result<()> {
         let pid = self
-            .agent_pid(node)
-            .with_context(|| format!("no agent recorded for {node}"))?;
+            .pid_of(role)
+            .with_context(|| format!("no process `{role}` recorded"))?;
         let (root, mount) = (
             self.state.cgroup_root.clone(),
             self.state.cgroup_mount.clone(),
         );
         process::signal_ours(pid, signal, &root, &mount);
         if !process::wait_gone(pid, Duration::from_secs(10), &root, &mount) {
-            bail!("agent of {node} (pid {pid}) still running 10s after {signal}");
+            bail!("{role} (pid {pid}) still running 10s after {signal}");
         }
         for child in self.children.iter_mut().filter(|c| c.id() as i32 == pid) {
             process::reap(child, Duration::from_secs(1));
         }
-        self.forget_process(&format!("agent {node}"));
+        self.children.retain(|c| c.id() as i32 != pid);
+        self.forget_process(role);
         Ok(())
     }
 
-    /// Waits until every agent reports each enrolled local pod as `enrolled`.
+    /// PID of our process with `role`, if recorded.
+    fn pid_of(&self, role: &str) -> Option<i32> {
+        self.state
+            .processes
+            .iter()
+            .find(|p| p.role == role)
+            .map(|p| p.pid)
+    }
+
+    /// Whether the CA process is alive.
+    pub fn ca_running(&self) -> bool {
+        self.pid_of(ca::ROLE).is_some_and(|pid| {
+            cgroup::pid_in(pid, &self.state.cgroup_root, &self.state.cgroup_mount)
+        })
+    }
+
+    /// Starts the CA (again) and waits until it listens. Its root material stays in `certDir`
+    /// across restarts, so the agents' trust does not change.
+    pub fn start_ca(&mut self) -> Result<()> {
+        let bin = self.agent_bin()?.to_path_buf();
+        cgroup::create(&self.state.ca()?.cgroup)?;
+        self.forget_process(ca::ROLE);
+        let child = ca::start(&self.state, &bin)?;
+        self.record(ca::ROLE.to_string(), child)?;
+        let pid = self.pid_of(ca::ROLE);
+        let (root, mount) = (
+            self.state.cgroup_root.clone(),
+            self.state.cgroup_mount.clone(),
+        );
+        let alive = || pid.is_some_and(|pid| cgroup::pid_in(pid, &root, &mount));
+        ca::wait_ready(&self.state, ca::CA_READY_TIMEOUT, alive)
+    }
+
+    /// Sends `signal` to the CA and waits (bounded) until it has exited.
+    pub fn stop_ca(&mut self, signal: Signal) -> Result<()> {
+        self.stop_role(ca::ROLE, signal)
+    }
+
+    /// Waits until every agent reports each enrolled local pod as `enrolled` and, with a CA,
+    /// each such pod's identity as having a certificate (`available` in `/certs`).
     pub fn wait_agents_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         for node in self.state.nodes.clone() {
@@ -242,7 +325,13 @@ impl Testbed {
                     );
                 }
                 let last = match self.status(&node.name) {
-                    Ok(st) if want.iter().all(|p| st.pod_state(p) == Some("enrolled")) => break,
+                    Ok(st) if want.iter().all(|p| st.pod_state(p) == Some("enrolled")) => {
+                        match self.missing_certs(&node.name, &want) {
+                            Ok(missing) if missing.is_empty() => break,
+                            Ok(missing) => format!("no certificate yet for {missing:?}"),
+                            Err(e) => format!("{e:#}"),
+                        }
+                    }
                     Ok(st) => format!("status: {}", st.0),
                     Err(e) => format!("{e:#}"),
                 };
@@ -259,6 +348,22 @@ impl Testbed {
         Ok(())
     }
 
+    /// Identities of `pods` that `node`'s agent has no valid certificate for (none without a CA).
+    fn missing_certs(&self, node: &str, pods: &[String]) -> Result<Vec<String>> {
+        if self.state.ca.is_none() {
+            return Ok(Vec::new());
+        }
+        let certs = self.certs(node)?;
+        let mut missing = Vec::new();
+        for pod in pods {
+            let id = self.state.pod(pod)?.identity();
+            if certs.get(&id).is_none_or(|c| c.state != "available") {
+                missing.push(id);
+            }
+        }
+        Ok(missing)
+    }
+
     /// Enrolls or unenrolls `pod` by rewriting the inventory (agents poll it).
     pub fn set_enrolled(&mut self, pod: &str, enrolled: bool) -> Result<()> {
         let p = self
@@ -272,9 +377,14 @@ impl Testbed {
         self.write_inventory()
     }
 
-    /// Log tails of every agent, for failure messages.
+    /// Log tails of every agent and the CA, for failure messages.
     pub fn agent_logs(&self, lines: usize) -> String {
         let mut out = String::new();
+        if let Some(ca) = &self.state.ca {
+            out.push_str(&format!("----- ca ({}) -----\n", ca.log.display()));
+            out.push_str(&agent::log_tail(&ca.log, lines));
+            out.push('\n');
+        }
         for n in &self.state.nodes {
             out.push_str(&format!(
                 "----- agent {} ({}) -----\n",
@@ -327,6 +437,7 @@ impl Testbed {
                 admin_socket: dir.join(format!("{name}.sock")),
                 pin_dir: bpffs.join(format!("ambit-{id}-{name}")),
                 log: dir.join(format!("{name}.log")),
+                token_file: dir.join(format!("{name}.token")),
                 name,
                 index,
             });
@@ -349,8 +460,11 @@ impl Testbed {
                 ipv6: net::pod_v6(node.index, host),
                 enrolled: spec.enrolled,
                 servers: spec.servers,
+                in_inventory: spec.in_inventory,
             });
         }
+        let ca = (opts.ca && opts.agents)
+            .then(|| ca::plan(&dir, &cgroup_root, &nodes[0], opts.cert_ttl_secs));
         let agent_bin = match &opts.agent_bin {
             Some(b) => Some(b.clone()),
             None => default_agent_bin(),
@@ -370,6 +484,8 @@ impl Testbed {
             nodes,
             pods,
             processes: Vec::new(),
+            ca,
+            applied: Vec::new(),
         };
         state.save()?;
         Ok(Self {
@@ -424,6 +540,11 @@ impl Testbed {
                     bin.display()
                 );
             }
+            if self.state.ca.is_some() {
+                self.progress("starting the CA (token issuer: the testbed)");
+                ca::prepare(&self.state)?;
+                self.start_ca()?;
+            }
             self.progress(&format!("starting agents ({})", bin.display()));
             for n in &st.nodes {
                 self.start_agent(&n.name)?;
@@ -461,14 +582,20 @@ impl Testbed {
         )
     }
 
-    fn record(&mut self, role: String, child: Child) -> Result<()> {
+    /// Replaces the applied objects in the state (the caller writes the inventory).
+    pub(crate) fn set_applied(&mut self, applied: Vec<Applied>) -> Result<()> {
+        self.state.applied = applied;
+        self.state.save()
+    }
+
+    pub(crate) fn record(&mut self, role: String, child: Child) -> Result<()> {
         let pid = i32::try_from(child.id())?;
         self.state.processes.push(Process { pid, role });
         self.children.push(child);
         self.state.save()
     }
 
-    fn forget_process(&mut self, role: &str) {
+    pub(crate) fn forget_process(&mut self, role: &str) {
         self.state.processes.retain(|p| p.role != role);
         let _ = self.state.save();
     }

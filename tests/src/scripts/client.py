@@ -3,6 +3,9 @@
   request HOST PORT [--send TEXT]   connect, send, half-close, read to EOF
   transfer HOST PORT BYTES          send BYTES random bytes while reading the echo; compare sha256
   concurrent HOST PORT COUNT        COUNT echo connections held open at the same time
+  hold HOST PORT --send TEXT [--seconds N]
+                                    connect, send, read the echo, report, then keep the
+                                    connection open for N seconds (the test stops us sooner)
 
 Every socket operation has a timeout; failures are reported as {"error": ..., "stage": ...}.
 """
@@ -13,6 +16,7 @@ import os
 import socket
 import sys
 import threading
+import time
 
 
 def fmt(addr):
@@ -117,6 +121,26 @@ def concurrent(a):
     emit({"ok": ok, "failed": a.count - ok, "errors": errors[:5]}, 0 if ok == a.count else 2)
 
 
+def hold(a):
+    s = connect(a)
+    out = {"peer": fmt(s.getpeername()), "sock": fmt(s.getsockname())}
+    try:
+        s.sendall(a.send.encode())
+        want, got = len(a.send.encode()), b""
+        while len(got) < want:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        out["data"] = got.decode(errors="replace")
+    except OSError as e:
+        out.update(error=f"{type(e).__name__}: {e}", stage="io")
+        emit(out, 2)
+    print(json.dumps(out), flush=True)
+    time.sleep(a.seconds)
+    s.close()
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--timeout", type=float, default=5.0)
@@ -125,13 +149,16 @@ def main():
     r.add_argument("--send")
     t = sub.add_parser("transfer")
     c = sub.add_parser("concurrent")
-    for sp in (r, t, c):
+    h = sub.add_parser("hold")
+    h.add_argument("--send", required=True)
+    h.add_argument("--seconds", type=float, default=60.0)
+    for sp in (r, t, c, h):
         sp.add_argument("host")
         sp.add_argument("port", type=int)
     t.add_argument("bytes", type=int)
     c.add_argument("count", type=int)
     a = p.parse_args()
-    {"request": request, "transfer": transfer, "concurrent": concurrent}[a.cmd](a)
+    {"request": request, "transfer": transfer, "concurrent": concurrent, "hold": hold}[a.cmd](a)
 
 
 if __name__ == "__main__":

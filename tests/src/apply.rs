@@ -1,0 +1,252 @@
+//! `apply`: adds Kubernetes-shaped objects (policies, Services, pods of other nodes) to a
+//! running testbed's inventory, replacing earlier ones with the same kind, namespace and name,
+//! as `kubectl apply` would. The result is checked with the agent's own inventory parser before
+//! it is written (atomically), and the call returns once every running agent has loaded it.
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::config;
+use crate::state::{self, Applied};
+use crate::testbed::Testbed;
+
+/// How long agents get to load a changed inventory (they poll it every 200 ms).
+pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Kinds without a namespace.
+const CLUSTER_SCOPED: &[&str] = &["Namespace", "Node", "ClusterRole", "ClusterRoleBinding"];
+
+/// What one `apply` did.
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    /// `Kind namespace/name` of each object, and whether it was `created`, `configured`
+    /// (replaced) or `unchanged`.
+    pub objects: Vec<(String, &'static str)>,
+    /// Agents that loaded the new inventory, with their load count afterwards.
+    pub reloaded: Vec<(String, u64)>,
+}
+
+/// Splits multi-document YAML into objects; each needs `kind` and `metadata.name`.
+pub fn documents(text: &str) -> Result<Vec<Applied>> {
+    let mut out = Vec::new();
+    for (i, doc) in split_documents(text).into_iter().enumerate() {
+        let value: serde_yaml::Value =
+            serde_yaml::from_str(&doc).with_context(|| format!("document {}: not YAML", i + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value["kind"]
+            .as_str()
+            .with_context(|| format!("document {}: no `kind`", i + 1))?;
+        if kind == "List" {
+            bail!(
+                "document {}: kind List is not supported; write one object per document",
+                i + 1
+            );
+        }
+        let name = value["metadata"]["name"]
+            .as_str()
+            .with_context(|| format!("document {} ({kind}): no `metadata.name`", i + 1))?;
+        let namespace = if CLUSTER_SCOPED.contains(&kind) {
+            String::new()
+        } else {
+            value["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string()
+        };
+        out.push(Applied {
+            kind: kind.to_string(),
+            namespace,
+            name: name.to_string(),
+            yaml: doc.trim_end().to_string() + "\n",
+        });
+    }
+    Ok(out)
+}
+
+/// `Kind namespace/name` (or `Kind name`).
+pub fn describe(obj: &Applied) -> String {
+    if obj.namespace.is_empty() {
+        format!("{} {}", obj.kind, obj.name)
+    } else {
+        format!("{} {}/{}", obj.kind, obj.namespace, obj.name)
+    }
+}
+
+impl Testbed {
+    /// Adds (or replaces) the objects in `yaml` and waits until every running agent has loaded
+    /// the new inventory. Nothing is written when the result would not parse.
+    pub fn apply(&mut self, yaml: &str) -> Result<ApplyReport> {
+        let objects = documents(yaml)?;
+        if objects.is_empty() {
+            bail!("nothing to apply: no objects in the input");
+        }
+        let mut applied = self.state().applied.clone();
+        let mut report = Vec::new();
+        for obj in objects {
+            let what = describe(&obj);
+            if obj.kind == "Pod"
+                && self
+                    .state()
+                    .pods
+                    .iter()
+                    .any(|p| p.in_inventory && p.name == obj.name && p.namespace == obj.namespace)
+            {
+                bail!("{what} is one of the testbed's own pods; apply a pod with another name");
+            }
+            let same = |a: &Applied| {
+                a.kind == obj.kind && a.namespace == obj.namespace && a.name == obj.name
+            };
+            let verb = match applied.iter_mut().find(|a| same(a)) {
+                Some(old) if *old == obj => "unchanged",
+                Some(old) => {
+                    *old = obj;
+                    "configured"
+                }
+                None => {
+                    applied.push(obj);
+                    "created"
+                }
+            };
+            report.push((what, verb));
+        }
+        let reloaded = self.replace_applied(applied)?;
+        Ok(ApplyReport {
+            objects: report,
+            reloaded,
+        })
+    }
+
+    /// Removes an applied object; waits for the agents as [`Testbed::apply`] does.
+    pub fn delete(&mut self, kind: &str, namespace: &str, name: &str) -> Result<()> {
+        let mut applied = self.state().applied.clone();
+        let before = applied.len();
+        applied.retain(|a| !(a.kind == kind && a.namespace == namespace && a.name == name));
+        if applied.len() == before {
+            bail!("no applied {kind} {namespace}/{name}");
+        }
+        self.replace_applied(applied).map(drop)
+    }
+
+    /// Writes the inventory with `applied` (checked first) and waits for the running agents.
+    fn replace_applied(&mut self, applied: Vec<Applied>) -> Result<Vec<(String, u64)>> {
+        let mut next = self.state().clone();
+        next.applied = applied;
+        let text = config::inventory(&next);
+        ambit::inventory::file::parse(&next.inventory, &text)
+            .map_err(|e| anyhow::anyhow!("{}", chain(&e)))
+            .context("the agents would reject this inventory; nothing was applied")?;
+        let unchanged = std::fs::read_to_string(&next.inventory).is_ok_and(|t| t == text);
+        let nodes: Vec<String> = next
+            .nodes
+            .iter()
+            .filter(|n| self.agent_running(&n.name))
+            .map(|n| n.name.clone())
+            .collect();
+        let mut before = Vec::new();
+        for node in &nodes {
+            before.push(self.inventory_counts(node)?);
+        }
+        self.set_applied(next.applied)?;
+        state::write_atomic(&next.inventory, text.as_bytes())?;
+        let mut reloaded = Vec::new();
+        for (node, (loads, errors)) in nodes.iter().zip(before) {
+            if unchanged {
+                reloaded.push((node.clone(), loads));
+                continue;
+            }
+            let deadline = Instant::now() + RELOAD_TIMEOUT;
+            loop {
+                let (l, e) = self.inventory_counts(node)?;
+                if e > errors {
+                    bail!(
+                        "agent of {node} rejected the inventory:\n{}",
+                        crate::agent::log_tail(&self.node(node).log, 10)
+                    );
+                }
+                if l > loads {
+                    reloaded.push((node.clone(), l));
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!("agent of {node} did not reload the inventory within {RELOAD_TIMEOUT:?}");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(reloaded)
+    }
+
+    /// `(loads, errors)` of `node`'s inventory watcher.
+    fn inventory_counts(&self, node: &str) -> Result<(u64, u64)> {
+        let st = self.status(node)?;
+        let inv = &st.0["inventory"];
+        Ok((
+            inv["loads"]
+                .as_u64()
+                .context("status has no inventory.loads")?,
+            inv["errors"]
+                .as_u64()
+                .context("status has no inventory.errors")?,
+        ))
+    }
+}
+
+/// Splits on `---` separator lines (a document may start with one).
+fn split_documents(text: &str) -> Vec<String> {
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line.trim_end() == "---" || line.starts_with("--- ") {
+            docs.push(String::new());
+            continue;
+        }
+        let cur = docs
+            .last_mut()
+            .expect("docs starts non-empty and only grows");
+        cur.push_str(line);
+        cur.push('\n');
+    }
+    docs.into_iter().filter(|d| !d.trim().is_empty()).collect()
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_documents_by_kind_namespace_and_name() {
+        let docs = documents(
+            "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: strict\n  namespace: shop\nspec:\n  mtls: {mode: STRICT}\n---\nkind: Namespace\nmetadata: {name: shop}\n---\nkind: Service\nmetadata: {name: web}\n",
+        )
+        .unwrap();
+        let keys: Vec<String> = docs.iter().map(describe).collect();
+        assert_eq!(
+            keys,
+            [
+                "PeerAuthentication shop/strict",
+                "Namespace shop",
+                "Service default/web"
+            ]
+        );
+        assert!(docs[0].yaml.contains("mode: STRICT"));
+    }
+
+    #[test]
+    fn refuses_documents_without_kind_or_name() {
+        assert!(documents("metadata: {name: x}\n").is_err());
+        assert!(documents("kind: Service\nmetadata: {}\n").is_err());
+        assert!(documents("kind: List\nitems: []\n").is_err());
+    }
+}
