@@ -17,10 +17,12 @@ use crate::admin::metrics;
 use crate::admin::server::{self, AdminState};
 use crate::ca::CaClient;
 use crate::cli::RunArgs;
-use crate::config::Config;
+use crate::cni;
+use crate::config::{Config, InventorySource};
 use crate::identity::manager::{CertManager, ManagerSettings};
 use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
 use crate::inventory::file::{self, ReloadStats};
+use crate::inventory::kube as kube_source;
 use crate::inventory::Snapshot;
 use crate::proxy::manager::Manager;
 use crate::proxy::tls::TlsSource;
@@ -77,17 +79,7 @@ async fn serve(
     tokio::spawn(events::drain(ring));
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let reloads = Arc::new(ReloadStats::default());
-    // The first load must succeed: an agent with an unreadable inventory would serve nobody.
-    let text = std::fs::read_to_string(&cfg.inventory)
-        .with_context(|| format!("cannot read inventory {}", cfg.inventory.display()))?;
-    let first = file::parse(&cfg.inventory, &text)?;
-    tx.send_replace(Arc::new(first));
-    tokio::spawn(file::watch_file(
-        cfg.inventory.clone(),
-        Duration::from_millis(cfg.inventory_poll_ms.max(50)),
-        tx,
-        reloads.clone(),
-    ));
+    let pod_map = start_inventory(&cfg, tx, reloads.clone()).await?;
     let (tls, certs) = match identities(&cfg)? {
         Some((tls, certs)) => (Some(tls), Some(certs)),
         None => {
@@ -105,6 +97,20 @@ async fn serve(
         tls,
         certs,
     ));
+    if let (Some(cni), Some(pod_map)) = (&cfg.cni, pod_map) {
+        let m = manager.clone();
+        let confirm: cni::handler::Confirm = Arc::new(move |key: &str| m.pod_state(key));
+        let listener = cni::server::bind(&cni.socket)
+            .with_context(|| format!("cannot bind the cni socket {}", cni.socket.display()))?;
+        let handler = cni::handler::handler(
+            pod_map,
+            rx.clone(),
+            Some(confirm),
+            Duration::from_millis(cni.wait_ms),
+        );
+        tokio::spawn(cni::server::serve(listener, handler));
+        tracing::info!(cni.socket = %cni.socket.display(), "cni socket bound");
+    }
     let rx_admin = rx.clone();
     tokio::spawn(manager.clone().run(rx));
     let listener = server::bind(&cfg.admin_socket)?;
@@ -148,6 +154,53 @@ async fn serve(
 fn inode(path: &Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| m.ino())
+}
+
+/// Starts the configured inventory source publishing to `tx`; returns the CNI pod map in
+/// Kubernetes mode. A file inventory must load once before the agent serves anything; the
+/// Kubernetes source holds off until every kind has listed once.
+async fn start_inventory(
+    cfg: &Config,
+    tx: watch::Sender<Arc<Snapshot>>,
+    reloads: Arc<ReloadStats>,
+) -> anyhow::Result<Option<Arc<cni::pods::PodMap>>> {
+    match &cfg.inventory {
+        InventorySource::File(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read inventory {}", path.display()))?;
+            let first = file::parse(path, &text)?;
+            tx.send_replace(Arc::new(first));
+            let poll = Duration::from_millis(cfg.inventory_poll_ms.max(50));
+            tokio::spawn(file::watch_file(path.clone(), poll, tx, reloads));
+            Ok(None)
+        }
+        InventorySource::Kubernetes(k) => {
+            let cni_cfg = cfg
+                .cni
+                .clone()
+                .context("inventory kind kubernetes needs a cni: section")?;
+            let pod_map = Arc::new(cni::pods::PodMap::load(&cni_cfg.pod_map)?);
+            let r = pod_map.resync()?;
+            tracing::info!(kept = ?r.kept, removed = ?r.removed, "cni pod map re-synced after start");
+            let client = kube_source::client(k.kubeconfig.as_deref()).await?;
+            let (ready_tx, mut ready_rx) = watch::channel(false);
+            let stats = Arc::new(kube_source::Stats::default());
+            tokio::spawn(kube_source::watch(
+                client,
+                kube_source::Options::new(cfg.node.clone()),
+                pod_map.subscribe(),
+                tx,
+                ready_tx,
+                stats,
+            ));
+            tracing::info!("waiting for the first full sync with the api server");
+            ready_rx
+                .wait_for(|r| *r)
+                .await
+                .context("kubernetes source stopped before its first sync")?;
+            Ok(Some(pod_map))
+        }
+    }
 }
 
 /// The certificate manager and the TLS source built on it, when a CA is configured.

@@ -65,6 +65,72 @@ impl Ports {
     }
 }
 
+/// The inventory source.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum InventorySource {
+    /// A YAML file, polled for changes.
+    File(PathBuf),
+    /// The Kubernetes API server.
+    Kubernetes(KubeSource),
+}
+
+/// `inventory: {kind: kubernetes}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KubeSource {
+    /// Must be `kubernetes`.
+    pub kind: KubeKind,
+    /// Kubeconfig file; in-cluster configuration when absent.
+    #[serde(default)]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// The one kind of non-file source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KubeKind {
+    /// kube-rs reflectors.
+    Kubernetes,
+}
+
+impl std::fmt::Display for InventorySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "{}", p.display()),
+            Self::Kubernetes(k) => match &k.kubeconfig {
+                Some(p) => write!(f, "kubernetes ({})", p.display()),
+                None => f.write_str("kubernetes (in-cluster)"),
+            },
+        }
+    }
+}
+
+/// `cni:` — where the CNI plugin reaches the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CniConfig {
+    /// Unix socket the plugin connects to.
+    #[serde(default = "default_cni_socket")]
+    pub socket: PathBuf,
+    /// Where the pods the plugin reported are kept across agent restarts.
+    #[serde(default = "default_pod_map")]
+    pub pod_map: PathBuf,
+    /// How long an ADD waits for the pod to be enrolled before answering.
+    #[serde(default = "default_cni_wait_ms")]
+    pub wait_ms: u64,
+}
+
+fn default_cni_socket() -> PathBuf {
+    PathBuf::from(crate::cni::DEFAULT_SOCKET)
+}
+fn default_pod_map() -> PathBuf {
+    PathBuf::from(crate::cni::DEFAULT_POD_MAP)
+}
+fn default_cni_wait_ms() -> u64 {
+    10_000
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,12 +147,18 @@ pub enum LogFormat {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
     /// Name of the node this agent serves; only pods with this `spec.nodeName` are enrolled.
+    /// The environment variable `AMBIT_NODE_NAME` (the DaemonSet's downward API) overrides it.
+    #[serde(default)]
     pub node: String,
     /// SPIFFE trust domain.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
-    /// Inventory file (Kubernetes-shaped multi-document YAML).
-    pub inventory: PathBuf,
+    /// Where workloads and policies come from: a file path (Kubernetes-shaped multi-document
+    /// YAML), or `{kind: kubernetes, kubeconfig: PATH?}` for the API server.
+    pub inventory: InventorySource,
+    /// The chained CNI plugin's socket (Kubernetes mode: pods' netns arrive from it).
+    #[serde(default)]
+    pub cni: Option<CniConfig>,
     /// How often the inventory file is checked for changes.
     #[serde(default = "default_poll_ms")]
     pub inventory_poll_ms: u64,
@@ -167,11 +239,22 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(path, &text)
+        Self::parse_with_node(
+            path,
+            &text,
+            std::env::var("AMBIT_NODE_NAME")
+                .ok()
+                .filter(|n| !n.is_empty()),
+        )
     }
 
     /// Parses configuration text; `path` is used in error messages only.
     pub fn parse(path: &Path, text: &str) -> Result<Self, Error> {
+        Self::parse_with_node(path, text, None)
+    }
+
+    /// Parses configuration text, with the node name from the environment when given.
+    pub fn parse_with_node(path: &Path, text: &str, node: Option<String>) -> Result<Self, Error> {
         let de = serde_yaml::Deserializer::from_str(text);
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let location = e.inner().location();
@@ -188,8 +271,15 @@ impl Config {
             field,
             message: message.to_string(),
         };
+        let mut cfg = cfg;
+        if let Some(node) = node {
+            cfg.node = node;
+        }
         if cfg.node.is_empty() {
-            return Err(invalid("node", "must not be empty"));
+            return Err(invalid(
+                "node",
+                "must not be empty (or set AMBIT_NODE_NAME)",
+            ));
         }
         if cfg.outbound_mark == 0 || cfg.deliver_mark == 0 || cfg.outbound_mark == cfg.deliver_mark
         {

@@ -443,3 +443,24 @@ fn crds_serve_the_versions_the_agent_watches() {
         assert_eq!(crd.spec.versions.iter().filter(|v| v.storage).count(), 1);
     }
 }
+
+#[test]
+fn agent_configmap_is_a_valid_agent_config() {
+    let m = manifests();
+    let text = &m.config_maps["ambit-config"].data.as_ref().unwrap()["config.yaml"];
+    let cfg = ambit::config::Config::parse_with_node(
+        Path::new("deploy/configmap.yaml"),
+        text,
+        Some("node-a".into()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        cfg.node, "node-a",
+        "the node name comes from AMBIT_NODE_NAME"
+    );
+    assert!(matches!(
+        cfg.inventory,
+        ambit::config::InventorySource::Kubernetes(_)
+    ));
+    assert!(cfg.ca.is_some() && cfg.cni.is_some() && cfg.metrics_listen.is_some());
+}

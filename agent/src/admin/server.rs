@@ -320,7 +320,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": state.started.elapsed().as_secs(),
         "inventory": {
-            "path": state.cfg.inventory,
+            "source": state.cfg.inventory.to_string(),
             "loads": state.reloads.loads.load(Ordering::Relaxed),
             "errors": state.reloads.errors.load(Ordering::Relaxed),
             "warnings": state.inventory_rx.borrow().warnings.clone(),

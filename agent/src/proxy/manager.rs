@@ -442,6 +442,15 @@ impl Manager {
         (waiting.is_empty(), waiting)
     }
 
+    /// Whether pod `key` (`namespace/name`) is enrolled (`Ok`), failed (`Err` with why), or
+    /// not handled yet (`None`): the CNI plugin's ADD waits on this.
+    pub fn pod_state(&self, key: &str) -> Option<Result<(), String>> {
+        if lock(&self.enrolled).contains_key(key) {
+            return Some(Ok(()));
+        }
+        lock(&self.failed).get(key).map(|f| Err(f.error.clone()))
+    }
+
     /// Notified by `POST /drain`.
     pub fn drain_trigger(&self) -> Arc<tokio::sync::Notify> {
         self.drain.clone()
