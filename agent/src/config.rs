@@ -65,6 +65,34 @@ impl Ports {
     }
 }
 
+/// Resource caps of the data plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Limits {
+    /// TLS handshakes in progress at once on the tunnel ports, agent-wide.
+    pub max_handshakes: usize,
+    /// Open tunnel connections from one source address, agent-wide.
+    pub max_connections_per_source: usize,
+    /// CONNECT streams at once on one tunnel connection.
+    pub max_streams_per_connection: u32,
+    /// Deadline of a TLS handshake.
+    pub handshake_timeout_ms: u64,
+    /// A tunnel connection with no stream for this long is closed (GOAWAY).
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_handshakes: 256,
+            max_connections_per_source: 1024,
+            max_streams_per_connection: 1000,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 300_000,
+        }
+    }
+}
+
 /// The inventory source.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(untagged)]
@@ -198,6 +226,9 @@ pub struct Config {
     /// Optional TCP listener for `GET /metrics` (e.g. `0.0.0.0:15020`).
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Caps that keep one client from starving the others.
+    #[serde(default)]
+    pub limits: Limits,
     /// How long open connections may finish after SIGTERM before they are cut.
     #[serde(default = "default_drain_ms")]
     pub drain_deadline_ms: u64,

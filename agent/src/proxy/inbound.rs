@@ -1,18 +1,23 @@
 //! Inbound tunnel path: terminate HBONE on 15008, check the CONNECT target and policy, deliver to the app with the client's address.
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use super::conns::{self, ConnInfo};
 use super::copy::copy_until_closed;
 use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
 use crate::admin::metrics::ReasonLabel;
+use crate::config::Limits;
 use crate::policy::authz::ConnAttrs;
-use crate::tunnel::server::{serve_connection, PendingConnect};
+use crate::tunnel::server::{accept_tls, serve_h2, PendingConnect, ServerLimits};
 
 /// Serves one tunnel listener of a pod until the task is aborted.
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
@@ -45,13 +50,101 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
             return reset(tcp);
         }
     };
+    // Fairness: one source cannot hold more than its share of connections, and handshakes
+    // (the expensive part) are capped agent-wide; over either cap the connection is reset.
+    let Some(_source_slot) = pod.gate.admit_source(peer.ip()) else {
+        refused(
+            "source_limit",
+            format!("{} holds too many tunnel connections", peer.ip()),
+        );
+        return reset(tcp);
+    };
+    let Ok(permit) = pod.gate.handshakes.clone().try_acquire_owned() else {
+        refused(
+            "handshake_limit",
+            "too many tls handshakes in progress".into(),
+        );
+        return reset(tcp);
+    };
+    let limits = pod.gate.limits;
+    let (stream, peer_id) = match accept_tls(tcp, peer, tls, limits.handshake_timeout).await {
+        Ok(s) => s,
+        Err(e) => return refused("tls", e.to_string()),
+    };
+    drop(permit);
     let handler_pod = pod.clone();
-    if let Err(e) = serve_connection(tcp, peer, tls, pod.draining.clone(), move |p| {
-        handle(p, handler_pod.clone())
-    })
-    .await
-    {
+    let served = serve_h2(
+        stream,
+        peer,
+        peer_id,
+        limits,
+        pod.draining.clone(),
+        move |p| handle(p, handler_pod.clone()),
+    );
+    if let Err(e) = served.await {
         refused("tunnel", e.to_string());
+    }
+}
+
+/// Agent-wide caps of the tunnel ports.
+pub struct Gate {
+    /// Handshakes in progress.
+    pub handshakes: Arc<Semaphore>,
+    per_source: Mutex<HashMap<IpAddr, usize>>,
+    max_per_source: usize,
+    /// Per-connection limits.
+    pub limits: ServerLimits,
+}
+
+/// Holds one of a source's connection slots.
+pub struct SourceSlot<'a> {
+    gate: &'a Gate,
+    ip: IpAddr,
+}
+
+impl Drop for SourceSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self
+            .gate
+            .per_source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Gate {
+    /// Caps from the configuration.
+    pub fn new(l: &Limits) -> Self {
+        Self {
+            handshakes: Arc::new(Semaphore::new(l.max_handshakes.max(1))),
+            per_source: Mutex::new(HashMap::new()),
+            max_per_source: l.max_connections_per_source.max(1),
+            limits: ServerLimits {
+                handshake_timeout: Duration::from_millis(l.handshake_timeout_ms.max(100)),
+                max_streams: l.max_streams_per_connection.max(1),
+                idle_timeout: Duration::from_millis(l.idle_timeout_ms.max(1000)),
+            },
+        }
+    }
+
+    /// A connection slot for `ip`, unless it already holds its maximum.
+    pub fn admit_source(&self, ip: IpAddr) -> Option<SourceSlot<'_>> {
+        let mut m = self
+            .per_source
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.max_per_source {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot { gate: self, ip })
     }
 }
 
@@ -145,4 +238,29 @@ async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
         .bytes_received
         .fetch_add(t.received, Ordering::Relaxed);
     guard.finish(&result);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gate_caps_each_source_and_releases_slots() {
+        let limits = Limits {
+            max_connections_per_source: 2,
+            ..Limits::default()
+        };
+        let gate = Gate::new(&limits);
+        let a: IpAddr = "10.1.0.2".parse().unwrap();
+        let b: IpAddr = "10.1.0.3".parse().unwrap();
+        let s1 = gate.admit_source(a).unwrap();
+        let _s2 = gate.admit_source(a).unwrap();
+        assert!(
+            gate.admit_source(a).is_none(),
+            "third connection from one source refused"
+        );
+        assert!(gate.admit_source(b).is_some(), "other sources unaffected");
+        drop(s1);
+        assert!(gate.admit_source(a).is_some(), "slot released on close");
+    }
 }

@@ -70,6 +70,7 @@ pub struct Manager {
     tls: Option<Arc<TlsSource>>,
     pool: Arc<Pool>,
     lb: Arc<RoundRobin>,
+    gate: Arc<super::inbound::Gate>,
     certs: Option<Arc<CertManager>>,
     synced: std::sync::atomic::AtomicBool,
     drain: Arc<tokio::sync::Notify>,
@@ -136,6 +137,7 @@ impl Manager {
         tls: Option<Arc<TlsSource>>,
         certs: Option<Arc<CertManager>>,
     ) -> Self {
+        let limits = cfg.limits;
         Self {
             cfg,
             datapath,
@@ -148,6 +150,7 @@ impl Manager {
             tls,
             pool: Arc::new(Pool::new(DEFAULT_MAX_STREAMS, DEFAULT_IDLE)),
             lb: Arc::new(RoundRobin::default()),
+            gate: Arc::new(super::inbound::Gate::new(&limits)),
             certs,
             synced: std::sync::atomic::AtomicBool::new(false),
             drain: Arc::new(tokio::sync::Notify::new()),
@@ -353,6 +356,7 @@ impl Manager {
             tls: self.tls.clone(),
             pool: self.pool.clone(),
             lb: self.lb.clone(),
+            gate: self.gate.clone(),
             draining: self.draining.subscribe(),
             stats: ProxyStats::default(),
         });

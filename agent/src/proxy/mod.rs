@@ -52,6 +52,8 @@ pub struct PodContext {
     pub tls: Option<Arc<tls::TlsSource>>,
     /// The agent's HBONE connection pool.
     pub pool: Arc<crate::tunnel::pool::Pool>,
+    /// Agent-wide caps of the tunnel ports.
+    pub gate: Arc<inbound::Gate>,
     /// Turns true when the agent drains (tunnel servers send GOAWAY).
     pub draining: tokio::sync::watch::Receiver<bool>,
     /// Round-robin state of Service endpoints.

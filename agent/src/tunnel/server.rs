@@ -13,8 +13,26 @@ use super::stream::H2Stream;
 use super::{Error, ALPN_H2, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
 use crate::identity::{self as tls, SpiffeId};
 
-/// Most concurrent CONNECT streams one client connection may hold.
-pub const MAX_STREAMS: u32 = 1000;
+/// Per-connection limits of the tunnel server.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Deadline of the TLS handshake.
+    pub handshake_timeout: std::time::Duration,
+    /// Concurrent CONNECT streams one connection may hold.
+    pub max_streams: u32,
+    /// A connection without streams for this long gets GOAWAY.
+    pub idle_timeout: std::time::Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            max_streams: 1000,
+            idle_timeout: std::time::Duration::from_secs(300),
+        }
+    }
+}
 /// Largest header list accepted from a client.
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 
@@ -57,15 +75,28 @@ pub async fn serve_connection<H, Fut>(
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
-    mut draining: tokio::sync::watch::Receiver<bool>,
+    limits: ServerLimits,
+    draining: tokio::sync::watch::Receiver<bool>,
     handle: H,
 ) -> Result<(), Error>
 where
     H: Fn(PendingConnect) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let (tls_stream, peer_id) = accept_tls(tcp, peer, tls, limits.handshake_timeout).await?;
+    serve_h2(tls_stream, peer, peer_id, limits, draining, handle).await
+}
+
+/// The TLS half of [`serve_connection`]: handshake (client SVID required by `tls`), ALPN `h2`
+/// and the peer's identity.
+pub async fn accept_tls(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    timeout: std::time::Duration,
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, SpiffeId), Error> {
     let name = || peer.to_string();
-    let tls_stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TlsAcceptor::from(tls).accept(tcp))
+    let tls_stream = tokio::time::timeout(timeout, TlsAcceptor::from(tls).accept(tcp))
         .await
         .map_err(|_| Error::HandshakeTimeout { peer: name() })?
         .map_err(|source| Error::Tls {
@@ -80,22 +111,55 @@ where
         peer: name(),
         source,
     })?;
+    Ok((tls_stream, peer_id))
+}
+
+/// The HTTP/2 half of [`serve_connection`], over any byte stream whose peer proved `peer_id`
+/// (separate so that it can be fuzzed without TLS).
+pub async fn serve_h2<IO, H, Fut>(
+    io: IO,
+    peer: SocketAddr,
+    peer_id: SpiffeId,
+    limits: ServerLimits,
+    mut draining: tokio::sync::watch::Receiver<bool>,
+    handle: H,
+) -> Result<(), Error>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    H: Fn(PendingConnect) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let name = || peer.to_string();
     let mut conn = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(MAX_STREAMS)
+        .max_concurrent_streams(limits.max_streams)
         .max_header_list_size(MAX_HEADER_LIST)
-        .handshake(tls_stream)
+        .handshake(io)
         .await
         .map_err(|source| Error::H2 {
             peer: name(),
             source,
         })?;
     let mut goaway_sent = false;
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut idle_since = tokio::time::Instant::now();
     loop {
+        let idle_deadline = idle_since + limits.idle_timeout;
         let next = tokio::select! {
             next = conn.accept() => next,
+            // No stream for the idle timeout: GOAWAY (a client holding a connection open with
+            // nothing on it costs memory and a file descriptor).
+            () = tokio::time::sleep_until(idle_deadline), if !goaway_sent => {
+                if active.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                    goaway_sent = true;
+                    conn.graceful_shutdown();
+                } else {
+                    idle_since = tokio::time::Instant::now();
+                }
+                continue;
+            }
             // Drain: GOAWAY lets streams in flight finish and stops new ones; keep polling the
             // connection so they can.
             _ = draining.wait_for(|d| *d), if !goaway_sent => {
@@ -116,10 +180,14 @@ where
         };
         let handle = handle.clone();
         let peer_id = peer_id.clone();
+        let active = active.clone();
+        active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        idle_since = tokio::time::Instant::now();
         tokio::spawn(async move {
             if let Some(pending) = check_request(req, respond, peer, peer_id) {
                 handle(pending).await;
             }
+            active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
     }
     Ok(())

@@ -8,7 +8,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::client::Tunnel;
 use super::pool::{Pool, PoolKey};
-use super::server::{serve_connection, PendingConnect};
+use super::server::{serve_connection, PendingConnect, ServerLimits};
 use super::Error;
 use crate::identity::testing::TestCa;
 use crate::identity::{client_config, server_config, SpiffeId, TrustDomain};
@@ -36,6 +36,7 @@ async fn echo_server(ca: &TestCa) -> SocketAddr {
                 tcp,
                 peer,
                 tls,
+                ServerLimits::default(),
                 drain_rx.clone(),
                 |p: PendingConnect| async move {
                     assert_eq!(p.connect.peer_id.to_string(), CLIENT);
@@ -171,13 +172,20 @@ async fn drain_sends_goaway_but_lets_open_streams_finish() {
     let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
         let (tcp, peer) = listener.accept().await.unwrap();
-        serve_connection(tcp, peer, tls, drain_rx, |p: PendingConnect| async move {
-            let mut s = p.accept().unwrap();
-            let mut buf = Vec::new();
-            s.read_to_end(&mut buf).await.unwrap();
-            s.write_all(&buf).await.unwrap();
-            s.shutdown().await.unwrap();
-        })
+        serve_connection(
+            tcp,
+            peer,
+            tls,
+            ServerLimits::default(),
+            drain_rx,
+            |p: PendingConnect| async move {
+                let mut s = p.accept().unwrap();
+                let mut buf = Vec::new();
+                s.read_to_end(&mut buf).await.unwrap();
+                s.write_all(&buf).await.unwrap();
+                s.shutdown().await.unwrap();
+            },
+        )
         .await
         .unwrap();
     });
@@ -192,4 +200,40 @@ async fn drain_sends_goaway_but_lets_open_streams_finish() {
     assert_eq!(got, b"still here");
     // ...but no new stream is accepted.
     assert!(t.connect("10.0.0.1:81".parse().unwrap()).await.is_err());
+}
+
+#[tokio::test]
+async fn idle_connection_gets_goaway() {
+    let ca = TestCa::new("cluster.local");
+    let cert = ca.svid(SERVER);
+    let tls = Arc::new(server_config(&cert, Arc::new(ca.bundle()), tds()).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let limits = ServerLimits {
+        idle_timeout: std::time::Duration::from_millis(300),
+        ..ServerLimits::default()
+    };
+    let server = tokio::spawn(async move {
+        let (tcp, peer) = listener.accept().await.unwrap();
+        serve_connection(
+            tcp,
+            peer,
+            tls,
+            limits,
+            drain_rx,
+            |p: PendingConnect| async move {
+                p.refuse(StatusCode::UNAUTHORIZED);
+            },
+        )
+        .await
+    });
+    let mut t = tunnel(&ca, addr, SERVER).await.unwrap();
+    // The connection ends by itself once idle.
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    assert!(
+        ended.is_ok(),
+        "server connection did not end after the idle timeout"
+    );
+    assert!(t.connect("10.0.0.1:80".parse().unwrap()).await.is_err());
 }
