@@ -1,12 +1,14 @@
 //! Many simultaneous captured connections: all open at once, all echo correctly.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test bodies, also those `both_modes!` runs, panic with a line number (STYLE.md §7)"
+)]
 use std::net::IpAddr;
 
-use ambit_e2e::{assert_eventually, testbed, ECHO_PORT};
+use ambit_e2e::{assert_eventually, both_modes, Testbed, ECHO_PORT};
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn hundred_concurrent_connections_all_succeed() {
-    let tb = testbed();
+both_modes!(hundred_concurrent_connections_all_succeed);
+fn hundred_concurrent_connections_all_succeed(tb: Testbed) {
     let server = IpAddr::V4(tb.pod("server").ipv4);
     let out0 = tb.proxy_counter("node1", "client", "outbound_accepted");
     let in0 = tb.proxy_counter("node2", "server", "inbound_accepted");

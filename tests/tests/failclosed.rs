@@ -1,9 +1,13 @@
 //! A stopped agent leaves its pods captured but unserved: connections fail, never bypass the
 //! agent; a new agent serves them again.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test bodies, also those `both_modes!` runs, panic with a line number (STYLE.md §7)"
+)]
 use std::net::IpAddr;
 use std::time::Duration;
 
-use ambit_e2e::{assert_eventually, testbed, Testbed, ECHO_PORT, PEER_PORT};
+use ambit_e2e::{assert_eventually, both_modes, Testbed, ECHO_PORT, PEER_PORT};
 use nix::sys::signal::Signal;
 
 /// Asserts a captured connection from `from` to the server's peer port failed and that the
@@ -37,10 +41,8 @@ fn pins_present(tb: &Testbed, node: &str) -> bool {
     std::fs::read_dir(&tb.node(node).pin_dir).is_ok_and(|mut d| d.next().is_some())
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn killed_agent_fails_outbound_closed() {
-    let mut tb = testbed();
+both_modes!(killed_agent_fails_outbound_closed);
+fn killed_agent_fails_outbound_closed(mut tb: Testbed) {
     tb.stop_agent("node1", Signal::SIGKILL).unwrap();
     assert!(
         pins_present(&tb, "node1"),
@@ -57,10 +59,8 @@ fn killed_agent_fails_outbound_closed() {
     );
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn terminated_agent_fails_outbound_closed() {
-    let mut tb = testbed();
+both_modes!(terminated_agent_fails_outbound_closed);
+fn terminated_agent_fails_outbound_closed(mut tb: Testbed) {
     tb.stop_agent("node1", Signal::SIGTERM).unwrap();
     assert!(
         pins_present(&tb, "node1"),
@@ -69,10 +69,8 @@ fn terminated_agent_fails_outbound_closed() {
     assert_fails_closed(&tb, "client");
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn killed_agent_fails_inbound_closed() {
-    let mut tb = testbed();
+both_modes!(killed_agent_fails_inbound_closed);
+fn killed_agent_fails_inbound_closed(mut tb: Testbed) {
     tb.stop_agent("node2", Signal::SIGKILL).unwrap();
     assert!(
         pins_present(&tb, "node2"),
@@ -83,18 +81,14 @@ fn killed_agent_fails_inbound_closed() {
     assert_fails_closed(&tb, "legacy");
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn terminated_agent_fails_inbound_closed() {
-    let mut tb = testbed();
+both_modes!(terminated_agent_fails_inbound_closed);
+fn terminated_agent_fails_inbound_closed(mut tb: Testbed) {
     tb.stop_agent("node2", Signal::SIGTERM).unwrap();
     assert_fails_closed(&tb, "outsider");
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn restarted_agents_serve_captured_pods_again() {
-    let mut tb = testbed();
+both_modes!(restarted_agents_serve_captured_pods_again);
+fn restarted_agents_serve_captured_pods_again(mut tb: Testbed) {
     tb.stop_agent("node1", Signal::SIGKILL).unwrap();
     tb.stop_agent("node2", Signal::SIGKILL).unwrap();
     assert_fails_closed(&tb, "client");

@@ -1,13 +1,15 @@
 //! Inbound capture: every TCP connection to an enrolled pod, on any port, is steered to its
 //! node's agent, which delivers it to the app with the original client address.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test bodies, also those `both_modes!` runs, panic with a line number (STYLE.md §7)"
+)]
 use std::net::IpAddr;
 
-use ambit_e2e::{assert_eventually, testbed, ECHO_PORT, HELLO, HTTP_PORT, PEER_PORT};
+use ambit_e2e::{assert_eventually, both_modes, Testbed, ECHO_PORT, HELLO, HTTP_PORT, PEER_PORT};
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn inbound_connections_to_arbitrary_ports_are_steered_through_the_agent() {
-    let tb = testbed();
+both_modes!(inbound_connections_to_arbitrary_ports_are_steered_through_the_agent);
+fn inbound_connections_to_arbitrary_ports_are_steered_through_the_agent(tb: Testbed) {
     let server = IpAddr::V4(tb.pod("server").ipv4);
     let steers = tb.kernel_counter("node2", "lookup_steer");
     let steered = tb.pod_counter("node2", "server", "steered");
@@ -36,10 +38,8 @@ fn inbound_connections_to_arbitrary_ports_are_steered_through_the_agent() {
     assert_eventually!(tb.proxy_counter("node2", "server", "inbound_accepted") >= accepted + 3);
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn the_app_sees_the_original_client_ip() {
-    let tb = testbed();
+both_modes!(the_app_sees_the_original_client_ip);
+fn the_app_sees_the_original_client_ip(tb: Testbed) {
     let server = tb.pod("server");
     let (client4, client6) = (tb.pod("client").ipv4, tb.pod("client").ipv6);
 

@@ -1,11 +1,15 @@
 //! The agents' own sockets are exempt from capture: one kernel redirect and one bypassed
 //! delivery per application connection, never more agent dials than app connections, and no
 //! activity once the traffic stops.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test bodies, also those `both_modes!` runs, panic with a line number (STYLE.md §7)"
+)]
 use std::net::IpAddr;
 use std::time::Duration;
 
 use ambit_e2e::counters::{changed, KernelSnapshot};
-use ambit_e2e::{assert_eventually, testbed, Testbed, ECHO_PORT};
+use ambit_e2e::{assert_eventually, both_modes, Testbed, ECHO_PORT};
 
 const CONNECTIONS: u64 = 20;
 
@@ -31,10 +35,8 @@ fn assert_quiet(tb: &Testbed) {
     }
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn agent_sockets_never_loop_back_into_capture() {
-    let tb = testbed();
+both_modes!(agent_sockets_never_loop_back_into_capture);
+fn agent_sockets_never_loop_back_into_capture(tb: Testbed) {
     let server = IpAddr::V4(tb.pod("server").ipv4);
     let (n1, n2) = (tb.kernel_snapshot("node1"), tb.kernel_snapshot("node2"));
 
@@ -87,10 +89,8 @@ fn agent_sockets_never_loop_back_into_capture() {
     assert_quiet(&tb);
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn plaintext_inbound_is_steered_once_and_delivered_once() {
-    let tb = testbed();
+both_modes!(plaintext_inbound_is_steered_once_and_delivered_once);
+fn plaintext_inbound_is_steered_once_and_delivered_once(tb: Testbed) {
     let server = IpAddr::V4(tb.pod("server").ipv4);
     let n2 = tb.kernel_snapshot("node2");
 

@@ -1,13 +1,15 @@
 //! Outbound capture: an enrolled pod's connects to any port go through its node's agent, which
 //! recovers the original destination; the app's socket still names the real peer.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test bodies, also those `both_modes!` runs, panic with a line number (STYLE.md §7)"
+)]
 use std::net::IpAddr;
 
-use ambit_e2e::{assert_eventually, testbed, ECHO_PORT, HELLO, HTTP_PORT, PEER_PORT};
+use ambit_e2e::{assert_eventually, both_modes, Testbed, ECHO_PORT, HELLO, HTTP_PORT, PEER_PORT};
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn outbound_connects_to_arbitrary_ports_reach_their_original_destination() {
-    let tb = testbed();
+both_modes!(outbound_connects_to_arbitrary_ports_reach_their_original_destination);
+fn outbound_connects_to_arbitrary_ports_reach_their_original_destination(tb: Testbed) {
     let server = IpAddr::V4(tb.pod("server").ipv4);
     let redirects = tb.kernel_counter("node1", "connect4_redirect");
     let answered = tb.kernel_counter("node1", "getsockopt_answered");
@@ -35,10 +37,8 @@ fn outbound_connects_to_arbitrary_ports_reach_their_original_destination() {
     assert!(tb.pod_counter("node1", "client", "redirected") >= 3);
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn getpeername_in_the_app_shows_the_real_peer() {
-    let tb = testbed();
+both_modes!(getpeername_in_the_app_shows_the_real_peer);
+fn getpeername_in_the_app_shows_the_real_peer(tb: Testbed) {
     let server = tb.pod("server").ipv4;
     let rewrites = tb.kernel_counter("node1", "getpeername_rewrite");
     let redirects = tb.kernel_counter("node1", "connect4_redirect");
@@ -60,10 +60,8 @@ fn getpeername_in_the_app_shows_the_real_peer() {
     assert!(tb.kernel_counter("node1", "getpeername_rewrite") > rewrites);
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn ipv6_connects_are_captured_and_delivered() {
-    let tb = testbed();
+both_modes!(ipv6_connects_are_captured_and_delivered);
+fn ipv6_connects_are_captured_and_delivered(tb: Testbed) {
     let server = tb.pod("server").ipv6;
     let v6 = IpAddr::V6(server);
     let redirects = tb.kernel_counter("node1", "connect6_redirect");

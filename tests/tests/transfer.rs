@@ -1,15 +1,17 @@
 //! Bulk data through both agents: 20 MB each way, byte-exact (sha256).
+#![allow(
+    clippy::unwrap_used,
+    reason = "test bodies, also those `both_modes!` runs, panic with a line number (STYLE.md §7)"
+)]
 use std::net::IpAddr;
 
 use ambit_e2e::client::sha256_file;
-use ambit_e2e::{testbed, ECHO_PORT, HTTP_PORT};
+use ambit_e2e::{both_modes, Testbed, ECHO_PORT, HTTP_PORT};
 
 const TWENTY_MB: usize = 20 * 1000 * 1000;
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn twenty_megabytes_echo_back_with_matching_sha256() {
-    let tb = testbed();
+both_modes!(twenty_megabytes_echo_back_with_matching_sha256);
+fn twenty_megabytes_echo_back_with_matching_sha256(tb: Testbed) {
     let server = IpAddr::V4(tb.pod("server").ipv4);
     let report = tb.transfer("client", server, ECHO_PORT, TWENTY_MB).unwrap();
     assert_eq!(report["sent"], TWENTY_MB, "{report}");
@@ -19,10 +21,8 @@ fn twenty_megabytes_echo_back_with_matching_sha256() {
     assert!(tb.proxy_counter("node1", "client", "bytes_received") >= TWENTY_MB as u64);
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn twenty_megabyte_http_download_matches_the_served_file() {
-    let tb = testbed();
+both_modes!(twenty_megabyte_http_download_matches_the_served_file);
+fn twenty_megabyte_http_download_matches_the_served_file(tb: Testbed) {
     let server = IpAddr::V4(tb.pod("server").ipv4);
     let redirects = tb.kernel_counter("node1", "connect4_redirect");
     let got = tb

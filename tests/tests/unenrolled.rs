@@ -1,11 +1,15 @@
 //! Pods that are not enrolled are left alone: no capture, no counters, and enrollment follows
 //! the inventory at runtime.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test bodies, also those `both_modes!` runs, panic with a line number (STYLE.md §7)"
+)]
 use std::net::IpAddr;
 use std::time::Duration;
 
 use ambit_e2e::counters::changed;
 use ambit_e2e::Testbed;
-use ambit_e2e::{assert_eventually, testbed, ECHO_PORT, HELLO, HTTP_PORT, PEER_PORT};
+use ambit_e2e::{assert_eventually, both_modes, ECHO_PORT, HELLO, HTTP_PORT, PEER_PORT};
 use serde_json::Value;
 
 /// Each listed pod's kernel counters and proxy statistics, by name.
@@ -23,10 +27,8 @@ fn pod_counters(tb: &Testbed, node: &str) -> Vec<(String, Value, Value)> {
         .collect()
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn traffic_between_unenrolled_pods_is_untouched() {
-    let tb = testbed();
+both_modes!(traffic_between_unenrolled_pods_is_untouched);
+fn traffic_between_unenrolled_pods_is_untouched(tb: Testbed) {
     let legacy = IpAddr::V4(tb.pod("legacy").ipv4);
     let outsider = tb.pod("outsider").ipv4;
     let before = [tb.kernel_snapshot("node1"), tb.kernel_snapshot("node2")];
@@ -90,10 +92,8 @@ fn traffic_between_unenrolled_pods_is_untouched() {
     }
 }
 
-#[test]
-#[ignore = "privileged: run with `cargo xtask test`"]
-fn enrollment_follows_inventory_changes_without_restart() {
-    let mut tb = testbed();
+both_modes!(enrollment_follows_inventory_changes_without_restart);
+fn enrollment_follows_inventory_changes_without_restart(mut tb: Testbed) {
     let legacy = IpAddr::V4(tb.pod("legacy").ipv4);
     let outsider = tb.pod("outsider").ipv4;
 
