@@ -1,0 +1,162 @@
+//! Identity: each agent gets an X.509-SVID for every enrolled local pod from `ambit ca` (which
+//! signs only identities of pods on the asking node), renews it before it expires, keeps
+//! serving a valid one while the CA is down, and recovers when the CA returns.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test bodies panic with a line number (STYLE.md §7)"
+)]
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ambit_e2e::{assert_eventually, testbed, testbed_with, Cert, Options, Testbed, ECHO_PORT};
+use nix::sys::signal::Signal;
+
+/// `node`'s certificate for `pod`'s identity; panics if it has none.
+fn cert_of(tb: &Testbed, node: &str, pod: &str) -> Cert {
+    let id = tb.pod(pod).identity();
+    tb.cert(node, &id).unwrap_or_else(|| {
+        panic!(
+            "{node} has no certificate for {id}: {:?}",
+            tb.certs(node)
+        )
+    })
+}
+
+/// An echo from client to server works (over mTLS: both certificates are in use).
+fn assert_echo(tb: &Testbed, text: &str) {
+    let server = IpAddr::V4(tb.pod("server").ipv4);
+    let r = tb.request("client", server, ECHO_PORT, Some(text)).unwrap();
+    assert_eq!(r.data(), text, "{r:?}\n{}", tb.agent_logs(20));
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn agents_obtain_certificates_for_their_enrolled_pods() {
+    let mut tb = testbed();
+    for (node, pod) in [("node1", "client"), ("node2", "server")] {
+        let certs = tb.certs(node).unwrap();
+        let want = tb.pod(pod).identity();
+        assert_eq!(
+            certs.0.iter().map(|c| c.identity.as_str()).collect::<Vec<_>>(),
+            [want.as_str()],
+            "{node} should hold exactly {pod}'s identity: {certs:?}"
+        );
+        let c = &certs.0[0];
+        assert_eq!(c.state, "available", "{c:?}");
+        assert_eq!(c.pods, 1, "{c:?}");
+        assert!(c.serial.as_ref().is_some_and(|s| !s.is_empty()), "{c:?}");
+        assert!(c.not_after.is_some() && c.next_renewal.is_some(), "{c:?}");
+        assert_eq!((c.failures, c.renewals, c.last_error.as_deref()), (0, 0, None));
+    }
+    assert_echo(&tb, "with certificates");
+
+    // Enrolling a pod fetches its certificate at once; unenrolling forgets it.
+    let outsider = tb.pod("outsider").identity();
+    tb.set_enrolled("outsider", true).unwrap();
+    assert_eventually!(
+        timeout = Duration::from_secs(15),
+        tb.cert("node1", &outsider)
+            .is_some_and(|c| c.state == "available"),
+        "node1 has no certificate for {outsider}: {:?}",
+        tb.certs("node1")
+    );
+    tb.set_enrolled("outsider", false).unwrap();
+    assert_eventually!(
+        timeout = Duration::from_secs(15),
+        tb.cert("node1", &outsider).is_none(),
+        "node1 still holds {outsider} after unenrolling it: {:?}",
+        tb.certs("node1")
+    );
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn the_ca_signs_only_identities_of_pods_on_the_asking_node() {
+    let tb = testbed();
+    // node2 runs `server`: its token gets server's identity, as its agent's did.
+    let svid = tb.issue("node2", "default", "server").unwrap();
+    assert_eq!(svid.cert.id().to_string(), tb.pod("server").identity());
+    // node1 does not: the same request with node1's token is refused, and says why.
+    let err = format!("{:#}", tb.issue("node1", "default", "server").err().unwrap());
+    assert!(
+        err.contains("node1") && err.contains("sa/server"),
+        "unexpected refusal: {err}"
+    );
+    // A pod that is on node1 but not enrolled still has an identity node1 may ask for.
+    let svid = tb.issue("node1", "default", "outsider").unwrap();
+    assert_eq!(svid.cert.id().to_string(), tb.pod("outsider").identity());
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn short_lived_certificates_are_renewed_before_they_expire() {
+    // 20 s certificates: renewed at about half life (10 s ± 1 s).
+    let tb = testbed_with(Options::cert_ttl(20));
+    let first = cert_of(&tb, "node2", "server");
+    assert_eventually!(
+        timeout = Duration::from_secs(25),
+        cert_of(&tb, "node2", "server").renewals > first.renewals,
+        "no renewal within 25 s of a 20 s certificate: {:?}\n{}",
+        tb.certs("node2"),
+        tb.agent_logs(20)
+    );
+    let renewed = cert_of(&tb, "node2", "server");
+    assert_eq!(renewed.state, "available");
+    assert_ne!(renewed.serial, first.serial, "renewal kept the serial");
+    assert!(
+        renewed.not_after > first.not_after,
+        "{renewed:?} does not outlive {first:?}"
+    );
+    // The client's renewed too (same lifetime), and traffic keeps flowing over the new ones.
+    assert_eventually!(
+        timeout = Duration::from_secs(15),
+        cert_of(&tb, "node1", "client").renewals >= 1
+    );
+    assert_echo(&tb, "after renewal");
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_valid_certificate_outlives_a_ca_outage_and_renewal_resumes_after_it() {
+    // 30 s certificates: the first renewal falls due ~15 s in, while the CA is down, and the
+    // certificate stays valid until ~30 s, long enough to bring the CA back.
+    let mut tb = testbed_with(Options::cert_ttl(30));
+    let before = cert_of(&tb, "node2", "server");
+    tb.stop_ca(Signal::SIGTERM).unwrap();
+
+    assert_eventually!(
+        timeout = Duration::from_secs(25),
+        cert_of(&tb, "node2", "server").failures >= 2,
+        "no failed renewal while the CA is down: {:?}",
+        tb.certs("node2")
+    );
+    let during = cert_of(&tb, "node2", "server");
+    assert_eq!(
+        during.state, "available",
+        "the still-valid certificate was dropped: {during:?}"
+    );
+    assert_eq!(during.serial, before.serial, "{during:?}");
+    assert!(
+        during.last_error.as_deref().is_some_and(|e| !e.is_empty()),
+        "no lastError while the CA is down: {during:?}"
+    );
+    assert!(during.next_renewal.is_some(), "no retry scheduled: {during:?}");
+    // The valid certificate still works for traffic.
+    assert_echo(&tb, "during the outage");
+
+    tb.start_ca().unwrap();
+    assert_eventually!(
+        timeout = Duration::from_secs(20),
+        {
+            let c = cert_of(&tb, "node2", "server");
+            c.state == "available" && c.failures == 0 && c.serial != before.serial
+        },
+        "no recovery after the CA returned: {:?}\n{}",
+        tb.certs("node2"),
+        tb.agent_logs(20)
+    );
+    let after = cert_of(&tb, "node2", "server");
+    assert_eq!(after.last_error, None, "{after:?}");
+    assert!(after.renewals > before.renewals, "{after:?}");
+    assert_echo(&tb, "after the outage");
+}
