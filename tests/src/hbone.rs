@@ -16,7 +16,7 @@ use std::time::Duration;
 use ambit::ca::{CaClient, CaClientConfig};
 use ambit::identity::{self, SpiffeId, TrustBundle, TrustDomain, WorkloadCertificate};
 use ambit::tunnel::client::Tunnel;
-use ambit::tunnel::server::{serve_connection, PendingConnect};
+use ambit::tunnel::server::{serve_connection, PendingConnect, ServerLimits};
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
@@ -320,6 +320,7 @@ impl FakeHbone {
                                     tcp,
                                     peer,
                                     server,
+                                    ServerLimits::default(),
                                     drain,
                                     move |p: PendingConnect| {
                                         let reqs = reqs.clone();
