@@ -14,12 +14,8 @@ use nix::sys::signal::Signal;
 /// `node`'s certificate for `pod`'s identity; panics if it has none.
 fn cert_of(tb: &Testbed, node: &str, pod: &str) -> Cert {
     let id = tb.pod(pod).identity();
-    tb.cert(node, &id).unwrap_or_else(|| {
-        panic!(
-            "{node} has no certificate for {id}: {:?}",
-            tb.certs(node)
-        )
-    })
+    tb.cert(node, &id)
+        .unwrap_or_else(|| panic!("{node} has no certificate for {id}: {:?}", tb.certs(node)))
 }
 
 /// An echo from client to server works (over mTLS: both certificates are in use).
@@ -37,7 +33,11 @@ fn agents_obtain_certificates_for_their_enrolled_pods() {
         let certs = tb.certs(node).unwrap();
         let want = tb.pod(pod).identity();
         assert_eq!(
-            certs.0.iter().map(|c| c.identity.as_str()).collect::<Vec<_>>(),
+            certs
+                .0
+                .iter()
+                .map(|c| c.identity.as_str())
+                .collect::<Vec<_>>(),
             [want.as_str()],
             "{node} should hold exactly {pod}'s identity: {certs:?}"
         );
@@ -46,7 +46,10 @@ fn agents_obtain_certificates_for_their_enrolled_pods() {
         assert_eq!(c.pods, 1, "{c:?}");
         assert!(c.serial.as_ref().is_some_and(|s| !s.is_empty()), "{c:?}");
         assert!(c.not_after.is_some() && c.next_renewal.is_some(), "{c:?}");
-        assert_eq!((c.failures, c.renewals, c.last_error.as_deref()), (0, 0, None));
+        assert_eq!(
+            (c.failures, c.renewals, c.last_error.as_deref()),
+            (0, 0, None)
+        );
     }
     assert_echo(&tb, "with certificates");
 
@@ -77,7 +80,10 @@ fn the_ca_signs_only_identities_of_pods_on_the_asking_node() {
     let svid = tb.issue("node2", "default", "server").unwrap();
     assert_eq!(svid.cert.id().to_string(), tb.pod("server").identity());
     // node1 does not: the same request with node1's token is refused, and says why.
-    let err = format!("{:#}", tb.issue("node1", "default", "server").err().unwrap());
+    let err = format!(
+        "{:#}",
+        tb.issue("node1", "default", "server").err().unwrap()
+    );
     assert!(
         err.contains("node1") && err.contains("sa/server"),
         "unexpected refusal: {err}"
@@ -140,7 +146,10 @@ fn a_valid_certificate_outlives_a_ca_outage_and_renewal_resumes_after_it() {
         during.last_error.as_deref().is_some_and(|e| !e.is_empty()),
         "no lastError while the CA is down: {during:?}"
     );
-    assert!(during.next_renewal.is_some(), "no retry scheduled: {during:?}");
+    assert!(
+        during.next_renewal.is_some(),
+        "no retry scheduled: {during:?}"
+    );
     // The valid certificate still works for traffic.
     assert_echo(&tb, "during the outage");
 

@@ -53,7 +53,11 @@ fn assert_enforced(tb: &Testbed, port: u16, want: &str, level: &str) {
     let counted = tb.proxy_counter("node2", "server", "inbound_denied") - denied;
     assert_eq!(counted, u64::from(strict), "inbound_denied on port {port}");
     if strict && port == PEER_PORT {
-        assert_eq!(tb.peer_log("server").len(), seen, "the app saw refused plaintext");
+        assert_eq!(
+            tb.peer_log("server").len(),
+            seen,
+            "the app saw refused plaintext"
+        );
     }
 }
 
@@ -81,8 +85,13 @@ fn strict_refuses_plaintext_and_permissive_admits_it() {
     assert_eq!(echo.data(), "mtls");
 
     // The same object, now PERMISSIVE (v1beta1 is the same API): plaintext passes again.
-    tb.apply(&Pa::new("default", "default").mode("PERMISSIVE").v1beta1().yaml())
-        .unwrap();
+    tb.apply(
+        &Pa::new("default", "default")
+            .mode("PERMISSIVE")
+            .v1beta1()
+            .yaml(),
+    )
+    .unwrap();
     assert_enforced(&tb, PEER_PORT, "PERMISSIVE", "namespace");
 }
 
@@ -92,15 +101,22 @@ fn disable_makes_enrolled_clients_send_plaintext() {
     let mut tb = testbed();
     let server = IpAddr::V4(tb.pod("server").ipv4);
     let to = SocketAddr::new(server, ECHO_PORT);
-    tb.apply(&Pa::new("default", "server-off").selector("server").mode("DISABLE").yaml())
-        .unwrap();
+    tb.apply(
+        &Pa::new("default", "server-off")
+            .selector("server")
+            .mode("DISABLE")
+            .yaml(),
+    )
+    .unwrap();
     assert_eq!(mode(&tb, ECHO_PORT).0, "DISABLE");
     let why = tb.explain("node1", "default/client", to).unwrap();
     assert_eq!(why["outbound"]["route"], "plaintext", "{why:#}");
 
     let marker = unique_marker();
     let cap = tb.capture("node1", UNDERLAY).unwrap();
-    let r = tb.request("client", server, ECHO_PORT, Some(&marker)).unwrap();
+    let r = tb
+        .request("client", server, ECHO_PORT, Some(&marker))
+        .unwrap();
     assert_eq!(r.data(), marker);
     let seen = cap.stop().unwrap();
     assert!(
@@ -121,7 +137,9 @@ fn disable_makes_enrolled_clients_send_plaintext() {
     let why = tb.explain("node1", "default/client", to).unwrap();
     assert_eq!(why["outbound"]["route"], "tunnel", "{why:#}");
     let cap = tb.capture("node1", UNDERLAY).unwrap();
-    let r = tb.request("client", server, ECHO_PORT, Some(&marker)).unwrap();
+    let r = tb
+        .request("client", server, ECHO_PORT, Some(&marker))
+        .unwrap();
     assert_eq!(r.data(), marker);
     let seen = cap.stop().unwrap();
     assert_eq!(seen.count(marker.as_bytes()), 0, "{}", seen.summary());
@@ -209,7 +227,10 @@ fn a_policy_in_another_namespace_does_not_apply_and_explain_says_so() {
     tb.apply(&format!(
         "{}---\n{}",
         Pa::new("shop", "strict").mode("STRICT").yaml(),
-        Pa::new("shop", "server").selector("server").mode("STRICT").yaml()
+        Pa::new("shop", "server")
+            .selector("server")
+            .mode("STRICT")
+            .yaml()
     ))
     .unwrap();
     assert_enforced(&tb, PEER_PORT, "PERMISSIVE", "default");
@@ -221,7 +242,10 @@ fn a_policy_in_another_namespace_does_not_apply_and_explain_says_so() {
         warnings.contains("shop/strict") && warnings.contains("does not apply"),
         "explain does not flag the policy in the wrong namespace: {why:#}"
     );
-    assert_eq!(why["inbound"]["peer_authentication"]["mode"], "PERMISSIVE", "{why:#}");
+    assert_eq!(
+        why["inbound"]["peer_authentication"]["mode"], "PERMISSIVE",
+        "{why:#}"
+    );
 
     // Moved to the right namespace, it applies.
     tb.apply(&Pa::new("default", "strict").mode("STRICT").yaml())
