@@ -1,18 +1,22 @@
-//! `cargo xtask demo`: a testbed with agents, traffic from `client` to `server`, the agents' view.
-use std::net::IpAddr;
+//! `cargo xtask demo`: a testbed with a CA and agents, traffic from `client` to `server`, proof
+//! that it crossed the wire in mutual TLS, STRICT mTLS applied at run time, the agents' view.
+use std::net::{IpAddr, SocketAddr};
 use std::process::{Command as Proc, ExitCode};
 
 use anyhow::Result;
 use clap::Args as ClapArgs;
 
-use ambit_e2e::{Options, Testbed, ECHO_PORT, HTTP_PORT, PEER_PORT};
+use ambit_e2e::capture::{Capture, UNDERLAY};
+use ambit_e2e::pcap::tls_records;
+use ambit_e2e::policy::PeerAuthentication;
+use ambit_e2e::{unique_marker, Options, Testbed, ECHO_PORT, HTTP_PORT, PEER_PORT, TUNNEL_PORT};
 
 use crate::{cargo, prereq};
 
 /// `cargo xtask demo` options.
 #[derive(Debug, ClapArgs)]
 pub(crate) struct Args {
-    /// Keep the testbed running afterwards (then: `cargo xtask testbed exec|ambit|down`).
+    /// Keep the testbed running afterwards (then: `cargo xtask testbed exec|ambit|apply|down`).
     #[arg(long)]
     keep: bool,
 }
@@ -20,12 +24,15 @@ pub(crate) struct Args {
 /// Runs the demo.
 pub(crate) fn run(args: &Args) -> Result<ExitCode> {
     ambit_e2e::require_root_result()?;
-    eprintln!("==> [1/5] prerequisites");
+    eprintln!("==> [1/7] prerequisites");
     prereq::ensure(true)?;
-    eprintln!("==> [2/5] build");
+    eprintln!("==> [2/7] build");
     let bin = cargo::build_agent()?;
-    eprintln!("==> [3/5] testbed: 2 nodes, pods client+outsider on node1, server+legacy on node2, one agent per node");
-    let tb = Testbed::up(Options {
+    eprintln!(
+        "==> [3/7] testbed: 2 nodes, pods client+outsider on node1, server+legacy on node2, \
+         ambit ca on node1's underlay address, one agent per node"
+    );
+    let mut tb = Testbed::up(Options {
         agent_bin: Some(bin),
         persistent: args.keep,
         ..Options::default()
@@ -36,12 +43,19 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
         "\nclient {} / {} (node1, enrolled)  ->  server {} / {} (node2, enrolled)\n",
         client.ipv4, client.ipv6, server.ipv4, server.ipv6
     );
-    eprintln!(
-        "==> [4/5] traffic from client to server (every connection is captured on both sides)"
-    );
+    for node in ["node1", "node2"] {
+        ambit(&tb, node, &["certs"]);
+    }
     let mut failures = 0;
+
+    eprintln!(
+        "==> [4/7] traffic from client to server (captured on both sides, carried over mTLS), \
+         with tcpdump on node1's underlay link"
+    );
     let v4 = IpAddr::V4(server.ipv4);
     let v6 = IpAddr::V6(server.ipv6);
+    let cap = tb.capture("node1", UNDERLAY)?;
+    let (secret, plain) = (unique_marker(), unique_marker());
     failures += show(
         &format!("HTTP   GET http://{v4}:{HTTP_PORT}/hello.txt"),
         || {
@@ -57,7 +71,7 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
         },
     );
     failures += show(&format!("echo   {v4}:{ECHO_PORT}"), || {
-        let r = tb.request("client", v4, ECHO_PORT, Some("ping through ambit"))?;
+        let r = tb.request("client", v4, ECHO_PORT, Some(&secret))?;
         Ok(describe(&r))
     });
     failures += show(
@@ -71,21 +85,72 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
         let r = tb.request("client", v6, PEER_PORT, None)?;
         Ok(describe(&r))
     });
-    eprintln!("==> [5/5] what each agent saw (`ambit status`)");
-    let bin = tb.agent_bin()?.to_path_buf();
-    for node in &tb.state().nodes {
-        println!("\n$ cargo xtask testbed ambit {} -- status", node.name);
-        let _ = Proc::new(&bin)
-            .arg("status")
-            .arg("--admin-socket")
-            .arg(&node.admin_socket)
-            .status();
+    let legacy = IpAddr::V4(tb.pod("legacy").ipv4);
+    failures += show(
+        &format!("echo   outsider -> legacy {legacy}:{ECHO_PORT} (neither enrolled: plaintext)"),
+        || {
+            let r = tb.request("outsider", legacy, ECHO_PORT, Some(&plain))?;
+            Ok(describe(&r))
+        },
+    );
+
+    eprintln!("==> [5/7] what crossed the underlay");
+    failures += show_capture(&tb, cap, &secret, &plain);
+    eprintln!("==> [6/7] a connection held open, as node2's agent sees it");
+    match tb.hold("client", v4, ECHO_PORT, "held open") {
+        Ok(held) => {
+            ambit(&tb, "node2", &["connections"]);
+            drop(held);
+        }
+        Err(e) => {
+            println!("  FAIL  hold a connection open\n        -> {e:#}");
+            failures += 1;
+        }
+    }
+
+    eprintln!("==> [7/7] STRICT mTLS for namespace default, applied to the running testbed");
+    let strict = PeerAuthentication::new("default", "default").mode("STRICT");
+    println!(
+        "\n$ cargo xtask testbed apply - <<EOF\n{}EOF",
+        strict.yaml()
+    );
+    tb.apply(&strict.yaml())?;
+    ambit(&tb, "node2", &["policy"]);
+    failures += show(
+        &format!("outsider (not enrolled, plaintext) -> {v4}:{ECHO_PORT}"),
+        || {
+            let r = tb.request("outsider", v4, ECHO_PORT, Some("plaintext"))?;
+            Ok(match r.error() {
+                Some(e) => format!("refused as it should be ({e})"),
+                None if r.data().is_empty() => "refused as it should be (closed)".to_string(),
+                None => format!("error: plaintext got through: {}", r.data()),
+            })
+        },
+    );
+    failures += show(&format!("client (mTLS) -> {v4}:{ECHO_PORT}"), || {
+        let r = tb.request("client", v4, ECHO_PORT, Some("mtls still works"))?;
+        Ok(describe(&r))
+    });
+    let to = SocketAddr::new(v4, ECHO_PORT).to_string();
+    ambit(
+        &tb,
+        "node1",
+        &["explain", "--from", "default/outsider", "--to", &to],
+    );
+    tb.delete("PeerAuthentication", "default", "default")?;
+    println!(
+        "\n(policy deleted again: cargo xtask testbed delete PeerAuthentication default/default)"
+    );
+
+    for node in ["node1", "node2"] {
+        ambit(&tb, node, &["status"]);
     }
     if args.keep {
         tb.make_cli_instance()?;
         println!(
             "\ntestbed {} kept. Try:\n  cargo xtask testbed exec client -- curl -s http://{v4}:{HTTP_PORT}/hello.txt\n  \
-             cargo xtask testbed ambit node2 -- status --json\n  cargo xtask testbed down",
+             cargo xtask testbed ambit node2 -- connections\n  \
+             cargo xtask testbed apply my-policy.yaml\n  cargo xtask testbed down",
             tb.state().id
         );
     } else {
@@ -93,10 +158,55 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
         tb.down()?;
     }
     if failures > 0 {
-        eprintln!("==> {failures} demo request(s) failed");
+        eprintln!("==> {failures} demo step(s) failed");
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Stops the capture and shows each stream it saw, and how often each marker crossed the wire:
+/// `secret` went client -> server (tunnelled), `plain` outsider -> legacy. 1 on failure.
+fn show_capture(tb: &Testbed, cap: Capture, secret: &str, plain: &str) -> u32 {
+    let result = (|| -> Result<String> {
+        let seen = cap.stop()?;
+        let client = tb.pod("client");
+        let pods = [IpAddr::V4(client.ipv4), IpAddr::V6(client.ipv6)];
+        let mut out = String::new();
+        for f in seen.with_payload() {
+            let tunnel = f.src.port() == TUNNEL_PORT || f.dst.port() == TUNNEL_PORT;
+            let kind = match tls_records(&f.bytes) {
+                Ok(r) => format!("TLS ({} records)", r.len()),
+                Err(_) => "plaintext".to_string(),
+            };
+            let hbone = tunnel && (pods.contains(&f.src.ip()) || pods.contains(&f.dst.ip()));
+            out.push_str(&format!(
+                "\n          {:<24} -> {:<24} {:>6} bytes  {kind}{}",
+                f.src.to_string(),
+                f.dst.to_string(),
+                f.bytes.len(),
+                if hbone { "  HBONE" } else { "" }
+            ));
+        }
+        let (s, p) = (seen.count(secret.as_bytes()), seen.count(plain.as_bytes()));
+        let verdict = if s == 0 && p > 0 { "" } else { "error: " };
+        Ok(format!(
+            "{verdict}client's echo marker seen {s} times on the wire, outsider's {p} times{out}"
+        ))
+    })();
+    show("tcpdump -i ul0 in node1's namespace", || result)
+}
+
+/// Runs the `ambit` CLI (text output) against `node`'s agent.
+fn ambit(tb: &Testbed, node: &str, args: &[&str]) {
+    let (Ok(bin), Ok(n)) = (tb.agent_bin(), tb.state().node(node)) else {
+        return;
+    };
+    println!("\n$ cargo xtask testbed ambit {node} -- {}", args.join(" "));
+    let _ = Proc::new(bin)
+        .args(args)
+        .arg("--admin-socket")
+        .arg(&n.admin_socket)
+        .status();
 }
 
 fn describe(r: &ambit_e2e::Reply) -> String {

@@ -1,4 +1,6 @@
-//! `cargo xtask testbed up|down|status|exec|ambit`: the testbed by hand.
+//! `cargo xtask testbed up|down|status|exec|ambit|apply|delete`: the testbed by hand.
+use std::io::Read as _;
+use std::path::PathBuf;
 use std::process::{Command as Proc, ExitCode};
 
 use anyhow::{Context, Result};
@@ -19,6 +21,12 @@ pub(crate) enum Command {
         /// Use the existing `ambit` binary instead of running `cargo build -p ambit-agent`.
         #[arg(long)]
         no_build: bool,
+        /// Run no CA: the agents only capture, enrolled pods talk plaintext through them.
+        #[arg(long)]
+        no_ca: bool,
+        /// Lifetime of the pods' certificates, in seconds (renewed at about half of it).
+        #[arg(long, default_value_t = ambit_e2e::testbed::DEFAULT_CERT_TTL_SECS)]
+        cert_ttl: u64,
     },
     /// Remove the testbed, and any left behind by crashed test runs.
     Down {
@@ -35,6 +43,20 @@ pub(crate) enum Command {
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Add Kubernetes-shaped objects (PeerAuthentication, AuthorizationPolicy, Service, ...) to
+    /// the testbed's inventory, replacing ones with the same kind, namespace and name; returns
+    /// once every agent has loaded them.
+    Apply {
+        /// Multi-document YAML file, or `-` for stdin.
+        file: PathBuf,
+    },
+    /// Remove an object added with `apply`.
+    Delete {
+        /// Its kind, e.g. PeerAuthentication.
+        kind: String,
+        /// NAMESPACE/NAME (or NAME in `default`; cluster-scoped kinds: NAME).
+        name: String,
     },
     /// Run the `ambit` CLI against a node's agent (its admin socket).
     Ambit {
@@ -53,7 +75,19 @@ pub(crate) fn run(cmd: Command) -> Result<ExitCode> {
         Command::Up {
             no_agents,
             no_build,
-        } => up(!no_agents, no_build).map(|_| ExitCode::SUCCESS),
+            no_ca,
+            cert_ttl,
+        } => {
+            let opts = Options {
+                agents: !no_agents,
+                ca: !no_ca,
+                cert_ttl_secs: cert_ttl,
+                ..Options::default()
+            };
+            up(opts, no_build).map(|_| ExitCode::SUCCESS)
+        }
+        Command::Apply { file } => apply(&file).map(|()| ExitCode::SUCCESS),
+        Command::Delete { kind, name } => delete(&kind, &name).map(|()| ExitCode::SUCCESS),
         Command::Down { all } => down(all).map(|()| ExitCode::SUCCESS),
         Command::Status => status().map(|()| ExitCode::SUCCESS),
         Command::Exec { pod, cmd } => exec(&pod, &cmd),
@@ -61,8 +95,10 @@ pub(crate) fn run(cmd: Command) -> Result<ExitCode> {
     }
 }
 
-/// Brings the CLI testbed up unless an intact one exists; returns it.
-pub(crate) fn up(agents: bool, no_build: bool) -> Result<Testbed> {
+/// Brings the CLI testbed up with `opts` (made persistent) unless an intact one exists;
+/// returns it.
+pub(crate) fn up(opts: Options, no_build: bool) -> Result<Testbed> {
+    let agents = opts.agents;
     if let Some(tb) = Testbed::cli_instance()? {
         let problems = health(&tb, agents);
         if problems.is_empty() {
@@ -83,15 +119,57 @@ pub(crate) fn up(agents: bool, no_build: bool) -> Result<Testbed> {
         None
     };
     let opts = Options {
-        agents,
         agent_bin,
         persistent: true,
-        ..Options::default()
+        ..opts
     };
     let tb = Testbed::up(opts)?;
     tb.make_cli_instance()?;
     print_state(&tb)?;
     Ok(tb)
+}
+
+fn apply(file: &std::path::Path) -> Result<()> {
+    let mut tb =
+        Testbed::cli_instance()?.context("no testbed; run `cargo xtask testbed up` first")?;
+    let mut text = String::new();
+    if file.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading stdin")?;
+    } else {
+        text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    }
+    let report = tb.apply(&text)?;
+    for (what, verb) in &report.objects {
+        println!("{what} {verb}");
+    }
+    for (node, loads) in &report.reloaded {
+        eprintln!("==> {node}: agent loaded the inventory (load #{loads})");
+    }
+    Ok(())
+}
+
+fn delete(kind: &str, name: &str) -> Result<()> {
+    let mut tb =
+        Testbed::cli_instance()?.context("no testbed; run `cargo xtask testbed up` first")?;
+    let scoped = ["Namespace", "Node", "ClusterRole", "ClusterRoleBinding"].contains(&kind);
+    let (ns, name) = match name.split_once('/') {
+        Some((ns, name)) => (ns, name),
+        None if scoped => ("", name),
+        None => ("default", name),
+    };
+    tb.delete(kind, ns, name)?;
+    println!(
+        "{kind} {}{name} deleted",
+        if ns.is_empty() {
+            String::new()
+        } else {
+            format!("{ns}/")
+        }
+    );
+    Ok(())
 }
 
 fn down(all: bool) -> Result<()> {
@@ -124,6 +202,19 @@ fn status() -> Result<()> {
     };
     let st = tb.state();
     println!("testbed {} (state {})", st.id, st.state_file().display());
+    match &st.ca {
+        Some(ca) => println!(
+            "  ca {} in {}'s namespace, root {}, certificates {} s",
+            ca.addr,
+            ca.node,
+            ca.cert_dir.join("root-cert.pem").display(),
+            ca.cert_ttl_secs
+        ),
+        None => println!("  no ca: the agents only capture (plaintext between them)"),
+    }
+    for obj in &st.applied {
+        println!("  applied {}", ambit_e2e::apply::describe(obj));
+    }
     for node in &st.nodes {
         println!(
             "  {} netns {} underlay {} / {}",
@@ -234,5 +325,49 @@ fn exit_code(code: Option<i32>) -> ExitCode {
         Some(0) => ExitCode::SUCCESS,
         Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
         None => ExitCode::FAILURE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[test]
+    fn apply_takes_a_file_or_stdin() {
+        let cli = Cli::try_parse_from(["t", "apply", "-"]).unwrap();
+        let Command::Apply { file } = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(file, PathBuf::from("-"));
+    }
+
+    #[test]
+    fn up_has_ca_by_default() {
+        let cli = Cli::try_parse_from(["t", "up"]).unwrap();
+        let Command::Up {
+            no_ca, cert_ttl, ..
+        } = cli.command
+        else {
+            panic!("{cli:?}")
+        };
+        assert!(!no_ca);
+        assert_eq!(cert_ttl, 86400);
+        let cli = Cli::try_parse_from(["t", "up", "--no-ca", "--cert-ttl", "60"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Up {
+                no_ca: true,
+                cert_ttl: 60,
+                ..
+            }
+        ));
     }
 }
