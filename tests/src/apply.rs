@@ -78,6 +78,17 @@ impl Testbed {
     /// Adds (or replaces) the objects in `yaml` and waits until every running agent has loaded
     /// the new inventory. Nothing is written when the result would not parse.
     pub fn apply(&mut self, yaml: &str) -> Result<ApplyReport> {
+        self.apply_inner(yaml, true)
+    }
+
+    /// Like [`Testbed::apply`] but writes objects the agents will reject (bad-input tests),
+    /// and returns once every running agent has counted the rejection; the agents keep their
+    /// last good inventory. The objects stay in the inventory until deleted.
+    pub fn apply_rejected(&mut self, yaml: &str) -> Result<ApplyReport> {
+        self.apply_inner(yaml, false)
+    }
+
+    fn apply_inner(&mut self, yaml: &str, valid: bool) -> Result<ApplyReport> {
         let objects = documents(yaml)?;
         if objects.is_empty() {
             bail!("nothing to apply: no objects in the input");
@@ -111,7 +122,7 @@ impl Testbed {
             };
             report.push((what, verb));
         }
-        let reloaded = self.replace_applied(applied)?;
+        let reloaded = self.replace_applied(applied, valid)?;
         Ok(ApplyReport {
             objects: report,
             reloaded,
@@ -126,17 +137,28 @@ impl Testbed {
         if applied.len() == before {
             bail!("no applied {kind} {namespace}/{name}");
         }
-        self.replace_applied(applied).map(drop)
+        self.replace_applied(applied, true).map(drop)
     }
 
-    /// Writes the inventory with `applied` (checked first) and waits for the running agents.
-    fn replace_applied(&mut self, applied: Vec<Applied>) -> Result<Vec<(String, u64)>> {
+    /// Writes the inventory with `applied` and waits for the running agents: until they
+    /// loaded it (`valid`; checked with the agent's parser first) or rejected it (not `valid`).
+    fn replace_applied(
+        &mut self,
+        applied: Vec<Applied>,
+        valid: bool,
+    ) -> Result<Vec<(String, u64)>> {
         let mut next = self.state().clone();
         next.applied = applied;
         let text = config::inventory(&next);
-        ambit::inventory::file::parse(&next.inventory, &text)
-            .map_err(|e| anyhow::anyhow!("{}", chain(&e)))
-            .context("the agents would reject this inventory; nothing was applied")?;
+        let parsed = ambit::inventory::file::parse(&next.inventory, &text);
+        match (valid, parsed) {
+            (true, Err(e)) => {
+                return Err(anyhow::anyhow!("{}", chain(&e))
+                    .context("the agents would reject this inventory; nothing was applied"))
+            }
+            (false, Ok(_)) => bail!("the agents would accept this inventory; use apply"),
+            _ => {}
+        }
         let unchanged = std::fs::read_to_string(&next.inventory).is_ok_and(|t| t == text);
         let nodes: Vec<String> = next
             .nodes
@@ -159,6 +181,10 @@ impl Testbed {
             let deadline = Instant::now() + RELOAD_TIMEOUT;
             loop {
                 let (l, e) = self.inventory_counts(node)?;
+                if !valid && e > errors {
+                    reloaded.push((node.clone(), l));
+                    break;
+                }
                 if e > errors {
                     bail!(
                         "agent of {node} rejected the inventory:\n{}",
@@ -166,6 +192,9 @@ impl Testbed {
                     );
                 }
                 if l > loads {
+                    if !valid {
+                        bail!("agent of {node} loaded an inventory its parser rejects");
+                    }
                     reloaded.push((node.clone(), l));
                     break;
                 }
