@@ -275,3 +275,29 @@ fn kubelet_probes_from_the_node_pass_strict() {
         "a probe from the node was refused under STRICT: {probe:?}"
     );
 }
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_malformed_policy_is_rejected_by_name_and_the_last_good_set_stays() {
+    let mut tb = testbed();
+    tb.apply(&Pa::new("default", "default").mode("STRICT").yaml())
+        .unwrap();
+    assert_enforced(&tb, PEER_PORT, "STRICT", "namespace");
+
+    // A typo in the mode of a new policy that would make the server PERMISSIVE.
+    tb.apply_rejected(
+        &Pa::new("default", "server-typo")
+            .selector("server")
+            .mode("PERMISIVE")
+            .yaml(),
+    )
+    .unwrap();
+    let log = std::fs::read_to_string(&tb.node("node2").log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("server-typo") && l.contains("PERMISIVE")),
+        "node2's log does not name the rejected object and value"
+    );
+    // Still STRICT, from the last good set.
+    assert_enforced(&tb, PEER_PORT, "STRICT", "namespace");
+}
