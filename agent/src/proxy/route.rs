@@ -106,7 +106,14 @@ pub fn decide(
                     format!("Service {} has no port {}", svc.key(), orig.port()),
                 );
             }
-            let ready: Vec<&Endpoint> = svc.endpoints.iter().filter(|e| e.ready).collect();
+            // A VIP of one family balances over the endpoints of that family (dual stack, as
+            // kube-proxy does): the app's socket family must be preserved end to end.
+            let v4 = orig.ip().is_ipv4();
+            let ready: Vec<&Endpoint> = svc
+                .endpoints
+                .iter()
+                .filter(|e| e.ready && e.ip.is_ipv4() == v4)
+                .collect();
             if ready.is_empty() {
                 return refuse(
                     steps,

@@ -164,3 +164,32 @@ fn without_a_ca_enrolled_pods_talk_plaintext() {
         }
     );
 }
+
+#[test]
+fn dual_stack_vip_keeps_the_family() {
+    let s = snap(
+        "kind: Service\nmetadata: {name: ds, namespace: shop}\nspec:\n  clusterIPs: [10.96.0.30, \"fd00:96::30\"]\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\nkind: EndpointSlice\nmetadata: {name: ds-4, namespace: shop, labels: {kubernetes.io/service-name: ds}}\naddressType: IPv4\nendpoints: [{addresses: [10.2.0.2]}]\nports: [{name: http, port: 8080}]\n---\nkind: EndpointSlice\nmetadata: {name: ds-6, namespace: shop, labels: {kubernetes.io/service-name: ds}}\naddressType: IPv6\nendpoints: [{addresses: [\"fd00:2::2\"]}]\nports: [{name: http, port: 8080}]\n",
+    );
+    let ctx = RouteCtx {
+        snap: &s,
+        trust_domain: "cluster.local",
+        root_namespace: "istio-system",
+        tunnel_port: 15008,
+        mtls: false,
+    };
+    for (vip, want) in [
+        ("10.96.0.30:80", "10.2.0.2:8080"),
+        ("[fd00:96::30]:80", "[fd00:2::2]:8080"),
+    ] {
+        for i in 0..2 {
+            let d = decide(&ctx, vip.parse().unwrap(), |_, n| i % n);
+            assert_eq!(
+                d.route,
+                Route::Plaintext {
+                    target: want.parse().unwrap()
+                },
+                "{vip}"
+            );
+        }
+    }
+}
