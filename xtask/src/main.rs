@@ -1,4 +1,5 @@
 //! cargo xtask: developer and CI commands for ambit (testbed, demo, test).
+mod bench;
 mod cargo;
 mod demo;
 mod prereq;
@@ -27,6 +28,9 @@ enum Command {
     /// Install missing Debian prerequisites (as root), run the unit tests and the privileged
     /// end-to-end suite.
     Test(test::Args),
+    /// Measure throughput, latency, connection rate, agent memory and CPU against the direct
+    /// path on the testbed (as root); table on stdout, optional JSON, SVG chart and README.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +39,7 @@ fn main() -> ExitCode {
         Command::Testbed(cmd) => testbed::run(cmd),
         Command::Demo(args) => demo::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(code) => code,
