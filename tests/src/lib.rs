@@ -14,6 +14,7 @@ pub mod config;
 pub mod counters;
 pub mod hbone;
 pub mod net;
+pub mod ops;
 pub mod pcap;
 pub mod policy;
 pub mod process;
