@@ -103,7 +103,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
                 snap.namespaces
                     .insert(ns.metadata.name.clone(), ns.metadata.labels);
             }
-            "PeerAuthentication" => {
+            "PeerAuthentication" | "AuthorizationPolicy" => {
                 let api = value
                     .get("apiVersion")
                     .and_then(|a| a.as_str())
@@ -114,34 +114,21 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
                     );
                     return Err(err(&kind, &name, "apiVersion".into(), msg, 1));
                 }
-                let mut pa: PeerAuthentication =
-                    typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
-                if pa.metadata.namespace.is_empty() {
-                    pa.metadata.namespace = "default".into();
+                let spec_line = line_of(&chunk, "spec:");
+                if kind == "PeerAuthentication" {
+                    let mut pa: PeerAuthentication =
+                        typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
+                    default_namespace(&mut pa.metadata);
+                    peer_auth::validate(&pa)
+                        .map_err(|(f, m)| err(&kind, &name, f, m, spec_line))?;
+                    snap.peer_authentications.push(pa);
+                } else {
+                    let mut ap: AuthorizationPolicy =
+                        typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
+                    default_namespace(&mut ap.metadata);
+                    authz::validate(&ap).map_err(|(f, m)| err(&kind, &name, f, m, spec_line))?;
+                    snap.authorization_policies.push(ap);
                 }
-                peer_auth::validate(&pa)
-                    .map_err(|(f, m)| err(&kind, &name, f, m, line_of(&chunk, "spec:")))?;
-                snap.peer_authentications.push(pa);
-            }
-            "AuthorizationPolicy" => {
-                let api = value
-                    .get("apiVersion")
-                    .and_then(|a| a.as_str())
-                    .unwrap_or_default();
-                if !matches!(api, "security.istio.io/v1" | "security.istio.io/v1beta1") {
-                    let msg = format!(
-                        "unsupported apiVersion `{api}` (want security.istio.io/v1 or v1beta1)"
-                    );
-                    return Err(err(&kind, &name, "apiVersion".into(), msg, 1));
-                }
-                let mut ap: AuthorizationPolicy =
-                    typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
-                if ap.metadata.namespace.is_empty() {
-                    ap.metadata.namespace = "default".into();
-                }
-                authz::validate(&ap)
-                    .map_err(|(f, m)| err(&kind, &name, f, m, line_of(&chunk, "spec:")))?;
-                snap.authorization_policies.push(ap);
             }
             "Service" => {
                 let s: ServiceObject =
@@ -171,9 +158,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
                 }
                 let mut dr: DestinationRule =
                     typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
-                if dr.metadata.namespace.is_empty() {
-                    dr.metadata.namespace = "default".into();
-                }
+                default_namespace(&mut dr.metadata);
                 if dr.spec.host.is_empty() {
                     return Err(err(
                         &kind,
@@ -272,6 +257,13 @@ fn documents(text: &str) -> Vec<(usize, String)> {
     }
     docs.retain(|(_, d)| !d.trim().is_empty());
     docs
+}
+
+/// Objects without a namespace live in `default`, as kubectl applies them.
+fn default_namespace(meta: &mut super::objects::ObjectMeta) {
+    if meta.namespace.is_empty() {
+        meta.namespace = "default".into();
+    }
 }
 
 fn line_of(chunk: &str, needle: &str) -> usize {
