@@ -320,6 +320,13 @@ const RSS_IDLE: RowSpec<'static> = spec(
     Better::Lower,
     Compare::None,
 );
+const ANON_IDLE: RowSpec<'static> = spec(
+    "anon_idle",
+    "of which anonymous (RssAnon; the rest is the binary's pages)",
+    "MiB",
+    Better::Lower,
+    Compare::None,
+);
 const RSS_BULK: RowSpec<'static> = spec(
     "rss_bulk",
     "RSS peak during bulk (4 streams, cross-node)",
@@ -363,6 +370,7 @@ fn idle_memory(bed: &Bed, results: &mut Results) -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     for (col, agent) in bed.agents() {
         results.push_agent(&RSS_IDLE, col, mib(agent.rss_kib()?));
+        results.push_agent(&ANON_IDLE, col, mib(agent.anon_kib()?));
     }
     Ok(())
 }

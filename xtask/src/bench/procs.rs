@@ -216,13 +216,22 @@ impl AgentProc {
 
     /// `VmRSS` in KiB.
     pub(crate) fn rss_kib(&self) -> Result<u64> {
+        self.status_kib("VmRSS:")
+    }
+
+    /// `RssAnon` in KiB: heap and stacks, without the binary's mapped pages (`RssFile`).
+    pub(crate) fn anon_kib(&self) -> Result<u64> {
+        self.status_kib("RssAnon:")
+    }
+
+    fn status_kib(&self, field: &str) -> Result<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid))
             .with_context(|| format!("agent pid {} is gone", self.pid))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .context("no VmRSS in /proc/PID/status")
+            .with_context(|| format!("no {field} in /proc/PID/status"))
     }
 
     /// utime + stime of all its threads, in seconds.
