@@ -2,6 +2,7 @@
 mod bench;
 mod cargo;
 mod demo;
+mod fuzz;
 mod prereq;
 mod test;
 mod testbed;
@@ -31,6 +32,8 @@ enum Command {
     /// Measure throughput, latency, connection rate, agent memory and CPU against the direct
     /// path on the testbed (as root); table on stdout, optional JSON, SVG chart and README.
     Bench(bench::Args),
+    /// Run each libFuzzer target (cargo-fuzz, nightly) for a while on its seed corpus.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -174,7 +174,8 @@ fn bad(state: &AdminState, msg: String) -> Response<Full<Bytes>> {
     json_response(StatusCode::BAD_REQUEST, &json!({ "error": msg }))
 }
 
-fn param(query: &str, name: &str) -> Option<String> {
+/// The value of `name` in a query string, percent-decoded.
+pub fn param(query: &str, name: &str) -> Option<String> {
     query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
