@@ -8,7 +8,13 @@ use anyhow::{bail, Context, Result};
 use crate::cargo::workspace_root;
 
 /// The targets under fuzz/fuzz_targets.
-pub(crate) const TARGETS: &[&str] = &["inventory_yaml", "svid_der", "cni_plugin", "admin_query", "hbone_h2"];
+pub(crate) const TARGETS: &[&str] = &[
+    "inventory_yaml",
+    "svid_der",
+    "cni_plugin",
+    "admin_query",
+    "hbone_h2",
+];
 
 /// `cargo xtask fuzz`.
 #[derive(Debug, clap::Args)]
@@ -36,7 +42,10 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
     };
     ensure_cargo_fuzz()?;
     eprintln!("==> building fuzz targets (cargo +nightly fuzz build)");
-    let status = Command::new("cargo").args(["+nightly", "fuzz", "build", "-O"]).current_dir(&fuzz_dir).status()?;
+    let status = Command::new("cargo")
+        .args(["+nightly", "fuzz", "build", "-O"])
+        .current_dir(&fuzz_dir)
+        .status()?;
     if !status.success() {
         bail!("cargo +nightly fuzz build failed ({status})");
     }
@@ -53,31 +62,50 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
             .args(["+nightly", "fuzz", "run", "-O", t])
             .arg(&work)
             .arg(&corpus)
-            .args(["--", &format!("-max_total_time={}", args.seconds), "-rss_limit_mb=2048", "-timeout=10"])
+            .args([
+                "--",
+                &format!("-max_total_time={}", args.seconds),
+                "-rss_limit_mb=2048",
+                "-timeout=10",
+            ])
             .current_dir(&fuzz_dir)
             .status()
             .with_context(|| format!("starting cargo fuzz run {t}"))?;
         report.push((t, status.success(), start.elapsed().as_secs()));
         if !status.success() {
-            eprintln!("xtask: fuzz target {t} failed; the crashing input is under fuzz/artifacts/{t}/");
+            eprintln!(
+                "xtask: fuzz target {t} failed; the crashing input is under fuzz/artifacts/{t}/"
+            );
         }
     }
     eprintln!();
     for (t, ok, secs) in &report {
-        eprintln!("  {t:<16} {:<8} {secs} s", if *ok { "ok" } else { "CRASHED" });
+        eprintln!(
+            "  {t:<16} {:<8} {secs} s",
+            if *ok { "ok" } else { "CRASHED" }
+        );
     }
     let failed = report.iter().filter(|r| !r.1).count();
     println!("{} passed, {failed} failed", report.len() - failed);
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn ensure_cargo_fuzz() -> Result<()> {
-    let present = Command::new("cargo").args(["fuzz", "--version"]).output().is_ok_and(|o| o.status.success());
+    let present = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
     if present {
         return Ok(());
     }
     eprintln!("==> installing cargo-fuzz from crates.io (cargo install cargo-fuzz --locked)");
-    let status = Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]).status()?;
+    let status = Command::new("cargo")
+        .args(["install", "cargo-fuzz", "--locked"])
+        .status()?;
     if !status.success() {
         bail!("cargo install cargo-fuzz failed ({status})");
     }
