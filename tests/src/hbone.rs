@@ -71,6 +71,19 @@ impl Testbed {
     /// inside `node`'s namespace, as that node's agent would. The CA signs it only if the
     /// inventory has a pod with that identity on `node`.
     pub fn issue(&self, node: &str, namespace: &str, service_account: &str) -> Result<Svid> {
+        let token = self.state().node(node)?.token_file.clone();
+        self.issue_with_token(node, &token, namespace, service_account)
+    }
+
+    /// Like [`Testbed::issue`], from inside `node`'s namespace, but presenting the token in
+    /// `token_file` (bad-token tests).
+    pub fn issue_with_token(
+        &self,
+        node: &str,
+        token_file: &Path,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Svid> {
         let ca = self.state().ca()?.clone();
         let node = self.state().node(node)?.clone();
         let id: SpiffeId = crate::state::identity(namespace, service_account)
@@ -79,7 +92,7 @@ impl Testbed {
         let cfg = CaClientConfig {
             address: ca.addr.to_string(),
             root_cert: ca.cert_dir.join("root-cert.pem"),
-            token_file: node.token_file.clone(),
+            token_file: token_file.to_path_buf(),
             server_name: None,
             ttl_secs: 3600,
             timeout_ms: 5000,
