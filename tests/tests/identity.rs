@@ -6,8 +6,10 @@
     reason = "test bodies panic with a line number (STYLE.md §7)"
 )]
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use ambit::ca::issuer::{ServiceAccountClaims, TokenIssuer};
+use ambit_e2e::hbone::in_netns;
 use ambit_e2e::{assert_eventually, testbed, testbed_with, Cert, Options, Testbed, ECHO_PORT};
 use nix::sys::signal::Signal;
 
@@ -168,4 +170,75 @@ fn a_valid_certificate_outlives_a_ca_outage_and_renewal_resumes_after_it() {
     assert_eq!(after.last_error, None, "{after:?}");
     assert!(after.renewals > before.renewals, "{after:?}");
     assert_echo(&tb, "after the outage");
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn the_ca_refuses_foreign_tokens_and_garbage_and_keeps_serving() {
+    let tb = testbed();
+    let ca = tb.state().ca().unwrap().clone();
+    let dir = tb.state().dir.clone();
+    let write = |name: &str, token: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, token).unwrap();
+        path
+    };
+    // A token for node2 signed by another issuer key (same issuer URL, claims and audience).
+    let forger = TokenIssuer::generate(&ca.issuer).unwrap();
+    let forged = write(
+        "forged.token",
+        &ambit_e2e::ca::node_token(&forger, "node2", Duration::from_secs(600)).unwrap(),
+    );
+    // The real key, but the token has expired.
+    let issuer = ambit_e2e::ca::issuer(&ca).unwrap();
+    let expired = issuer
+        .token(&ServiceAccountClaims {
+            namespace: ambit_e2e::ca::AGENT_NAMESPACE.into(),
+            service_account: ambit_e2e::ca::AGENT_SERVICE_ACCOUNT.into(),
+            node: "node2".into(),
+            audiences: vec![ambit_e2e::ca::AUDIENCE.into()],
+            issued_at: SystemTime::now() - Duration::from_secs(7200),
+            ttl: Duration::from_secs(600),
+        })
+        .unwrap();
+    let expired = write("expired.token", &expired);
+    // The real key and node, but a pod's service account instead of the node agent's.
+    let pod_sa = issuer
+        .token(&ServiceAccountClaims {
+            namespace: "default".into(),
+            service_account: "server".into(),
+            node: "node2".into(),
+            audiences: vec![ambit_e2e::ca::AUDIENCE.into()],
+            issued_at: SystemTime::now(),
+            ttl: Duration::from_secs(600),
+        })
+        .unwrap();
+    let pod_sa = write("pod-sa.token", &pod_sa);
+    // Each refusal says why.
+    for (what, token, why) in [
+        ("forged", &forged, "no issuer key"),
+        ("expired", &expired, "expired"),
+        ("pod's", &pod_sa, "not an allowed node agent"),
+    ] {
+        let err = match tb.issue_with_token("node2", token, "default", "server") {
+            Ok(_) => panic!("the CA signed with a {what} token"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains(why),
+            "{what} token refused without saying {why:?}: {err}"
+        );
+    }
+
+    // Bytes that are not TLS on the CA port: closed, and the CA keeps serving.
+    let node1 = tb.node("node1").netns_path();
+    let (back, ended) = in_netns(&node1, move || async move {
+        ambit_e2e::hbone::raw_exchange(ca.addr, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n garbage").await
+    })
+    .unwrap()
+    .unwrap();
+    assert_ne!(ended, "timed out", "the CA kept a garbage connection open");
+    assert!(back.is_empty() || back[0] == 21, "{back:?}");
+    let svid = tb.issue("node2", "default", "server").unwrap();
+    assert_eq!(svid.cert.id().to_string(), tb.pod("server").identity());
 }
