@@ -44,13 +44,15 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
         ambit_e2e::teardown::teardown(&state, &mut Vec::new())?;
     }
     eprintln!(
-        "==> end-to-end tests: cargo test -p ambit-e2e -- --include-ignored --test-threads=1"
+        "==> end-to-end tests: cargo test -p ambit-e2e --no-fail-fast -- --include-ignored --test-threads=1"
     );
     let mut c = cargo::command();
+    // --no-fail-fast: one failing file must not hide the results of the others.
     c.args([
         "test",
         "-p",
         "ambit-e2e",
+        "--no-fail-fast",
         "--",
         "--include-ignored",
         "--test-threads=1",
