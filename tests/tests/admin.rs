@@ -932,3 +932,61 @@ fn the_json_access_log_has_one_line_per_connection_with_its_fields() {
     check(1, &echo_src, "inbound", ECHO_PORT, n, n);
     check(1, &peer_src, "inbound", PEER_PORT, 0, p);
 }
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn metrics_are_also_served_on_the_configured_tcp_listener() {
+    let mut tb = testbed_with(Options::capture_only());
+    let addr = "127.0.0.1:15020";
+    // Control: nothing listens there before the key is set.
+    let curl = |tb: &Testbed, path: &str| {
+        let url = format!("http://{addr}{path}");
+        let argv = [
+            "curl",
+            "-sS",
+            "-m",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            url.as_str(),
+        ];
+        let out = tb
+            .exec_on_node("node1", &argv, Duration::from_secs(20))
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
+        (out.status.success(), code.to_string(), body.to_string())
+    };
+    assert!(!curl(&tb, "/metrics").0, "something already serves {addr}");
+
+    tb.restart_agent_with("node1", &format!("metricsListen: {addr}"))
+        .unwrap();
+    let server = IpAddr::V4(tb.pod("server").ipv4);
+    let r = tb
+        .request("client", server, ECHO_PORT, Some("tcp"))
+        .unwrap();
+    assert_eq!(r.data(), "tcp");
+    let opened = [("reporter", "source"), ("destination_workload", "server")];
+    assert_eventually!(
+        timeout = SETTLE,
+        tb.metrics("node1")
+            .unwrap()
+            .sum("istio_tcp_connections_closed_total", &opened)
+            >= 1.0
+    );
+    let (ok, code, body) = curl(&tb, "/metrics");
+    assert!(ok && code == "200", "{code}: {body}");
+    let over_tcp = Metrics::parse(&body).unwrap();
+    let over_socket = tb.metrics("node1").unwrap();
+    assert_eq!(
+        over_tcp.sum("istio_tcp_connections_opened_total", &opened),
+        over_socket.sum("istio_tcp_connections_opened_total", &opened),
+        "{body}"
+    );
+    assert!(over_tcp.sum("istio_tcp_connections_opened_total", &opened) >= 1.0);
+    // Only metrics there: the admin API stays on the root-only socket.
+    for path in ["/status", "/config_dump", "/logging"] {
+        let (_, code, body) = curl(&tb, path);
+        assert_eq!(code, "404", "{path} over TCP: {body}");
+    }
+}
