@@ -198,11 +198,11 @@ pub(crate) struct AgentProc {
 }
 
 impl AgentProc {
-    /// The agent with `pid`; checks that it is an `ambit` process.
+    /// The agent with `pid`; checks that it is an `ambit` process (or a renamed copy, `ambit-*`).
     pub(crate) fn new(pid: i32) -> Result<Self> {
         let comm = fs::read_to_string(format!("/proc/{pid}/comm"))
             .with_context(|| format!("agent pid {pid} is gone"))?;
-        if comm.trim() != "ambit" {
+        if !comm.trim().starts_with("ambit") {
             bail!("pid {pid} is `{}`, not the ambit agent", comm.trim());
         }
         let ticks = Command::new("getconf")
