@@ -332,7 +332,7 @@ fn print_status(v: &serde_json::Value) {
     );
     println!(
         "inventory {}  loads {}  errors {}",
-        s(&v["inventory"]["path"]),
+        s(&v["inventory"]["source"]),
         v["inventory"]["loads"],
         v["inventory"]["errors"]
     );

@@ -43,6 +43,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         refused("no_ca", "agent runs without identities".into());
         return reset(tcp);
     };
+    pod.await_certificate(&id).await;
     let tls = match source.server(&id) {
         Ok(c) => Arc::new(c),
         Err(e) => {

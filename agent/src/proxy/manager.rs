@@ -357,6 +357,7 @@ impl Manager {
             pool: self.pool.clone(),
             lb: self.lb.clone(),
             gate: self.gate.clone(),
+            certs: self.certs.clone(),
             draining: self.draining.subscribe(),
             stats: ProxyStats::default(),
         });

@@ -52,6 +52,9 @@ pub struct PodContext {
     pub tls: Option<Arc<tls::TlsSource>>,
     /// The agent's HBONE connection pool.
     pub pool: Arc<crate::tunnel::pool::Pool>,
+    /// The certificate manager, to wait for a certificate that is still being fetched (a
+    /// restarting agent serves before its first certificates arrive).
+    pub certs: Option<Arc<crate::identity::manager::CertManager>>,
     /// Agent-wide caps of the tunnel ports.
     pub gate: Arc<inbound::Gate>,
     /// Turns true when the agent drains (tunnel servers send GOAWAY).
@@ -64,7 +67,19 @@ pub struct PodContext {
     pub stats: ProxyStats,
 }
 
+/// How long a connection waits for a certificate still being fetched.
+pub(crate) const CERT_WAIT: Duration = Duration::from_secs(5);
+
 impl PodContext {
+    /// Waits (bounded) until `id` has a certificate, when a CA is configured.
+    pub(crate) async fn await_certificate(&self, id: &SpiffeId) {
+        if let Some(certs) = &self.certs {
+            if certs.get(id).is_none() {
+                let _ = certs.wait(id, CERT_WAIT).await;
+            }
+        }
+    }
+
     /// The pod's SPIFFE identity; `None` (logged) if its namespace or service account cannot
     /// form one.
     pub fn identity(&self) -> Option<SpiffeId> {

@@ -236,6 +236,7 @@ async fn tunnel(
 ) -> Result<(H2Stream, StreamGuard), String> {
     let src_id = pod.identity().ok_or("source pod has no valid identity")?;
     let tls = pod.tls.as_ref().ok_or("agent has no identities")?;
+    pod.await_certificate(&src_id).await;
     let key = PoolKey {
         src_netns: pod.netns_cookie,
         src_id: src_id.clone(),
