@@ -11,11 +11,30 @@ pub(crate) fn workspace_root() -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-/// A `cargo` command (the one running us, if known) in the workspace root.
+/// A `cargo` command (the one running us, if known) in the workspace root, without the variables
+/// `cargo run` set for this binary (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...): build scripts
+/// that read them (ring's) would see other values than in the outer `cargo xtask` build, and
+/// every switch between the two rebuilt ring and everything above it.
 pub(crate) fn command() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut c = Command::new(cargo);
     c.current_dir(workspace_root());
+    for (key, _) in std::env::vars_os() {
+        let set_by_cargo_run = key.to_str().is_some_and(|k| {
+            k.starts_with("CARGO_PKG_")
+                || matches!(
+                    k,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                )
+        });
+        if set_by_cargo_run {
+            c.env_remove(key);
+        }
+    }
     c
 }
 

@@ -6,6 +6,7 @@ mod fuzz;
 mod prereq;
 mod test;
 mod testbed;
+mod vm_test;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,9 @@ enum Command {
     /// Install missing Debian prerequisites (as root), run the unit tests and the privileged
     /// end-to-end suite.
     Test(test::Args),
+    /// Run the privileged end-to-end suite inside qemu on Debian kernels (default: bookworm's
+    /// cloud kernel, 6.1).
+    VmTest(vm_test::Args),
     /// Measure throughput, latency, connection rate, agent memory and CPU against the direct
     /// path on the testbed (as root); table on stdout, optional JSON, SVG chart and README.
     Bench(bench::Args),
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
         Command::Testbed(cmd) => testbed::run(cmd),
         Command::Demo(args) => demo::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::VmTest(args) => vm_test::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
     };
