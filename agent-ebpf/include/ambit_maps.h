@@ -44,13 +44,15 @@
 #define AMB_STAT_LOOKUP_NO_LISTENER 17
 #define AMB_STAT_LOOKUP_ASSIGN_FAIL 18
 #define AMB_STAT_EVENTS_LOST 19
-#define AMB_STAT_MAX 20
+#define AMB_STAT_BIND_DENIED 20
+#define AMB_STAT_MAX 21
 
 /* amb_event.kind: notable events sent through the amb_events ring buffer. */
 #define AMB_EVENT_MAP_FULL 1    /* an enrolled pod's connect could not be recorded: refused */
 #define AMB_EVENT_AGENT_PORT 2  /* an enrolled pod dialled an agent port directly: exempted */
 #define AMB_EVENT_NO_LISTENER 3 /* inbound SYN to an enrolled pod with no agent listener: dropped */
 #define AMB_EVENT_ASSIGN_FAIL 4 /* bpf_sk_assign failed: dropped */
+#define AMB_EVENT_BIND_DENIED 5 /* an enrolled pod tried to bind an agent port: refused */
 
 /* A CIDR in a pod's skip list. */
 struct amb_cidr {
@@ -77,7 +79,8 @@ struct amb_pod_stats {
 	__u64 steered;    /* inbound SYNs steered to the pod's inbound listener */
 	__u64 bypassed;   /* inbound SYNs of the agent's own deliveries, left to the app */
 	__u64 dropped;    /* refused: map full on connect, or no listener on inbound */
-	__u64 _reserved[3];
+	__u64 bind_denied; /* binds to an agent port refused (cgroup/bind4+6) */
+	__u64 _reserved[2];
 };
 _Static_assert(sizeof(struct amb_pod_stats) == 64, "amb_pod_stats ABI changed");
 

@@ -24,6 +24,7 @@ int main(void)
 	F(amb_pod_stats, steered);
 	F(amb_pod_stats, bypassed);
 	F(amb_pod_stats, dropped);
+	F(amb_pod_stats, bind_denied);
 	S(amb_orig_dst);
 	F(amb_orig_dst, addr);
 	F(amb_orig_dst, port);

@@ -9,5 +9,6 @@
 #include "sockops.bpf.c"
 #include "sockopt.bpf.c"
 #include "lookup.bpf.c"
+#include "bind.bpf.c"
 
 char LICENSE[] SEC("license") = "GPL";

@@ -23,6 +23,7 @@ const volatile __u32 cfg_deliver_mark = 0x53a; /* SO_MARK of the agent's deliver
 const volatile __u16 cfg_outbound_port = 15001;
 const volatile __u16 cfg_inbound_port = 15006;
 const volatile __u16 cfg_tunnel_port = 15008;
+const volatile __u64 cfg_agent_cgroup = 0; /* cgroup id of the agent: its binds are exempt */
 
 static __always_inline void stat_inc(__u32 idx)
 {

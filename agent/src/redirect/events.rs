@@ -55,6 +55,9 @@ fn log(ev: &AmbEvent) {
         EventKind::AssignFail => {
             tracing::warn!(dst.orig = %dst, reason = "assign_fail", "inbound connection dropped: sk_assign failed")
         }
+        EventKind::BindDenied => {
+            tracing::warn!(netns.cookie = cookie, pod.id = ev.pod_id, listen.addr = %dst, reason = "bind_denied", "pod tried to bind an agent port; refused")
+        }
         EventKind::Unknown(k) => tracing::warn!(kind = k, "unknown kernel event"),
     }
 }

@@ -19,7 +19,7 @@ pub const POD_F_CAPTURE_OUT: u32 = 0x1;
 pub const POD_F_CAPTURE_IN: u32 = 0x2;
 
 /// Names of the `AMB_STAT_*` counters, by index (`AMB_STAT_MAX` entries).
-pub const STAT_NAMES: [&str; 20] = [
+pub const STAT_NAMES: [&str; 21] = [
     "connect4_redirect",
     "connect6_redirect",
     "connect_exempt_mark",
@@ -40,6 +40,7 @@ pub const STAT_NAMES: [&str; 20] = [
     "lookup_no_listener",
     "lookup_assign_fail",
     "events_lost",
+    "bind_denied",
 ];
 
 /// `AMB_EVENT_*` kinds.
@@ -53,6 +54,8 @@ pub enum EventKind {
     NoListener,
     /// `bpf_sk_assign` failed; dropped.
     AssignFail,
+    /// An enrolled pod tried to bind an agent port; refused.
+    BindDenied,
     /// A kind this agent does not know (newer kernel object).
     Unknown(u8),
 }
@@ -64,6 +67,7 @@ impl From<u8> for EventKind {
             2 => Self::AgentPort,
             3 => Self::NoListener,
             4 => Self::AssignFail,
+            5 => Self::BindDenied,
             other => Self::Unknown(other),
         }
     }
@@ -98,8 +102,9 @@ pub struct AmbPodStats {
     pub steered: u64,
     pub bypassed: u64,
     pub dropped: u64,
+    pub bind_denied: u64,
     #[serde(skip)]
-    pub _reserved: [u64; 3],
+    pub _reserved: [u64; 2],
 }
 
 /// `struct amb_orig_dst`.

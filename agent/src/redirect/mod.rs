@@ -44,6 +44,8 @@ pub const PROGRAMS: &[&str] = &[
     "sockops_est",
     "getsockopt_orig",
     "lookup_steer",
+    "bind4",
+    "bind6",
 ];
 
 /// `BPF_NOEXIST` for map inserts.
@@ -177,6 +179,14 @@ impl Datapath {
             cfg.ports.inbound_plaintext,
             cfg.ports.tunnel,
         );
+        // Binds by the agent's own threads pass the bind guard; a cgroup2 directory's inode
+        // number is the cgroup id that bpf_get_current_cgroup_id() returns.
+        let agent_cgroup_id = std::fs::metadata(agent_cgroup)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .map_err(|source| Error::Cgroup {
+                path: agent_cgroup.into(),
+                source,
+            })?;
         let mut bpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .override_global("cfg_out_mark", &out_mark, true)
@@ -184,6 +194,7 @@ impl Datapath {
             .override_global("cfg_outbound_port", &p_out, true)
             .override_global("cfg_inbound_port", &p_in, true)
             .override_global("cfg_tunnel_port", &p_tun, true)
+            .override_global("cfg_agent_cgroup", &agent_cgroup_id, true)
             .load(BPF_OBJECT)
             .map_err(|source| Error::Load {
                 pin_dir: pin_dir.clone(),
@@ -195,7 +206,14 @@ impl Datapath {
             source,
         })?;
         let mut links = Vec::new();
-        for name in ["connect4", "connect6", "getpeername4", "getpeername6"] {
+        for name in [
+            "connect4",
+            "connect6",
+            "getpeername4",
+            "getpeername6",
+            "bind4",
+            "bind6",
+        ] {
             let prog: &mut CgroupSockAddr = program(&mut bpf, name)?;
             prog.load().map_err(|source| Error::ProgramLoad {
                 program: name,

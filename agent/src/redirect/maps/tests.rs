@@ -68,6 +68,10 @@ fn rust_mirror_matches_c_header() {
         ("amb_pod_stats.steered", field!(AmbPodStats, steered)),
         ("amb_pod_stats.bypassed", field!(AmbPodStats, bypassed)),
         ("amb_pod_stats.dropped", field!(AmbPodStats, dropped)),
+        (
+            "amb_pod_stats.bind_denied",
+            field!(AmbPodStats, bind_denied),
+        ),
         ("amb_orig_dst.addr", field!(AmbOrigDst, addr)),
         ("amb_orig_dst.port", field!(AmbOrigDst, port)),
         ("amb_orig_dst.family", field!(AmbOrigDst, family)),
