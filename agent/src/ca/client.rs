@@ -72,8 +72,8 @@ pub struct CaClient {
     host: String,
     port: u16,
     server_name: ServerName<'static>,
-    /// The channel and the root file text it was built with.
-    channel: Mutex<Option<(String, Channel)>>,
+    /// The channel, the root file text it was built with, and that file's roots.
+    channel: Mutex<Option<(String, Channel, TrustBundle)>>,
 }
 
 /// A certificate the CA issued, checked, with the roots the CA sent along.
@@ -196,6 +196,14 @@ pub enum ClientError {
         #[source]
         source: Box<SvidError>,
     },
+    /// The response's roots share none with the configured root file: the certificate would
+    /// not chain to the trust the agent was given.
+    #[error("ca {address} answered {id} with roots the agent does not trust (none is in {})", root_file.display())]
+    UntrustedRoots {
+        address: String,
+        id: SpiffeId,
+        root_file: PathBuf,
+    },
     /// The CA signed another identity than the one asked for.
     #[error("ca {address} issued {actual} when {expected} was asked for")]
     IdentityMismatch {
@@ -211,6 +219,23 @@ pub enum ClientError {
         #[source]
         source: Box<WorkloadCertError>,
     },
+}
+
+impl ClientError {
+    /// Whether the CA answered, but with a certificate the agent refuses (another identity,
+    /// an invalid chain, untrusted roots): a misbehaving CA rather than an unreachable one.
+    pub fn is_rejected_answer(&self) -> bool {
+        matches!(
+            self,
+            Self::ShortChain { .. }
+                | Self::ResponsePem { .. }
+                | Self::ResponseRoots { .. }
+                | Self::InvalidSvid { .. }
+                | Self::UntrustedRoots { .. }
+                | Self::IdentityMismatch { .. }
+                | Self::Certificate { .. }
+        )
+    }
 }
 
 impl CaClient {
@@ -293,7 +318,7 @@ impl CaClient {
             .ok_or_else(|| ClientError::BadToken {
                 path: token_path.clone(),
             })?;
-        let channel = self.channel().await?;
+        let (channel, trusted) = self.channel().await?;
         let generated = new_csr(id).map_err(|source| ClientError::Csr { source })?;
         let csr_pem = pem_block("CERTIFICATE REQUEST", generated.csr.as_ref());
         let ttl_secs = i64::try_from(self.cfg.ttl_secs).unwrap_or(i64::MAX);
@@ -338,15 +363,18 @@ impl CaClient {
                     }
                 }
             })?;
-        self.check(id, response.into_inner(), generated.key)
+        self.check(id, response.into_inner(), generated.key, &trusted)
     }
 
-    /// Checks a response: an SVID of exactly `id` under the roots sent along.
+    /// Checks a response: an SVID of exactly `id` under the roots sent along, which must
+    /// include one of the `trusted` roots (the configured root file; more may come along
+    /// during a root rotation).
     fn check(
         &self,
         id: &SpiffeId,
         response: IstioCertificateResponse,
         key: rustls_pki_types::PrivateKeyDer<'static>,
+        trusted: &TrustBundle,
     ) -> Result<Issued, ClientError> {
         let address = || self.cfg.address.clone();
         let entries = response.cert_chain;
@@ -374,6 +402,13 @@ impl CaClient {
                 id: id.clone(),
                 source,
             })?;
+        if !roots.roots().iter().any(|r| trusted.roots().contains(r)) {
+            return Err(ClientError::UntrustedRoots {
+                address: address(),
+                id: id.clone(),
+                root_file: self.cfg.root_cert.clone(),
+            });
+        }
         let now = UnixTime::since_unix_epoch(
             SystemTime::now()
                 .duration_since(SystemTime::UNIX_EPOCH)
@@ -407,8 +442,8 @@ impl CaClient {
         Ok(Issued { certificate, roots })
     }
 
-    /// The channel for the current root file, rebuilt when the file changed.
-    async fn channel(&self) -> Result<Channel, ClientError> {
+    /// The channel for the current root file (rebuilt when the file changed) and its roots.
+    async fn channel(&self) -> Result<(Channel, TrustBundle), ClientError> {
         let path = &self.cfg.root_cert;
         let root_pem =
             tokio::fs::read_to_string(path)
@@ -419,9 +454,9 @@ impl CaClient {
                 })?;
         // A poisoned lock only means a holder panicked between two plain assignments.
         let mut cached = self.channel.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((pem, channel)) = cached.as_ref() {
+        if let Some((pem, channel, bundle)) = cached.as_ref() {
             if *pem == root_pem {
-                return Ok(channel.clone());
+                return Ok((channel.clone(), bundle.clone()));
             }
         }
         let bundle = TrustBundle::from_pem(&root_pem).map_err(|source| ClientError::Roots {
@@ -450,8 +485,8 @@ impl CaClient {
         let channel = Endpoint::from(self.endpoint.clone())
             .connect_timeout(timeout)
             .connect_with_connector_lazy(connector);
-        *cached = Some((root_pem, channel.clone()));
-        Ok(channel)
+        *cached = Some((root_pem, channel.clone(), bundle.clone()));
+        Ok((channel, bundle))
     }
 }
 

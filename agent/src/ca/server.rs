@@ -79,13 +79,35 @@ impl RunningCa {
         service: Arc<CaService>,
         serving: Arc<CertifiedKey>,
     ) -> Result<Self, ServerError> {
+        Self::spawn_grpc(listener, GrpcService::new(service), serving)
+    }
+
+    /// Like [`RunningCa::spawn`], but every response passes through `tamper` before it is
+    /// sent: a misbehaving CA over real TLS and gRPC, for the agent's own tests only.
+    #[cfg(test)]
+    pub(crate) fn spawn_tampered(
+        listener: TcpListener,
+        service: Arc<CaService>,
+        serving: Arc<CertifiedKey>,
+        tamper: Tamper,
+    ) -> Result<Self, ServerError> {
+        let mut grpc = GrpcService::new(service);
+        grpc.tamper = Some(tamper);
+        Self::spawn_grpc(listener, grpc, serving)
+    }
+
+    fn spawn_grpc(
+        listener: TcpListener,
+        grpc: GrpcService,
+        serving: Arc<CertifiedKey>,
+    ) -> Result<Self, ServerError> {
         let addr = listener.local_addr().map_err(|source| ServerError::Bind {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
         let tls = tls_config(serving)?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(serve(listener, service, tls, stopped));
+        let task = tokio::spawn(serve(listener, grpc, tls, stopped));
         Ok(Self {
             addr,
             stop,
@@ -140,14 +162,14 @@ fn tls_config(serving: Arc<CertifiedKey>) -> Result<Arc<ServerConfig>, ServerErr
 
 async fn serve(
     listener: TcpListener,
-    service: Arc<CaService>,
+    grpc: GrpcService,
     tls: Arc<ServerConfig>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let (conns_tx, conns_rx) = mpsc::channel(MAX_HANDSHAKES);
     let accept = tokio::spawn(accept_loop(
         listener,
-        service.clone(),
+        grpc.service.clone(),
         tls,
         conns_tx,
         stopped.clone(),
@@ -162,11 +184,7 @@ async fn serve(
     let result = tonic::transport::Server::builder()
         .timeout(REQUEST_TIMEOUT)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .serve_with_incoming_shutdown(
-            GrpcService(service),
-            ReceiverStream::new(conns_rx),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(grpc, ReceiverStream::new(conns_rx), shutdown)
         .await;
     accept.abort();
     if let Err(error) = result {
@@ -277,9 +295,31 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// Rewrites a CA response (test builds only; see [`RunningCa::spawn_tampered`]).
+#[cfg(test)]
+pub(crate) type Tamper = Arc<
+    dyn Fn(&IstioCertificateRequest, IstioCertificateResponse) -> IstioCertificateResponse
+        + Send
+        + Sync,
+>;
+
 /// `istio.v1.auth.IstioCertificateService`, routed by hand (what tonic-build would generate).
 #[derive(Clone)]
-struct GrpcService(Arc<CaService>);
+struct GrpcService {
+    service: Arc<CaService>,
+    #[cfg(test)]
+    tamper: Option<Tamper>,
+}
+
+impl GrpcService {
+    fn new(service: Arc<CaService>) -> Self {
+        Self {
+            service,
+            #[cfg(test)]
+            tamper: None,
+        }
+    }
+}
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
 
@@ -298,7 +338,7 @@ impl Service<http::Request<Body>> for GrpcService {
             let status = Status::new(Code::Unimplemented, format!("unknown method {path}"));
             return Box::pin(future::ready(Ok(status.into_http())));
         }
-        let unary = CreateCertificate(self.0.clone());
+        let unary = CreateCertificate(self.clone());
         Box::pin(async move {
             let mut grpc = Grpc::new(ProstCodec::default())
                 .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
@@ -308,7 +348,7 @@ impl Service<http::Request<Body>> for GrpcService {
 }
 
 /// The `CreateCertificate` method.
-struct CreateCertificate(Arc<CaService>);
+struct CreateCertificate(GrpcService);
 
 impl UnaryService<IstioCertificateRequest> for CreateCertificate {
     type Response = IstioCertificateResponse;
@@ -316,7 +356,15 @@ impl UnaryService<IstioCertificateRequest> for CreateCertificate {
 
     fn call(&mut self, request: tonic::Request<IstioCertificateRequest>) -> Self::Future {
         let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
-        let result = self.0.handle(peer, request.metadata(), request.get_ref());
+        let result = self
+            .0
+            .service
+            .handle(peer, request.metadata(), request.get_ref());
+        #[cfg(test)]
+        let result = match &self.0.tamper {
+            Some(tamper) => result.map(|r| tamper(request.get_ref(), r)),
+            None => result,
+        };
         future::ready(result.map(tonic::Response::new))
     }
 }

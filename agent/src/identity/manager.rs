@@ -11,6 +11,12 @@
 //!   exponential backoff (±20 %, capped) that never oversleeps the current certificate's expiry.
 //! - A certificate that is still valid keeps being served while renewals fail; `get` never
 //!   hands out an expired one. At most [`MAX_CONCURRENT_FETCHES`] requests reach the CA at once.
+//! - A CA answer the client refuses (another identity than asked for, a chain that does not
+//!   verify, roots the agent does not trust) never replaces the certificate served: it counts
+//!   as a failed request and as `rejected`, and is logged at error level.
+//! - A connection that needs a certificate waits for one only while the first request is in
+//!   flight; once requests have failed and nothing valid is left it is refused at once, and
+//!   counted per identity (`refused`).
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -86,6 +92,10 @@ pub struct CertStatus {
     pub renewals: u64,
     /// Failed requests since the last success.
     pub failures: u32,
+    /// CA answers refused by the agent (wrong identity, invalid chain, untrusted roots).
+    pub rejected: u64,
+    /// Connections refused because this identity had no valid certificate.
+    pub refused: u64,
 }
 
 /// Why waiting for a certificate gave up.
@@ -97,6 +107,12 @@ pub enum CertWaitError {
     /// The identity was forgotten (its last pod left) while waiting.
     #[error("{id} was forgotten while waiting for its certificate")]
     Forgotten { id: SpiffeId },
+    /// No valid certificate, and requests to the CA are failing.
+    #[error("no valid certificate for {id}{}", last_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
+    Unavailable {
+        id: SpiffeId,
+        last_error: Option<String>,
+    },
     /// No valid certificate in time.
     #[error("no certificate for {id} after {timeout:?}{}", last_error.as_deref().map(|e| format!(" (last error: {e})")).unwrap_or_default())]
     Timeout {
@@ -123,6 +139,8 @@ struct Slot {
     last_error: Option<String>,
     renewals: u64,
     failures: u32,
+    rejected: u64,
+    refused: u64,
 }
 
 impl CertManager {
@@ -218,6 +236,42 @@ impl CertManager {
         }
     }
 
+    /// The certificate a new connection of `id` presents: the valid one, or, while the first
+    /// request is still in flight, the one that arrives within `timeout`. Anything else
+    /// (expired and not renewed, refused by the CA) refuses the connection and counts it.
+    pub async fn for_connection(
+        &self,
+        id: &SpiffeId,
+        timeout: Duration,
+    ) -> Result<Arc<WorkloadCertificate>, CertWaitError> {
+        if let Some(cert) = self.get(id) {
+            return Ok(cert);
+        }
+        let (slot, initializing) = match self.entries().get(id) {
+            Some(entry) => {
+                let initializing = entry.slot.borrow().state == CertState::Initializing;
+                (entry.slot.clone(), initializing)
+            }
+            None => return Err(CertWaitError::NotTracked { id: id.clone() }),
+        };
+        let result = if initializing {
+            self.wait(id, timeout).await
+        } else {
+            Err(CertWaitError::Unavailable {
+                id: id.clone(),
+                last_error: slot.borrow().last_error.clone(),
+            })
+        };
+        if result.is_err() {
+            // Counted without waking waiters: nothing they wait for changed.
+            slot.send_if_modified(|s| {
+                s.refused += 1;
+                false
+            });
+        }
+        result
+    }
+
     /// The roots the CA sent with the most recent certificate of any identity.
     pub fn roots(&self) -> Option<TrustBundle> {
         let entries = self.entries();
@@ -277,6 +331,8 @@ impl Slot {
             last_error: None,
             renewals: 0,
             failures: 0,
+            rejected: 0,
+            refused: 0,
         }
     }
 
@@ -312,6 +368,8 @@ impl Slot {
             last_error: self.last_error.clone(),
             renewals: self.renewals,
             failures: self.failures,
+            rejected: self.rejected,
+            refused: self.refused,
         }
     }
 }
@@ -364,10 +422,19 @@ async fn renew(
                 let mut delay = jittered(backoff, unit_random());
                 backoff = backoff.saturating_mul(2).min(settings.max_backoff);
                 let valid = slot.borrow().valid_cert(now);
+                let rejected = error.is_rejected_answer();
                 if let Some(cert) = &valid {
                     // Retry no later than expiry, so the state flips the moment it lapses.
                     let left = cert.not_after().duration_since(now).unwrap_or_default();
                     delay = delay.min(left.max(Duration::from_millis(100)));
+                }
+                if rejected {
+                    // The CA answered, but not with a certificate we may use: never served.
+                    let keeping = valid.as_ref().map_or("none", |c| c.serial());
+                    tracing::error!(identity = %id, error = %message, retry.ms = delay.as_millis() as u64,
+                        keeping.serial = keeping,
+                        "ca answer refused; the previous certificate stays in use while valid");
+                } else if valid.is_some() {
                     tracing::warn!(identity = %id, error = %message, retry.ms = delay.as_millis() as u64,
                         "certificate renewal failed; serving the current certificate until it expires");
                 } else if slot.borrow().cert.is_some() {
@@ -386,6 +453,7 @@ async fn renew(
                     s.next_renewal = Some(now + delay);
                     s.last_error = Some(message);
                     s.failures = s.failures.saturating_add(1);
+                    s.rejected += u64::from(rejected);
                 });
                 delay
             }

@@ -43,7 +43,10 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         refused("no_ca", "agent runs without identities".into());
         return reset(tcp);
     };
-    pod.await_certificate(&id).await;
+    if let Err(e) = pod.await_certificate(&id).await {
+        refused("no_certificate", e.to_string());
+        return reset(tcp);
+    }
     let tls = match source.server(&id) {
         Ok(c) => Arc::new(c),
         Err(e) => {

@@ -71,12 +71,17 @@ pub struct PodContext {
 pub(crate) const CERT_WAIT: Duration = Duration::from_secs(5);
 
 impl PodContext {
-    /// Waits (bounded) until `id` has a certificate, when a CA is configured.
-    pub(crate) async fn await_certificate(&self, id: &SpiffeId) {
-        if let Some(certs) = &self.certs {
-            if certs.get(id).is_none() {
-                let _ = certs.wait(id, CERT_WAIT).await;
-            }
+    /// Checks that `id` has a valid certificate for a new connection, when a CA is
+    /// configured: waits (bounded) for one still being fetched; refuses (and counts) when
+    /// it expired or the CA refused it. Also guards pooled tunnels, which were set up with
+    /// a certificate that may have expired since.
+    pub(crate) async fn await_certificate(
+        &self,
+        id: &SpiffeId,
+    ) -> Result<(), crate::identity::manager::CertWaitError> {
+        match &self.certs {
+            Some(certs) => certs.for_connection(id, CERT_WAIT).await.map(drop),
+            None => Ok(()),
         }
     }
 

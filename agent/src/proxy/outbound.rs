@@ -236,7 +236,9 @@ async fn tunnel(
 ) -> Result<(H2Stream, StreamGuard), String> {
     let src_id = pod.identity().ok_or("source pod has no valid identity")?;
     let tls = pod.tls.as_ref().ok_or("agent has no identities")?;
-    pod.await_certificate(&src_id).await;
+    pod.await_certificate(&src_id)
+        .await
+        .map_err(|e| e.to_string())?;
     let key = PoolKey {
         src_netns: pod.netns_cookie,
         src_id: src_id.clone(),

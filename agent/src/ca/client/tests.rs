@@ -102,7 +102,11 @@ async fn refuses_a_leaf_for_another_identity_than_requested() {
     let response = IstioCertificateResponse {
         cert_chain: vec![pem_block("CERTIFICATE", &chain[0]), rogue.roots().to_pem()],
     };
-    let err = client.check(&asked, response, generated.key).unwrap_err();
+    // Our roots come along, so only the name is wrong.
+    let trusted = rogue.roots().merged(&f.roots);
+    let err = client
+        .check(&asked, response, generated.key, &trusted)
+        .unwrap_err();
     assert!(matches!(err, ClientError::IdentityMismatch { .. }), "{err}");
     // A response without roots is refused too.
     let err = client
@@ -110,6 +114,7 @@ async fn refuses_a_leaf_for_another_identity_than_requested() {
             &asked,
             IstioCertificateResponse { cert_chain: vec![] },
             new_csr(&asked).unwrap().key,
+            &f.roots,
         )
         .unwrap_err();
     assert!(matches!(err, ClientError::ShortChain { .. }), "{err}");
@@ -154,7 +159,7 @@ async fn refuses_oversized_request_over_grpc_with_a_reason() {
     let (f, ca) = started().await;
     let cfg = f.client_config(ca.local_addr(), "node1");
     let client = CaClient::new(cfg).unwrap();
-    let channel = client.channel().await.unwrap();
+    let (channel, _) = client.channel().await.unwrap();
     let token = std::fs::read_to_string(&client.config().token_file).unwrap();
     for size in [70 * 1024, 200 * 1024] {
         let mut request = tonic::Request::new(IstioCertificateRequest::impersonating(

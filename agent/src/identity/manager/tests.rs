@@ -5,7 +5,11 @@ use std::time::Duration;
 
 use super::*;
 use crate::ca::client::CaClient;
+use crate::ca::material::{pem_block, Material, ServingNames};
+use crate::ca::proto::IstioCertificateResponse;
+use crate::ca::server::{RunningCa, Tamper};
 use crate::ca::testing::{spiffe, Fixture};
+use crate::identity::{CertificateAuthority, Csr};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
@@ -150,6 +154,147 @@ async fn keeps_valid_certificate_while_ca_is_down_and_recovers() {
     let s = status(&m, WEB);
     assert_eq!(s.state, CertState::Available);
     assert!(s.last_error.is_none() && s.renewals >= 1);
+}
+
+/// What the tampering CA does to its answers.
+const HONEST: u8 = 0;
+/// Certifies `shop/db` under the real root instead of `shop/web`.
+const WRONG_IDENTITY: u8 = 1;
+/// Signs the CSR for the identity asked for, under a root nobody configured.
+const FOREIGN_ROOT: u8 = 2;
+
+/// A CA answering over real TLS and gRPC whose answers `mode` rewrites.
+async fn tampering_ca(f: &Fixture, mode: Arc<std::sync::atomic::AtomicU8>) -> RunningCa {
+    use std::sync::atomic::Ordering;
+    let domain: crate::identity::TrustDomain = "cluster.local".parse().unwrap();
+    let names = ServingNames {
+        dns: vec!["ambit-ca".into()],
+        ips: vec!["127.0.0.1".parse().unwrap()],
+    };
+    // The fixture's own root and key, loaded again from its directory.
+    let real = Material::load(
+        &f.dir.path().join("certs"),
+        Some(Duration::from_secs(3600)),
+        domain.clone(),
+        &names,
+        SystemTime::now(),
+    )
+    .unwrap()
+    .authority;
+    let foreign =
+        CertificateAuthority::generate_root(domain, Duration::from_secs(3600), SystemTime::now())
+            .unwrap();
+    let tamper: Tamper = Arc::new(move |request, honest| {
+        let (authority, id) = match mode.load(Ordering::SeqCst) {
+            HONEST => return honest,
+            WRONG_IDENTITY => (&real, spiffe(DB)),
+            _ => (&foreign, spiffe(WEB)),
+        };
+        // The authority signs only what a CSR asks for: for another name, a CSR of its own
+        // (the client compares names before it looks at the key).
+        let csr = if id == spiffe(WEB) {
+            Csr::from_pem(&request.csr).unwrap()
+        } else {
+            Csr::from_der(crate::identity::new_csr(&id).unwrap().csr.as_ref()).unwrap()
+        };
+        let chain = authority
+            .sign(&csr, &id, Duration::from_secs(4), SystemTime::now())
+            .unwrap();
+        let mut cert_chain: Vec<String> =
+            chain.iter().map(|c| pem_block("CERTIFICATE", c)).collect();
+        cert_chain.push(authority.roots().to_pem());
+        IstioCertificateResponse { cert_chain }
+    });
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .await
+        .unwrap();
+    RunningCa::spawn_tampered(listener, f.service.clone(), f.serving.clone(), tamper).unwrap()
+}
+
+#[tokio::test]
+async fn refuses_certificates_for_another_identity_or_root_and_keeps_the_previous_one() {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    // Certificates live 4 s: the first renewal is due about 2 s after issue.
+    let f = Fixture::new(Duration::from_secs(4));
+    let mode = Arc::new(AtomicU8::new(HONEST));
+    let ca = tampering_ca(&f, mode.clone()).await;
+    let m = manager(&f, ca.local_addr(), fast()).await;
+    let web = spiffe(WEB);
+    m.track(&web);
+    let first = m.wait(&web, Duration::from_secs(10)).await.unwrap();
+
+    // The CA now certifies our key as shop/db: refused, counted, the first one still served.
+    mode.store(WRONG_IDENTITY, Ordering::SeqCst);
+    eventually(Duration::from_secs(10), "rejected answers", || async {
+        status(&m, WEB).rejected >= 2
+    })
+    .await;
+    let s = status(&m, WEB);
+    let error = s.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("issued spiffe://cluster.local/ns/shop/sa/db when spiffe://cluster.local/ns/shop/sa/web was asked for"),
+        "{error}"
+    );
+    assert_eq!(s.serial.as_deref(), Some(first.serial()), "kept the first");
+    assert_eq!(s.renewals, 0);
+    assert!(s.failures >= 2, "{s:?}");
+    if first.is_valid_at(SystemTime::now()) {
+        assert_eq!(m.get(&web).unwrap().serial(), first.serial());
+    }
+
+    // The right name under a root nobody configured: refused as well.
+    mode.store(FOREIGN_ROOT, Ordering::SeqCst);
+    let before = status(&m, WEB).rejected;
+    eventually(
+        Duration::from_secs(10),
+        "untrusted roots refused",
+        || async {
+            let s = status(&m, WEB);
+            s.rejected > before
+                && s.last_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("roots the agent does not trust"))
+        },
+    )
+    .await;
+    assert_eq!(status(&m, WEB).serial.as_deref(), Some(first.serial()));
+
+    // Once the first certificate expired, a connection is refused at once, and counted.
+    eventually(Duration::from_secs(10), "expiry", || async {
+        !first.is_valid_at(SystemTime::now())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let err = m
+        .for_connection(&web, Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "waited {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, CertWaitError::Unavailable { .. }), "{err}");
+    assert!(err.to_string().contains(WEB), "{err}");
+    let s = status(&m, WEB);
+    assert_eq!((s.state, s.refused), (CertState::Unavailable, 1), "{s:?}");
+
+    // An honest CA again: a new certificate; the refusals stay counted.
+    mode.store(HONEST, Ordering::SeqCst);
+    eventually(Duration::from_secs(10), "recovery", || async {
+        let s = status(&m, WEB);
+        s.state == CertState::Available && s.serial.as_deref() != Some(first.serial())
+    })
+    .await;
+    let s = status(&m, WEB);
+    assert!(s.rejected >= 3 && s.failures == 0, "{s:?}");
+    assert_eq!(
+        m.for_connection(&web, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .id(),
+        &web
+    );
 }
 
 #[test]
