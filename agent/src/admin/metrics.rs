@@ -151,6 +151,16 @@ impl Collector for Runtime {
                 ConstCounter::new(v).encode(e.encode_family(&label)?)?;
             }
         }
+        {
+            let e = encoder.encode_descriptor(
+                "ambit_admin_refused_peers",
+                "Admin socket connections refused because the peer was not root",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            let refused = super::server::REFUSED_PEERS.load(std::sync::atomic::Ordering::Relaxed);
+            ConstCounter::new(refused).encode(e)?;
+        }
         let certs = self.manager.certs();
         {
             let mut e = encoder.encode_descriptor(
@@ -178,6 +188,16 @@ impl Collector for Runtime {
                 "ambit_certificate_failures",
                 "Failed CA requests per identity",
                 |c| c.failures.into(),
+            ),
+            (
+                "ambit_certificate_rejected",
+                "CA answers refused per identity (another identity, invalid chain, untrusted roots)",
+                |c| c.rejected,
+            ),
+            (
+                "ambit_certificate_refused_connections",
+                "Connections refused because the identity had no valid certificate",
+                |c| c.refused,
             ),
         ] {
             let mut e = encoder.encode_descriptor(

@@ -60,6 +60,10 @@ pub struct AdminState {
     pub inventory_rx: watch::Receiver<Arc<Snapshot>>,
 }
 
+/// Admin connections refused because the peer was not root (one agent per process, so a
+/// process-wide counter; shown in `/status` and as `ambit_admin_refused_peers_total`).
+pub static REFUSED_PEERS: AtomicU64 = AtomicU64::new(0);
+
 /// Binds the admin socket (replacing a stale one), restricted to its owner.
 pub fn bind(path: &Path) -> Result<UnixListener, Error> {
     let err = |source| Error::Bind {
@@ -91,9 +95,23 @@ pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
             }
         };
         // Only root may use the admin API (the socket mode already restricts it).
-        if stream.peer_cred().map(|c| c.uid()).ok() != Some(0) {
-            tracing::warn!("admin connection from a non-root peer refused");
-            continue;
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == 0 => {}
+            Ok(cred) => {
+                REFUSED_PEERS.fetch_add(1, Ordering::Relaxed);
+                let pid = cred.pid().unwrap_or(0);
+                tracing::warn!(
+                    peer.uid = cred.uid(),
+                    peer.pid = pid,
+                    "admin connection from a non-root peer refused"
+                );
+                continue;
+            }
+            Err(e) => {
+                REFUSED_PEERS.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "admin connection refused: peer credentials unreadable");
+                continue;
+            }
         }
         let state = state.clone();
         tokio::spawn(async move {
@@ -326,7 +344,10 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "errors": state.reloads.errors.load(Ordering::Relaxed),
             "warnings": state.inventory_rx.borrow().warnings.clone(),
         },
-        "admin": { "bad_requests": state.bad_requests.load(Ordering::Relaxed) },
+        "admin": {
+            "bad_requests": state.bad_requests.load(Ordering::Relaxed),
+            "refused_peers": REFUSED_PEERS.load(Ordering::Relaxed),
+        },
         "pods": state.manager.status(),
         "kernel": kernel,
     })
