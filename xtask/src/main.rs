@@ -36,7 +36,8 @@ enum Command {
     /// Measure throughput, latency, connection rate, agent memory and CPU against the direct
     /// path on the testbed (as root); table on stdout, optional JSON, SVG chart and README.
     Bench(bench::Args),
-    /// Run each libFuzzer target (cargo-fuzz, nightly) for a while on its seed corpus.
+    /// Build the libFuzzer targets in fuzz/ (nightly with AddressSanitizer if installed, else
+    /// the stable toolchain without a sanitizer) and run each for a while on its seed corpus.
     Fuzz(fuzz::Args),
 }
 
