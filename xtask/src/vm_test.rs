@@ -65,14 +65,19 @@ pub(crate) struct Args {
     /// linux-image-amd64. Repeat for several kernels (one boot each).
     #[arg(long = "kernel", value_name = "PKG", default_value = kernel::DEFAULT_PACKAGE)]
     kernels: Vec<String>,
-    /// Stop a boot that has not finished after this many seconds.
+    /// Stop a boot that has not finished after this many seconds (default: 300 plus 240 per
+    /// selected test, several times what a test takes under TCG on a busy 2-core host).
+    #[arg(long, value_name = "SECS", env = "AMBIT_VM_TIMEOUT")]
+    timeout: Option<u64>,
+    /// Stop a boot whose console has been silent this long: no test runs that long without a
+    /// word (libtest prints each test's name and result).
     #[arg(
         long,
         value_name = "SECS",
-        default_value_t = 1800,
-        env = "AMBIT_VM_TIMEOUT"
+        default_value_t = 900,
+        env = "AMBIT_VM_SILENCE"
     )]
-    timeout: u64,
+    silence: u64,
     /// Guest memory in MiB (the initramfs takes ~0.2 GiB, twice while the kernel unpacks it).
     #[arg(long, value_name = "MIB", default_value_t = 3072)]
     memory: u32,
@@ -413,16 +418,31 @@ fn boot(
         accel,
         memory_mib: args.memory,
         cpus: args.cpus,
-        timeout: Duration::from_secs(args.timeout),
+        timeout: Duration::from_secs(args.timeout.unwrap_or_else(|| default_timeout(tests))),
+        silence: Duration::from_secs(args.silence),
         log: &log,
     })?;
     Ok(outcome)
+}
+
+/// The hard limit of one boot when `--timeout` is not given: boot and setup, then per test.
+fn default_timeout(tests: &[(TestBinary, usize)]) -> u64 {
+    let n: usize = tests.iter().map(|(_, n)| n).sum();
+    300 + 240 * n as u64
 }
 
 /// Prints one line per kernel (and the failed tests); success only if every boot passed.
 fn summary(results: &[(Kernel, qemu::Outcome)], work: &Path) -> ExitCode {
     let secs =
         |d: Option<Duration>| d.map_or_else(|| "-".into(), |d| format!("{:.1} s", d.as_secs_f64()));
+    for (k, o) in results {
+        for (binary, lines) in &o.reports {
+            eprintln!("==> {binary} failed on {}:", k.release);
+            for line in lines {
+                eprintln!("    {line}");
+            }
+        }
+    }
     eprintln!("==> vm-test summary");
     let mut ok = true;
     for (k, o) in results {

@@ -67,6 +67,8 @@ pub(crate) struct Boot<'a> {
     pub(crate) memory_mib: u32,
     pub(crate) cpus: u32,
     pub(crate) timeout: Duration,
+    /// The longest the console may stay silent.
+    pub(crate) silence: Duration,
     /// The whole console output is also written here.
     pub(crate) log: &'a Path,
 }
@@ -86,6 +88,9 @@ pub(crate) struct Outcome {
     pub(crate) failed_tests: Vec<String>,
     /// The test binary running last.
     pub(crate) last_binary: Option<String>,
+    /// Per test binary that failed: libtest's report from `failures:` to `test result:` (each
+    /// failed test's captured output and panic), or its `DONE` line if it ended without one.
+    pub(crate) reports: Vec<(String, Vec<String>)>,
 }
 
 impl Outcome {
@@ -130,11 +135,14 @@ pub(crate) fn run(boot: &Boot<'_>) -> Result<Outcome> {
         started,
         deadline: started + boot.timeout,
         timeout: boot.timeout,
+        silence: boot.silence,
+        last_output: started,
         log: BufWriter::new(log),
         line: Vec::new(),
         shown: 0,
         ready: None,
         soft_lockups: 0,
+        report: None,
         outcome: Outcome::default(),
     };
     watch.stream(&rx, &mut child);
@@ -165,7 +173,12 @@ fn command(boot: &Boot<'_>) -> Command {
         .arg(boot.kernel)
         .arg("-initrd")
         .arg(boot.initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"]);
+        // A busy host can starve TCG's vCPU threads for many seconds: stall and soft-lockup
+        // reports only after a minute (the defaults, 21 s and 20 s, fire falsely there).
+        .args([
+            "-append",
+            "console=ttyS0 panic=-1 quiet rcupdate.rcu_cpu_stall_timeout=60 watchdog_thresh=30",
+        ]);
     c
 }
 
@@ -177,6 +190,8 @@ struct Watch {
     started: Instant,
     deadline: Instant,
     timeout: Duration,
+    silence: Duration,
+    last_output: Instant,
     log: BufWriter<File>,
     /// The current line so far (without `\r`).
     line: Vec<u8>,
@@ -184,6 +199,8 @@ struct Watch {
     shown: usize,
     ready: Option<Instant>,
     soft_lockups: u32,
+    /// libtest's failure report being collected (from `failures:` on).
+    report: Option<Vec<String>>,
     outcome: Outcome,
 }
 
@@ -191,6 +208,19 @@ impl Watch {
     fn stream(&mut self, rx: &Receiver<Vec<u8>>, child: &mut Child) {
         loop {
             let now = Instant::now();
+            if now >= self.last_output + self.silence && self.outcome.abort.is_none() {
+                let why = format!(
+                    "no console output for {:?} (running: {})",
+                    self.silence,
+                    self.outcome
+                        .last_binary
+                        .as_deref()
+                        .unwrap_or("no test binary yet")
+                );
+                eprintln!("{}xtask: {why}: stopping the VM", self.prefix());
+                self.outcome.abort = Some(why);
+                self.deadline = now;
+            }
             if now >= self.deadline {
                 if self.outcome.abort.is_none() && self.outcome.verdict.is_none() {
                     self.outcome.abort = Some(format!(
@@ -205,8 +235,14 @@ impl Watch {
                 let _ = child.kill(); // our own qemu child
                 break;
             }
-            match rx.recv_timeout(PARTIAL_AFTER.min(self.deadline - now)) {
-                Ok(chunk) => self.feed(&chunk),
+            let wait = PARTIAL_AFTER
+                .min(self.deadline - now)
+                .min((self.last_output + self.silence).saturating_duration_since(now));
+            match rx.recv_timeout(wait) {
+                Ok(chunk) => {
+                    self.last_output = Instant::now();
+                    self.feed(&chunk);
+                }
                 Err(RecvTimeoutError::Timeout) => self.show_partial(),
                 Err(RecvTimeoutError::Disconnected) => break,
             }
@@ -264,6 +300,7 @@ impl Watch {
 
     fn scan(&mut self, line: &str) {
         let now = Instant::now();
+        self.collect_report(line);
         if line.contains("AMBIT-VM: init up") && self.outcome.boot.is_none() {
             self.outcome.boot = Some(self.started.elapsed());
         } else if line.contains("AMBIT-VM: ready") {
@@ -304,6 +341,32 @@ impl Watch {
             return Some(format!("kernel {msg}"));
         }
         None
+    }
+}
+
+impl Watch {
+    /// Keeps libtest's failure report of the running binary: it starts at the first
+    /// `failures:` line and ends with `test result:`. A binary that ends (`AMBIT-VM: DONE`)
+    /// unsuccessfully without such a report is listed with its `DONE` line (a crash, a panic
+    /// outside a test: its output is in the console above).
+    fn collect_report(&mut self, line: &str) {
+        let binary = || self.outcome.last_binary.clone().unwrap_or_default();
+        if let Some(report) = self.report.as_mut() {
+            report.push(line.to_string());
+            if line.starts_with("test result:") {
+                let lines = self.report.take().unwrap_or_default();
+                self.outcome.reports.push((binary(), lines));
+            }
+        } else if line == "failures:" {
+            self.report = Some(vec![line.to_string()]);
+        } else if let Some(rest) = after(line, "AMBIT-VM: DONE ") {
+            let clean = rest.contains(": exit status 0,");
+            if !clean && !self.outcome.reports.iter().any(|(b, _)| *b == binary()) {
+                self.outcome
+                    .reports
+                    .push((binary(), vec![format!("{line} (see the console above)")]));
+            }
+        }
     }
 }
 
@@ -375,6 +438,75 @@ mod tests {
         assert_eq!(kernel_message("[12.3] ok"), Some("ok"));
         assert_eq!(kernel_message("BUG: printed by a test"), None);
         assert_eq!(kernel_message("[vm 1.0s] x"), None);
+    }
+
+    fn watch() -> Watch {
+        let now = Instant::now();
+        Watch {
+            started: now,
+            deadline: now + Duration::from_secs(60),
+            timeout: Duration::from_secs(60),
+            silence: Duration::from_secs(60),
+            last_output: now,
+            log: BufWriter::new(File::create("/dev/null").unwrap()),
+            line: Vec::new(),
+            shown: 0,
+            ready: None,
+            soft_lockups: 0,
+            report: None,
+            outcome: Outcome::default(),
+        }
+    }
+
+    #[test]
+    fn failure_reports_and_verdict_are_collected() {
+        let mut w = watch();
+        for line in [
+            "AMBIT-VM: init up: kernel 6.1.0-56-cloud-amd64, 1.5 s since boot",
+            "AMBIT-VM: ready, 1.7 s since boot",
+            "AMBIT-VM: RUN outbound (1/2)",
+            "test a ... ok",
+            "test b ... FAILED",
+            "failures:",
+            "---- b stdout ----",
+            "thread 'b' panicked at tests/tests/outbound.rs:1:1:",
+            "failures:",
+            "    b",
+            "test result: FAILED. 1 passed; 1 failed; 0 ignored",
+            "AMBIT-VM: DONE outbound: exit status 101, 1 passed, 1 failed, 3.0 s",
+            "AMBIT-VM: RUN inbound (2/2)",
+            "AMBIT-VM: DONE inbound: killed by SIGSEGV, 0 passed, 0 failed, 0.1 s",
+            "AMBIT-VM-VERDICT: FAIL 1 passed, 1 failed (broken: inbound: killed by SIGSEGV)",
+        ] {
+            w.scan(line);
+        }
+        let o = &w.outcome;
+        assert!(o.boot.is_some() && o.suite.is_some());
+        assert!(!o.passed());
+        assert_eq!(o.failed_tests, ["outbound: b"]);
+        assert_eq!(o.reports.len(), 2);
+        assert_eq!(o.reports[0].0, "outbound");
+        assert_eq!(o.reports[0].1.len(), 6);
+        assert!(o.reports[0].1[2].contains("panicked"));
+        assert_eq!(o.reports[1].0, "inbound");
+        assert!(o.reports[1].1[0].contains("SIGSEGV"));
+    }
+
+    #[test]
+    fn a_kernel_panic_aborts_but_one_soft_lockup_does_not() {
+        let mut w = watch();
+        w.scan("[   30.000000] watchdog: BUG: soft lockup - CPU#0 stuck for 61s! [x:1]");
+        assert!(w.outcome.abort.is_none());
+        w.scan("[   99.000000] watchdog: BUG: soft lockup - CPU#1 stuck for 62s! [x:1]");
+        assert_eq!(w.outcome.abort.as_deref(), Some("repeated soft lockups"));
+        let mut w = watch();
+        w.scan("[   12.000000] rcu: INFO: rcu_sched detected stalls on CPUs/tasks:");
+        assert_eq!(w.outcome.abort.as_deref(), Some("RCU stall"));
+        let mut w = watch();
+        w.scan("[   12.000000] Kernel panic - not syncing: Attempted to kill init!");
+        assert_eq!(w.outcome.abort.as_deref(), Some("kernel panic"));
+        w.scan("AMBIT-VM-VERDICT: PASS 1 passed, 0 failed");
+        assert!(!w.outcome.passed());
     }
 
     #[test]
