@@ -1,7 +1,7 @@
 //! SocketFactory: every socket the proxy uses is created here, inside a pod's netns, with the agent's marks.
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -39,12 +39,35 @@ fn sock_err(
     }
 }
 
+/// Sockets made per trip into the pod's netns. A socket belongs to the netns it was created
+/// in, and entering one costs a thread (setns changes only the calling thread), so one thread
+/// makes a batch and later connections take from it: the thread is paid once per batch.
+const SPARE_BATCH: usize = 32;
+
+/// Unused, non-blocking TCP sockets already created in the pod's netns, per family.
+#[derive(Debug, Default)]
+struct Spare {
+    v4: Vec<Socket>,
+    v6: Vec<Socket>,
+}
+
+impl Spare {
+    fn of(&mut self, v6: bool) -> &mut Vec<Socket> {
+        if v6 {
+            &mut self.v6
+        } else {
+            &mut self.v4
+        }
+    }
+}
+
 /// Creates sockets inside one pod's network namespace.
 #[derive(Debug, Clone)]
 pub struct SocketFactory {
     netns: Arc<Netns>,
     outbound_mark: u32,
     deliver_mark: u32,
+    spare: Arc<Mutex<Spare>>,
 }
 
 /// The listeners of one pod plus its netns cookie.
@@ -67,7 +90,41 @@ impl SocketFactory {
             netns,
             outbound_mark,
             deliver_mark,
+            spare: Arc::default(),
         }
+    }
+
+    /// A fresh non-blocking TCP socket of `addr`'s family in the pod's netns: from the spare
+    /// batch, or a new batch when it is empty. Options and bind() work from any thread once
+    /// the socket exists.
+    fn socket(&self, addr: SocketAddr) -> Result<Socket, Error> {
+        let v6 = addr.is_ipv6();
+        if let Some(s) = self.lock_spare().of(v6).pop() {
+            return Ok(s);
+        }
+        let domain = Domain::for_address(addr);
+        let ns_name = self.netns.path().display().to_string();
+        let empty = sock_err("socket", addr, &ns_name);
+        let mut batch = self.netns.run(move || -> Result<Vec<Socket>, Error> {
+            (0..SPARE_BATCH)
+                .map(|_| {
+                    let s = Socket::new(domain, Type::STREAM, None)
+                        .map_err(sock_err("socket", addr, &ns_name))?;
+                    s.set_nonblocking(true)
+                        .map_err(sock_err("O_NONBLOCK", addr, &ns_name))?;
+                    Ok(s)
+                })
+                .collect()
+        })??;
+        let first = batch
+            .pop()
+            .ok_or_else(|| empty(io::Error::other("empty socket batch")))?;
+        self.lock_spare().of(v6).append(&mut batch);
+        Ok(first)
+    }
+
+    fn lock_spare(&self) -> std::sync::MutexGuard<'_, Spare> {
+        self.spare.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The pod's namespace.
@@ -134,17 +191,9 @@ impl SocketFactory {
     pub async fn connect_outbound(&self, dst: SocketAddr) -> Result<TcpStream, Error> {
         let mark = self.outbound_mark;
         let ns_name = self.netns.path().display().to_string();
-        let sock = self.netns.run({
-            let ns_name = ns_name.clone();
-            move || -> Result<Socket, Error> {
-                let err = |op| sock_err(op, dst, &ns_name);
-                let s = Socket::new(Domain::for_address(dst), Type::STREAM, None)
-                    .map_err(err("socket"))?;
-                s.set_mark(mark).map_err(err("SO_MARK"))?;
-                s.set_nonblocking(true).map_err(err("O_NONBLOCK"))?;
-                Ok(s)
-            }
-        })??;
+        let sock = self.socket(dst)?;
+        sock.set_mark(mark)
+            .map_err(sock_err("SO_MARK", dst, &ns_name))?;
         let std: std::net::TcpStream = sock.into();
         let stream = TcpSocket::from_std_stream(std)
             .connect(dst)
@@ -162,31 +211,24 @@ impl SocketFactory {
         let mark = self.deliver_mark;
         let ns_name = self.netns.path().display().to_string();
         let bind = SocketAddr::new(client_ip, 0);
-        let (sock, local) = self
-            .netns
-            .run(move || -> Result<(Socket, SocketAddr), Error> {
-                let err = |op| sock_err(op, bind, &ns_name);
-                let s = Socket::new(Domain::for_address(bind), Type::STREAM, None)
-                    .map_err(err("socket"))?;
-                if bind.is_ipv4() {
-                    s.set_ip_transparent_v4(true)
-                        .map_err(err("IP_TRANSPARENT"))?;
-                } else {
-                    s.set_ip_transparent_v6(true)
-                        .map_err(err("IPV6_TRANSPARENT"))?;
-                }
-                s.set_mark(mark).map_err(err("SO_MARK"))?;
-                s.set_nonblocking(true).map_err(err("O_NONBLOCK"))?;
-                s.bind(&bind.into()).map_err(err("bind"))?;
-                let local = s
-                    .local_addr()
-                    .and_then(|a| {
-                        a.as_socket()
-                            .ok_or_else(|| io::Error::other("bound address is not inet"))
-                    })
-                    .map_err(err("getsockname"))?;
-                Ok((s, local))
-            })??;
+        let err = |op| sock_err(op, bind, &ns_name);
+        let sock = self.socket(bind)?;
+        if bind.is_ipv4() {
+            sock.set_ip_transparent_v4(true)
+                .map_err(err("IP_TRANSPARENT"))?;
+        } else {
+            sock.set_ip_transparent_v6(true)
+                .map_err(err("IPV6_TRANSPARENT"))?;
+        }
+        sock.set_mark(mark).map_err(err("SO_MARK"))?;
+        sock.bind(&bind.into()).map_err(err("bind"))?;
+        let local = sock
+            .local_addr()
+            .and_then(|a| {
+                a.as_socket()
+                    .ok_or_else(|| io::Error::other("bound address is not inet"))
+            })
+            .map_err(err("getsockname"))?;
         let std: std::net::TcpStream = sock.into();
         Ok((TcpSocket::from_std_stream(std), local))
     }
