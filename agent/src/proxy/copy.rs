@@ -4,9 +4,15 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 
 use super::conns::ByteCounts;
+use crate::tunnel::stream::H2Stream;
+
+/// What the TCP side is read into before it goes to an HBONE stream as one owned chunk.
+const H2_CHUNK: usize = 64 * 1024;
 
 /// Bytes moved by one proxied connection.
 #[derive(Debug, Clone, Copy, Default)]
@@ -37,6 +43,81 @@ where
     Ok(Transferred { sent, received })
 }
 
+/// Which end of the proxied connection the TCP socket is (for the byte counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpSide {
+    /// The connecting side (outbound: the app's captured connection).
+    Source,
+    /// The accepting side (inbound: the delivery to the app).
+    Destination,
+}
+
+/// [`copy_both`] between a TCP socket and an HBONE stream without the copy into h2: the TCP
+/// side is read into a `BytesMut` whose filled part goes to h2 as owned `Bytes`, and what h2
+/// received is written to the socket from h2's own buffers.
+pub async fn copy_tcp_h2(
+    tcp: &mut TcpStream,
+    h2: &mut H2Stream,
+    tcp_side: TcpSide,
+    counts: &ByteCounts,
+) -> io::Result<Transferred> {
+    let (from_tcp, from_h2) = match tcp_side {
+        TcpSide::Source => (&counts.sent, &counts.received),
+        TcpSide::Destination => (&counts.received, &counts.sent),
+    };
+    let (mut tcp_r, mut tcp_w) = tcp.split();
+    let (mut h2_send, mut h2_recv) = h2.halves();
+    let to_h2 = async {
+        let mut total = 0u64;
+        let mut buf = BytesMut::new();
+        loop {
+            if buf.capacity() < H2_CHUNK / 4 {
+                buf.reserve(H2_CHUNK);
+            }
+            let n = tcp_r.read_buf(&mut buf).await?;
+            if n == 0 {
+                h2_send.finish()?;
+                return Ok::<_, io::Error>(total);
+            }
+            total += n as u64;
+            from_tcp.fetch_add(n as u64, Ordering::Relaxed);
+            h2_send.send(buf.split().freeze()).await?;
+        }
+    };
+    let to_tcp = async {
+        let mut total = 0u64;
+        while let Some(chunk) = h2_recv.recv().await? {
+            total += chunk.len() as u64;
+            from_h2.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            tcp_w.write_all(&chunk).await?;
+        }
+        tcp_w.shutdown().await?;
+        Ok(total)
+    };
+    let (t, h) = tokio::try_join!(to_h2, to_tcp)?;
+    Ok(match tcp_side {
+        TcpSide::Source => Transferred {
+            sent: t,
+            received: h,
+        },
+        TcpSide::Destination => Transferred {
+            sent: h,
+            received: t,
+        },
+    })
+}
+
+/// Runs a copy until it ends or `closer` is notified (then with an error).
+pub async fn until_closed(
+    copy: impl std::future::Future<Output = io::Result<Transferred>>,
+    closer: &tokio::sync::Notify,
+) -> io::Result<Transferred> {
+    tokio::select! {
+        r = copy => r,
+        () = closer.notified() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed: no longer allowed by policy")),
+    }
+}
+
 /// [`copy_both`] that stops early (with an error) when `closer` is notified.
 pub async fn copy_until_closed<A, B>(
     a: &mut A,
@@ -48,10 +129,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    tokio::select! {
-        r = copy_both(a, b, counts) => r,
-        () = closer.notified() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed: no longer allowed by policy")),
-    }
+    until_closed(copy_both(a, b, counts), closer).await
 }
 
 /// Counts the bytes read from `inner`.

@@ -3,12 +3,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
 use super::conns::{self, ConnInfo};
-use super::copy::copy_both;
+use super::copy::{copy_both, copy_tcp_h2, TcpSide};
 use super::route::{self, Route, RouteCtx};
 use super::{accept_loop, reset, ActiveGuard, PodContext, CONNECT_TIMEOUT};
 use crate::addr::{ClientAddr, OrigDstAddr, PeerAddr};
@@ -140,7 +139,7 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
                 security: "plaintext",
                 labels,
             };
-            carry(&pod, conn, &mut down, &mut up).await;
+            carry(&pod, conn, &mut down, Upstream::Plain(&mut up)).await;
         }
         Route::Tunnel {
             peer,
@@ -187,7 +186,7 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
                 security: "mutual_tls",
                 labels,
             };
-            carry(&pod, conn, &mut down, &mut up).await;
+            carry(&pod, conn, &mut down, Upstream::Tunnel(&mut up)).await;
         }
     }
 }
@@ -202,10 +201,13 @@ struct Carried {
     labels: TcpLabels,
 }
 
-async fn carry<U>(pod: &PodContext, c: Carried, down: &mut TcpStream, up: &mut U)
-where
-    U: AsyncRead + AsyncWrite + Unpin,
-{
+/// Where a carried connection goes on.
+enum Upstream<'a> {
+    Plain(&'a mut TcpStream),
+    Tunnel(&'a mut H2Stream),
+}
+
+async fn carry(pod: &PodContext, c: Carried, down: &mut TcpStream, up: Upstream<'_>) {
     let guard = pod.conns.open(ConnInfo {
         direction: "outbound",
         pod: pod.workload.key(),
@@ -219,7 +221,10 @@ where
         authz: None,
         labels: c.labels,
     });
-    let result = copy_both(down, up, &guard.bytes).await;
+    let result = match up {
+        Upstream::Plain(up) => copy_both(down, up, &guard.bytes).await,
+        Upstream::Tunnel(up) => copy_tcp_h2(down, up, TcpSide::Source, &guard.bytes).await,
+    };
     let t = result.as_ref().copied().unwrap_or_default();
     pod.stats.bytes_sent.fetch_add(t.sent, Ordering::Relaxed);
     pod.stats

@@ -1,4 +1,5 @@
-//! An HTTP/2 CONNECT stream as an AsyncRead + AsyncWrite byte pipe, with flow control and half-close.
+//! An HTTP/2 CONNECT stream as a byte pipe with flow control and half-close: owned `Bytes` halves for the proxy, AsyncRead + AsyncWrite for everything else.
+use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -26,6 +27,79 @@ impl H2Stream {
             recv,
             pending: Bytes::new(),
             write_closed: false,
+        }
+    }
+
+    /// Both directions at once, as halves that move owned `Bytes` (no copy on this side).
+    pub fn halves(&mut self) -> (SendHalf<'_>, RecvHalf<'_>) {
+        (
+            SendHalf {
+                send: &mut self.send,
+                write_closed: &mut self.write_closed,
+            },
+            RecvHalf {
+                recv: &mut self.recv,
+                pending: &mut self.pending,
+            },
+        )
+    }
+}
+
+/// The sending half of an [`H2Stream`].
+pub struct SendHalf<'a> {
+    send: &'a mut SendStream<Bytes>,
+    write_closed: &'a mut bool,
+}
+
+impl SendHalf<'_> {
+    /// Queues `chunk` as DATA frames without copying it, waiting for flow-control capacity
+    /// (h2 bounds what it buffers per stream, so this is the back-pressure).
+    pub async fn send(&mut self, mut chunk: Bytes) -> io::Result<()> {
+        while !chunk.is_empty() {
+            self.send.reserve_capacity(chunk.len().min(MAX_CHUNK));
+            let n = poll_fn(|cx| self.send.poll_capacity(cx))
+                .await
+                .ok_or(io::ErrorKind::BrokenPipe)?
+                .map_err(h2_io)?;
+            if n == 0 {
+                continue;
+            }
+            let part = chunk.split_to(n.min(chunk.len()));
+            self.send.send_data(part, false).map_err(h2_io)?;
+        }
+        Ok(())
+    }
+
+    /// Ends our direction (END_STREAM): the peer sees a half-close.
+    pub fn finish(&mut self) -> io::Result<()> {
+        if !*self.write_closed {
+            *self.write_closed = true;
+            self.send.send_data(Bytes::new(), true).map_err(h2_io)?;
+        }
+        Ok(())
+    }
+}
+
+/// The receiving half of an [`H2Stream`].
+pub struct RecvHalf<'a> {
+    recv: &'a mut RecvStream,
+    pending: &'a mut Bytes,
+}
+
+impl RecvHalf<'_> {
+    /// The next chunk the peer sent, as h2 received it (no copy); `None` once the peer
+    /// half-closed. The window is given back at once: the caller's write is the back-pressure.
+    pub async fn recv(&mut self) -> io::Result<Option<Bytes>> {
+        if !self.pending.is_empty() {
+            return Ok(Some(std::mem::take(self.pending)));
+        }
+        match poll_fn(|cx| self.recv.poll_data(cx)).await {
+            Some(Ok(data)) => {
+                let _ = self.recv.flow_control().release_capacity(data.len());
+                Ok(Some(data))
+            }
+            Some(Err(e)) => Err(h2_io(e)),
+            None => Ok(None),
         }
     }
 }
