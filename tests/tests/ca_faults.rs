@@ -71,9 +71,25 @@ fn expired_certificates_refuse_connections_until_the_ca_returns() {
     let off = file_len(&log);
     let refused0 = refused(&tb, "node1", &id);
     let started = Instant::now();
-    let reply = echo(&tb, "after expiry");
+    // A client patient enough (12 s) to tell a refusal from a slow carry.
+    let (server, port) = (tb.pod("server").ipv4.to_string(), ECHO_PORT.to_string());
+    let args: Vec<String> = [
+        "--timeout",
+        "12",
+        "request",
+        &server,
+        &port,
+        "--send=after expiry",
+    ]
+    .map(String::from)
+    .to_vec();
+    let report = tb.client("client", &args, Duration::from_secs(30)).unwrap();
+    let reply = report["data"].as_str().unwrap_or_default().to_string();
     let took = started.elapsed();
-    assert_ne!(reply, "after expiry", "carried without a valid certificate");
+    assert_ne!(
+        reply, "after expiry",
+        "carried without a valid certificate: {report}"
+    );
     assert!(took < Duration::from_secs(3), "refusal took {took:?}");
     assert_eq!(refused(&tb, "node1", &id) - refused0, 1.0);
     let want = format!("no valid certificate for {id}");
