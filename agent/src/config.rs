@@ -71,6 +71,9 @@ impl Ports {
 pub struct Limits {
     /// TLS handshakes in progress at once on the tunnel ports, agent-wide.
     pub max_handshakes: usize,
+    /// TLS handshakes in progress at once from one source address, agent-wide, so that one
+    /// source cannot take every handshake slot (per-source fairness).
+    pub max_handshakes_per_source: usize,
     /// Open tunnel connections from one source address, agent-wide.
     pub max_connections_per_source: usize,
     /// CONNECT streams at once on one tunnel connection.
@@ -85,6 +88,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_handshakes: 256,
+            max_handshakes_per_source: 64,
             max_connections_per_source: 1024,
             max_streams_per_connection: 1000,
             handshake_timeout_ms: 10_000,

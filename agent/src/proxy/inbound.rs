@@ -63,6 +63,13 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         );
         return reset(tcp);
     };
+    let Some(source_handshake) = pod.gate.admit_handshake(peer.ip()) else {
+        refused(
+            "source_handshake_limit",
+            format!("{} has too many tls handshakes in progress", peer.ip()),
+        );
+        return reset(tcp);
+    };
     let Ok(permit) = pod.gate.handshakes.clone().try_acquire_owned() else {
         refused(
             "handshake_limit",
@@ -76,6 +83,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         Err(e) => return refused("tls", e.to_string()),
     };
     drop(permit);
+    drop(source_handshake);
     let handler_pod = pod.clone();
     let served = serve_h2(
         stream,
@@ -96,21 +104,22 @@ pub struct Gate {
     pub handshakes: Arc<Semaphore>,
     per_source: Mutex<HashMap<IpAddr, usize>>,
     max_per_source: usize,
+    handshakes_per_source: Mutex<HashMap<IpAddr, usize>>,
+    max_handshakes_per_source: usize,
     /// Per-connection limits.
     pub limits: ServerLimits,
 }
 
-/// Holds one of a source's connection slots.
+/// Holds one of a source's connection (or handshake) slots.
 pub struct SourceSlot<'a> {
-    gate: &'a Gate,
+    counts: &'a Mutex<HashMap<IpAddr, usize>>,
     ip: IpAddr,
 }
 
 impl Drop for SourceSlot<'_> {
     fn drop(&mut self) {
         let mut m = self
-            .gate
-            .per_source
+            .counts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(n) = m.get_mut(&self.ip) {
@@ -129,6 +138,8 @@ impl Gate {
             handshakes: Arc::new(Semaphore::new(l.max_handshakes.max(1))),
             per_source: Mutex::new(HashMap::new()),
             max_per_source: l.max_connections_per_source.max(1),
+            handshakes_per_source: Mutex::new(HashMap::new()),
+            max_handshakes_per_source: l.max_handshakes_per_source.max(1),
             limits: ServerLimits {
                 handshake_timeout: Duration::from_millis(l.handshake_timeout_ms.max(100)),
                 max_streams: l.max_streams_per_connection.max(1),
@@ -139,17 +150,29 @@ impl Gate {
 
     /// A connection slot for `ip`, unless it already holds its maximum.
     pub fn admit_source(&self, ip: IpAddr) -> Option<SourceSlot<'_>> {
-        let mut m = self
-            .per_source
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = m.entry(ip).or_insert(0);
-        if *n >= self.max_per_source {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot { gate: self, ip })
+        admit(&self.per_source, self.max_per_source, ip)
     }
+
+    /// A handshake slot for `ip`, unless it already has its maximum of handshakes in progress.
+    pub fn admit_handshake(&self, ip: IpAddr) -> Option<SourceSlot<'_>> {
+        admit(
+            &self.handshakes_per_source,
+            self.max_handshakes_per_source,
+            ip,
+        )
+    }
+}
+
+fn admit(counts: &Mutex<HashMap<IpAddr, usize>>, max: usize, ip: IpAddr) -> Option<SourceSlot<'_>> {
+    let mut m = counts
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let n = m.entry(ip).or_insert(0);
+    if *n >= max {
+        return None;
+    }
+    *n += 1;
+    Some(SourceSlot { counts, ip })
 }
 
 async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
@@ -267,5 +290,30 @@ mod tests {
         assert!(gate.admit_source(b).is_some(), "other sources unaffected");
         drop(s1);
         assert!(gate.admit_source(a).is_some(), "slot released on close");
+    }
+
+    #[test]
+    fn gate_caps_handshakes_per_source() {
+        let limits = Limits {
+            max_handshakes_per_source: 1,
+            ..Limits::default()
+        };
+        let gate = Gate::new(&limits);
+        let a: IpAddr = "10.1.0.2".parse().unwrap();
+        let b: IpAddr = "10.1.0.3".parse().unwrap();
+        let h = gate.admit_handshake(a).unwrap();
+        assert!(
+            gate.admit_handshake(a).is_none(),
+            "second handshake refused"
+        );
+        assert!(
+            gate.admit_handshake(b).is_some(),
+            "other sources unaffected"
+        );
+        drop(h);
+        assert!(
+            gate.admit_handshake(a).is_some(),
+            "slot released after the handshake"
+        );
     }
 }

@@ -40,6 +40,9 @@ struct Enrolled {
     netns_ino: (u64, u64),
     listeners: Vec<String>,
     tasks: Vec<JoinHandle<()>>,
+    /// Turns true when the pod leaves (or the agent drains): its tunnel connections get
+    /// GOAWAY, so they do not keep the pod's namespace alive until their idle timeout.
+    closing: watch::Sender<bool>,
 }
 
 impl Drop for Enrolled {
@@ -47,6 +50,7 @@ impl Drop for Enrolled {
         for t in &self.tasks {
             t.abort();
         }
+        self.closing.send_replace(true);
     }
 }
 
@@ -333,6 +337,7 @@ impl Manager {
                 .map_err(|e| chain(&e))?;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let closing = watch::channel(*self.draining.borrow()).0;
         let entry = PodEntry {
             key: key.clone(),
             netns_cookie: l.netns_cookie,
@@ -358,7 +363,7 @@ impl Manager {
             lb: self.lb.clone(),
             gate: self.gate.clone(),
             certs: self.certs.clone(),
-            draining: self.draining.subscribe(),
+            draining: closing.subscribe(),
             stats: ProxyStats::default(),
         });
         let mut names = Vec::new();
@@ -397,6 +402,7 @@ impl Manager {
             netns_ino: ino,
             listeners: names,
             tasks,
+            closing,
         })
     }
 
@@ -477,6 +483,7 @@ impl Manager {
                 for t in e.tasks.drain(..) {
                     t.abort();
                 }
+                e.closing.send_replace(true);
                 e.ctx.workload.key()
             })
             .collect();

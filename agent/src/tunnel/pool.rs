@@ -7,6 +7,8 @@
 //! - A connection carries at most `max_streams` streams at once; past that another one opens.
 //! - A connection idle (no stream) for `idle_timeout`, or closed by the peer, is dropped by
 //!   `reap`; the lock is never held across an await.
+//! - At most `MAX_DIALS_PER_KEY` connections are dialed at once for a key; other new streams
+//!   wait for them and share them.
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,6 +25,10 @@ use crate::identity::SpiffeId;
 pub const DEFAULT_MAX_STREAMS: usize = 100;
 /// How long an unused connection is kept.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
+/// Connections being dialed at once for one key. A burst of new streams waits for these
+/// (and then shares them) instead of each dialing its own: a handshake storm that the peer's
+/// per-source handshake cap would refuse.
+pub const MAX_DIALS_PER_KEY: usize = 4;
 
 /// What a pooled connection is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -46,6 +52,7 @@ struct Entry {
 /// The pool.
 pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Entry>>>,
+    dials: Mutex<HashMap<PoolKey, Arc<tokio::sync::Semaphore>>>,
     max_streams: usize,
     idle_timeout: Duration,
 }
@@ -77,6 +84,7 @@ impl Pool {
     pub fn new(max_streams: usize, idle_timeout: Duration) -> Self {
         Self {
             conns: Mutex::new(HashMap::new()),
+            dials: Mutex::new(HashMap::new()),
             max_streams: max_streams.max(1),
             idle_timeout,
         }
@@ -94,14 +102,23 @@ impl Pool {
         D: FnOnce() -> Fut,
         Fut: Future<Output = Result<Tunnel, Error>>,
     {
-        if let Some((mut tunnel, guard)) = self.checkout(key) {
-            match tunnel.connect(authority).await {
-                Ok(s) => return Ok((s, guard)),
-                // A CONNECT refused by the peer is an answer, not a broken connection.
-                Err(e @ Error::Status { .. }) => return Err(e),
-                Err(e) => {
-                    tracing::debug!(peer.addr = %key.peer, error = %e, "pooled connection failed; dialing a new one")
-                }
+        if let Some(c) = self.checkout(key) {
+            if let Some(r) = Self::on_pooled(c, key, authority).await {
+                return r;
+            }
+        }
+        let gate = lock(&self.dials)
+            .entry(key.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_DIALS_PER_KEY)))
+            .clone();
+        // Held until the new connection is in the pool, so that waiters find it there.
+        let mut dialing = Some(gate.acquire_owned().await);
+        // A connection dialed while we waited may have room for us (the permit is not held
+        // across its CONNECT round trip).
+        if let Some(c) = self.checkout(key) {
+            dialing = None;
+            if let Some(r) = Self::on_pooled(c, key, authority).await {
+                return r;
             }
         }
         let tunnel = dial().await?;
@@ -119,9 +136,28 @@ impl Pool {
                 active,
                 last_used,
             });
+        drop(dialing);
         let mut tunnel = tunnel;
         let stream = tunnel.connect(authority).await?;
         Ok((stream, guard))
+    }
+
+    /// A stream on the checked-out pooled connection `c` (`None`: it is broken, dial).
+    async fn on_pooled(
+        c: (Tunnel, StreamGuard),
+        key: &PoolKey,
+        authority: SocketAddr,
+    ) -> Option<Result<(H2Stream, StreamGuard), Error>> {
+        let (mut tunnel, guard) = c;
+        match tunnel.connect(authority).await {
+            Ok(s) => Some(Ok((s, guard))),
+            // A CONNECT refused by the peer is an answer, not a broken connection.
+            Err(e @ Error::Status { .. }) => Some(Err(e)),
+            Err(e) => {
+                tracing::debug!(peer.addr = %key.peer, error = %e, "pooled connection failed; dialing a new one");
+                None
+            }
+        }
     }
 
     fn checkout(&self, key: &PoolKey) -> Option<(Tunnel, StreamGuard)> {
@@ -153,11 +189,15 @@ impl Pool {
             });
         }
         conns.retain(|_, v| !v.is_empty());
+        drop(conns);
+        // Dial gates nobody waits on.
+        lock(&self.dials).retain(|_, g| Arc::strong_count(g) > 1);
     }
 
     /// Drops every connection of a source pod (it left the node).
     pub fn forget_source(&self, src_netns: u64) {
         lock(&self.conns).retain(|k, _| k.src_netns != src_netns);
+        lock(&self.dials).retain(|k, g| k.src_netns != src_netns || Arc::strong_count(g) > 1);
     }
 
     /// Connection and stream counts.

@@ -33,6 +33,9 @@ impl Default for ServerLimits {
         }
     }
 }
+/// How long a connection may stay open after GOAWAY once it has no stream left: a peer that
+/// never completes the shutdown (ignores the GOAWAY and its PING) is closed then.
+pub const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Largest header list accepted from a client.
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 
@@ -143,10 +146,12 @@ where
             source,
         })?;
     let mut goaway_sent = false;
+    let mut goaway_at: Option<tokio::time::Instant> = None;
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut idle_since = tokio::time::Instant::now();
     loop {
         let idle_deadline = idle_since + limits.idle_timeout;
+        let close_deadline = goaway_at.map_or(idle_deadline, |t| t + GOAWAY_GRACE);
         let next = tokio::select! {
             next = conn.accept() => next,
             // No stream for the idle timeout: GOAWAY (a client holding a connection open with
@@ -154,6 +159,7 @@ where
             () = tokio::time::sleep_until(idle_deadline), if !goaway_sent => {
                 if active.load(std::sync::atomic::Ordering::Relaxed) == 0 {
                     goaway_sent = true;
+                    goaway_at = Some(tokio::time::Instant::now());
                     conn.graceful_shutdown();
                 } else {
                     idle_since = tokio::time::Instant::now();
@@ -164,7 +170,17 @@ where
             // connection so they can.
             _ = draining.wait_for(|d| *d), if !goaway_sent => {
                 goaway_sent = true;
+                goaway_at = Some(tokio::time::Instant::now());
                 conn.graceful_shutdown();
+                continue;
+            }
+            // GOAWAY sent a while ago and no stream left, yet the peer keeps the connection
+            // open (it ignores the GOAWAY): close it rather than hold its fd forever.
+            () = tokio::time::sleep_until(close_deadline), if goaway_at.is_some() => {
+                if active.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                    break;
+                }
+                goaway_at = Some(tokio::time::Instant::now());
                 continue;
             }
         };
