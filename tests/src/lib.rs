@@ -2,17 +2,20 @@
 //!
 //! The privileged tests in `tests/tests/*.rs` build a [`Testbed`] each (unique names, removed
 //! on drop even when the test panics); `cargo xtask testbed` drives the same code by hand.
+pub mod abuse;
 pub mod admin;
 pub mod agent;
 pub mod apply;
 pub mod ca;
 pub mod capture;
 pub mod cgroup;
+pub mod churn;
 pub mod client;
 pub mod cmd;
 pub mod config;
 pub mod counters;
 pub mod hbone;
+pub mod leaks;
 pub mod net;
 pub mod ops;
 pub mod pcap;

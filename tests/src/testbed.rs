@@ -575,11 +575,16 @@ impl Testbed {
         Ok(())
     }
 
-    fn write_inventory(&self) -> Result<()> {
+    pub(crate) fn write_inventory(&self) -> Result<()> {
         state::write_atomic(
             &self.state.inventory,
             config::inventory(&self.state).as_bytes(),
         )
+    }
+
+    /// The recorded state, for this crate's helpers that add to it (the caller saves it).
+    pub(crate) fn state_mut(&mut self) -> &mut State {
+        &mut self.state
     }
 
     /// Replaces the applied objects in the state (the caller writes the inventory).
