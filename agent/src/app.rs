@@ -50,7 +50,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     let cfg = Arc::new(cfg);
     let data_plane = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(data_plane_workers())
         .thread_name("ambit-dp")
         .enable_all()
         .build()
@@ -257,14 +256,6 @@ async fn shutdown_signal() {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
-}
-
-/// Data-plane worker threads: half the CPUs, at least one. The agent shares the node with the
-/// apps it proxies: on 2 CPUs one worker keeps both directions of an exchange on one thread
-/// instead of waking a second worker that competes with the apps (`cargo xtask bench`: ping-pong
-/// p50 added over direct ~+100 → ~+55 µs, throughput unchanged).
-fn data_plane_workers() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
 }
 
 /// Resolves a configured cgroup path: absolute as is, relative under the cgroup2 mount.
