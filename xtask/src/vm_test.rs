@@ -52,6 +52,19 @@ const TOOLS: &[&str] = &[
     "cat",
 ];
 
+/// Tests that cannot pass at TCG's speed, by full name (so that `--skip` also holds with
+/// `--exact`), with the reason; skipped when qemu emulates, run anyway with `--no-skip`.
+const TCG_SKIPS: &[(&[&str], &str)] = &[(
+    &[
+        "hundred_concurrent_connections_all_succeed::capture_only",
+        "hundred_concurrent_connections_all_succeed::mtls",
+    ],
+    "client.py's `concurrent` holds all 100 connections at a threading.Barrier whose timeout is \
+     the harness's 5 s socket timeout; under TCG the 100 python threads do not all connect \
+     within 5 s, the barrier breaks (BrokenBarrierError) and every connection counts as failed \
+     (seen on 6.1: the agent refused only connections the client had already abandoned)",
+)];
+
 /// Where things live inside the VM.
 const GUEST_AGENT: &str = "/usr/local/bin/ambit";
 const GUEST_TESTS: &str = "/ambit-vm/tests";
@@ -91,6 +104,9 @@ pub(crate) struct Args {
     /// Do not install missing Debian packages.
     #[arg(long)]
     no_install: bool,
+    /// Also run the tests skipped under TCG (see `TCG_SKIPS` in xtask/src/vm_test.rs).
+    #[arg(long)]
+    no_skip: bool,
     /// Boot with a release build of the agent (the tests stay debug builds). Under TCG a debug
     /// agent is too slow for the tests with many connections or much data.
     #[arg(long)]
@@ -126,6 +142,15 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
     let init = artifacts::init()?;
     let mut test_args = vec!["--include-ignored".to_string(), "--test-threads=1".into()];
     test_args.extend(args.filters.iter().cloned());
+    if accel == qemu::Accel::Tcg && !args.no_skip {
+        for (names, why) in TCG_SKIPS {
+            for name in *names {
+                eprintln!("==> skipping {name} under TCG (--no-skip runs it)");
+                test_args.extend(["--skip".to_string(), (*name).to_string()]);
+            }
+            eprintln!("    why: {why}");
+        }
+    }
     if test_args.iter().chain(&args.env).any(|a| a.contains('\n')) {
         bail!("filters and --env values cannot contain newlines");
     }
