@@ -27,17 +27,26 @@ use crate::inventory::Snapshot;
 use crate::proxy::manager::Manager;
 use crate::proxy::tls::TlsSource;
 use crate::redirect::{events, Datapath};
-use crate::sys;
+use crate::{cgroups, sys};
 
 /// `ambit run`.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config)?;
     let log = logging::init(cfg.log_format);
-    let cg_root = sys::cgroup2_mount()?;
-    let pods_cgroup = under(&cg_root, &cfg.pods_cgroup);
-    let agent_cgroup = under(&cg_root, &cfg.agent_cgroup);
-    // A socket's cgroup is fixed when it is created: join ours before opening any.
-    sys::join_cgroup(&agent_cgroup)?;
+    let cg_root = match &cfg.cgroup_root {
+        Some(root) => root.clone(),
+        None => sys::cgroup2_mount()?,
+    };
+    let pods_cgroup = cgroups::pods_root(&cg_root, cfg.pods_cgroup.as_deref())?;
+    let agent_cgroup = match &cfg.agent_cgroup {
+        Some(dir) => {
+            let dir = under(&cg_root, dir);
+            // A socket's cgroup is fixed when it is created: join ours before opening any.
+            sys::join_cgroup(&dir)?;
+            dir
+        }
+        None => cgroups::own_cgroup(&cg_root, &pods_cgroup)?,
+    };
     let (datapath, ring) = Datapath::load(&cfg, &pods_cgroup, &agent_cgroup)?;
     let datapath = Arc::new(datapath);
     tracing::info!(

@@ -200,12 +200,20 @@ pub struct Config {
     /// Per-instance bpffs directory for pinned maps and links.
     #[serde(default = "default_pin_dir")]
     pub bpf_pin_dir: PathBuf,
-    /// Cgroup v2 directory that holds every pod's cgroup (and usually the agent's): the kernel
-    /// programs are attached here once. Relative paths are taken under the cgroup2 mount.
-    pub pods_cgroup: PathBuf,
-    /// Cgroup v2 directory the agent joins before opening any socket. Relative paths are taken
-    /// under the cgroup2 mount.
-    pub agent_cgroup: PathBuf,
+    /// The node's cgroup2 hierarchy (default: the cgroup2 mount in /proc/self/mountinfo). In a
+    /// DaemonSet it is the host's /sys/fs/cgroup mounted into the agent's container.
+    #[serde(default)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Cgroup v2 directory that holds every pod's cgroup: the kernel programs are attached
+    /// here once. `auto` (the default) finds kubelet's `kubepods.slice` or `kubepods`;
+    /// relative paths are taken under `cgroupRoot`.
+    #[serde(default)]
+    pub pods_cgroup: Option<PathBuf>,
+    /// Cgroup v2 directory the agent joins before opening any socket (relative paths under
+    /// `cgroupRoot`). Unset: the agent stays in the cgroup it was started in (a pod's, in
+    /// Kubernetes).
+    #[serde(default)]
+    pub agent_cgroup: Option<PathBuf>,
     /// SO_MARK of the agent's outbound sockets.
     #[serde(default = "default_outbound_mark")]
     pub outbound_mark: u32,
@@ -351,6 +359,18 @@ mod tests {
         assert_eq!(cfg.ports, Ports::default());
         assert_eq!(cfg.outbound_mark, 0x539);
         assert_eq!(cfg.trust_domain, "cluster.local");
+        assert_eq!(cfg.agent_cgroup.as_deref(), Some(Path::new("pods/agent")));
+    }
+
+    #[test]
+    fn cgroups_default_to_discovery() {
+        let cfg = Config::parse(Path::new("a.yaml"), "node: n1\ninventory: /x.yaml\n").unwrap();
+        assert_eq!(cfg.cgroup_root, None);
+        assert_eq!(
+            cfg.pods_cgroup, None,
+            "auto: kubelet's root is found at start"
+        );
+        assert_eq!(cfg.agent_cgroup, None, "the agent stays in its own cgroup");
     }
 
     #[test]

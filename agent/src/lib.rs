@@ -3,6 +3,7 @@ pub mod addr;
 pub mod admin;
 pub mod app;
 pub mod ca;
+pub mod cgroups;
 pub mod cli;
 pub mod cni;
 pub mod config;

@@ -392,6 +392,27 @@ fn daemonset_agrees_with_the_agent() {
     assert_eq!((metrics.port(), port.container_port), (15020, 15020));
     let (name, _) = mount_of(agent, Path::new(cfg["ca"]["rootCert"].as_str().unwrap()));
     assert!(volume(vols, name).config_map.is_some());
+    // Kernel programs attach in the host's cgroup2 tree and pin on the host's bpffs; the agent
+    // finds kubelet's pod root itself and stays in its own pod's cgroup.
+    for (key, host) in [
+        ("cgroupRoot", "/sys/fs/cgroup"),
+        ("bpfPinDir", "/sys/fs/bpf"),
+    ] {
+        let p = Path::new(cfg[key].as_str().unwrap());
+        let (name, _) = mount_of(agent, p);
+        let on_host = &volume(vols, name).host_path.as_ref().unwrap().path;
+        assert_eq!(
+            on_host,
+            host,
+            "{key}: {} is not on the host's {host}",
+            p.display()
+        );
+    }
+    assert_eq!(cfg["podsCgroup"], "auto");
+    assert!(
+        cfg.get("agentCgroup").is_none(),
+        "the agent cannot leave its cgroup namespace"
+    );
 
     // The CA serves under the name and port the agent dials.
     let ca = CaConfig::parse(

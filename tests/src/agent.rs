@@ -17,7 +17,8 @@ use crate::state::{write_atomic, Node, State};
 pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Writes `node`'s config and starts `ambit run` in the node's netns (through `nsenter`, so
-/// /sys is not remounted). It starts in the instance's root cgroup and joins its own cgroup.
+/// /sys is not remounted). It starts in the instance's root cgroup and joins its own cgroup, or
+/// with kubelet's layout starts in its pod's cgroup and stays there.
 pub fn start(state: &State, node: &Node, bin: &Path) -> Result<Child> {
     write_atomic(&node.config, config::agent_config(state, node).as_bytes())?;
     let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
@@ -27,8 +28,12 @@ pub fn start(state: &State, node: &Node, bin: &Path) -> Result<Child> {
         "--config".as_ref(),
         node.config.as_os_str(),
     ];
+    let cgroup = match state.kubelet_cgroups {
+        Some(_) => &node.agent_cgroup,
+        None => &state.cgroup_root,
+    };
     process::spawn_in(
-        &state.cgroup_root,
+        cgroup,
         &node.netns_path(),
         &argv,
         &node.log,

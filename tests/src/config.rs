@@ -19,16 +19,14 @@ pub fn agent_config(state: &State, node: &Node) -> String {
          inventoryPollMs: {INVENTORY_POLL_MS}\n\
          adminSocket: {socket}\n\
          bpfPinDir: {pins}\n\
-         podsCgroup: {pods}\n\
-         agentCgroup: {agent}\n\
+         {cgroups}\
          probeSources: [{probe4}, \"{probe6}\"]\n",
         id = state.id,
         name = node.name,
         inventory = state.inventory.display(),
         socket = node.admin_socket.display(),
         pins = node.pin_dir.display(),
-        pods = node.cgroup.display(),
-        agent = node.agent_cgroup.display(),
+        cgroups = cgroups(state, node),
         probe4 = net::gateway_v4(node.index),
         probe6 = net::gateway_v6(node.index),
     );
@@ -36,6 +34,19 @@ pub fn agent_config(state: &State, node: &Node) -> String {
         out.push_str(&crate::ca::agent_section(ca, node));
     }
     out
+}
+
+/// Where the agent attaches and lives: told both, or (kubelet's layout) only the node's
+/// cgroup2 root, finding the pods' root and staying in the cgroup it is started in.
+fn cgroups(state: &State, node: &Node) -> String {
+    match state.kubelet_cgroups {
+        Some(_) => format!("cgroupRoot: {}\npodsCgroup: auto\n", node.cgroup.display()),
+        None => format!(
+            "podsCgroup: {}\nagentCgroup: {}\n",
+            node.cgroup.display(),
+            node.agent_cgroup.display()
+        ),
+    }
 }
 
 /// The inventory: the `default` Namespace, every listed pod, as `kubectl get -o yaml`

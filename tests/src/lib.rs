@@ -15,6 +15,7 @@ pub mod cmd;
 pub mod config;
 pub mod counters;
 pub mod hbone;
+pub mod kubelet;
 pub mod leaks;
 pub mod net;
 pub mod ops;

@@ -52,6 +52,9 @@ pub struct State {
     /// Objects added with `apply`, written to the inventory after the testbed's own.
     #[serde(default)]
     pub applied: Vec<Applied>,
+    /// Cgroups laid out as kubelet does with this driver (see `Options::kubelet_cgroups`).
+    #[serde(default)]
+    pub kubelet_cgroups: Option<crate::kubelet::CgroupDriver>,
 }
 
 /// The testbed's CA (`ambit ca`) and the token issuer that plays the Kubernetes API server.
@@ -105,9 +108,10 @@ pub struct Node {
     pub underlay_v4: Ipv4Addr,
     /// Underlay IPv6 address.
     pub underlay_v6: Ipv6Addr,
-    /// `podsCgroup` of the node's agent: parent of its pods' cgroups and of the agent's.
+    /// The node's cgroup: `podsCgroup` of its agent (parent of its pods' cgroups and of the
+    /// agent's), or with kubelet's layout the agent's `cgroupRoot`.
     pub cgroup: PathBuf,
-    /// `agentCgroup` of the node's agent.
+    /// `agentCgroup` of the node's agent, or with kubelet's layout its pod's container cgroup.
     pub agent_cgroup: PathBuf,
     /// The agent's config file.
     pub config: PathBuf,

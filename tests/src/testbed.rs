@@ -18,6 +18,7 @@ use crate::agent::{self, Status};
 use crate::ca;
 use crate::cgroup;
 use crate::config;
+use crate::kubelet::CgroupDriver;
 use crate::net;
 use crate::process;
 use crate::servers;
@@ -51,6 +52,10 @@ pub struct Options {
     pub ca: bool,
     /// Certificate lifetime the agents ask the CA for, in seconds.
     pub cert_ttl_secs: u64,
+    /// Lay the pods' and agents' cgroups out as kubelet does with this driver, below each
+    /// node's cgroup (which the agent then takes as its `cgroupRoot`): the agents find the
+    /// pods' root themselves (`podsCgroup: auto`) and stay in their own pod's cgroup.
+    pub kubelet_cgroups: Option<CgroupDriver>,
 }
 
 impl Default for Options {
@@ -63,6 +68,7 @@ impl Default for Options {
             progress: true,
             ca: true,
             cert_ttl_secs: DEFAULT_CERT_TTL_SECS,
+            kubelet_cgroups: None,
         }
     }
 }
@@ -431,7 +437,10 @@ impl Testbed {
                 netns: format!("ambit-{id}-{name}"),
                 underlay_v4: net::underlay_v4(index),
                 underlay_v6: net::underlay_v6(index),
-                agent_cgroup: cgroup.join("agent"),
+                agent_cgroup: match opts.kubelet_cgroups {
+                    Some(driver) => driver.container(&cgroup, "burstable", "ambit-agent"),
+                    None => cgroup.join("agent"),
+                },
                 cgroup,
                 config: dir.join(format!("{name}.yaml")),
                 admin_socket: dir.join(format!("{name}.sock")),
@@ -455,7 +464,10 @@ impl Testbed {
                 namespace: "default".into(),
                 node: spec.node.clone(),
                 netns: format!("ambit-{id}-{}", spec.name),
-                cgroup: node.cgroup.join(&spec.name),
+                cgroup: match opts.kubelet_cgroups {
+                    Some(driver) => driver.container(&node.cgroup, "besteffort", &spec.name),
+                    None => node.cgroup.join(&spec.name),
+                },
                 ipv4: net::pod_v4(node.index, host),
                 ipv6: net::pod_v6(node.index, host),
                 enrolled: spec.enrolled,
@@ -486,6 +498,7 @@ impl Testbed {
             processes: Vec::new(),
             ca,
             applied: Vec::new(),
+            kubelet_cgroups: opts.kubelet_cgroups,
         };
         state.save()?;
         Ok(Self {
