@@ -19,6 +19,8 @@ pub(crate) const PACKAGES: &[&str] = &[
     "tcpdump",
     "netcat-openbsd",
     "util-linux",
+    // the CNI chain test: the reference `bridge` and `host-local` plugins before `ambit-cni`
+    "containernetworking-plugins",
 ];
 
 /// Installs missing [`PACKAGES`] with apt-get when running as root on Debian and `install` is

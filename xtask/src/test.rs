@@ -60,8 +60,19 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
     .args(&filters);
     c.env("AMBIT_BIN", &bin);
     let status = c.status()?;
+    // The agent crate's privileged test: the CNI chain (reference plugins, then `ambit-cni`)
+    // on real namespaces. Run even when the suite above failed, for the same reason.
+    eprintln!("==> CNI chain: cargo test -p ambit-agent --test cni_chain -- --include-ignored");
+    let chain = cargo::command()
+        .args(["test", "-p", "ambit-agent", "--test", "cni_chain", "--"])
+        .arg("--include-ignored")
+        .args(&filters)
+        .status()?;
     if !status.success() {
         anyhow::bail!("end-to-end tests failed ({status})");
+    }
+    if !chain.success() {
+        anyhow::bail!("the CNI chain test failed ({chain})");
     }
     eprintln!("==> all tests passed");
     Ok(ExitCode::SUCCESS)
