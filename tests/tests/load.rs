@@ -20,8 +20,11 @@ const PARALLEL: usize = 200;
 /// Echo port of `many.py serve` in the server pod.
 const PORT: u16 = 9100;
 /// fds an agent may hold above its baseline once everything closed: the tunnel pool may keep
-/// a connection to the peer (or the peer one to us) until its idle timeout, a few for timers.
-const FD_SLACK: usize = 8;
+/// a connection to the peer (or the peer one to us) until its idle timeout, a few for timers;
+/// and the socket factory keeps what is left of its last batch of pre-made sockets in the pod
+/// netns the connections came from or went to (fewer than `SPARE_BATCH` = 32, one family
+/// here: the baseline, taken before any connection, has none).
+const FD_SLACK: usize = 8 + 31;
 /// RSS one held connection may cost an agent, KiB. Each proxied connection has two 64 KiB
 /// copy buffers (one per direction) in each agent, allocated zeroed: on a fresh heap those
 /// pages stay untouched until data needs them (a first run measures ~26 KiB per connection),
