@@ -84,7 +84,14 @@ pub fn setup_node(node: &Node) -> Result<()> {
         &node.netns_path(),
         &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
     )?;
-    ip(&["-n", ns, "link", "add", "br0", "type", "bridge"])?;
+    // A bridge without an address of its own takes the lowest MAC of its ports, so a pod added
+    // at run time can change the gateway's MAC under the pods that already resolved it: their
+    // frames to the old MAC are dropped until their neighbour entry expires (seen as stalled
+    // connections from old pods right after a new pod joined). A set address never changes.
+    let mac = format!("02:a6:b1:00:00:{:02x}", node.index);
+    ip(&[
+        "-n", ns, "link", "add", "br0", "address", &mac, "type", "bridge",
+    ])?;
     let gw4 = format!("{}/24", gateway_v4(node.index));
     let gw6 = format!("{}/64", gateway_v6(node.index));
     ip(&["-n", ns, "addr", "add", &gw4, "dev", "br0"])?;
