@@ -19,6 +19,13 @@ pub(crate) fn command() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut c = Command::new(cargo);
     c.current_dir(workspace_root());
+    remove_cargo_run_env(&mut c);
+    c
+}
+
+/// Removes from `c`'s environment the variables `cargo run` set for this binary
+/// (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...), which build scripts would otherwise see.
+pub(crate) fn remove_cargo_run_env(c: &mut Command) {
     for (key, _) in std::env::vars_os() {
         let set_by_cargo_run = key.to_str().is_some_and(|k| {
             k.starts_with("CARGO_PKG_")
@@ -35,7 +42,6 @@ pub(crate) fn command() -> Command {
             c.env_remove(key);
         }
     }
-    c
 }
 
 /// Runs `cargo ARGS`, streaming its output; fails on a non-zero exit.

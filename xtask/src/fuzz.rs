@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cargo::workspace_root;
+use crate::cargo::{remove_cargo_run_env, workspace_root};
 
 /// The targets under fuzz/fuzz_targets.
 pub(crate) const TARGETS: &[&str] = &[
@@ -146,23 +146,9 @@ fn mode_toolchain(mode: Mode) -> Option<&'static str> {
 fn tool(name: &str, mode: Mode) -> Command {
     let mut c = Command::new(name);
     c.args(mode_toolchain(mode));
-    for (key, _) in std::env::vars_os() {
-        let set_by_cargo_run = key.to_str().is_some_and(|k| {
-            k.starts_with("CARGO_PKG_")
-                || matches!(
-                    k,
-                    "CARGO_MANIFEST_DIR"
-                        | "CARGO_MANIFEST_PATH"
-                        | "CARGO_CRATE_NAME"
-                        | "CARGO_BIN_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                        | "CARGO_TARGET_DIR"
-                )
-        });
-        if set_by_cargo_run {
-            c.env_remove(key);
-        }
-    }
+    remove_cargo_run_env(&mut c);
+    // fuzz/ builds into its own target directory.
+    c.env_remove("CARGO_TARGET_DIR");
     c
 }
 
