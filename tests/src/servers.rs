@@ -68,6 +68,10 @@ pub fn start(state: &State, pod: &Pod) -> Result<Vec<(String, Child)>> {
     .map(str::to_string);
     let echo = [
         "socat".to_string(),
+        // socat's default half-close wait is 0.5 s: a client that sends and shuts down its
+        // write side at once could lose its echo when `cat` starts slowly (under qemu TCG).
+        "-t".to_string(),
+        "10".to_string(),
         format!("TCP6-LISTEN:{ECHO_PORT},ipv6only=0,fork,reuseaddr,backlog=256"),
         "EXEC:cat".to_string(),
     ];

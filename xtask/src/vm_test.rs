@@ -56,8 +56,8 @@ const TOOLS: &[&str] = &[
 /// `--exact`), with the reason; skipped when qemu emulates, run anyway with `--no-skip`.
 const TCG_SKIPS: &[(&[&str], &str)] = &[(
     &[
-        "hundred_concurrent_connections_all_succeed::capture_only",
-        "hundred_concurrent_connections_all_succeed::mtls",
+        "concurrency::hundred_concurrent_connections_all_succeed::capture_only",
+        "concurrency::hundred_concurrent_connections_all_succeed::mtls",
     ],
     "client.py's `concurrent` holds all 100 connections at a threading.Barrier whose timeout is \
      the harness's 5 s socket timeout; under TCG the 100 python threads do not all connect \
@@ -65,8 +65,8 @@ const TCG_SKIPS: &[(&[&str], &str)] = &[(
      (seen on 6.1: the agent refused only connections the client had already abandoned)",
 ), (
     &[
-        "plaintext_inbound_is_steered_once_and_delivered_once::capture_only",
-        "plaintext_inbound_is_steered_once_and_delivered_once::mtls",
+        "loops::plaintext_inbound_is_steered_once_and_delivered_once::capture_only",
+        "loops::plaintext_inbound_is_steered_once_and_delivered_once::mtls",
     ],
     "the echo server is `socat ... EXEC:cat` with socat's default half-close timeout of 0.5 s: \
      the client sends and shuts down its write side at once, and under TCG 20 concurrent \
@@ -121,8 +121,8 @@ pub(crate) struct Args {
     /// agent is too slow for the tests with many connections or much data.
     #[arg(long)]
     release: bool,
-    /// Only this test binary (`tests/tests/NAME.rs`; `ambit_e2e` for the harness's own unit
-    /// tests), like `cargo test --test NAME`. Repeatable.
+    /// Only this test binary (`e2e`, the suite in tests/tests/e2e; `ambit_e2e` for the harness's
+    /// own unit tests), like `cargo test --test NAME`. Repeatable.
     #[arg(long = "test", value_name = "NAME")]
     binaries: Vec<String>,
     /// Test name filters and libtest options (after `--`: `-- --skip hbone`), passed to every

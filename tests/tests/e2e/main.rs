@@ -1,0 +1,28 @@
+//! ambit's privileged end-to-end suite: one test binary (one link, one file on disk) with a
+//! module per concern, each run on its own network-namespace testbed. `cargo xtask test` runs it
+//! with `--include-ignored --test-threads=1`; a test's full name is `MODULE::TEST`.
+mod abuse;
+mod admin;
+mod authorization;
+mod ca_faults;
+mod churn;
+mod concurrency;
+mod destination_rule;
+mod failclosed;
+mod hardening_failclosed;
+mod hbone;
+mod identity;
+mod inbound;
+mod kubelet_cgroups;
+mod load;
+mod loops;
+mod outbound;
+mod peer_auth;
+mod privilege;
+mod restart;
+mod rogue;
+mod services;
+mod teardown;
+mod transfer;
+mod tunnel_input;
+mod unenrolled;
