@@ -208,7 +208,9 @@ impl Testbed {
         let st = self.state();
         let pod = &sandbox.pod;
         let node = st.node(&pod.node)?;
-        let ty = conf["type"].as_str().context("plugin config without type")?;
+        let ty = conf["type"]
+            .as_str()
+            .context("plugin config without type")?;
         let bin_dir = st.dir.join("cni-bin");
         let ambit = bin_dir.join("ambit-cni");
         if !ambit.exists() {
@@ -232,10 +234,7 @@ impl Testbed {
             .env("CNI_CONTAINERID", &sandbox.container_id)
             .env("CNI_NETNS", pod.netns_path())
             .env("CNI_IFNAME", "eth0")
-            .env(
-                "CNI_PATH",
-                format!("{}:{PLUGINS}", bin_dir.display()),
-            )
+            .env("CNI_PATH", format!("{}:{PLUGINS}", bin_dir.display()))
             .env(
                 "CNI_ARGS",
                 format!(

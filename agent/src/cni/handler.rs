@@ -52,7 +52,9 @@ fn handle(
         return CniReply::NotInMesh;
     }
     let deadline = Instant::now() + wait;
-    let mut last = String::from("not in the agent's inventory yet (is the API watch or the inventory file behind?)");
+    let mut last = String::from(
+        "not in the agent's inventory yet (is the API watch or the inventory file behind?)",
+    );
     loop {
         let snap = inventory.borrow().clone();
         match snap.workloads.get(&key) {

@@ -67,10 +67,7 @@ fn a_pod_set_up_by_the_cni_chain_is_captured_tunnelled_and_released() {
     assert_echo(&tb, "cnipod", &marker);
     let server = IpAddr::V4(tb.pod("server").ipv4);
     let peer = tb.request("cnipod", server, PEER_PORT, None).unwrap();
-    assert!(
-        peer.data().starts_with(&format!("peer={ip}:")),
-        "{peer:?}"
-    );
+    assert!(peer.data().starts_with(&format!("peer={ip}:")), "{peer:?}");
     assert!(
         tb.pod_counter("node1", "cnipod", "redirected") >= redirected + 2,
         "{:?}",
@@ -107,7 +104,10 @@ fn a_pod_set_up_by_the_cni_chain_is_captured_tunnelled_and_released() {
     tb.stop_agent("node1", Signal::SIGTERM).unwrap();
     tb.start_agent("node1").unwrap();
     tb.wait_agents_ready(Duration::from_secs(30)).unwrap();
-    assert_eq!(tb.status("node1").unwrap().pod_state("cnipod"), Some("enrolled"));
+    assert_eq!(
+        tb.status("node1").unwrap().pod_state("cnipod"),
+        Some("enrolled")
+    );
     assert_echo(&tb, "cnipod", "after restart");
 
     // DEL releases it: the map forgets the sandbox and the agent stops serving the pod,

@@ -214,7 +214,12 @@ fn cni_reports_give_unannotated_local_pods_their_netns() {
         ("remote", ""),
         ("recreated", "u-old"),
     ] {
-        let ev = cni_event(CniCommand::Add, name, uid, &format!("/run/netns/cni-{name}"));
+        let ev = cni_event(
+            CniCommand::Add,
+            name,
+            uid,
+            &format!("/run/netns/cni-{name}"),
+        );
         assert!(map.apply(&ev).unwrap());
     }
     let parsed = parse_file(Path::new("i.yaml"), CNI_INVENTORY).unwrap();
@@ -234,7 +239,11 @@ fn cni_reports_give_unannotated_local_pods_their_netns() {
         "the annotation wins"
     );
     assert_eq!(netns_of(&snap, "remote"), None, "another node's pod");
-    assert_eq!(netns_of(&snap, "recreated"), None, "a report of another UID");
+    assert_eq!(
+        netns_of(&snap, "recreated"),
+        None,
+        "a report of another UID"
+    );
 }
 
 #[tokio::test]
