@@ -6,6 +6,7 @@ mod admin;
 mod authorization;
 mod ca_faults;
 mod churn;
+mod cni_traffic;
 mod concurrency;
 mod destination_rule;
 mod failclosed;
