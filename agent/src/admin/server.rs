@@ -78,6 +78,9 @@ static OVER_LIMIT_LOG: crate::proxy::caps::LogLimiter = crate::proxy::caps::LogL
 
 /// Deadline for a request head (also for the next one on a kept-alive connection).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head read; admin requests are small, and a flood of huge heads costs the
+/// admin thread little before the connection is refused (431).
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// Longest life of one admin connection.
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -202,6 +205,7 @@ pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_HEAD)
                 .serve_connection(TokioIo::new(stream), svc);
             match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
                 Ok(Ok(())) => {}
@@ -370,6 +374,7 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<AdminSt
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_HEAD)
                 .serve_connection(TokioIo::new(stream), svc);
             let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
         });

@@ -23,9 +23,11 @@ use tokio::io::AsyncWriteExt;
 
 mod caps;
 
-/// `/status` answers during a flood: 99 % within 100 ms. The single slowest is reported and
-/// must stay below a second: on a shared 2-CPU machine running the floods, the agent and the
-/// CA, a thread can wait for a CPU longer than 100 ms whatever the agent does.
+/// `/status` answers during a flood: 99 % within 100 ms. The admin socket has its own thread
+/// and runtime, so floods on the data plane cannot queue it: on a quiet 2-CPU host every
+/// answer came within 100 ms (max 28-84 ms), but with a compiler running beside the floods
+/// the slowest waited ~220 ms for a CPU, so the single slowest is reported and must only stay
+/// below a second.
 const STATUS_P99: Duration = Duration::from_millis(100);
 const STATUS_MAX: Duration = Duration::from_secs(1);
 /// node2's caps for these tests: low, so that one test process can reach them.
