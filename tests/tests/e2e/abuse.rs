@@ -4,8 +4,9 @@
 //! CONNECT storms. Required: handshake and idle timeouts close what hangs, the caps on
 //! handshakes, connections per source and streams per connection hold (set low here through
 //! `limits`), one source cannot starve another, `GET /status` on the admin socket keeps
-//! answering within 100 ms (the slowest answer during the floods is reported), and a real
-//! client → server echo succeeds during every flood.
+//! answering (99 % within 100 ms; the slowest answer during the floods is reported), and a
+//! real client → server echo succeeds during every flood. The per-pod caps of the capture
+//! ports and the admin socket's cap are in [`caps`].
 #![allow(
     clippy::unwrap_used,
     reason = "test bodies panic with a line number (STYLE.md §7)"
