@@ -135,14 +135,17 @@ async fn serve(
         log,
         inventory_rx: rx_admin,
     });
-    if let Some(addr) = cfg.metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot bind metricsListen {addr}"))?;
-        tokio::spawn(server::serve_metrics(l, state.clone()));
-    }
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot bind metricsListen {addr}"))?,
+        ),
+        None => None,
+    };
     let admin_ino = inode(&cfg.admin_socket);
-    tokio::spawn(server::serve(listener, state.clone()));
+    // Its own thread and runtime: data-plane floods cannot delay `/status`.
+    server::spawn_thread(listener, metrics_listener, state.clone())
+        .context("cannot start the admin thread")?;
     tracing::info!(admin.socket = %cfg.admin_socket.display(), "agent serving");
     let drain = state.manager.drain_trigger();
     tokio::select! {

@@ -82,6 +82,13 @@ pub struct Limits {
     pub handshake_timeout_ms: u64,
     /// A tunnel connection with no stream for this long is closed (GOAWAY).
     pub idle_timeout_ms: u64,
+    /// Connections open at once on one pod's outbound (15001) listener, and separately on its
+    /// inbound plaintext (15006) listener; past it a new connection is reset at once, so one
+    /// pod cannot take the agent's sockets and memory from the others.
+    pub max_connections_per_pod: u64,
+    /// Admin socket (and metrics listener) connections open at once; past it a new
+    /// connection is closed at once and counted.
+    pub max_admin_connections: usize,
 }
 
 impl Default for Limits {
@@ -93,6 +100,8 @@ impl Default for Limits {
             max_streams_per_connection: 1000,
             handshake_timeout_ms: 10_000,
             idle_timeout_ms: 300_000,
+            max_connections_per_pod: 32_768,
+            max_admin_connections: 256,
         }
     }
 }

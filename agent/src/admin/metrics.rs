@@ -45,6 +45,17 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Connections refused by a connection cap, per pod and listener.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `namespace/name` of the pod (bounded by the enrolled pods).
+    pub pod: String,
+    /// `outbound` (15001) or `inbound_plaintext` (15006).
+    pub listener: &'static str,
+    /// `pod_connection_limit`.
+    pub reason: &'static str,
+}
+
 /// Counters the data plane updates.
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
@@ -58,6 +69,8 @@ pub struct ProxyMetrics {
     pub received_bytes: Family<TcpLabels, Counter>,
     /// `ambit_policy_denials_total`.
     pub denials: Family<ReasonLabel, Counter>,
+    /// `ambit_connection_limit_refusals_total`.
+    pub limit_refusals: Family<LimitLabels, Counter>,
 }
 
 impl ProxyMetrics {
@@ -100,6 +113,11 @@ pub fn registry(
         "ambit_policy_denials",
         "Connections refused or closed by policy, by reason",
         proxy.denials.clone(),
+    );
+    r.register(
+        "ambit_connection_limit_refusals",
+        "Connections reset at once because the pod held its cap of connections on the listener",
+        proxy.limit_refusals.clone(),
     );
     r.register_collector(Box::new(Runtime { datapath, manager }));
     r
@@ -159,6 +177,17 @@ impl Collector for Runtime {
                 prometheus_client::metrics::MetricType::Counter,
             )?;
             let refused = super::server::REFUSED_PEERS.load(std::sync::atomic::Ordering::Relaxed);
+            ConstCounter::new(refused).encode(e)?;
+        }
+        {
+            let e = encoder.encode_descriptor(
+                "ambit_admin_refused_over_limit",
+                "Admin socket and metrics connections closed at once because limits.maxAdminConnections were open",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            let refused =
+                super::server::REFUSED_OVER_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
             ConstCounter::new(refused).encode(e)?;
         }
         let certs = self.manager.certs();

@@ -1,4 +1,10 @@
 //! The admin socket server: `GET /status`; unknown paths 404, wrong methods 405, bad requests 400.
+//!
+//! It runs on its own OS thread with its own single-threaded runtime ([`spawn_thread`]), so
+//! floods on the data plane (its own runtime) cannot queue admin requests behind connection
+//! tasks. At most `limits.maxAdminConnections` connections are served at once per listener;
+//! past it a connection is closed at once and counted; a request head must arrive within
+//! [`HEADER_TIMEOUT`] and a connection lasts at most [`CONNECTION_TIMEOUT`].
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -14,6 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::UnixListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -64,8 +71,22 @@ pub struct AdminState {
 /// process-wide counter; shown in `/status` and as `ambit_admin_refused_peers_total`).
 pub static REFUSED_PEERS: AtomicU64 = AtomicU64::new(0);
 
-/// Binds the admin socket (replacing a stale one), restricted to its owner.
-pub fn bind(path: &Path) -> Result<UnixListener, Error> {
+/// Admin connections closed at once because `limits.maxAdminConnections` were open (shown in
+/// `/status` and as `ambit_admin_refused_over_limit_total`).
+pub static REFUSED_OVER_LIMIT: AtomicU64 = AtomicU64::new(0);
+static OVER_LIMIT_LOG: crate::proxy::caps::LogLimiter = crate::proxy::caps::LogLimiter::new();
+
+/// Deadline for a request head (also for the next one on a kept-alive connection).
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head read; admin requests are small, and a flood of huge heads costs the
+/// admin thread little before the connection is refused (431).
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// Longest life of one admin connection.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Binds the admin socket (replacing a stale one), restricted to its owner. The listener is
+/// non-blocking, for the admin thread's runtime ([`spawn_thread`]).
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
     let err = |source| Error::Bind {
         path: path.to_path_buf(),
         source,
@@ -78,13 +99,70 @@ pub fn bind(path: &Path) -> Result<UnixListener, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(err(e)),
     }
-    let listener = UnixListener::bind(path).map_err(err)?;
+    let listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    listener.set_nonblocking(true).map_err(err)?;
     Ok(listener)
+}
+
+/// Serves the admin socket, and the metrics listener when given, on a thread of their own
+/// with a single-threaded runtime, until the process exits.
+pub fn spawn_thread(
+    listener: std::os::unix::net::UnixListener,
+    metrics: Option<std::net::TcpListener>,
+    state: Arc<AdminState>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("ambit-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the admin runtime; admin socket not served");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                if let Some(m) = metrics {
+                    match m.set_nonblocking(true).and_then(|()| tokio::net::TcpListener::from_std(m)) {
+                        Ok(m) => drop(tokio::spawn(serve_metrics(m, state.clone()))),
+                        Err(e) => tracing::error!(error = %e, "cannot serve metricsListen"),
+                    }
+                }
+                match UnixListener::from_std(listener) {
+                    Ok(l) => serve(l, state).await,
+                    Err(e) => tracing::error!(error = %e, "cannot serve the admin socket"),
+                }
+            });
+        })
+}
+
+/// One of `slots`, or `None` (the connection is to be closed, counted and logged at most once
+/// a second) when every slot is taken.
+fn admit(slots: &Arc<Semaphore>, listener: &'static str) -> Option<OwnedSemaphorePermit> {
+    if let Ok(p) = slots.clone().try_acquire_owned() {
+        return Some(p);
+    }
+    REFUSED_OVER_LIMIT.fetch_add(1, Ordering::Relaxed);
+    if let Some(suppressed) = OVER_LIMIT_LOG.allow(Instant::now()) {
+        tracing::warn!(
+            listener,
+            suppressed,
+            "admin connection closed: limits.maxAdminConnections are open; `suppressed` more \
+             since the last such line"
+        );
+    }
+    None
 }
 
 /// Serves admin requests until the task is dropped.
 pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
+    let slots = Arc::new(Semaphore::new(
+        state.cfg.limits.max_admin_connections.max(1),
+    ));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -113,8 +191,12 @@ pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
                 continue;
             }
         }
+        let Some(slot) = admit(&slots, "admin_socket") else {
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc_state = state.clone();
             let svc = service_fn(move |req| {
                 let state = svc_state.clone();
@@ -122,9 +204,10 @@ pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_HEAD)
                 .serve_connection(TokioIo::new(stream), svc);
-            match tokio::time::timeout(Duration::from_secs(30), conn).await {
+            match tokio::time::timeout(CONNECTION_TIMEOUT, conn).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     // hyper answers malformed requests with 400 itself; count them here.
@@ -260,13 +343,20 @@ fn config_dump(state: &AdminState) -> serde_json::Value {
 
 /// Serves only `GET /metrics` on a TCP listener (Prometheus scrapes; `:15020` in the DaemonSet).
 pub async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<AdminState>) {
+    let slots = Arc::new(Semaphore::new(
+        state.cfg.limits.max_admin_connections.max(1),
+    ));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let Some(slot) = admit(&slots, "metrics") else {
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 async move {
@@ -283,9 +373,10 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<AdminSt
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(5))
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_HEAD)
                 .serve_connection(TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(Duration::from_secs(30), conn).await;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
         });
     }
 }
@@ -347,6 +438,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         "admin": {
             "bad_requests": state.bad_requests.load(Ordering::Relaxed),
             "refused_peers": REFUSED_PEERS.load(Ordering::Relaxed),
+            "refused_over_limit": REFUSED_OVER_LIMIT.load(Ordering::Relaxed),
         },
         "pods": state.manager.status(),
         "kernel": kernel,

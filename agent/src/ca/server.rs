@@ -4,12 +4,19 @@
 //! garbage, plaintext or nothing at all costs one task for at most [`HANDSHAKE_TIMEOUT`], is
 //! logged and counted, and never holds up other clients. Only completed TLS connections reach
 //! the HTTP/2 server.
+//!
+//! Per-source fairness: one source address may have [`MAX_HANDSHAKES_PER_SOURCE`] handshakes
+//! in progress and [`MAX_CONNECTIONS_PER_SOURCE`] connections open at once; past either cap a
+//! new connection from it is closed at once and counted (`source_handshake_limit`,
+//! `source_connection_limit`), so one flooding source cannot take the agent-wide handshake
+//! slots from the others.
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::{self, Future};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,6 +51,10 @@ pub const MAX_REQUEST_BYTES: usize = 128 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Handshakes in progress at once; more connections wait in the accept queue.
 const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress at once from one source address (a node agent needs a few).
+pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
+/// Connections open at once from one source address.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = 128;
 
 /// A CA server running on a bound listener; dropping it stops it (abruptly).
 #[derive(Debug)]
@@ -201,6 +212,8 @@ async fn accept_loop(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let open = PerSource::default();
+    let handshaking = PerSource::default();
     while !*stopped.borrow_and_update() {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -214,6 +227,17 @@ async fn accept_loop(
             },
             _ = stopped.changed() => continue,
         };
+        // Per-source caps first: a source over its share never waits for a global slot.
+        let Some(slot) = open.admit(peer.ip(), MAX_CONNECTIONS_PER_SOURCE) else {
+            service.stats().count("source_connection_limit");
+            tracing::debug!(peer.addr = %peer, "ca connection closed: source holds its cap of connections");
+            continue;
+        };
+        let Some(handshake) = handshaking.admit(peer.ip(), MAX_HANDSHAKES_PER_SOURCE) else {
+            service.stats().count("source_handshake_limit");
+            tracing::debug!(peer.addr = %peer, "ca connection closed: source has its cap of handshakes in progress");
+            continue;
+        };
         let Ok(permit) = handshakes.clone().acquire_owned().await else {
             return;
         };
@@ -222,9 +246,17 @@ async fn accept_loop(
         let service = service.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            drop(handshake);
+            match accepted {
                 Ok(Ok(tls)) => {
-                    let _ = conns.send(Ok(TlsConn { tls, peer })).await;
+                    let _ = conns
+                        .send(Ok(TlsConn {
+                            tls,
+                            peer,
+                            _slot: slot,
+                        }))
+                        .await;
                 }
                 Ok(Err(error)) => {
                     service.stats().count("tls_handshake_failed");
@@ -257,6 +289,47 @@ struct PeerAddr(SocketAddr);
 struct TlsConn {
     tls: TlsStream<TcpStream>,
     peer: SocketAddr,
+    /// The source's connection slot, freed when tonic drops the connection.
+    _slot: SourceSlot,
+}
+
+/// Counts per source address (connections open, or handshakes in progress).
+#[derive(Debug, Default, Clone)]
+struct PerSource(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+impl PerSource {
+    /// A slot for `ip`, unless it already holds `max`.
+    fn admit(&self, ip: IpAddr, max: usize) -> Option<SourceSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            counts: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One of a source's slots; dropping it frees the slot.
+#[derive(Debug)]
+struct SourceSlot {
+    counts: PerSource,
+    ip: IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut m = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Connected for TlsConn {
@@ -371,4 +444,24 @@ impl UnaryService<IstioCertificateRequest> for CreateCertificate {
 
 impl tonic::server::NamedService for GrpcService {
     const NAME: &'static str = crate::ca::proto::SERVICE_NAME;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_source_caps_one_source_and_not_the_others() {
+        let counts = PerSource::default();
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let b: IpAddr = [10, 0, 0, 2].into();
+        let held: Vec<_> = (0..3).map(|_| counts.admit(a, 3).unwrap()).collect();
+        assert!(counts.admit(a, 3).is_none(), "a fourth slot for one source");
+        let other = counts.admit(b, 3);
+        assert!(other.is_some(), "another source starved");
+        drop(held);
+        assert!(counts.admit(a, 3).is_some(), "slots not freed");
+        drop(other);
+        assert!(counts.0.lock().unwrap().is_empty());
+    }
 }

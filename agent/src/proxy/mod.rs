@@ -1,4 +1,5 @@
 //! The data plane: per-pod outbound, inbound-plaintext and tunnel listeners, and the pod manager.
+pub mod caps;
 pub mod conns;
 pub mod copy;
 pub mod explain;
@@ -208,8 +209,16 @@ pub struct ProxyStats {
     pub outbound_failed: AtomicU64,
     /// Inbound plaintext connections accepted.
     pub inbound_accepted: AtomicU64,
-    /// Inbound plaintext connections open now.
+    /// Inbound connections open now (plaintext and tunnelled).
     pub inbound_active: AtomicU64,
+    /// Connections open now on the inbound plaintext listener (15006).
+    pub plaintext_active: AtomicU64,
+    /// Outbound connections reset at once: the pod held `limits.maxConnectionsPerPod`.
+    pub outbound_limited: AtomicU64,
+    /// Inbound plaintext connections reset at once: the pod held `limits.maxConnectionsPerPod`.
+    pub inbound_limited: AtomicU64,
+    /// Rate of the refusal log lines, per capped listener.
+    pub limit_log: [caps::LogLimiter; 2],
     /// Inbound plaintext connections that failed (app unreachable, agent port, bypass map).
     pub inbound_failed: AtomicU64,
     /// Inbound plaintext connections refused by PeerAuthentication STRICT.
@@ -237,6 +246,12 @@ pub struct ProxyStatsSnapshot {
     pub inbound_accepted: u64,
     /// See [`ProxyStats::inbound_active`].
     pub inbound_active: u64,
+    /// See [`ProxyStats::plaintext_active`].
+    pub plaintext_active: u64,
+    /// See [`ProxyStats::outbound_limited`].
+    pub outbound_limited: u64,
+    /// See [`ProxyStats::inbound_limited`].
+    pub inbound_limited: u64,
     /// See [`ProxyStats::inbound_failed`].
     pub inbound_failed: u64,
     /// See [`ProxyStats::inbound_denied`].
@@ -261,6 +276,9 @@ impl ProxyStats {
             outbound_failed: r(&self.outbound_failed),
             inbound_accepted: r(&self.inbound_accepted),
             inbound_active: r(&self.inbound_active),
+            plaintext_active: r(&self.plaintext_active),
+            outbound_limited: r(&self.outbound_limited),
+            inbound_limited: r(&self.inbound_limited),
             inbound_failed: r(&self.inbound_failed),
             inbound_denied: r(&self.inbound_denied),
             authz_denied: r(&self.authz_denied),
@@ -278,6 +296,15 @@ impl<'a> ActiveGuard<'a> {
     pub(crate) fn new(c: &'a AtomicU64) -> Self {
         c.fetch_add(1, Ordering::Relaxed);
         Self(c)
+    }
+
+    /// Like [`ActiveGuard::new`], unless the gauge already reads `max` or more.
+    pub(crate) fn try_new(c: &'a AtomicU64, max: u64) -> Option<Self> {
+        c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Self(c))
     }
 }
 

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+use super::caps::{self, Listener};
 use super::conns::{self, ConnInfo};
 use super::copy::{copy_both, copy_tcp_h2, TcpSide};
 use super::route::{self, Route, RouteCtx};
-use super::{accept_loop, reset, ActiveGuard, PodContext, CONNECT_TIMEOUT};
+use super::{accept_loop, reset, PodContext, CONNECT_TIMEOUT};
 use crate::addr::{ClientAddr, OrigDstAddr, PeerAddr};
 use crate::admin::metrics::{ReasonLabel, TcpLabels};
 use crate::identity::SpiffeId;
@@ -30,7 +31,10 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
 async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
     let stats = &pod.stats;
     stats.outbound_accepted.fetch_add(1, Ordering::Relaxed);
-    let _active = ActiveGuard::new(&stats.outbound_active);
+    // Counts from accept (drain waits on it) and caps the pod's open connections.
+    let Some(_active) = caps::admit(&pod, Listener::Outbound) else {
+        return caps::refuse(&pod, Listener::Outbound, down, client.0);
+    };
     let src_ip = pod
         .workload
         .ips

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
+use super::caps::{self, Listener};
 use super::conns::{self, ConnInfo};
 use super::copy::copy_until_closed;
 use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
@@ -26,6 +27,9 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
 async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
     let stats = &pod.stats;
     stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
+    let Some(_slot) = caps::admit(&pod, Listener::InboundPlaintext) else {
+        return caps::refuse(&pod, Listener::InboundPlaintext, down, client.0);
+    };
     let _active = ActiveGuard::new(&stats.inbound_active);
     // sk_lookup assigned the connection without rewriting it: our local address is where the
     // client was going.

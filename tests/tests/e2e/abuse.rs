@@ -4,8 +4,9 @@
 //! CONNECT storms. Required: handshake and idle timeouts close what hangs, the caps on
 //! handshakes, connections per source and streams per connection hold (set low here through
 //! `limits`), one source cannot starve another, `GET /status` on the admin socket keeps
-//! answering within 100 ms (the slowest answer during the floods is reported), and a real
-//! client → server echo succeeds during every flood.
+//! answering (99 % within 100 ms; the slowest answer during the floods is reported), and a
+//! real client → server echo succeeds during every flood. The per-pod caps of the capture
+//! ports and the admin socket's cap are in [`caps`].
 #![allow(
     clippy::unwrap_used,
     reason = "test bodies panic with a line number (STYLE.md §7)"
@@ -21,9 +22,13 @@ use ambit_e2e::hbone::{anonymous_client_config, client_config, in_netns};
 use ambit_e2e::{testbed, Testbed, ECHO_PORT, TUNNEL_PORT};
 use tokio::io::AsyncWriteExt;
 
-/// `/status` answers during a flood: 99 % within 100 ms. The single slowest is reported and
-/// must stay below a second: on a shared 2-CPU machine running the floods, the agent and the
-/// CA, a thread can wait for a CPU longer than 100 ms whatever the agent does.
+mod caps;
+
+/// `/status` answers during a flood: 99 % within 100 ms. The admin socket has its own thread
+/// and runtime, so floods on the data plane cannot queue it: on a quiet 2-CPU host every
+/// answer came within 100 ms (max 28-84 ms), but with a compiler running beside the floods
+/// the slowest waited ~220 ms for a CPU, so the single slowest is reported and must only stay
+/// below a second.
 const STATUS_P99: Duration = Duration::from_millis(100);
 const STATUS_MAX: Duration = Duration::from_secs(1);
 /// node2's caps for these tests: low, so that one test process can reach them.
@@ -34,6 +39,8 @@ const LIMITS: &str = "limits:\n  maxHandshakes: 32\n  maxHandshakesPerSource: 8\
 const MAX_PER_SOURCE: usize = 64;
 const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
 const MAX_STREAMS: usize = 50;
+/// The CA's cap of handshakes in progress from one source.
+const MAX_CA_HANDSHAKES_PER_SOURCE: usize = ambit::ca::server::MAX_HANDSHAKES_PER_SOURCE;
 /// PING frames in the tiny-frame flood. The debug agent acknowledged a million in 6.8 s on a
 /// quiet run here (147,000/s) but only ~14,000/s on a loaded one, so CI sends a fifth.
 const TINY_FRAMES: usize = 200_000;
@@ -449,53 +456,32 @@ fn ca_port_and_admin_socket_survive_floods() {
     let tb = testbed();
     let ca = tb.state().ca.clone().unwrap().addr;
     let probe = StatusProbe::start(tb.admin_socket("node1"), Duration::from_millis(20));
-    let issue = |tb: &Testbed, what: &str| {
-        let t0 = Instant::now();
-        let r = tb.issue("node2", "default", "server");
-        assert!(
-            r.is_ok(),
-            "a legitimate certificate request failed during {what} after {:?}: {:#}",
-            t0.elapsed(),
-            r.err().unwrap()
-        );
-    };
-    let f = during_in(
-        &tb,
-        "outsider",
-        "random bytes on the CA port",
-        move || {
-            raw_flood(ca, 300, 100, Duration::from_secs(12), |i| {
-                noise(1024, i as u64 + 3)
-            })
-        },
-        issue,
-    );
-    show("CA random bytes", &f);
+    let f = ca_flood(&tb, "CA random bytes", move || {
+        raw_flood(ca, 300, 100, Duration::from_secs(12), |i| {
+            noise(1024, i as u64 + 3)
+        })
+    });
     assert_eq!(f.still_open, 0);
     let anon = anonymous_client_config();
-    let f = during_in(
-        &tb,
-        "outsider",
-        "a handshake flood on the CA port",
-        move || handshake_flood(ca, anon, 300, 32),
-        issue,
-    );
-    show("CA handshake flood", &f);
-    let f = during_in(
-        &tb,
-        "outsider",
-        "slowloris on the CA port",
-        move || {
-            raw_flood(ca, 100, 100, Duration::from_secs(15), |_| {
-                partial_client_hello()
-            })
-        },
-        issue,
-    );
-    show("CA slowloris (100 half-open handshakes)", &f);
+    ca_flood(&tb, "CA handshake flood", move || {
+        handshake_flood(ca, anon, 300, 32)
+    });
+    // More half-open handshakes from one source than the CA's agent-wide handshake slots:
+    // past its per-source share they are closed at once, so the slots stay free for node2's
+    // legitimate request (5 s deadline; the CA's handshake timeout is 10 s).
+    let f = ca_flood(&tb, "CA slowloris (300 half-open handshakes)", move || {
+        raw_flood(ca, 300, 300, Duration::from_secs(15), |_| {
+            partial_client_hello()
+        })
+    });
     assert_eq!(
         f.still_open, 0,
         "half-open handshakes outlived the CA's timeout"
+    );
+    assert!(
+        f.closed_at_once + MAX_CA_HANDSHAKES_PER_SOURCE + f.connect_failed >= f.attempts,
+        "more half-open handshakes from one source held than its share \
+         ({MAX_CA_HANDSHAKES_PER_SOURCE})"
     );
 
     // The admin socket (root only): garbage, half-sent requests, huge headers, a burst.
@@ -506,23 +492,20 @@ fn ca_port_and_admin_socket_survive_floods() {
         let sock = sock.clone();
         threads.push(std::thread::spawn(move || {
             let mut n = [0usize; 4];
+            let answered = |bytes: &[u8]| {
+                usize::from(
+                    ambit_e2e::ops::unix_exchange(&sock, bytes, Duration::from_secs(10)).is_ok(),
+                )
+            };
+            let huge = format!(
+                "GET /status HTTP/1.1\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(1 << 20)
+            );
+            let req = b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
             for i in 0..50u64 {
-                let junk = noise(2048, k * 1000 + i + 1);
-                n[0] += usize::from(
-                    ambit_e2e::ops::unix_exchange(&sock, &junk, Duration::from_secs(10)).is_ok(),
-                );
-                let huge = format!(
-                    "GET /status HTTP/1.1\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
-                    "a".repeat(1 << 20)
-                );
-                n[1] += usize::from(
-                    ambit_e2e::ops::unix_exchange(&sock, huge.as_bytes(), Duration::from_secs(10))
-                        .is_ok(),
-                );
-                let req = b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-                n[2] += usize::from(
-                    ambit_e2e::ops::unix_exchange(&sock, req, Duration::from_secs(10)).is_ok(),
-                );
+                n[0] += answered(&noise(2048, k * 1000 + i + 1));
+                n[1] += answered(huge.as_bytes());
+                n[2] += answered(req);
             }
             n
         }));
@@ -570,5 +553,29 @@ fn ca_port_and_admin_socket_survive_floods() {
     check_probe("node1 during the CA and admin floods", &probe.finish());
     // Still a working agent and CA.
     legit_echo(&tb, "after the floods");
-    issue(&tb, "after the floods");
+    issue_cert(&tb, "after the floods");
+}
+
+/// A legitimate certificate request from node2's namespace (another source than the floods).
+fn issue_cert(tb: &Testbed, what: &str) {
+    let t0 = Instant::now();
+    let r = tb.issue("node2", "default", "server");
+    assert!(
+        r.is_ok(),
+        "a legitimate certificate request failed during {what} after {:?}: {:#}",
+        t0.elapsed(),
+        r.err().unwrap()
+    );
+}
+
+/// Runs `flood` against the CA from the outsider pod while node2 requests a certificate;
+/// shows and returns the flood's result.
+fn ca_flood<Fut: std::future::Future<Output = Flood>>(
+    tb: &Testbed,
+    what: &str,
+    flood: impl FnOnce() -> Fut + Send + 'static,
+) -> Flood {
+    let f = during_in(tb, "outsider", what, flood, issue_cert);
+    show(what, &f);
+    f
 }
