@@ -38,7 +38,8 @@ pub struct TcpLabels {
     pub response_flags: &'static str,
 }
 
-/// Policy denial reasons.
+/// Policy denial reasons (`ambit_policy_denials_total`) and tunnel rejection reasons
+/// (`ambit_tunnel_rejections_total`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     /// `strict_plaintext`, `authorization`, `destination_rule`, ...
@@ -100,6 +101,11 @@ pub fn registry(
         "ambit_policy_denials",
         "Connections refused or closed by policy, by reason",
         proxy.denials.clone(),
+    );
+    r.register(
+        "ambit_tunnel_rejections",
+        "Connections and streams refused on the tunnel port (15008), by reason",
+        crate::tunnel::reject::REJECTIONS.clone(),
     );
     r.register_collector(Box::new(Runtime { datapath, manager }));
     r
