@@ -38,7 +38,8 @@ pub struct TcpLabels {
     pub response_flags: &'static str,
 }
 
-/// Policy denial reasons.
+/// Policy denial reasons (`ambit_policy_denials_total`) and tunnel rejection reasons
+/// (`ambit_tunnel_rejections_total`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     /// `strict_plaintext`, `authorization`, `destination_rule`, ...
@@ -118,6 +119,11 @@ pub fn registry(
         "ambit_connection_limit_refusals",
         "Connections reset at once because the pod held its cap of connections on the listener",
         proxy.limit_refusals.clone(),
+    );
+    r.register(
+        "ambit_tunnel_rejections",
+        "Connections and streams refused on the tunnel port (15008), by reason",
+        crate::tunnel::reject::REJECTIONS.clone(),
     );
     r.register_collector(Box::new(Runtime { datapath, manager }));
     r

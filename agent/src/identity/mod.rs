@@ -22,7 +22,7 @@ pub use certificate::{WorkloadCertError, WorkloadCertificate};
 pub use csr::{new_csr, Csr, CsrError, NewCsr, MAX_CSR_BYTES};
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use tls::{
-    client_config, peer_identity, server_config, server_name, ClientSvidVerifier,
+    chain_not_after, client_config, peer_identity, server_config, server_name, ClientSvidVerifier,
     ServerSvidVerifier, TlsError, ALPN_H2,
 };
 pub use verify::{verify_svid, CertName, PeerRole, SvidError, Timestamp};

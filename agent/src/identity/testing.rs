@@ -47,12 +47,17 @@ impl TestCa {
 
     /// A good SVID for `id`, issued through the CSR path.
     pub(crate) fn svid(&self, id: &str) -> WorkloadCertificate {
+        self.svid_valid_for(id, DAY)
+    }
+
+    /// A good SVID for `id` that expires `ttl` from now (for expiry tests).
+    pub(crate) fn svid_valid_for(&self, id: &str, ttl: Duration) -> WorkloadCertificate {
         let id = spiffe(id);
         let request = new_csr(&id).expect("csr");
         let csr = Csr::from_der(&request.csr).expect("parse csr");
         let chain = self
             .ca
-            .sign(&csr, &id, DAY, SystemTime::now())
+            .sign(&csr, &id, ttl, SystemTime::now())
             .expect("sign");
         WorkloadCertificate::new(chain, request.key).expect("workload certificate")
     }

@@ -146,6 +146,19 @@ pub fn peer_identity(conn: &CommonState) -> Result<SpiffeId, SvidError> {
     verify::leaf_identity(&x509, &CertName::of(&x509))
 }
 
+/// When a presented chain stops being valid: the earliest `notAfter` of its certificates
+/// (`None` when the chain is empty or a certificate does not parse, which verification refuses).
+pub fn chain_not_after(chain: &[CertificateDer<'_>]) -> Option<std::time::SystemTime> {
+    let mut earliest: Option<std::time::SystemTime> = None;
+    for der in chain {
+        let x509 = verify::parse_certificate(der).ok()?;
+        let secs = u64::try_from(x509.validity().not_after.timestamp()).unwrap_or(0);
+        let t = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(secs))?;
+        earliest = Some(earliest.map_or(t, |e| e.min(t)));
+    }
+    earliest
+}
+
 impl ClientCertVerifier for ClientSvidVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]

@@ -33,6 +33,7 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
 async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     let refused = |reason: &'static str, error: String| {
         pod.stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
+        crate::tunnel::reject::count(reason);
         tracing::warn!(target: "access", direction = "inbound", src.addr = %peer, reason, error, "tunnel connection refused");
     };
     let Some(id) = pod.identity() else {
@@ -80,7 +81,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     let limits = pod.gate.limits;
     let (stream, peer_id) = match accept_tls(tcp, peer, tls, limits.handshake_timeout).await {
         Ok(s) => s,
-        Err(e) => return refused("tls", e.to_string()),
+        Err(e) => return refused(e.reason(), e.to_string()),
     };
     drop(permit);
     drop(source_handshake);
@@ -94,7 +95,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         move |p| handle(p, handler_pod.clone()),
     );
     if let Err(e) = served.await {
-        refused("tunnel", e.to_string());
+        refused(e.reason(), e.to_string());
     }
 }
 

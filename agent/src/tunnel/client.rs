@@ -1,6 +1,8 @@
 //! HBONE client: TLS 1.3 + h2 to a peer's 15008, then one CONNECT stream per tunnelled connection.
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -8,6 +10,7 @@ use http::{Method, Request, StatusCode, Uri};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::expiry::{self, Presented};
 use super::stream::H2Stream;
 use super::{Error, ALPN_H2, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
 use crate::identity as tls;
@@ -17,6 +20,10 @@ use crate::identity as tls;
 pub struct Tunnel {
     peer: SocketAddr,
     send: SendRequest<Bytes>,
+    not_after: Option<SystemTime>,
+    /// The server refused a stream because a certificate of the connection expired (by its
+    /// clock): shared by the clones, so that the pool stops using the connection.
+    stale: Arc<AtomicBool>,
 }
 
 impl Tunnel {
@@ -31,9 +38,13 @@ impl Tunnel {
         // The server name is not used for verification (identities are checked on the URI
         // SAN); an IP name keeps rustls from sending SNI.
         let server_name = tls::server_name();
+        // Learn which certificate we present: rustls does not say after the handshake.
+        let mut config = (*tls).clone();
+        let presented = Presented::new(config.client_auth_cert_resolver.clone());
+        config.client_auth_cert_resolver = presented.clone();
         let tls_stream = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            TlsConnector::from(tls).connect(server_name, tcp),
+            TlsConnector::from(Arc::new(config)).connect(server_name, tcp),
         )
         .await
         .map_err(|_| Error::HandshakeTimeout { peer: name() })?
@@ -41,9 +52,11 @@ impl Tunnel {
             peer: name(),
             source,
         })?;
-        if tls_stream.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+        let session = tls_stream.get_ref().1;
+        if session.alpn_protocol() != Some(ALPN_H2) {
             return Err(Error::Alpn { peer: name() });
         }
+        let not_after = expiry::connection_not_after(session, presented.not_after());
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -60,7 +73,24 @@ impl Tunnel {
                 tracing::debug!(peer.addr = %peer_str, error = %e, "hbone connection closed");
             }
         });
-        Ok(Self { peer, send })
+        Ok(Self {
+            peer,
+            send,
+            not_after,
+            stale: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// When the connection stops being backed by valid certificates: the earliest `notAfter`
+    /// of the server's chain and of the chain we presented.
+    pub fn not_after(&self) -> Option<SystemTime> {
+        self.not_after
+    }
+
+    /// Whether a certificate of the connection has expired at `now`: it must carry no new
+    /// stream (the server would refuse it), streams already open go on.
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.stale.load(Ordering::Relaxed) || expiry::expired(self.not_after, now)
     }
 
     /// The peer this tunnel goes to.
@@ -108,6 +138,13 @@ impl Tunnel {
             peer: peer.clone(),
             source,
         })?;
+        let refused_expired = response
+            .headers()
+            .get(super::server::REFUSAL_HEADER)
+            .is_some_and(|r| r.as_bytes() == super::reject::CERTIFICATE_EXPIRED.as_bytes());
+        if refused_expired {
+            self.stale.store(true, Ordering::Relaxed);
+        }
         if response.status() != StatusCode::OK {
             return Err(Error::Status {
                 peer,

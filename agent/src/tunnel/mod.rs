@@ -1,6 +1,8 @@
 //! HBONE: HTTP/2 CONNECT over mutual TLS 1.3 on port 15008, wire-compatible with Istio ztunnel.
 pub mod client;
+mod expiry;
 pub mod pool;
+pub mod reject;
 pub mod server;
 pub mod stream;
 
@@ -59,5 +61,7 @@ pub enum Error {
     Authority { authority: String },
 }
 
+#[cfg(test)]
+mod expiry_tests;
 #[cfg(test)]
 mod tests;

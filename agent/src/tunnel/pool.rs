@@ -7,6 +7,8 @@
 //! - A connection carries at most `max_streams` streams at once; past that another one opens.
 //! - A connection idle (no stream) for `idle_timeout`, or closed by the peer, is dropped by
 //!   `reap`; the lock is never held across an await.
+//! - A connection whose certificates (the peer's or ours) have expired carries no new stream:
+//!   checkout evicts it (its open streams go on) and a fresh connection is dialed.
 //! - At most `MAX_DIALS_PER_KEY` connections are dialed at once for a key; other new streams
 //!   wait for them and share them.
 use std::collections::HashMap;
@@ -14,7 +16,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::client::Tunnel;
 use super::stream::H2Stream;
@@ -151,6 +153,14 @@ impl Pool {
         let (mut tunnel, guard) = c;
         match tunnel.connect(authority).await {
             Ok(s) => Some(Ok((s, guard))),
+            // The peer refused the stream because a certificate of the connection expired (by
+            // its clock, which ours may lag): dial with fresh certificates.
+            Err(Error::Status { status, .. })
+                if status == http::StatusCode::SERVICE_UNAVAILABLE
+                    && tunnel.is_expired(SystemTime::now()) =>
+            {
+                None
+            }
             // A CONNECT refused by the peer is an answer, not a broken connection.
             Err(e @ Error::Status { .. }) => Some(Err(e)),
             Err(e) => {
@@ -163,7 +173,14 @@ impl Pool {
     fn checkout(&self, key: &PoolKey) -> Option<(Tunnel, StreamGuard)> {
         let mut conns = lock(&self.conns);
         let entries = conns.get_mut(key)?;
-        entries.retain_mut(|e| e.tunnel.is_open());
+        let now = SystemTime::now();
+        entries.retain_mut(|e| {
+            let expired = e.tunnel.is_expired(now);
+            if expired {
+                tracing::debug!(peer.addr = %key.peer, "pooled connection's certificates expired; evicted");
+            }
+            !expired && e.tunnel.is_open()
+        });
         let e = entries
             .iter()
             .find(|e| e.active.load(Ordering::Relaxed) < self.max_streams)?;
@@ -177,15 +194,17 @@ impl Pool {
         ))
     }
 
-    /// Drops connections that are closed or idle past the timeout.
+    /// Drops connections that are closed, idle past the timeout or past their certificates'
+    /// expiry.
     pub fn reap(&self) {
         let now = Instant::now();
+        let wall = SystemTime::now();
         let mut conns = lock(&self.conns);
         for entries in conns.values_mut() {
             entries.retain_mut(|e| {
                 let idle = e.active.load(Ordering::Relaxed) == 0
                     && now.duration_since(*lock(&e.last_used)) >= self.idle_timeout;
-                !idle && e.tunnel.is_open()
+                !idle && !e.tunnel.is_expired(wall) && e.tunnel.is_open()
             });
         }
         conns.retain(|_, v| !v.is_empty());

@@ -2,6 +2,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -9,6 +10,8 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::expiry::{self, Presented};
+use super::reject;
 use super::stream::H2Stream;
 use super::{Error, ALPN_H2, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
 use crate::identity::{self as tls, SpiffeId};
@@ -39,6 +42,29 @@ pub const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Largest header list accepted from a client.
 pub const MAX_HEADER_LIST: u32 = 16 * 1024;
 
+/// The client of a tunnel connection, as its TLS handshake proved it.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    /// The client's identity, from its verified certificate.
+    pub id: SpiffeId,
+    /// When the connection stops being backed by valid certificates: the earliest `notAfter`
+    /// of the client's chain and of the chain this server presented (`None`: not checked).
+    pub not_after: Option<SystemTime>,
+}
+
+impl From<SpiffeId> for Authenticated {
+    fn from(id: SpiffeId) -> Self {
+        Self {
+            id,
+            not_after: None,
+        }
+    }
+}
+
+/// Response header naming why a CONNECT was refused (as counted in
+/// `ambit_tunnel_rejections_total`).
+pub const REFUSAL_HEADER: &str = "ambit-refusal-reason";
+
 /// A CONNECT request that passed the protocol checks.
 #[derive(Debug, Clone)]
 pub struct Connect {
@@ -65,15 +91,20 @@ impl PendingConnect {
         Some(H2Stream::new(send, self.recv))
     }
 
-    /// Answers `status` (401 denied, 503 app unreachable, ...) and ends the stream.
+    /// Answers `status` (401 denied, 503 app unreachable, ...) and ends the stream; counted in
+    /// `ambit_tunnel_rejections_total` under [`reject::reason_of_status`].
     pub fn refuse(mut self, status: StatusCode) {
-        reply(&mut self.respond, status);
+        let reason = reject::reason_of_status(status);
+        reject::count(reason);
+        reply(&mut self.respond, status, reason);
     }
 }
 
 /// Serves one accepted TCP connection on the tunnel port: TLS (client certificate required by
-/// `tls`), HTTP/2, then `handle` for every CONNECT; when `draining` turns true, GOAWAY. Non-CONNECT requests get 405, malformed
-/// authorities 400.
+/// `tls`), HTTP/2, then `handle` for every CONNECT; when `draining` turns true, GOAWAY.
+/// Non-CONNECT requests get 405, malformed authorities 400, new streams once a certificate of
+/// the connection has expired 503 (and GOAWAY). Connection-level failures are returned, not
+/// counted: the caller counts them under [`Error::reason`].
 pub async fn serve_connection<H, Fut>(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -90,16 +121,20 @@ where
     serve_h2(tls_stream, peer, peer_id, limits, draining, handle).await
 }
 
-/// The TLS half of [`serve_connection`]: handshake (client SVID required by `tls`), ALPN `h2`
-/// and the peer's identity.
+/// The TLS half of [`serve_connection`]: handshake (client SVID required by `tls`), ALPN `h2`,
+/// the peer's identity and when the certificates of the connection expire.
 pub async fn accept_tls(
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     timeout: std::time::Duration,
-) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, SpiffeId), Error> {
+) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Authenticated), Error> {
     let name = || peer.to_string();
-    let tls_stream = tokio::time::timeout(timeout, TlsAcceptor::from(tls).accept(tcp))
+    // Learn which certificate we present: rustls does not say after the handshake.
+    let mut config = (*tls).clone();
+    let presented = Presented::new(config.cert_resolver.clone());
+    config.cert_resolver = presented.clone();
+    let tls_stream = tokio::time::timeout(timeout, TlsAcceptor::from(Arc::new(config)).accept(tcp))
         .await
         .map_err(|_| Error::HandshakeTimeout { peer: name() })?
         .map_err(|source| Error::Tls {
@@ -110,19 +145,21 @@ pub async fn accept_tls(
     if session.alpn_protocol() != Some(ALPN_H2) {
         return Err(Error::Alpn { peer: name() });
     }
-    let peer_id = tls::peer_identity(session).map_err(|source| Error::PeerIdentity {
+    let id = tls::peer_identity(session).map_err(|source| Error::PeerIdentity {
         peer: name(),
         source,
     })?;
-    Ok((tls_stream, peer_id))
+    let not_after = expiry::connection_not_after(session, presented.not_after());
+    Ok((tls_stream, Authenticated { id, not_after }))
 }
 
-/// The HTTP/2 half of [`serve_connection`], over any byte stream whose peer proved `peer_id`
-/// (separate so that it can be fuzzed without TLS).
+/// The HTTP/2 half of [`serve_connection`], over any byte stream whose peer proved `client`
+/// (separate so that it can be fuzzed without TLS). A peer that vanishes mid-connection ends
+/// it without an error (it was not refused).
 pub async fn serve_h2<IO, H, Fut>(
     io: IO,
     peer: SocketAddr,
-    peer_id: SpiffeId,
+    client: impl Into<Authenticated>,
     limits: ServerLimits,
     mut draining: tokio::sync::watch::Receiver<bool>,
     handle: H,
@@ -133,6 +170,10 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let name = || peer.to_string();
+    let Authenticated {
+        id: peer_id,
+        not_after,
+    } = client.into();
     let mut conn = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
@@ -149,6 +190,10 @@ where
     let mut goaway_at: Option<tokio::time::Instant> = None;
     let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut idle_since = tokio::time::Instant::now();
+    // Once a certificate of the connection expires, new streams are refused and the connection
+    // drained, so that the client dials again with fresh certificates.
+    let expires_at = not_after.map(expiry::instant_of);
+    let mut expired = false;
     loop {
         let idle_deadline = idle_since + limits.idle_timeout;
         let close_deadline = goaway_at.map_or(idle_deadline, |t| t + GOAWAY_GRACE);
@@ -174,6 +219,16 @@ where
                 conn.graceful_shutdown();
                 continue;
             }
+            () = tokio::time::sleep_until(expires_at.unwrap_or(idle_deadline)), if expires_at.is_some() && !expired => {
+                expired = true;
+                tracing::info!(peer.addr = %peer, peer.identity = %peer_id, "tunnel certificate expired; draining the connection");
+                if !goaway_sent {
+                    goaway_sent = true;
+                    goaway_at = Some(tokio::time::Instant::now());
+                    conn.graceful_shutdown();
+                }
+                continue;
+            }
             // GOAWAY sent a while ago and no stream left, yet the peer keeps the connection
             // open (it ignores the GOAWAY): close it rather than hold its fd forever.
             () = tokio::time::sleep_until(close_deadline), if goaway_at.is_some() => {
@@ -185,8 +240,13 @@ where
             }
         };
         let Some(next) = next else { break };
-        let (req, respond) = match next {
+        let (req, mut respond) = match next {
             Ok(r) => r,
+            // The peer went away (reset, EOF without GOAWAY): not a refusal.
+            Err(source) if source.is_io() => {
+                tracing::debug!(peer.addr = %peer, error = %source, "tunnel peer went away");
+                break;
+            }
             Err(source) => {
                 return Err(Error::H2 {
                     peer: name(),
@@ -194,6 +254,30 @@ where
                 })
             }
         };
+        // Checked on the wall clock too: the timer may lag it (suspend, clock steps).
+        if expired || expiry::expired(not_after, SystemTime::now()) {
+            reject::count(reject::CERTIFICATE_EXPIRED);
+            tracing::warn!(
+                target: "access",
+                direction = "inbound",
+                src.addr = %peer,
+                peer.identity = %peer_id,
+                reason = reject::CERTIFICATE_EXPIRED,
+                "tunnel stream refused: a certificate of the connection has expired"
+            );
+            reply(
+                &mut respond,
+                StatusCode::SERVICE_UNAVAILABLE,
+                reject::CERTIFICATE_EXPIRED,
+            );
+            if !goaway_sent {
+                goaway_sent = true;
+                goaway_at = Some(tokio::time::Instant::now());
+                conn.graceful_shutdown();
+            }
+            expired = true;
+            continue;
+        }
         let handle = handle.clone();
         let peer_id = peer_id.clone();
         let active = active.clone();
@@ -209,7 +293,7 @@ where
     Ok(())
 }
 
-/// Checks the request shape; answers 405 (not CONNECT) and 400 (bad authority) itself.
+/// Checks the request shape; answers 405 (not CONNECT) and 400 (bad authority) itself, counted.
 fn check_request(
     req: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -217,7 +301,8 @@ fn check_request(
     peer_id: SpiffeId,
 ) -> Option<PendingConnect> {
     if req.method() != Method::CONNECT {
-        reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED);
+        reject::count(reject::METHOD);
+        reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED, reject::METHOD);
         return None;
     }
     let authority = req
@@ -225,7 +310,8 @@ fn check_request(
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
     let Some(authority) = authority else {
-        reply(&mut respond, StatusCode::BAD_REQUEST);
+        reject::count(reject::BAD_AUTHORITY);
+        reply(&mut respond, StatusCode::BAD_REQUEST, reject::BAD_AUTHORITY);
         return None;
     };
     Some(PendingConnect {
@@ -239,8 +325,10 @@ fn check_request(
     })
 }
 
-fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode) {
+fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode, reason: &'static str) {
     let mut resp = Response::new(());
     *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(REFUSAL_HEADER, http::HeaderValue::from_static(reason));
     let _ = respond.send_response(resp, true);
 }

@@ -1,7 +1,8 @@
 //! Bad input on the HBONE port (15008): bytes that are not TLS, TLS without a client
 //! certificate, requests that are not CONNECT, CONNECT to another pod's address or to the
-//! agent's own ports. Each is refused and counted, nothing reaches the app, and the agent
-//! keeps serving: the same client's valid CONNECT right after works.
+//! agent's own ports. Each is refused and counted (`ambit_tunnel_rejections_total`, by
+//! reason), nothing reaches the app, and the agent keeps serving: the same client's valid
+//! CONNECT right after works.
 #![allow(
     clippy::unwrap_used,
     reason = "test bodies panic with a line number (STYLE.md §7)"
@@ -9,8 +10,17 @@
 use std::net::{IpAddr, SocketAddr};
 
 use ambit_e2e::hbone::{self, anonymous_client_config, client_config, in_netns, Outcome};
-use ambit_e2e::{testbed, ECHO_PORT, PEER_PORT, TUNNEL_PORT};
+use ambit_e2e::{testbed, Testbed, ECHO_PORT, PEER_PORT, TUNNEL_PORT};
 use http::{Method, StatusCode};
+
+/// Reasons of `ambit_tunnel_rejections_total` this test provokes.
+const REASONS: [&str; 4] = ["tls_handshake", "method", "bad_target", "bad_authority"];
+
+/// `ambit_tunnel_rejections_total` of `node` for each of [`REASONS`].
+fn rejections(tb: &Testbed, node: &str) -> [f64; 4] {
+    let m = tb.metrics(node).unwrap();
+    REASONS.map(|r| m.sum("ambit_tunnel_rejections_total", &[("reason", r)]))
+}
 
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
@@ -27,6 +37,7 @@ fn bad_input_on_the_tunnel_port_is_refused_and_the_agent_keeps_serving() {
     let refused = tb.proxy_counter("node2", "server", "tunnel_refused");
     let delivered = tb.pod_counter("node2", "server", "bypassed");
     let peers_seen = tb.peer_log("server").len();
+    let rejected = rejections(&tb, "node2");
 
     let outsider = tb.pod("outsider").netns_path();
     let r = in_netns(&outsider, move || async move {
@@ -118,6 +129,25 @@ fn bad_input_on_the_tunnel_port_is_refused_and_the_agent_keeps_serving() {
     // The same client, a valid CONNECT: served.
     assert!(good.0.accepted(), "{:?}", good.0);
     assert_eq!(good.1, b"still serving");
+
+    // Each refusal is counted once under its reason: 2 not TLS + 1 without a certificate fail
+    // the handshake, 1 GET, 4 CONNECTs to another pod or an agent port; no bad authority.
+    let now = rejections(&tb, "node2");
+    let rose: Vec<(&str, f64)> = REASONS
+        .iter()
+        .zip(now.iter().zip(rejected))
+        .map(|(r, (n, b))| (*r, n - b))
+        .collect();
+    assert_eq!(
+        rose,
+        vec![
+            ("tls_handshake", 3.0),
+            ("method", 1.0),
+            ("bad_target", 4.0),
+            ("bad_authority", 0.0)
+        ],
+        "ambit_tunnel_rejections_total by reason, increase"
+    );
 
     // Refusals are counted; only the valid CONNECT was delivered to the app.
     let counted = tb.proxy_counter("node2", "server", "tunnel_refused") - refused;
