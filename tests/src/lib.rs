@@ -20,6 +20,7 @@ pub mod leaks;
 pub mod net;
 pub mod ops;
 pub mod pcap;
+pub mod peer;
 pub mod policy;
 pub mod process;
 pub mod servers;
