@@ -88,6 +88,18 @@ pub fn unique_marker() -> String {
     format!("AMBIT-MARKER-{:016x}", h.finish())
 }
 
+/// `e` and its sources, `: `-separated (what `{:#}` shows of an `anyhow::Error`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// `uname -r`.
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")

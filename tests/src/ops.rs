@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::state::{write_atomic, Node};
 use crate::testbed::Testbed;
-use crate::{cmd, config, process, servers};
+use crate::{agent, cmd, config, process, servers};
 
 pub use http::{parse_response, unix_exchange, HttpReply};
 pub use metrics::{Metrics, Sample};
@@ -312,24 +312,10 @@ impl Testbed {
     }
 }
 
-/// Starts `ambit run --config <node's config>` in `node`'s netns as `agent::start` does,
-/// without rewriting the config, logging to `log`.
+/// Starts `ambit run` for `node` in the instance's root cgroup without rewriting its config
+/// (see [`agent::spawn`]), logging to `log`.
 fn spawn_agent(tb: &Testbed, node: &Node, log: &Path) -> Result<Child> {
-    let bin = tb.agent_bin()?.to_path_buf();
-    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
-    let argv = [
-        bin.as_os_str(),
-        "run".as_ref(),
-        "--config".as_ref(),
-        node.config.as_os_str(),
-    ];
-    process::spawn_in(
-        &tb.state().cgroup_root,
-        &node.netns_path(),
-        &argv,
-        log,
-        &[("RUST_LOG", rust_log.as_str()), ("NO_COLOR", "1")],
-    )
+    agent::spawn(node, tb.agent_bin()?, &tb.state().cgroup_root, log)
 }
 
 #[cfg(test)]
