@@ -13,6 +13,8 @@ use crate::state::{ECHO_PORT, HTTP_PORT, PEER_PORT};
 use crate::{ca, cgroup, net, servers, teardown};
 
 impl Testbed {
+    /// Claims a fresh id and plans every name, address, cgroup and file of the instance; the
+    /// state is saved before anything is created, so teardown always knows what to remove.
     pub(super) fn create_state(opts: &Options) -> Result<Self> {
         let mount = cgroup::mount_point()?;
         fs::create_dir_all(BASE_DIR).with_context(|| format!("creating {BASE_DIR}"))?;
@@ -102,6 +104,8 @@ impl Testbed {
         })
     }
 
+    /// Creates the planned namespaces, links and cgroups, starts the servers, and (with
+    /// `opts.agents`) the CA and the agents, waiting until each is ready.
     pub(super) fn build(&mut self, opts: &Options) -> Result<()> {
         let st = self.state.clone();
         self.progress(&format!(
@@ -159,6 +163,7 @@ impl Testbed {
         Ok(())
     }
 
+    /// Waits until every pod with servers listens on their ports.
     fn wait_servers(&self) -> Result<()> {
         let deadline = Instant::now() + SERVER_READY_TIMEOUT;
         for pod in self.state.pods.iter().filter(|p| p.servers) {
