@@ -165,32 +165,42 @@ fn inode(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.ino())
 }
 
-/// Starts the configured inventory source publishing to `tx`; returns the CNI pod map in
-/// Kubernetes mode. A file inventory must load once before the agent serves anything; the
+/// Starts the configured inventory source publishing to `tx`; returns the CNI pod map when
+/// there is a `cni:` section (required in Kubernetes mode). Either source merges the plugin's
+/// reports: Kubernetes pods take their netns only from them, file pods without a netns
+/// annotation too. A file inventory must load once before the agent serves anything; the
 /// Kubernetes source holds off until every kind has listed once.
 async fn start_inventory(
     cfg: &Config,
     tx: watch::Sender<Arc<Snapshot>>,
     reloads: Arc<ReloadStats>,
 ) -> anyhow::Result<Option<Arc<cni::pods::PodMap>>> {
+    let pod_map = match &cfg.cni {
+        Some(c) => Some(open_pod_map(&c.pod_map)?),
+        None => None,
+    };
     match &cfg.inventory {
         InventorySource::File(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read inventory {}", path.display()))?;
-            let first = file::parse(path, &text)?;
-            tx.send_replace(Arc::new(first));
+            let reports = pod_map.as_ref().map(|m| file::CniReports {
+                node: cfg.node.clone(),
+                pods: m.subscribe(),
+            });
+            let first = file::parse_file(path, &text)?;
+            tx.send_replace(Arc::new(first.merged(reports.as_ref())));
             let poll = Duration::from_millis(cfg.inventory_poll_ms.max(50));
-            tokio::spawn(file::watch_file(path.clone(), poll, tx, reloads));
-            Ok(None)
+            tokio::spawn(file::watch_with_cni(
+                path.clone(),
+                poll,
+                tx,
+                reloads,
+                reports,
+            ));
+            Ok(pod_map)
         }
         InventorySource::Kubernetes(k) => {
-            let cni_cfg = cfg
-                .cni
-                .clone()
-                .context("inventory kind kubernetes needs a cni: section")?;
-            let pod_map = Arc::new(cni::pods::PodMap::load(&cni_cfg.pod_map)?);
-            let r = pod_map.resync()?;
-            tracing::info!(kept = ?r.kept, removed = ?r.removed, "cni pod map re-synced after start");
+            let pod_map = pod_map.context("inventory kind kubernetes needs a cni: section")?;
             let client = kube_source::client(k.kubeconfig.as_deref()).await?;
             let (ready_tx, mut ready_rx) = watch::channel(false);
             let stats = Arc::new(kube_source::Stats::default());
@@ -210,6 +220,14 @@ async fn start_inventory(
             Ok(Some(pod_map))
         }
     }
+}
+
+/// Loads the CNI pod map and drops the sandboxes that went away while no agent ran.
+fn open_pod_map(path: &Path) -> anyhow::Result<Arc<cni::pods::PodMap>> {
+    let pod_map = Arc::new(cni::pods::PodMap::load(path)?);
+    let r = pod_map.resync()?;
+    tracing::info!(kept = ?r.kept, removed = ?r.removed, "cni pod map re-synced after start");
+    Ok(pod_map)
 }
 
 /// The certificate manager and the TLS source built on it, when a CA is configured.

@@ -188,7 +188,8 @@ pub struct Config {
     /// Where workloads and policies come from: a file path (Kubernetes-shaped multi-document
     /// YAML), or `{kind: kubernetes, kubeconfig: PATH?}` for the API server.
     pub inventory: InventorySource,
-    /// The chained CNI plugin's socket (Kubernetes mode: pods' netns arrive from it).
+    /// The chained CNI plugin's socket and pod map: pods' netns arrive from it (required with
+    /// `kind: kubernetes`; with a file inventory, for pods without an `ambit.io/netns` annotation).
     #[serde(default)]
     pub cni: Option<CniConfig>,
     /// How often the inventory file is checked for changes.

@@ -33,6 +33,9 @@ pub fn agent_config(state: &State, node: &Node) -> String {
     if let Some(ca) = &state.ca {
         out.push_str(&crate::ca::agent_section(ca, node));
     }
+    if state.cni {
+        out.push_str(&crate::cni::agent_section(state, node));
+    }
     out
 }
 

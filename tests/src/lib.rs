@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod churn;
 pub mod client;
 pub mod cmd;
+pub mod cni;
 pub mod config;
 pub mod counters;
 pub mod hbone;

@@ -55,6 +55,9 @@ pub struct State {
     /// Cgroups laid out as kubelet does with this driver (see `Options::kubelet_cgroups`).
     #[serde(default)]
     pub kubelet_cgroups: Option<crate::kubelet::CgroupDriver>,
+    /// The agents have a `cni:` section (see `Options::cni`).
+    #[serde(default)]
+    pub cni: bool,
 }
 
 /// The testbed's CA (`ambit ca`) and the token issuer that plays the Kubernetes API server.

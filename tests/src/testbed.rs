@@ -55,6 +55,9 @@ pub struct Options {
     /// node's cgroup (which the agent then takes as its `cgroupRoot`): the agents find the
     /// pods' root themselves (`podsCgroup: auto`) and stay in their own pod's cgroup.
     pub kubelet_cgroups: Option<CgroupDriver>,
+    /// Give the agents a `cni:` section (socket and pod map in the instance dir), so pods set
+    /// up through the CNI chain (`Testbed::add_cni_pod`) get their netns from the plugin.
+    pub cni: bool,
 }
 
 impl Default for Options {
@@ -68,6 +71,7 @@ impl Default for Options {
             ca: true,
             cert_ttl_secs: DEFAULT_CERT_TTL_SECS,
             kubelet_cgroups: None,
+            cni: false,
         }
     }
 }

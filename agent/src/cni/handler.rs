@@ -1,7 +1,8 @@
 //! The agent's standard CNI handler: record the pod in the map, then answer from the inventory.
 //!
 //! ADD waits (up to `wait`) until the inventory shows the pod with the reported namespace, which
-//! means the Kubernetes source merged the CNI report; then a pod that is not enrolled gets
+//! means the inventory source (Kubernetes, or a file without a netns annotation for the pod)
+//! merged the CNI report; then a pod that is not enrolled gets
 //! `NotInMesh` at once, and an enrolled one gets `Enrolled` once `confirm` (the pod manager)
 //! says its capture is in place. The plugin holds the pod's start until then, so an enrolled
 //! pod's first connection is already captured.
@@ -51,7 +52,9 @@ fn handle(
         return CniReply::NotInMesh;
     }
     let deadline = Instant::now() + wait;
-    let mut last = String::from("not in the agent's inventory yet (is the API watch behind?)");
+    let mut last = String::from(
+        "not in the agent's inventory yet (is the API watch or the inventory file behind?)",
+    );
     loop {
         let snap = inventory.borrow().clone();
         match snap.workloads.get(&key) {

@@ -1,4 +1,4 @@
-//! File inventory source: multi-document Kubernetes YAML, parsed with exact error locations and polled for changes.
+//! File inventory source: multi-document Kubernetes YAML, parsed with exact error locations, polled for changes and merged with the CNI plugin's reports.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -16,6 +16,7 @@ use super::{
     Snapshot, Workload, CGROUP_ANNOTATION, EXCLUDE_CIDRS_ANNOTATION, EXCLUDE_PORTS_ANNOTATION,
     MODE_LABEL, NETNS_ANNOTATION,
 };
+use crate::cni::pods::{merge_netns, CniPod};
 use crate::policy::authz::{self, AuthorizationPolicy};
 use crate::policy::destination_rule::DestinationRule;
 use crate::policy::peer_auth::{self, PeerAuthentication};
@@ -55,9 +56,46 @@ pub struct ObjectError {
     pub line: usize,
 }
 
+/// A parsed inventory file: the snapshot as written, and the UIDs of its pods that have one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parsed {
+    /// The objects of the file.
+    pub snapshot: Snapshot,
+    /// `metadata.uid` of each pod that sets it, keyed by `namespace/name`.
+    pub uids: BTreeMap<String, String>,
+}
+
+impl Parsed {
+    /// The snapshot to publish: with CNI reports, `node`'s pods without a netns annotation take
+    /// the namespace the plugin reported for them (as in Kubernetes mode); annotations win.
+    pub fn merged(&self, cni: Option<&CniReports>) -> Snapshot {
+        let mut snap = self.snapshot.clone();
+        if let Some(c) = cni {
+            let pods = c.pods.borrow().clone();
+            merge_netns(snap.workloads.iter_mut(), &c.node, &self.uids, &pods);
+        }
+        snap
+    }
+}
+
+/// The CNI plugin's reports a file inventory merges (an agent with a `cni:` section).
+#[derive(Debug, Clone)]
+pub struct CniReports {
+    /// This node: only its pods take a reported netns.
+    pub node: String,
+    /// The pod map's entries, as they change.
+    pub pods: watch::Receiver<Arc<Vec<CniPod>>>,
+}
+
 /// Parses inventory text. `path` is used in error messages only.
 pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
+    parse_file(path, text).map(|p| p.snapshot)
+}
+
+/// Parses inventory text, keeping the pods' UIDs. `path` is used in error messages only.
+pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Error> {
     let mut snap = Snapshot::default();
+    let mut uids = BTreeMap::new();
     let mut pods = Vec::new();
     let mut service_objs = Vec::new();
     let mut slices = Vec::new();
@@ -226,6 +264,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
     for (pod, line, doc) in pods {
         let kind = "Pod";
         let name = pod.metadata.name.clone();
+        let uid = pod.metadata.uid.clone();
         let w = workload(pod, &snap.namespaces).map_err(|(field, message)| {
             Error::Object(Box::new(ObjectError {
                 path: path.to_path_buf(),
@@ -237,9 +276,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Snapshot, Error> {
                 line,
             }))
         })?;
+        if !uid.is_empty() {
+            uids.insert(w.key(), uid);
+        }
         snap.workloads.insert(w.key(), w);
     }
-    Ok(snap)
+    Ok(Parsed {
+        snapshot: snap,
+        uids,
+    })
 }
 
 /// Splits multi-document YAML on `---` lines; returns (first line number, text) per document.
@@ -402,12 +447,28 @@ pub async fn watch_file(
     tx: watch::Sender<Arc<Snapshot>>,
     stats: Arc<ReloadStats>,
 ) {
+    watch_with_cni(path, interval, tx, stats, None).await;
+}
+
+/// [`watch_file`], merging `cni` reports into every snapshot; a change of the reports is
+/// published at once (merged into the last good file), as a file change is.
+pub async fn watch_with_cni(
+    path: PathBuf,
+    interval: Duration,
+    tx: watch::Sender<Arc<Snapshot>>,
+    stats: Arc<ReloadStats>,
+    mut cni: Option<CniReports>,
+) {
     let mut last_text: Option<String> = None;
+    let mut good: Option<Parsed> = None;
+    let mut cni_changed = false;
     loop {
+        let mut reloaded = false;
         match tokio::fs::read_to_string(&path).await {
             Ok(text) if last_text.as_deref() != Some(text.as_str()) => {
-                match parse(&path, &text) {
-                    Ok(snap) => {
+                match parse_file(&path, &text) {
+                    Ok(parsed) => {
+                        let snap = &parsed.snapshot;
                         stats.loads.fetch_add(1, Ordering::Relaxed);
                         stats
                             .warnings
@@ -416,13 +477,8 @@ pub async fn watch_file(
                             tracing::warn!(path = %path.display(), warning = %w, "inventory");
                         }
                         tracing::info!(path = %path.display(), workloads = snap.workloads.len(), "inventory loaded");
-                        tx.send_if_modified(|cur| {
-                            let changed = **cur != snap;
-                            if changed {
-                                *cur = Arc::new(snap);
-                            }
-                            changed
-                        });
+                        good = Some(parsed);
+                        reloaded = true;
                     }
                     Err(e) => {
                         stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -440,7 +496,38 @@ pub async fn watch_file(
                 }
             }
         }
+        if let Some(parsed) = good.as_ref().filter(|_| reloaded || cni_changed) {
+            let snap = parsed.merged(cni.as_ref());
+            let sent = tx.send_if_modified(|cur| {
+                let changed = **cur != snap;
+                if changed {
+                    *cur = Arc::new(snap);
+                }
+                changed
+            });
+            if sent && !reloaded {
+                tracing::info!("inventory updated from the CNI plugin's reports");
+            }
+        }
+        cni_changed = wait(interval, cni.as_mut()).await;
+    }
+}
+
+/// Sleeps `interval`, or less when the CNI reports change first (then returns true).
+async fn wait(interval: Duration, cni: Option<&mut CniReports>) -> bool {
+    let Some(c) = cni else {
         tokio::time::sleep(interval).await;
+        return false;
+    };
+    tokio::select! {
+        () = tokio::time::sleep(interval) => false,
+        r = c.pods.changed() => {
+            if r.is_err() {
+                // The pod map is gone (shutdown): keep its last entries, poll the file only.
+                tokio::time::sleep(interval).await;
+            }
+            r.is_ok()
+        }
     }
 }
 

@@ -92,6 +92,7 @@ impl Testbed {
             ca,
             applied: Vec::new(),
             kubelet_cgroups: opts.kubelet_cgroups,
+            cni: opts.cni,
         };
         state.save()?;
         Ok(Self {

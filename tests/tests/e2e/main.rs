@@ -8,6 +8,7 @@ mod admin_metrics;
 mod authorization;
 mod ca_faults;
 mod churn;
+mod cni_traffic;
 mod concurrency;
 mod destination_rule;
 mod failclosed;

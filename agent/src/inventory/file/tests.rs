@@ -1,6 +1,15 @@
-use std::path::Path;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use super::parse;
+use tokio::sync::watch;
+
+use super::{parse, parse_file, watch_with_cni, CniReports, ReloadStats};
+use crate::cni::plugin::tests::TempDir;
+use crate::cni::pods::PodMap;
+use crate::cni::{CniCommand, CniEvent, PodRef};
+use crate::inventory::Snapshot;
 
 const GOOD: &str = r#"
 apiVersion: v1
@@ -126,4 +135,159 @@ fn parses_peer_authentication_and_rejects_bad_ones() {
         .unwrap_err()
         .to_string()
         .contains("selector"));
+}
+
+/// Pods for the CNI merge: local without annotation (with UID), local annotated, remote, and a
+/// local pod whose UID differs from the one the plugin reported (an earlier pod of that name).
+const CNI_INVENTORY: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    ambit.io/mode: enabled
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: shop
+  uid: u-web
+spec:
+  nodeName: node1
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: annotated
+  namespace: shop
+  annotations:
+    ambit.io/netns: /run/netns/annotated
+spec:
+  nodeName: node1
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: remote
+  namespace: shop
+spec:
+  nodeName: node2
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: recreated
+  namespace: shop
+  uid: u-new
+spec:
+  nodeName: node1
+"#;
+
+fn cni_event(command: CniCommand, name: &str, uid: &str, netns: &str) -> CniEvent {
+    CniEvent {
+        command,
+        container_id: format!("sandbox-{name}"),
+        netns: Some(netns.into()),
+        ifname: "eth0".into(),
+        pod: PodRef {
+            namespace: "shop".into(),
+            name: name.into(),
+            uid: uid.into(),
+        },
+        ips: vec!["10.1.0.200".parse().unwrap()],
+        netns_id: None,
+    }
+}
+
+fn netns_of(snap: &Snapshot, pod: &str) -> Option<PathBuf> {
+    snap.workloads[&format!("shop/{pod}")].netns.clone()
+}
+
+#[test]
+fn cni_reports_give_unannotated_local_pods_their_netns() {
+    let dir = TempDir::new("file-cni");
+    let map = PodMap::load(&dir.0.join("pods.json")).unwrap();
+    for (name, uid) in [
+        ("web", "u-web"),
+        ("annotated", ""),
+        ("remote", ""),
+        ("recreated", "u-old"),
+    ] {
+        let ev = cni_event(
+            CniCommand::Add,
+            name,
+            uid,
+            &format!("/run/netns/cni-{name}"),
+        );
+        assert!(map.apply(&ev).unwrap());
+    }
+    let parsed = parse_file(Path::new("i.yaml"), CNI_INVENTORY).unwrap();
+    assert_eq!(parsed.uids["shop/web"], "u-web");
+    assert_eq!(netns_of(&parsed.merged(None), "web"), None);
+    let reports = CniReports {
+        node: "node1".into(),
+        pods: map.subscribe(),
+    };
+    let snap = parsed.merged(Some(&reports));
+    let web = &snap.workloads["shop/web"];
+    assert_eq!(web.netns.as_deref(), Some(Path::new("/run/netns/cni-web")));
+    assert_eq!(web.ips, ["10.1.0.200".parse::<IpAddr>().unwrap()]);
+    assert_eq!(
+        netns_of(&snap, "annotated").as_deref(),
+        Some(Path::new("/run/netns/annotated")),
+        "the annotation wins"
+    );
+    assert_eq!(netns_of(&snap, "remote"), None, "another node's pod");
+    assert_eq!(
+        netns_of(&snap, "recreated"),
+        None,
+        "a report of another UID"
+    );
+}
+
+#[tokio::test]
+async fn the_watcher_republishes_when_the_pod_map_changes() {
+    let dir = TempDir::new("file-cni-watch");
+    let path = dir.0.join("inventory.yaml");
+    std::fs::write(&path, CNI_INVENTORY).unwrap();
+    let map = PodMap::load(&dir.0.join("pods.json")).unwrap();
+    let (tx, mut rx) = watch::channel(Arc::new(Snapshot::default()));
+    let reports = CniReports {
+        node: "node1".into(),
+        pods: map.subscribe(),
+    };
+    // A poll interval of an hour: after the first load only the pod map can cause a publish.
+    let task = tokio::spawn(watch_with_cni(
+        path,
+        Duration::from_secs(3600),
+        tx,
+        Arc::new(ReloadStats::default()),
+        Some(reports),
+    ));
+    let wait = |rx: &mut watch::Receiver<Arc<Snapshot>>, want: Option<&'static str>| {
+        let mut rx = rx.clone();
+        async move {
+            let f = rx.wait_for(|s| {
+                s.workloads.contains_key("shop/web")
+                    && netns_of(s, "web").as_deref() == want.map(Path::new)
+            });
+            tokio::time::timeout(Duration::from_secs(5), f)
+                .await
+                .expect("snapshot not published in time")
+                .map(drop)
+                .unwrap();
+        }
+    };
+    wait(&mut rx, None).await;
+    let add = cni_event(CniCommand::Add, "web", "u-web", "/run/netns/cni-web");
+    map.apply(&add).unwrap();
+    wait(&mut rx, Some("/run/netns/cni-web")).await;
+    let del = CniEvent {
+        command: CniCommand::Del,
+        ..add
+    };
+    map.apply(&del).unwrap();
+    wait(&mut rx, None).await;
+    task.abort();
 }

@@ -14,7 +14,7 @@ use kube::ResourceExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::cni::pods::{newest_by_pod, CniPod};
+use crate::cni::pods::{merge_netns, CniPod};
 use crate::inventory::objects::{self, ObjectMeta, PodIp};
 use crate::inventory::services::{
     self, EndpointSliceObject, Service, ServiceObject, SERVICE_NAME_LABEL,
@@ -200,23 +200,11 @@ impl Builder {
         uids: &BTreeMap<String, String>,
         cni: &[CniPod],
     ) {
-        let newest = newest_by_pod(cni);
-        for (key, w) in workloads.iter_mut() {
+        for w in workloads.values_mut() {
             w.netns = None;
             w.cgroup = None;
-            if w.node != self.node {
-                continue;
-            }
-            let Some(c) = newest.get(key) else { continue };
-            let uid = uids.get(key).map_or("", String::as_str);
-            if !c.pod.uid.is_empty() && !uid.is_empty() && c.pod.uid != uid {
-                continue;
-            }
-            w.netns = Some(c.netns.clone());
-            if w.ips.is_empty() {
-                w.ips = c.ips.clone();
-            }
         }
+        merge_netns(workloads.iter_mut(), &self.node, uids, cni);
     }
 }
 
