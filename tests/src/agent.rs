@@ -21,6 +21,16 @@ pub const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// with kubelet's layout starts in its pod's cgroup and stays there.
 pub fn start(state: &State, node: &Node, bin: &Path) -> Result<Child> {
     write_atomic(&node.config, config::agent_config(state, node).as_bytes())?;
+    let cgroup = match state.kubelet_cgroups {
+        Some(_) => &node.agent_cgroup,
+        None => &state.cgroup_root,
+    };
+    spawn(node, bin, cgroup, &node.log)
+}
+
+/// Starts `bin run --config <node's config>` in `node`'s netns and `cgroup` as it is (the
+/// config is not rewritten), logging to `log`.
+pub fn spawn(node: &Node, bin: &Path, cgroup: &Path, log: &Path) -> Result<Child> {
     let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
     let argv = [
         bin.as_os_str(),
@@ -28,15 +38,11 @@ pub fn start(state: &State, node: &Node, bin: &Path) -> Result<Child> {
         "--config".as_ref(),
         node.config.as_os_str(),
     ];
-    let cgroup = match state.kubelet_cgroups {
-        Some(_) => &node.agent_cgroup,
-        None => &state.cgroup_root,
-    };
     process::spawn_in(
         cgroup,
         &node.netns_path(),
         &argv,
-        &node.log,
+        log,
         &[("RUST_LOG", rust_log.as_str()), ("NO_COLOR", "1")],
     )
 }
@@ -44,30 +50,7 @@ pub fn start(state: &State, node: &Node, bin: &Path) -> Result<Child> {
 /// `ambit status --json` of `node`'s agent, parsed. The CLI exits 1 (still printing the
 /// document) when a pod failed to enroll; only a missing document is an error.
 pub fn status(bin: &Path, node: &Node) -> Result<Status> {
-    let out = cmd::run(
-        Command::new(bin)
-            .arg("status")
-            .arg("--admin-socket")
-            .arg(&node.admin_socket)
-            .arg("--json"),
-        STATUS_TIMEOUT,
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    if text.trim().is_empty() {
-        bail!(
-            "`ambit status` of {} failed ({}): {}",
-            node.name,
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let value = serde_json::from_str(&text).with_context(|| {
-        format!(
-            "`ambit status --json` of {} printed non-JSON: {text}",
-            node.name
-        )
-    })?;
-    Ok(Status(value))
+    admin_json(bin, node, &["status"]).map(Status)
 }
 
 /// Runs `ambit ARGS --admin-socket S --json` against `node`'s agent and parses what it prints.

@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::config;
 use crate::state::{self, Applied};
 use crate::testbed::Testbed;
+use crate::{config, error_chain};
 
 /// How long agents get to load a changed inventory (they poll it every 200 ms).
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -153,7 +153,7 @@ impl Testbed {
         let parsed = ambit::inventory::file::parse(&next.inventory, &text);
         match (valid, parsed) {
             (true, Err(e)) => {
-                return Err(anyhow::anyhow!("{}", chain(&e))
+                return Err(anyhow::anyhow!("{}", error_chain(&e))
                     .context("the agents would reject this inventory; nothing was applied"))
             }
             (false, Ok(_)) => bail!("the agents would accept this inventory; use apply"),
@@ -237,17 +237,6 @@ fn split_documents(text: &str) -> Vec<String> {
         cur.push('\n');
     }
     docs.into_iter().filter(|d| !d.trim().is_empty()).collect()
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

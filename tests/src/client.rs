@@ -1,7 +1,7 @@
 //! Talking from inside a pod: the Python test client, curl, and typed views of their results.
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::process::Child;
+use std::process::{Child, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -88,46 +88,35 @@ impl Testbed {
 
     /// `curl` from `pod`: GETs `http://ip:port/path` and returns the body (errors on failure).
     pub fn http_get(&self, pod: &str, ip: IpAddr, port: u16, path: &str) -> Result<String> {
-        let url = format!("http://{}:{port}{path}", url_host(ip));
-        let argv = [
-            "curl",
-            "-sS",
-            "--fail",
-            "--connect-timeout",
-            "5",
-            "-m",
-            "20",
-            &url,
-        ];
-        let out = self.exec(pod, &argv, Duration::from_secs(30))?;
-        if !out.status.success() {
-            bail!(
-                "curl {url} from {pod} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        let out = self.curl(pod, ip, port, path, &["-m", "20"], Duration::from_secs(30))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// Downloads `http://ip:port/path` from `pod` into a file of the instance dir; returns its path.
     pub fn http_download(&self, pod: &str, ip: IpAddr, port: u16, path: &str) -> Result<PathBuf> {
-        let url = format!("http://{}:{port}{path}", url_host(ip));
         let file = self.state().dir.join(format!("download-{pod}-{port}"));
         let file_s = file.to_string_lossy().into_owned();
-        let argv = [
-            "curl",
-            "-sS",
-            "--fail",
-            "--connect-timeout",
-            "5",
-            "-m",
-            "90",
-            "-o",
-            &file_s,
-            &url,
-        ];
-        let out = self.exec(pod, &argv, Duration::from_secs(100))?;
+        let args = ["-m", "90", "-o", &file_s];
+        self.curl(pod, ip, port, path, &args, Duration::from_secs(100))?;
+        Ok(file)
+    }
+
+    /// `curl -sS --fail` of `http://ip:port/path` from `pod` with `args`; an error unless it
+    /// succeeds within `timeout`.
+    fn curl(
+        &self,
+        pod: &str,
+        ip: IpAddr,
+        port: u16,
+        path: &str,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<Output> {
+        let url = format!("http://{}:{port}{path}", url_host(ip));
+        let mut argv = vec!["curl", "-sS", "--fail", "--connect-timeout", "5"];
+        argv.extend(args);
+        argv.push(&url);
+        let out = self.exec(pod, &argv, timeout)?;
         if !out.status.success() {
             bail!(
                 "curl {url} from {pod} failed ({}): {}",
@@ -135,7 +124,7 @@ impl Testbed {
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        Ok(file)
+        Ok(out)
     }
 
     /// Opens a connection from `pod` to the echo server at `ip:port`, sends `send`, reads the

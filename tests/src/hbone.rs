@@ -28,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
+use crate::error_chain;
 use crate::state::{TRUST_DOMAIN, TUNNEL_PORT};
 use crate::testbed::Testbed;
 
@@ -98,11 +99,11 @@ impl Testbed {
             timeout_ms: 5000,
         };
         let issued = in_netns(&node.netns_path(), move || async move {
-            let client = CaClient::new(cfg).map_err(|e| anyhow!("{}", chain(&e)))?;
+            let client = CaClient::new(cfg).map_err(|e| anyhow!("{}", error_chain(&e)))?;
             client
                 .fetch(&id)
                 .await
-                .map_err(|e| anyhow!("{}", chain(&e)))
+                .map_err(|e| anyhow!("{}", error_chain(&e)))
         })??;
         Ok(Svid {
             cert: Arc::new(issued.certificate),
@@ -117,7 +118,7 @@ pub fn client_config(svid: &Svid, expected: &str) -> Result<Arc<rustls::ClientCo
     let expected: SpiffeId = expected.parse().map_err(|e| anyhow!("{e}"))?;
     let config =
         identity::client_config(&svid.cert, svid.roots.clone(), trust_domains()?, expected)
-            .map_err(|e| anyhow!("{}", chain(&e)))?;
+            .map_err(|e| anyhow!("{}", error_chain(&e)))?;
     Ok(Arc::new(config))
 }
 
@@ -183,7 +184,7 @@ async fn request_inner(
 ) -> (Outcome, Vec<u8>) {
     let failed = |stage: &str, e: &dyn std::error::Error| {
         (
-            Outcome::Failed(format!("{stage}: {}", chain(e))),
+            Outcome::Failed(format!("{stage}: {}", error_chain(e))),
             Vec::new(),
         )
     };
@@ -281,7 +282,7 @@ pub async fn handshake(peer: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Resu
     Tunnel::handshake(tcp, peer, tls)
         .await
         .map(drop)
-        .map_err(|e| anyhow!("{}", chain(&e)))
+        .map_err(|e| anyhow!("{}", error_chain(&e)))
 }
 
 /// A fake HBONE server (a rogue pod's): terminates mutual TLS with its own certificate, counts
@@ -299,7 +300,7 @@ impl FakeHbone {
     /// Listens on `[::]:15008` (both families) in the namespace at `netns`, presenting `svid`.
     pub fn start(netns: &Path, svid: &Svid) -> Result<Self> {
         let server = identity::server_config(&svid.cert, svid.roots.clone(), trust_domains()?)
-            .map_err(|e| anyhow!("{}", chain(&e)))?;
+            .map_err(|e| anyhow!("{}", error_chain(&e)))?;
         let server = Arc::new(server);
         let ns = File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -399,17 +400,6 @@ impl Drop for FakeHbone {
 fn trust_domains() -> Result<Arc<[TrustDomain]>> {
     let td: TrustDomain = TRUST_DOMAIN.parse().map_err(|e| anyhow!("{e}"))?;
     Ok(Arc::from(vec![td]))
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Accepts any server certificate (the bad-input client only wants to reach the server's

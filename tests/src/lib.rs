@@ -21,6 +21,7 @@ pub mod leaks;
 pub mod net;
 pub mod ops;
 pub mod pcap;
+pub mod peer;
 pub mod policy;
 pub mod process;
 pub mod servers;
@@ -86,6 +87,18 @@ pub fn unique_marker() -> String {
             .map_or(0, |d| d.as_nanos()),
     );
     format!("AMBIT-MARKER-{:016x}", h.finish())
+}
+
+/// `e` and its sources, `: `-separated (what `{:#}` shows of an `anyhow::Error`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// `uname -r`.

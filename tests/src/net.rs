@@ -108,47 +108,11 @@ pub fn link_nodes(a: &Node, b: &Node) -> Result<()> {
     ])?;
     for (me, peer) in [(a, b), (b, a)] {
         let ns = me.netns.as_str();
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/30", me.underlay_v4),
-            "dev",
-            "ul0",
-        ])?;
-        ip(&[
-            "-n",
-            ns,
-            "addr",
-            "add",
-            &format!("{}/64", me.underlay_v6),
-            "dev",
-            "ul0",
-            "nodad",
-        ])?;
-        ip(&["-n", ns, "link", "set", "ul0", "up"])?;
+        let (v4, v6) = (me.underlay_v4, me.underlay_v6);
+        address_up(ns, "ul0", &format!("{v4}/30"), &format!("{v6}/64"))?;
         let cidr4 = format!("10.{}.0.0/24", peer.index);
         let cidr6 = format!("fd00:{}::/64", peer.index);
-        ip(&[
-            "-n",
-            ns,
-            "route",
-            "add",
-            &cidr4,
-            "via",
-            &peer.underlay_v4.to_string(),
-        ])?;
-        ip(&[
-            "-n",
-            ns,
-            "-6",
-            "route",
-            "add",
-            &cidr6,
-            "via",
-            &peer.underlay_v6.to_string(),
-        ])?;
+        routes_via(ns, (&cidr4, peer.underlay_v4), (&cidr6, peer.underlay_v6))?;
     }
     Ok(())
 }
@@ -164,46 +128,38 @@ pub fn setup_pod(pod: &Pod, node: &Node, host: u8) -> Result<()> {
         "-n", node_ns, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns,
     ])?;
     ip(&["-n", node_ns, "link", "set", &port, "master", "br0", "up"])?;
-    ip(&[
-        "-n",
+    let (v4, v6) = (pod.ipv4, pod.ipv6);
+    address_up(ns, "eth0", &format!("{v4}/24"), &format!("{v6}/64"))?;
+    routes_via(
         ns,
-        "addr",
-        "add",
-        &format!("{}/24", pod.ipv4),
-        "dev",
-        "eth0",
-    ])?;
-    ip(&[
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{}/64", pod.ipv6),
-        "dev",
-        "eth0",
-        "nodad",
-    ])?;
-    ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-    ip(&[
-        "-n",
-        ns,
-        "route",
-        "add",
-        "default",
-        "via",
-        &gateway_v4(node.index).to_string(),
-    ])?;
+        ("default", gateway_v4(node.index)),
+        ("default", gateway_v6(node.index)),
+    )?;
+    delivery_routing(pod)
+}
+
+/// Gives `dev` in netns `ns` the addresses `v4` and `v6` (with prefix lengths; no duplicate
+/// address detection) and sets it up.
+fn address_up(ns: &str, dev: &str, v4: &str, v6: &str) -> Result<()> {
+    ip(&["-n", ns, "addr", "add", v4, "dev", dev])?;
+    ip(&["-n", ns, "addr", "add", v6, "dev", dev, "nodad"])?;
+    ip(&["-n", ns, "link", "set", dev, "up"]).map(drop)
+}
+
+/// Routes `v4.0` via `v4.1` and `v6.0` via `v6.1` in netns `ns`.
+fn routes_via(ns: &str, v4: (&str, Ipv4Addr), v6: (&str, Ipv6Addr)) -> Result<()> {
+    ip(&["-n", ns, "route", "add", v4.0, "via", &v4.1.to_string()])?;
     ip(&[
         "-n",
         ns,
         "-6",
         "route",
         "add",
-        "default",
+        v6.0,
         "via",
-        &gateway_v6(node.index).to_string(),
-    ])?;
-    delivery_routing(pod)
+        &v6.1.to_string(),
+    ])
+    .map(drop)
 }
 
 /// inbound-recipe.md §A: marked SYNs make the app's socket inherit the mark, and marked packets

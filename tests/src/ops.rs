@@ -1,9 +1,9 @@
 //! Operating the agents as an operator does: raw HTTP on the admin socket, the `ambit` CLI as
 //! printed, Prometheus metrics, log files (JSON access lines), extra config keys, a second
 //! agent for a node (zero-downtime restart), signals by PID, and a steady-load client.
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+mod http;
+mod metrics;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
@@ -14,269 +14,15 @@ use serde_json::Value;
 
 use crate::state::{write_atomic, Node};
 use crate::testbed::Testbed;
-use crate::{cmd, config, process, servers};
+use crate::{agent, cmd, config, process, servers};
+
+pub use http::{parse_response, unix_exchange, HttpReply};
+pub use metrics::{Metrics, Sample};
 
 /// How long one admin request may take before the test calls it a hang.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// The steady-load script (see its docstring), written to `<dir>/load.py`.
 pub const LOAD_PY: &str = include_str!("scripts/load.py");
-
-/// One HTTP response read off the admin socket.
-#[derive(Debug, Clone)]
-pub struct HttpReply {
-    /// Status code.
-    pub status: u16,
-    /// Status line and headers, as sent.
-    pub head: String,
-    /// Body (chunked encoding removed).
-    pub body: Vec<u8>,
-}
-
-impl HttpReply {
-    /// The body as text.
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    /// The body as JSON.
-    pub fn json(&self) -> Result<Value> {
-        serde_json::from_slice(&self.body)
-            .with_context(|| format!("body is not JSON ({}): {}", self.status, self.text()))
-    }
-
-    /// Header `name` (case-insensitive).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then_some(v.trim())
-        })
-    }
-}
-
-/// Connects to the unix socket `path`, writes `request` and reads until the server closes,
-/// all within `timeout` (an error says which step hung). Returns what the server sent.
-pub fn unix_exchange(path: &Path, request: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-    let deadline = Instant::now() + timeout;
-    let mut s =
-        UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
-    s.set_write_timeout(Some(timeout))?;
-    match s.write_all(request) {
-        Ok(()) => {}
-        // The server may answer (e.g. 431) and close before reading all of a long request.
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
-            ) => {}
-        Err(e) => return Err(e).with_context(|| format!("writing to {}", path.display())),
-    }
-    let mut out = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            bail!(
-                "{}: no end of response within {timeout:?} (got {} bytes: {:?})",
-                path.display(),
-                out.len(),
-                String::from_utf8_lossy(&out[..out.len().min(200)])
-            );
-        }
-        s.set_read_timeout(Some(left))?;
-        match s.read(&mut buf) {
-            Ok(0) => return Ok(out),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Ok(out),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        }
-    }
-}
-
-/// Parses an HTTP/1.1 response (one; `Connection: close`).
-pub fn parse_response(raw: &[u8]) -> Result<HttpReply> {
-    let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-        bail!(
-            "not an HTTP response ({} bytes): {:?}",
-            raw.len(),
-            String::from_utf8_lossy(raw)
-        );
-    };
-    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .with_context(|| format!("bad status line: {head}"))?;
-    let mut reply = HttpReply {
-        status,
-        head,
-        body: raw[end + 4..].to_vec(),
-    };
-    if reply
-        .header("transfer-encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
-    {
-        reply.body = dechunk(&reply.body)?;
-    } else if let Some(len) = reply.header("content-length") {
-        let len: usize = len.parse().context("content-length")?;
-        if reply.body.len() < len {
-            bail!("body cut short: {} of {len} bytes", reply.body.len());
-        }
-        reply.body.truncate(len);
-    }
-    Ok(reply)
-}
-
-fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .context("chunk size line")?;
-        let size_text = String::from_utf8_lossy(&b[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .context("chunk size")?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if b.len() < size + 2 {
-            bail!("chunk cut short");
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
-    }
-}
-
-/// One sample of the Prometheus text format.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    /// Metric name as exposed (with `_total` for counters).
-    pub name: String,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Value.
-    pub value: f64,
-}
-
-/// A parsed `/metrics` document.
-#[derive(Debug, Clone, Default)]
-pub struct Metrics(pub Vec<Sample>);
-
-impl Metrics {
-    /// Parses the Prometheus / OpenMetrics text format (comments skipped).
-    pub fn parse(text: &str) -> Result<Self> {
-        let mut out = Vec::new();
-        for line in text.lines() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            out.push(parse_sample(line).with_context(|| format!("metrics line `{line}`"))?);
-        }
-        Ok(Self(out))
-    }
-
-    /// Samples of `name` whose labels include every `(key, value)` of `with`.
-    pub fn select(&self, name: &str, with: &[(&str, &str)]) -> Vec<&Sample> {
-        self.0
-            .iter()
-            .filter(|s| {
-                s.name == name
-                    && with
-                        .iter()
-                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .collect()
-    }
-
-    /// Sum of the samples [`Metrics::select`] picks (0 when none).
-    pub fn sum(&self, name: &str, with: &[(&str, &str)]) -> f64 {
-        self.select(name, with).iter().map(|s| s.value).sum()
-    }
-
-    /// Whether any sample is named `name`.
-    pub fn has(&self, name: &str) -> bool {
-        self.0.iter().any(|s| s.name == name)
-    }
-}
-
-fn parse_sample(line: &str) -> Result<Sample> {
-    let (name, rest) = match line.find(['{', ' ']) {
-        Some(i) => line.split_at(i),
-        None => bail!("no value"),
-    };
-    let mut labels = BTreeMap::new();
-    let rest = if let Some(body) = rest.strip_prefix('{') {
-        let mut chars = body.char_indices().peekable();
-        let close;
-        loop {
-            // key
-            let mut key = String::new();
-            loop {
-                match chars.next() {
-                    Some((_, '=')) => break,
-                    Some((i, '}')) if key.is_empty() => {
-                        close = i;
-                        return finish(name, labels, &body[close + 1..]);
-                    }
-                    Some((_, ',')) if key.is_empty() => {}
-                    Some((_, c)) => key.push(c),
-                    None => bail!("unterminated labels"),
-                }
-            }
-            if chars.next().map(|(_, c)| c) != Some('"') {
-                bail!("label {key} has no quoted value");
-            }
-            let mut val = String::new();
-            loop {
-                match chars.next() {
-                    Some((_, '\\')) => match chars.next() {
-                        Some((_, 'n')) => val.push('\n'),
-                        Some((_, c)) => val.push(c),
-                        None => bail!("bad escape"),
-                    },
-                    Some((_, '"')) => break,
-                    Some((_, c)) => val.push(c),
-                    None => bail!("unterminated label value"),
-                }
-            }
-            labels.insert(key.trim().to_string(), val);
-            match chars.next() {
-                Some((_, ',')) => {}
-                Some((i, '}')) => {
-                    close = i;
-                    break;
-                }
-                other => bail!("unexpected {other:?} after a label"),
-            }
-        }
-        &body[close + 1..]
-    } else {
-        rest
-    };
-    finish(name, labels, rest)
-}
-
-fn finish(name: &str, labels: BTreeMap<String, String>, rest: &str) -> Result<Sample> {
-    let value = rest
-        .split_whitespace()
-        .next()
-        .context("no value")?
-        .parse::<f64>()
-        .context("value")?;
-    Ok(Sample {
-        name: name.to_string(),
-        labels,
-        value,
-    })
-}
 
 /// A process this module started: a second agent, a load client, a pinger, a server.
 #[derive(Debug)]
@@ -375,6 +121,19 @@ pub fn json_lines(text: &str) -> Vec<Value> {
         .filter(|l| l.trim_start().starts_with('{'))
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect()
+}
+
+/// The last JSON line a finished probe (`what`) printed on stdout; an error with its exit status
+/// and stderr when it printed none.
+pub fn last_json(out: &Output, what: &str) -> Result<Value> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    json_lines(&text).pop().with_context(|| {
+        format!(
+            "{what} printed no JSON report ({}): {text} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// The last `n` lines of `text`.
@@ -553,56 +312,16 @@ impl Testbed {
     }
 }
 
-/// Starts `ambit run --config <node's config>` in `node`'s netns as `agent::start` does,
-/// without rewriting the config, logging to `log`.
+/// Starts `ambit run` for `node` in the instance's root cgroup without rewriting its config
+/// (see [`agent::spawn`]), logging to `log`.
 fn spawn_agent(tb: &Testbed, node: &Node, log: &Path) -> Result<Child> {
-    let bin = tb.agent_bin()?.to_path_buf();
-    let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_string());
-    let argv = [
-        bin.as_os_str(),
-        "run".as_ref(),
-        "--config".as_ref(),
-        node.config.as_os_str(),
-    ];
-    process::spawn_in(
-        &tb.state().cgroup_root,
-        &node.netns_path(),
-        &argv,
-        log,
-        &[("RUST_LOG", rust_log.as_str()), ("NO_COLOR", "1")],
-    )
+    agent::spawn(node, tb.agent_bin()?, &tb.state().cgroup_root, log)
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "unit tests")]
     use super::*;
-
-    #[test]
-    fn parses_labels_with_escapes_and_plain_samples() {
-        let m = Metrics::parse(
-            "# HELP x y\n# TYPE a counter\na_total{k=\"v\",q=\"a\\\"b,c}\"} 12\nb 3.5\n# EOF\n",
-        )
-        .unwrap();
-        assert_eq!(m.0.len(), 2);
-        assert_eq!(m.0[0].name, "a_total");
-        assert_eq!(m.0[0].labels["q"], "a\"b,c}");
-        assert_eq!(m.sum("a_total", &[("k", "v")]), 12.0);
-        assert_eq!(m.sum("b", &[]), 3.5);
-        assert_eq!(m.sum("a_total", &[("k", "w")]), 0.0);
-    }
-
-    #[test]
-    fn parses_chunked_and_sized_responses() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nhi").unwrap();
-        assert_eq!((r.status, r.text().as_str()), (200, "hi"));
-        let r = parse_response(
-            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!((r.status, r.text().as_str()), (404, "abc"));
-        assert!(parse_response(b"garbage").is_err());
-    }
 
     #[test]
     fn merge_config_replaces_and_adds_keys() {

@@ -49,10 +49,7 @@ pub(crate) fn ensure(install: bool) -> Result<()> {
         "==> installing missing prerequisites: {}",
         missing.join(" ")
     );
-    apt(&["update"])?;
-    let mut args = vec!["install", "-y", "--no-install-recommends"];
-    args.extend(missing.iter().map(String::as_str));
-    apt(&args)?;
+    install_packages(&missing.iter().map(String::as_str).collect::<Vec<_>>())?;
     let still = self::missing()?;
     if !still.is_empty() {
         bail!("still missing after apt-get install: {}", still.join(" "));
@@ -72,6 +69,14 @@ fn missing() -> Result<Vec<String>> {
         }
     }
     Ok(out)
+}
+
+/// `apt-get update`, then `apt-get install` of `packages` without recommends (needs root).
+pub(crate) fn install_packages(packages: &[&str]) -> Result<()> {
+    apt(&["update"])?;
+    let mut args = vec!["install", "-y", "--no-install-recommends"];
+    args.extend(packages);
+    apt(&args)
 }
 
 fn apt(args: &[&str]) -> Result<()> {

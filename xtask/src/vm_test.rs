@@ -13,7 +13,7 @@ mod kernel;
 mod qemu;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -532,20 +532,7 @@ fn ensure_host_packages(install: bool) -> Result<()> {
         );
     }
     eprintln!("==> installing for vm-test: {}", missing.join(" "));
-    for args in [
-        vec!["update"],
-        [vec!["install", "-y", "--no-install-recommends"], missing].concat(),
-    ] {
-        let status = Command::new("apt-get")
-            .args(&args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("starting apt-get")?;
-        if !status.success() {
-            bail!("`apt-get {}` failed ({status})", args.join(" "));
-        }
-    }
-    Ok(())
+    prereq::install_packages(&missing)
 }
 
 #[cfg(test)]

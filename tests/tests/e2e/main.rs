@@ -3,6 +3,8 @@
 //! with `--include-ignored --test-threads=1`; a test's full name is `MODULE::TEST`.
 mod abuse;
 mod admin;
+mod admin_cli;
+mod admin_metrics;
 mod authorization;
 mod ca_faults;
 mod churn;

@@ -6,11 +6,11 @@
     reason = "test bodies panic with a line number (STYLE.md §7)"
 )]
 use std::net::IpAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use ambit_e2e::capture::UNDERLAY;
-use ambit_e2e::ops::{file_len, json_lines, read_from};
+use ambit_e2e::ops::{file_len, last_json, read_from};
+use ambit_e2e::peer::{admin_peer, NOBODY_DAC_OVERRIDE};
 use ambit_e2e::{
     assert_eventually, testbed, testbed_with, unique_marker, Options, Testbed, ECHO_PORT,
     TUNNEL_PORT,
@@ -57,14 +57,7 @@ fn binds(tb: &Testbed, pod: &str, ports: &[u16]) -> Value {
     ];
     argv.extend(ports.iter().map(u16::to_string));
     let out = tb.exec(pod, &argv, Duration::from_secs(20)).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    json_lines(&text).pop().unwrap_or_else(|| {
-        panic!(
-            "bind probe in {pod} printed nothing ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    last_json(&out, &format!("bind probe in {pod}")).unwrap()
 }
 
 /// Asserts every agent-port TCP bind in `report` ended with `want` (`ok` or an errno name).
@@ -148,55 +141,6 @@ fn enrolled_pods_cannot_bind_the_agent_ports_unenrolled_pods_can() {
     assert_agent_ports(&report, "ok", "client after unenrollment");
 }
 
-/// Connects to the admin socket as uid 65534 with CAP_DAC_OVERRIDE (which passes the socket's
-/// 0600 mode, leaving the agent's peer-credential check as the only guard) and reports what
-/// happened (`connect`, `reply`).
-fn nobody_with_dac_override(socket: &std::path::Path) -> Value {
-    const PEER: &str = r#"
-import json, os, socket, sys
-out = {"uid": os.getuid()}
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(8)
-try:
-    s.connect(sys.argv[1])
-    out["connect"] = "ok"
-    s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    data = b""
-    while True:
-        c = s.recv(65536)
-        if not c:
-            break
-        data += c
-    out["reply"] = data[:40].decode(errors="replace")
-except OSError as e:
-    out.setdefault("connect", type(e).__name__)
-    out["io"] = type(e).__name__
-print(json.dumps(out))
-"#;
-    let mut c = Command::new("setpriv");
-    c.args([
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=+dac_override",
-        "--ambient-caps=+dac_override",
-    ])
-    .arg(ambit_e2e::servers::python())
-    .arg("-c")
-    .arg(PEER)
-    .arg(socket)
-    .current_dir("/");
-    let out = ambit_e2e::cmd::run(&mut c, Duration::from_secs(20)).unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    json_lines(&text).pop().unwrap_or_else(|| {
-        panic!(
-            "peer printed no report ({}): {text} {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
-
 /// `ambit_admin_refused_peers_total` of `node`.
 fn refused_metric(tb: &Testbed, node: &str) -> f64 {
     tb.metrics(node)
@@ -218,7 +162,7 @@ fn admin_socket_refuses_non_root_peers_and_counts_them() {
     let metric_before = refused_metric(&tb, node);
 
     for round in 1..=2u64 {
-        let peer = nobody_with_dac_override(&sock);
+        let peer = admin_peer(&sock, &NOBODY_DAC_OVERRIDE).unwrap();
         assert_eq!(peer["uid"], 65534, "{peer}");
         assert_eq!(peer["connect"], "ok", "the file mode should pass: {peer}");
         assert!(

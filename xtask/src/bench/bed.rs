@@ -149,8 +149,9 @@ impl Bed {
     fn start_servers(&mut self) -> Result<()> {
         let www = self.dir.join("www");
         fs::write(www.join(TINY_FILE.trim_start_matches('/')), "ambit bench\n")?;
-        let hold_py = self.dir.join("hold.py");
-        fs::write(&hold_py, HOLD_PY)?;
+        // The holder: the tests' `many.py` (`serve` in the server pod, `steps` in the client).
+        let hold_py = self.dir.join("many.py");
+        fs::write(&hold_py, ambit_e2e::leaks::MANY_PY)?;
         let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -225,9 +226,6 @@ impl Bed {
         Ok(())
     }
 }
-
-/// The holder script (`serve` in the server pod, `hold` in the client pod).
-pub(crate) const HOLD_PY: &str = include_str!("hold.py");
 
 /// `node`'s agent: the PID the testbed recorded, else the one process in its agent cgroup.
 fn agent_proc(tb: &Testbed, node: &str) -> Result<AgentProc> {

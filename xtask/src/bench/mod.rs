@@ -485,8 +485,8 @@ fn held_memory(bed: &Bed, plan: &Plan, results: &mut Results) -> Result<()> {
     let py = ambit_e2e::servers::python();
     let mut argv = vec![
         py.to_string_lossy().into_owned(),
-        bed.dir.join("hold.py").to_string_lossy().into_owned(),
-        "hold".into(),
+        bed.dir.join("many.py").to_string_lossy().into_owned(),
+        "steps".into(),
         server,
         HOLD_PORT.to_string(),
     ];

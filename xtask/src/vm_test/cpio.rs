@@ -31,6 +31,19 @@ pub(crate) struct Header<'a> {
     pub(crate) mtime: u32,
 }
 
+impl<'a> Header<'a> {
+    /// An entry named `name` with `mode` and `size` bytes of data; no device number, mtime 0.
+    pub(crate) fn new(name: &'a str, mode: u32, size: u64) -> Self {
+        Self {
+            name,
+            mode,
+            size,
+            rdev: (0, 0),
+            mtime: 0,
+        }
+    }
+}
+
 impl<W: Write> Writer<W> {
     /// A writer appending to `out`.
     pub(crate) fn new(out: W) -> Self {
@@ -65,14 +78,7 @@ impl<W: Write> Writer<W> {
 
     /// Writes the trailer and returns the output.
     pub(crate) fn finish(mut self) -> io::Result<W> {
-        let trailer = Header {
-            name: "TRAILER!!!",
-            mode: 0,
-            size: 0,
-            rdev: (0, 0),
-            mtime: 0,
-        };
-        self.entry(trailer, &[])?;
+        self.entry(Header::new("TRAILER!!!", 0, 0), &[])?;
         self.out.flush()?;
         Ok(self.out)
     }
@@ -132,20 +138,10 @@ mod tests {
     #[test]
     fn writes_aligned_newc_records() {
         let mut w = Writer::new(Vec::new());
-        let dir = Header {
-            name: "bin",
-            mode: DIR | 0o755,
-            size: 0,
-            rdev: (0, 0),
-            mtime: 0,
-        };
-        w.entry(dir, &[]).unwrap();
+        w.entry(Header::new("bin", DIR | 0o755, 0), &[]).unwrap();
         let file = Header {
-            name: "bin/x",
-            mode: FILE | 0o755,
-            size: 5,
-            rdev: (0, 0),
             mtime: 1,
+            ..Header::new("bin/x", FILE | 0o755, 5)
         };
         w.file(file, &b"hello"[..]).unwrap();
         let out = w.finish().unwrap();
@@ -162,13 +158,59 @@ mod tests {
     #[test]
     fn short_file_data_is_an_error() {
         let mut w = Writer::new(Vec::new());
-        let file = Header {
-            name: "x",
-            mode: FILE | 0o644,
-            size: 10,
-            rdev: (0, 0),
-            mtime: 0,
-        };
+        let file = Header::new("x", FILE | 0o644, 10);
         assert!(w.file(file, &b"abc"[..]).is_err());
+    }
+
+    #[test]
+    fn header_fields_are_newc_hex_in_order() {
+        let mut w = Writer::new(Vec::new());
+        let dev = Header {
+            rdev: (5, 1),
+            mtime: 0x1234_5678,
+            ..Header::new("dev/console", CHAR_DEVICE | 0o600, 0)
+        };
+        w.entry(dev, &[]).unwrap();
+        let link = Header::new("sh", SYMLINK | 0o777, 7);
+        w.entry(link, b"busybox").unwrap();
+        let out = w.finish().unwrap();
+
+        // magic, ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor, rdevmajor,
+        // rdevminor, namesize (with the NUL), check; then the name, padded to 4 bytes.
+        let first = concat!(
+            "070701",
+            "00000001",
+            "00002180",
+            "00000000",
+            "00000000",
+            "00000001",
+            "12345678",
+            "00000000",
+            "00000000",
+            "00000000",
+            "00000005",
+            "00000001",
+            "0000000c",
+            "00000000",
+            "dev/console\0",
+            "\0\0",
+        );
+        assert_eq!(
+            first.len(),
+            124,
+            "110-byte header + 12-byte name, padded to 4"
+        );
+        assert_eq!(&out[..124], first.as_bytes());
+        let second = concat!(
+            "070701", "00000002", "0000a1ff", "00000000", "00000000", "00000001", "00000000",
+            "00000007", "00000000", "00000000", "00000000", "00000000", "00000003", "00000000",
+            "sh\0", "\0\0\0", "busybox", "\0",
+        );
+        assert_eq!(second.len(), 124, "header + name padded, then data padded");
+        assert_eq!(&out[124..248], second.as_bytes());
+        let trailer = &out[248..];
+        assert!(trailer.starts_with(b"070701"));
+        assert_eq!(&trailer[110..121], b"TRAILER!!!\0");
+        assert_eq!(out.len() % 4, 0);
     }
 }

@@ -169,13 +169,7 @@ impl Tree {
         let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
         let mut w = cpio::Writer::new(BufWriter::with_capacity(1 << 20, file));
         for (name, node) in &self.entries {
-            let header = |mode, size| cpio::Header {
-                name,
-                mode,
-                size,
-                rdev: (0, 0),
-                mtime: 0,
-            };
+            let header = |mode, size| cpio::Header::new(name, mode, size);
             match node {
                 Node::Dir => w.entry(header(cpio::DIR | 0o755, 0), &[])?,
                 Node::Symlink(target) => w.entry(

@@ -131,20 +131,7 @@ pub(crate) fn run(boot: &Boot<'_>) -> Result<Outcome> {
     }
     drop(tx);
     let log = File::create(boot.log).with_context(|| format!("creating {}", boot.log.display()))?;
-    let mut watch = Watch {
-        started,
-        deadline: started + boot.timeout,
-        timeout: boot.timeout,
-        silence: boot.silence,
-        last_output: started,
-        log: BufWriter::new(log),
-        line: Vec::new(),
-        shown: 0,
-        ready: None,
-        soft_lockups: 0,
-        report: None,
-        outcome: Outcome::default(),
-    };
+    let mut watch = Watch::new(started, boot.timeout, boot.silence, BufWriter::new(log));
     watch.stream(&rx, &mut child);
     let _ = watch.log.flush();
     let status = child.wait().context("waiting for qemu")?;
@@ -205,6 +192,24 @@ struct Watch {
 }
 
 impl Watch {
+    /// A watch of a boot that started at `started`, nothing seen yet, logging to `log`.
+    fn new(started: Instant, timeout: Duration, silence: Duration, log: BufWriter<File>) -> Self {
+        Self {
+            started,
+            deadline: started + timeout,
+            timeout,
+            silence,
+            last_output: started,
+            log,
+            line: Vec::new(),
+            shown: 0,
+            ready: None,
+            soft_lockups: 0,
+            report: None,
+            outcome: Outcome::default(),
+        }
+    }
+
     fn stream(&mut self, rx: &Receiver<Vec<u8>>, child: &mut Child) {
         loop {
             let now = Instant::now();
@@ -441,21 +446,9 @@ mod tests {
     }
 
     fn watch() -> Watch {
-        let now = Instant::now();
-        Watch {
-            started: now,
-            deadline: now + Duration::from_secs(60),
-            timeout: Duration::from_secs(60),
-            silence: Duration::from_secs(60),
-            last_output: now,
-            log: BufWriter::new(File::create("/dev/null").unwrap()),
-            line: Vec::new(),
-            shown: 0,
-            ready: None,
-            soft_lockups: 0,
-            report: None,
-            outcome: Outcome::default(),
-        }
+        let minute = Duration::from_secs(60);
+        let log = BufWriter::new(File::create("/dev/null").unwrap());
+        Watch::new(Instant::now(), minute, minute, log)
     }
 
     #[test]
