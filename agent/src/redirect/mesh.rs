@@ -246,11 +246,23 @@ pub async fn sync_current(
             }
         }
     };
-    let changed = report.put + report.removed > 0 || last.is_none_or(|l| l.wildcard != report.wildcard);
+    let changed =
+        report.put + report.removed > 0 || last.is_none_or(|l| l.wildcard != report.wildcard);
     if report.failed > 0 {
-        tracing::warn!(listed = report.entries, failed = report.failed, capture_all = report.wildcard, "mesh destination list incomplete");
+        tracing::warn!(
+            listed = report.entries,
+            failed = report.failed,
+            capture_all = report.wildcard,
+            "mesh destination list incomplete"
+        );
     } else if changed {
-        tracing::info!(listed = report.entries, added = report.put, removed = report.removed, capture_all = report.wildcard, "mesh destinations synced");
+        tracing::info!(
+            listed = report.entries,
+            added = report.put,
+            removed = report.removed,
+            capture_all = report.wildcard,
+            "mesh destinations synced"
+        );
     }
     (snap, report)
 }

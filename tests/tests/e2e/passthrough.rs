@@ -59,7 +59,10 @@ fn connects_outside_the_mesh_go_direct_and_mesh_ones_are_captured(tb: Testbed) {
     for ip in addrs(&tb, "client").into_iter().chain(addrs(&tb, "server")) {
         assert!(mesh_listed(&tb, "node1", ip), "node1 does not list {ip}");
     }
-    for ip in addrs(&tb, "legacy").into_iter().chain(addrs(&tb, "outsider")) {
+    for ip in addrs(&tb, "legacy")
+        .into_iter()
+        .chain(addrs(&tb, "outsider"))
+    {
         assert!(!mesh_listed(&tb, "node1", ip), "node1 lists {ip}");
     }
 
@@ -100,7 +103,10 @@ fn connects_outside_the_mesh_go_direct_and_mesh_ones_are_captured(tb: Testbed) {
         "node1 kernel: {:?}",
         tb.kernel_snapshot("node1")
     );
-    assert_eq!(tb.pod_counter("node1", "client", "passthrough"), pod_passed + 4);
+    assert_eq!(
+        tb.pod_counter("node1", "client", "passthrough"),
+        pod_passed + 4
+    );
     assert_eq!(
         tb.kernel_counter("node1", "connect4_redirect")
             + tb.kernel_counter("node1", "connect6_redirect"),
@@ -130,7 +136,10 @@ fn connects_outside_the_mesh_go_direct_and_mesh_ones_are_captured(tb: Testbed) {
         tb.proxy_counter("node1", "client", "outbound_accepted") == accepted + 1,
         "node1 did not carry the mesh connection"
     );
-    assert_eq!(tb.kernel_counter("node1", "connect_passthrough"), passed + 4);
+    assert_eq!(
+        tb.kernel_counter("node1", "connect_passthrough"),
+        passed + 4
+    );
     if tb.state().ca.is_some() {
         // mTLS: it arrived on node2's tunnel port (HBONE), not as captured plaintext.
         assert_eventually!(
@@ -204,7 +213,10 @@ fn the_kernel_list_follows_enrollment_in_the_inventory() {
         .request("client", legacy.ip(false), ECHO_PORT, Some("direct again"))
         .unwrap();
     assert_eq!(echo.data(), "direct again", "{echo:?}");
-    assert_eq!(tb.kernel_counter("node1", "connect_passthrough"), passed + 1);
+    assert_eq!(
+        tb.kernel_counter("node1", "connect_passthrough"),
+        passed + 1
+    );
     assert_eq!(tb.kernel_counter("node1", "connect4_redirect"), redirects);
 }
 

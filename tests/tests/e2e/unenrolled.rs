@@ -130,7 +130,10 @@ fn enrollment_follows_inventory_changes_without_restart(mut tb: Testbed) {
         "{peer:?}"
     );
     assert_eq!(tb.kernel_counter("node1", "connect4_redirect"), redirects);
-    assert_eq!(tb.kernel_counter("node1", "connect_passthrough"), passed + 1);
+    assert_eq!(
+        tb.kernel_counter("node1", "connect_passthrough"),
+        passed + 1
+    );
     assert_eq!(tb.pod_counter("node1", "outsider", "passthrough"), 1);
 
     tb.set_enrolled("outsider", false).unwrap();

@@ -201,7 +201,10 @@ fn mesh_dst_keys_match_what_connect4_and_connect6_look_up() {
     // The wildcard is the all-zero key and names no address.
     assert_eq!(AmbAddrKey::WILDCARD, AmbAddrKey::default());
     assert_eq!(AmbAddrKey::WILDCARD.ip(), None);
-    assert_ne!(AmbAddrKey::destination("0.0.0.0".parse().unwrap()), AmbAddrKey::WILDCARD);
+    assert_ne!(
+        AmbAddrKey::destination("0.0.0.0".parse().unwrap()),
+        AmbAddrKey::WILDCARD
+    );
 }
 
 #[test]

@@ -119,7 +119,10 @@ fn plan_writes_new_and_changed_entries_and_removes_stale_ones_but_not_the_wildca
     let p = plan(&installed, &desired);
     assert_eq!(
         p.put,
-        vec![(key("10.96.0.1"), MESH_DST_VIP), (key("fd00::5"), MESH_DST_POD)]
+        vec![
+            (key("10.96.0.1"), MESH_DST_VIP),
+            (key("fd00::5"), MESH_DST_POD)
+        ]
     );
     assert_eq!(p.remove, vec![key("10.1.0.3")]);
     // Idempotent: nothing to do once in line.
@@ -136,14 +139,19 @@ struct FakeMap {
 
 impl DstMap for FakeMap {
     fn put(&mut self, k: AmbAddrKey, v: u32) -> Result<(), MapError> {
-        if self.refuse == Some(k) || (!self.entries.contains_key(&k) && self.entries.len() >= self.max) {
+        if self.refuse == Some(k)
+            || (!self.entries.contains_key(&k) && self.entries.len() >= self.max)
+        {
             return Err(MapError::KeyNotFound);
         }
         self.entries.insert(k, v);
         Ok(())
     }
     fn delete(&mut self, k: &AmbAddrKey) -> Result<(), MapError> {
-        self.entries.remove(k).map(|_| ()).ok_or(MapError::KeyNotFound)
+        self.entries
+            .remove(k)
+            .map(|_| ())
+            .ok_or(MapError::KeyNotFound)
     }
 }
 
@@ -166,7 +174,10 @@ fn desired(addrs: &[&str]) -> HashMap<AmbAddrKey, u32> {
 fn sync_follows_the_inventory_and_is_idempotent() {
     let mut m = fake(16);
     let r = m.sync(&desired(&["10.1.0.2", "10.2.0.2"]));
-    assert_eq!((r.put, r.removed, r.entries, r.failed, r.wildcard), (2, 0, 2, 0, false));
+    assert_eq!(
+        (r.put, r.removed, r.entries, r.failed, r.wildcard),
+        (2, 0, 2, 0, false)
+    );
     assert_eq!(m.map.entries, desired(&["10.1.0.2", "10.2.0.2"]));
     // The same snapshot again: no writes.
     assert_eq!(m.sync(&desired(&["10.1.0.2", "10.2.0.2"])).put, 0);
@@ -199,7 +210,10 @@ fn a_list_that_does_not_fit_captures_everything_until_it_fits_again() {
     let r = m.sync(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
     assert!(r.wildcard, "{r:?}");
     assert_eq!((r.entries, r.failed), (2, 1));
-    assert_eq!(m.map.entries.get(&AmbAddrKey::WILDCARD), Some(&MESH_DST_ALL));
+    assert_eq!(
+        m.map.entries.get(&AmbAddrKey::WILDCARD),
+        Some(&MESH_DST_ALL)
+    );
     // It fits again: the wildcard goes, the list is complete.
     let r = m.sync(&desired(&["10.0.0.1", "10.0.0.3"]));
     assert!(!r.wildcard, "{r:?}");
