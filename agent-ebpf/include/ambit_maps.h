@@ -18,10 +18,19 @@
 #define AMB_MAX_CONNS 65536
 #define AMB_MAX_SKIP_PORTS 16
 #define AMB_MAX_SKIP_CIDRS 8
+#define AMB_MAX_MESH_DSTS 65536
 
 /* amb_pod.flags */
 #define AMB_POD_F_CAPTURE_OUT 0x1 /* connect4/6 redirect this pod's outbound TCP */
 #define AMB_POD_F_CAPTURE_IN 0x2  /* sk_lookup steers inbound TCP to this pod's addresses */
+#define AMB_POD_F_MESH_ONLY 0x4   /* connect4/6 redirect only destinations in amb_mesh_dsts */
+
+/* amb_mesh_dsts values (bits): why a destination goes through the agent. The all-zero key
+ * (family 0) with AMB_MESH_DST_ALL means "every destination": the agent sets it while its list
+ * is incomplete (map full), so that mesh-only pods fall back to capturing everything. */
+#define AMB_MESH_DST_POD 0x1 /* an enrolled pod's address, on any node */
+#define AMB_MESH_DST_VIP 0x2 /* a Service virtual IP (only the agent resolves it) */
+#define AMB_MESH_DST_ALL 0x4 /* the wildcard entry */
 
 /* Indices of amb_stats (per-CPU u64 counters). Append only; retired numbers stay reserved. */
 #define AMB_STAT_CONNECT4_REDIRECT 0
@@ -45,7 +54,8 @@
 #define AMB_STAT_LOOKUP_ASSIGN_FAIL 18
 #define AMB_STAT_EVENTS_LOST 19
 #define AMB_STAT_BIND_DENIED 20
-#define AMB_STAT_MAX 21
+#define AMB_STAT_CONNECT_PASSTHROUGH 21
+#define AMB_STAT_MAX 22
 
 /* amb_event.kind: notable events sent through the amb_events ring buffer. */
 #define AMB_EVENT_MAP_FULL 1    /* an enrolled pod's connect could not be recorded: refused */
@@ -80,7 +90,8 @@ struct amb_pod_stats {
 	__u64 bypassed;   /* inbound SYNs of the agent's own deliveries, left to the app */
 	__u64 dropped;    /* refused: map full on connect, or no listener on inbound */
 	__u64 bind_denied; /* binds to an agent port refused (cgroup/bind4+6) */
-	__u64 _reserved[2];
+	__u64 passthrough; /* mesh-only: outbound connects to non-mesh destinations, left direct */
+	__u64 _reserved[1];
 };
 _Static_assert(sizeof(struct amb_pod_stats) == 64, "amb_pod_stats ABI changed");
 
@@ -107,7 +118,9 @@ struct amb_conn_key {
 };
 _Static_assert(sizeof(struct amb_conn_key) == 32, "amb_conn_key ABI changed");
 
-/* amb_pod_addrs: a pod address -> its netns cookie. Written by the agent; read by sk_lookup. */
+/* amb_pod_addrs: a pod address -> its netns cookie. Written by the agent; read by sk_lookup.
+ * Also the key of amb_mesh_dsts (value: AMB_MESH_DST_* bits), where IPv4 (also v4-mapped IPv6)
+ * is AMB_AF_INET with the address in addr[0] and addr[1..3] zero. */
 struct amb_addr_key {
 	__be32 addr[4];
 	__u8 family;

@@ -41,6 +41,23 @@ static __always_inline int skipped(const struct amb_pod *pod, __u8 family, const
 	return 0;
 }
 
+/* Must a connect to this destination go through the agent? Yes if it is listed, or if the
+ * wildcard entry (all-zero key) says the list is incomplete. */
+static __always_inline int mesh_dst(__u8 family, const __be32 a[4])
+{
+	struct amb_addr_key k = {};
+
+	k.family = family;
+	k.addr[0] = a[0];
+	k.addr[1] = a[1];
+	k.addr[2] = a[2];
+	k.addr[3] = a[3];
+	if (bpf_map_lookup_elem(&amb_mesh_dsts, &k))
+		return 1;
+	__builtin_memset(&k, 0, sizeof(k));
+	return bpf_map_lookup_elem(&amb_mesh_dsts, &k) != 0;
+}
+
 /* Decide for one connect(); on AMB_PROCEED with *redirect set, the caller rewrites the address. */
 static __always_inline int capture(struct bpf_sock_addr *ctx, __u8 family, const __be32 dst[4],
 				   __be16 dst_port_be, int loopback, int *redirect)
@@ -77,6 +94,13 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, __u8 family, const
 	if (skipped(pod, family, dst, port, &by_cidr)) {
 		stat_inc(by_cidr ? AMB_STAT_CONNECT_EXEMPT_SKIP_CIDR : AMB_STAT_CONNECT_EXEMPT_SKIP_PORT);
 		POD_STAT_ADD(ps, exempted);
+		return AMB_PROCEED;
+	}
+	if ((pod->flags & AMB_POD_F_MESH_ONLY) && !mesh_dst(family, dst)) {
+		/* Outside the mesh: the agent would only pass it through in plaintext from the
+		 * pod's own address; the kernel does the same without the detour. */
+		stat_inc(AMB_STAT_CONNECT_PASSTHROUGH);
+		POD_STAT_ADD(ps, passthrough);
 		return AMB_PROCEED;
 	}
 	cookie = bpf_get_socket_cookie(ctx);

@@ -35,6 +35,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } amb_pod_addrs SEC(".maps");
 
+/* destination address -> AMB_MESH_DST_*: where mesh-only pods' connects must go through the
+ * agent. Writer: agent (every inventory change). Readers: connect4/6. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, AMB_MAX_MESH_DSTS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct amb_addr_key);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} amb_mesh_dsts SEC(".maps");
+
 /* socket cookie -> original destination. Writer: connect4/6. Readers: sockops (re-key),
  * getpeername4/6. Deleted by sockops when the socket closes; LRU as a backstop. */
 struct {

@@ -1,7 +1,8 @@
 //! Wires the agent together; owns startup and shutdown order.
 //!
 //! Startup: config → logging → join the agent cgroup (before any socket exists) → load and
-//! attach the kernel programs → data-plane runtime → inventory watch → pod manager → admin socket.
+//! attach the kernel programs → data-plane runtime → inventory watch → mesh destinations in the
+//! kernel (before every snapshot goes on) → pod manager → admin socket.
 //! Shutdown (SIGTERM/SIGINT): stop serving and exit, leaving the pinned programs and maps in
 //! place, so enrolled pods fail closed until the next agent takes over.
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use crate::inventory::kube as kube_source;
 use crate::inventory::Snapshot;
 use crate::proxy::manager::Manager;
 use crate::proxy::tls::TlsSource;
-use crate::redirect::{events, Datapath};
+use crate::redirect::{events, mesh, Datapath};
 use crate::{cgroups, sys};
 
 /// `ambit run`.
@@ -86,9 +87,13 @@ async fn serve(
     log: LogControl,
 ) -> anyhow::Result<()> {
     tokio::spawn(events::drain(ring));
-    let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let (raw_tx, mut raw_rx) = watch::channel(Arc::new(Snapshot::default()));
     let reloads = Arc::new(ReloadStats::default());
-    let pod_map = start_inventory(&cfg, tx, reloads.clone()).await?;
+    let pod_map = start_inventory(&cfg, raw_tx, reloads.clone()).await?;
+    // The kernel's mesh destinations follow each snapshot before anything else sees it.
+    let (first, report) = mesh::sync_current(&datapath, &mut raw_rx, None).await;
+    let (tx, rx) = watch::channel(first);
+    tokio::spawn(mesh::follow(datapath.clone(), raw_rx, tx, report));
     let (tls, certs) = match identities(&cfg)? {
         Some((tls, certs)) => (Some(tls), Some(certs)),
         None => {

@@ -183,6 +183,22 @@ pub enum LogFormat {
     Json,
 }
 
+/// `capture:` — which outbound connections of enrolled pods the kernel sends to the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Capture {
+    /// Only connects to mesh destinations (enrolled pods' addresses on any node, Service
+    /// virtual IPs) go through the agent; anything else goes straight out of the pod, as the
+    /// agent's plaintext pass-through would have sent it. `false`: every connect is captured.
+    pub mesh_only: bool,
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        Self { mesh_only: true }
+    }
+}
+
 /// The agent's configuration (`ambit run --config FILE`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -233,6 +249,9 @@ pub struct Config {
     /// Agent ports inside each pod.
     #[serde(default)]
     pub ports: Ports,
+    /// What the kernel captures (`meshOnly`).
+    #[serde(default)]
+    pub capture: Capture,
     /// Log output format.
     #[serde(default)]
     pub log_format: LogFormat,
@@ -370,6 +389,24 @@ mod tests {
         assert_eq!(cfg.outbound_mark, 0x539);
         assert_eq!(cfg.trust_domain, "cluster.local");
         assert_eq!(cfg.agent_cgroup.as_deref(), Some(Path::new("pods/agent")));
+        assert!(cfg.capture.mesh_only, "mesh-only capture is the default");
+    }
+
+    #[test]
+    fn capture_mesh_only_can_be_turned_off() {
+        let cfg = Config::parse(
+            Path::new("a.yaml"),
+            "node: n1\ninventory: /x\ncapture:\n  meshOnly: false\n",
+        )
+        .unwrap();
+        assert!(!cfg.capture.mesh_only);
+        let err = Config::parse(
+            Path::new("a.yaml"),
+            "node: n1\ninventory: /x\ncapture:\n  meshonly: false\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("capture"), "{err}");
     }
 
     #[test]

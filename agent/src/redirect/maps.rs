@@ -17,9 +17,19 @@ pub const MAX_SKIP_CIDRS: usize = 8;
 pub const POD_F_CAPTURE_OUT: u32 = 0x1;
 /// `AMB_POD_F_CAPTURE_IN`.
 pub const POD_F_CAPTURE_IN: u32 = 0x2;
+/// `AMB_POD_F_MESH_ONLY`: connect4/6 redirect only destinations listed in `amb_mesh_dsts`.
+pub const POD_F_MESH_ONLY: u32 = 0x4;
+/// `AMB_MAX_MESH_DSTS`: capacity of `amb_mesh_dsts`.
+pub const MAX_MESH_DSTS: usize = 65536;
+/// `AMB_MESH_DST_POD`: an enrolled pod's address.
+pub const MESH_DST_POD: u32 = 0x1;
+/// `AMB_MESH_DST_VIP`: a Service virtual IP.
+pub const MESH_DST_VIP: u32 = 0x2;
+/// `AMB_MESH_DST_ALL`: the wildcard entry (all-zero key): every destination is captured.
+pub const MESH_DST_ALL: u32 = 0x4;
 
 /// Names of the `AMB_STAT_*` counters, by index (`AMB_STAT_MAX` entries).
-pub const STAT_NAMES: [&str; 21] = [
+pub const STAT_NAMES: [&str; 22] = [
     "connect4_redirect",
     "connect6_redirect",
     "connect_exempt_mark",
@@ -41,6 +51,7 @@ pub const STAT_NAMES: [&str; 21] = [
     "lookup_assign_fail",
     "events_lost",
     "bind_denied",
+    "connect_passthrough",
 ];
 
 /// `AMB_EVENT_*` kinds.
@@ -103,8 +114,9 @@ pub struct AmbPodStats {
     pub bypassed: u64,
     pub dropped: u64,
     pub bind_denied: u64,
+    pub passthrough: u64,
     #[serde(skip)]
-    pub _reserved: [u64; 2],
+    pub _reserved: [u64; 1],
 }
 
 /// `struct amb_orig_dst`.
@@ -131,7 +143,7 @@ pub struct AmbConnKey {
 
 /// `struct amb_addr_key`.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct AmbAddrKey {
     pub addr: [u32; 4],
     pub family: u8,
@@ -260,6 +272,29 @@ impl AmbAddrKey {
             family,
             ..Default::default()
         }
+    }
+}
+
+impl AmbAddrKey {
+    /// The `amb_mesh_dsts` key of a destination address, as connect4/6 build it: a v4-mapped
+    /// IPv6 address is folded to IPv4 (connect6 records dual-stack dials as IPv4).
+    pub fn destination(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V6(v6) => Self::new(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)),
+            v4 => Self::new(v4),
+        }
+    }
+
+    /// The wildcard key of `amb_mesh_dsts` (family 0, all zero).
+    pub const WILDCARD: Self = Self {
+        addr: [0; 4],
+        family: 0,
+        _pad: [0; 3],
+    };
+
+    /// The address of this key; `None` for the wildcard or an unknown family.
+    pub fn ip(&self) -> Option<IpAddr> {
+        words_addr(self.family, self.addr)
     }
 }
 

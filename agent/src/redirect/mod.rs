@@ -9,6 +9,7 @@
 //! - On restart, new links are attached before the old pins are removed, so capture never lapses.
 pub mod events;
 pub mod maps;
+pub mod mesh;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -148,6 +149,9 @@ pub struct Datapath {
     bpf: Mutex<Ebpf>,
     maps: Mutex<Maps>,
     bypass: Mutex<BpfHashMap<MapData, AmbBypassKey, u32>>,
+    mesh: Mutex<mesh::MeshDsts>,
+    /// `capture.meshOnly`: enrolled pods get `POD_F_MESH_ONLY`.
+    mesh_only: bool,
     links_dir: PathBuf,
     lookup_links: Mutex<HashMap<u64, PinnedLink>>,
     // Held so the cgroup links stay pinned by this process as well.
@@ -306,11 +310,14 @@ impl Datapath {
             stats: take_map(&mut bpf, "amb_stats")?,
         };
         let bypass = take_map(&mut bpf, "amb_bypass")?;
+        let mesh = mesh::MeshDsts::new(take_map(&mut bpf, "amb_mesh_dsts")?);
         let events: RingBuf<MapData> = take_map(&mut bpf, "amb_events")?;
         let dp = Self {
             bpf: Mutex::new(bpf),
             maps: Mutex::new(maps),
             bypass: Mutex::new(bypass),
+            mesh: Mutex::new(mesh),
+            mesh_only: cfg.capture.mesh_only,
             links_dir,
             lookup_links: Mutex::new(HashMap::new()),
             _cgroup_links: links,
@@ -370,8 +377,12 @@ impl Datapath {
                     .insert(AmbAddrKey::new(*ip), entry.netns_cookie, 0)
                     .map_err(op_err("amb_pod_addrs", "insert"))?;
             }
+            let mut pod = entry.pod;
+            if self.mesh_only && pod.flags & maps::POD_F_CAPTURE_OUT != 0 {
+                pod.flags |= maps::POD_F_MESH_ONLY;
+            }
             m.pods
-                .insert(entry.netns_cookie, entry.pod, 0)
+                .insert(entry.netns_cookie, pod, 0)
                 .map_err(op_err("amb_pods", "insert"))?;
         }
         let name = "lookup_steer";

@@ -20,6 +20,7 @@ mod kubelet_cgroups;
 mod load;
 mod loops;
 mod outbound;
+mod passthrough;
 mod peer_auth;
 mod privilege;
 mod restart;

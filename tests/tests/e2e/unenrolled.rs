@@ -104,9 +104,11 @@ fn enrollment_follows_inventory_changes_without_restart(mut tb: Testbed) {
         "node1 never enrolled outsider: {}",
         tb.status("node1").unwrap().0["pods"]
     );
+    // Mesh-only capture: the enrolled outsider's connects to a mesh pod are captured...
+    let server = IpAddr::V4(tb.pod("server").ipv4);
     let redirects = tb.kernel_counter("node1", "connect4_redirect");
     let echo = tb
-        .request("outsider", legacy, ECHO_PORT, Some("now captured"))
+        .request("outsider", server, ECHO_PORT, Some("now captured"))
         .unwrap();
     assert_eq!(echo.data(), "now captured", "{echo:?}");
     assert_eq!(
@@ -114,11 +116,25 @@ fn enrollment_follows_inventory_changes_without_restart(mut tb: Testbed) {
         redirects + 1
     );
     assert_eq!(tb.pod_counter("node1", "outsider", "redirected"), 1);
+    let peer = tb.request("outsider", server, PEER_PORT, None).unwrap();
+    assert!(
+        peer.data().starts_with(&format!("peer={outsider}:")),
+        "{peer:?}"
+    );
+    // ... and those to the unenrolled legacy pass the kernel straight through, counted.
+    let redirects = tb.kernel_counter("node1", "connect4_redirect");
+    let passed = tb.kernel_counter("node1", "connect_passthrough");
     let peer = tb.request("outsider", legacy, PEER_PORT, None).unwrap();
     assert!(
         peer.data().starts_with(&format!("peer={outsider}:")),
         "{peer:?}"
     );
+    assert_eq!(tb.kernel_counter("node1", "connect4_redirect"), redirects);
+    assert_eq!(
+        tb.kernel_counter("node1", "connect_passthrough"),
+        passed + 1
+    );
+    assert_eq!(tb.pod_counter("node1", "outsider", "passthrough"), 1);
 
     tb.set_enrolled("outsider", false).unwrap();
     assert_eventually!(
@@ -128,13 +144,19 @@ fn enrollment_follows_inventory_changes_without_restart(mut tb: Testbed) {
         tb.status("node1").unwrap().0["pods"]
     );
     let redirects = tb.kernel_counter("node1", "connect4_redirect");
+    let passed = tb.kernel_counter("node1", "connect_passthrough");
     let echo = tb
-        .request("outsider", legacy, ECHO_PORT, Some("plain again"))
+        .request("outsider", server, ECHO_PORT, Some("plain again"))
         .unwrap();
     assert_eq!(echo.data(), "plain again", "{echo:?}");
     assert_eq!(
         tb.kernel_counter("node1", "connect4_redirect"),
         redirects,
         "unenrolled pod still captured"
+    );
+    assert_eq!(
+        tb.kernel_counter("node1", "connect_passthrough"),
+        passed,
+        "unenrolled pod still counted"
     );
 }

@@ -51,6 +51,11 @@ fn rust_mirror_matches_c_header() {
         ("AMB_STAT_MAX", STAT_NAMES.len()),
         ("AMB_MAX_SKIP_PORTS", MAX_SKIP_PORTS),
         ("AMB_MAX_SKIP_CIDRS", MAX_SKIP_CIDRS),
+        ("AMB_MAX_MESH_DSTS", MAX_MESH_DSTS),
+        ("AMB_POD_F_MESH_ONLY", POD_F_MESH_ONLY as usize),
+        ("AMB_MESH_DST_POD", MESH_DST_POD as usize),
+        ("AMB_MESH_DST_VIP", MESH_DST_VIP as usize),
+        ("AMB_MESH_DST_ALL", MESH_DST_ALL as usize),
     ];
     for (name, size) in rust_sizes {
         assert_eq!(sizes.get(*name), Some(size), "{name}: C vs Rust");
@@ -71,6 +76,10 @@ fn rust_mirror_matches_c_header() {
         (
             "amb_pod_stats.bind_denied",
             field!(AmbPodStats, bind_denied),
+        ),
+        (
+            "amb_pod_stats.passthrough",
+            field!(AmbPodStats, passthrough),
         ),
         ("amb_orig_dst.addr", field!(AmbOrigDst, addr)),
         ("amb_orig_dst.port", field!(AmbOrigDst, port)),
@@ -137,6 +146,7 @@ fn embedded_object_has_every_map_with_rust_sizes() {
         ("amb_listeners", size_of::<AmbListenerKey>(), 4),
         ("amb_bypass", size_of::<AmbBypassKey>(), 4),
         ("amb_stats", 4, 8),
+        ("amb_mesh_dsts", size_of::<AmbAddrKey>(), 4),
     ];
     for (name, key, value) in expect {
         let map = obj
@@ -169,6 +179,32 @@ fn conn_key_folds_v4_mapped_clients() {
     let a = AmbConnKey::new(7, "[::ffff:127.0.0.1]:4000".parse().unwrap());
     let b = AmbConnKey::new(7, "127.0.0.1:4000".parse().unwrap());
     assert_eq!(a, b);
+}
+
+#[test]
+fn mesh_dst_keys_match_what_connect4_and_connect6_look_up() {
+    // connect4: family AF_INET, user_ip4 (network order) in word 0, the rest zero.
+    let k = AmbAddrKey::destination("10.1.2.3".parse().unwrap());
+    assert_eq!(k.family, AF_INET);
+    assert_eq!(k.addr[0].to_ne_bytes(), [10, 1, 2, 3]);
+    assert_eq!(&k.addr[1..], &[0, 0, 0]);
+    assert_eq!(k._pad, [0; 3]);
+    // connect6 folds a v4-mapped destination to the same IPv4 key.
+    let mapped = AmbAddrKey::destination("::ffff:10.1.2.3".parse().unwrap());
+    assert_eq!(mapped, k);
+    // A real IPv6 address keeps all four words, in network order.
+    let v6 = AmbAddrKey::destination("fd00:1::2".parse().unwrap());
+    assert_eq!(v6.family, AF_INET6);
+    assert_eq!(v6.addr[0].to_ne_bytes(), [0xfd, 0, 0, 1]);
+    assert_eq!(v6.addr[3].to_ne_bytes(), [0, 0, 0, 2]);
+    assert_eq!(v6.ip(), Some("fd00:1::2".parse().unwrap()));
+    // The wildcard is the all-zero key and names no address.
+    assert_eq!(AmbAddrKey::WILDCARD, AmbAddrKey::default());
+    assert_eq!(AmbAddrKey::WILDCARD.ip(), None);
+    assert_ne!(
+        AmbAddrKey::destination("0.0.0.0".parse().unwrap()),
+        AmbAddrKey::WILDCARD
+    );
 }
 
 #[test]

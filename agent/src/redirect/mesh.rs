@@ -1,0 +1,286 @@
+//! Mesh destinations: the addresses that mesh-only pods' connects must take through the agent (`amb_mesh_dsts`), kept in line with the inventory.
+//!
+//! With `capture.meshOnly` (the default), connect4/6 redirect an enrolled pod's connect only
+//! when its destination is listed here; anything else goes straight to the destination, from
+//! the pod's own address, as the agent's plaintext pass-through would have sent it.
+//!
+//! Invariants:
+//! - The list is every destination for which the agent's routing can decide anything but
+//!   plaintext pass-through to the address the app dialled: every enrolled pod's address on any
+//!   node (tunnel, or PeerAuthentication/DestinationRule decisions) and every Service virtual
+//!   IP (only the agent resolves it; there is no kube-proxy; an empty or unknown port is refused).
+//! - Every snapshot is written to the kernel before the pod manager or the proxies see it
+//!   ([`follow`]): a pod is never enrolled mesh-only against a list that lacks a destination the
+//!   same snapshot puts in the mesh.
+//! - When the list does not fit, the wildcard entry (all-zero key) makes connect4/6 capture
+//!   every destination again: an incomplete list costs speed, never a bypass of the mesh.
+//! - The map is pinned: after the agent dies the last list stays, so mesh destinations fail
+//!   closed (the redirect meets no listener) while other destinations keep working.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use tokio::sync::watch;
+
+use super::maps::{AmbAddrKey, MAX_MESH_DSTS, MESH_DST_ALL, MESH_DST_POD, MESH_DST_VIP};
+use super::{ignore_missing, lock, Datapath};
+use crate::inventory::Snapshot;
+
+/// Addresses that must go through the agent, with the `MESH_DST_*` bits saying why.
+pub fn destinations(snap: &Snapshot) -> HashMap<AmbAddrKey, u32> {
+    let mut d: HashMap<AmbAddrKey, u32> = HashMap::new();
+    for w in snap.workloads.values().filter(|w| w.enrolled) {
+        for ip in &w.ips {
+            *d.entry(AmbAddrKey::destination(*ip)).or_default() |= MESH_DST_POD;
+        }
+    }
+    for s in snap.services.values() {
+        for ip in &s.vips {
+            *d.entry(AmbAddrKey::destination(*ip)).or_default() |= MESH_DST_VIP;
+        }
+    }
+    d
+}
+
+/// What one sync changes in the kernel map.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Entries to write (new, or with other bits), in address order.
+    pub put: Vec<(AmbAddrKey, u32)>,
+    /// Entries to delete, in address order (never the wildcard: [`MeshDsts::sync`] decides it).
+    pub remove: Vec<AmbAddrKey>,
+}
+
+/// The difference between the `installed` map and the `desired` list.
+pub fn plan(installed: &HashMap<AmbAddrKey, u32>, desired: &HashMap<AmbAddrKey, u32>) -> Plan {
+    let order = |k: &AmbAddrKey| (k.family, k.addr.map(u32::from_be));
+    let mut put: Vec<(AmbAddrKey, u32)> = desired
+        .iter()
+        .filter(|(k, v)| installed.get(*k) != Some(*v))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    put.sort_by_key(|(k, _)| order(k));
+    let mut remove: Vec<AmbAddrKey> = installed
+        .keys()
+        .filter(|k| **k != AmbAddrKey::WILDCARD && !desired.contains_key(*k))
+        .copied()
+        .collect();
+    remove.sort_by_key(order);
+    Plan { put, remove }
+}
+
+/// The outcome of one sync.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Entries written.
+    pub put: usize,
+    /// Entries deleted.
+    pub removed: usize,
+    /// Destinations listed after the sync (without the wildcard).
+    pub entries: usize,
+    /// Destinations that could not be written or deleted.
+    pub failed: usize,
+    /// Whether the wildcard is set: mesh-only pods capture everything.
+    pub wildcard: bool,
+}
+
+/// The kernel map as [`MeshDsts`] uses it (a fake in unit tests).
+pub trait DstMap: Send {
+    /// Writes one entry.
+    fn put(&mut self, k: AmbAddrKey, v: u32) -> Result<(), MapError>;
+    /// Deletes one entry.
+    fn delete(&mut self, k: &AmbAddrKey) -> Result<(), MapError>;
+}
+
+impl DstMap for BpfHashMap<MapData, AmbAddrKey, u32> {
+    fn put(&mut self, k: AmbAddrKey, v: u32) -> Result<(), MapError> {
+        self.insert(k, v, 0)
+    }
+    fn delete(&mut self, k: &AmbAddrKey) -> Result<(), MapError> {
+        self.remove(k)
+    }
+}
+
+/// `amb_mesh_dsts` and what this agent last wrote to it.
+pub struct MeshDsts<M = BpfHashMap<MapData, AmbAddrKey, u32>> {
+    map: M,
+    installed: HashMap<AmbAddrKey, u32>,
+    capacity: usize,
+}
+
+impl MeshDsts {
+    /// Wraps the (possibly pinned, non-empty) map, reading what it holds.
+    pub fn new(map: BpfHashMap<MapData, AmbAddrKey, u32>) -> Self {
+        let installed = map.iter().filter_map(Result::ok).collect();
+        Self::with(map, installed, MAX_MESH_DSTS)
+    }
+}
+
+impl<M: DstMap> MeshDsts<M> {
+    /// A list over `map`, which holds `installed` and has room for `capacity` entries.
+    pub fn with(map: M, installed: HashMap<AmbAddrKey, u32>, capacity: usize) -> Self {
+        Self {
+            map,
+            installed,
+            capacity,
+        }
+    }
+
+    /// Brings the map in line with `desired`: deletions first (they free room), then writes; the
+    /// wildcard is set when anything is missing and cleared once the list is complete.
+    pub fn sync(&mut self, desired: &HashMap<AmbAddrKey, u32>) -> SyncReport {
+        let p = plan(&self.installed, desired);
+        let mut r = SyncReport::default();
+        for k in p.remove {
+            match ignore_missing(self.map.delete(&k)) {
+                Ok(()) => {
+                    self.installed.remove(&k);
+                    r.removed += 1;
+                }
+                Err(e) => {
+                    r.failed += 1;
+                    tracing::warn!(dst = ?k.ip(), error = %e, "cannot delete a mesh destination");
+                }
+            }
+        }
+        // One slot stays free for the wildcard.
+        let room = self.capacity.saturating_sub(1);
+        for (k, v) in p.put {
+            let new = !self.installed.contains_key(&k);
+            let listed = self.listed();
+            if new && listed >= room {
+                r.failed += 1;
+                continue;
+            }
+            match self.map.put(k, v) {
+                Ok(()) => {
+                    self.installed.insert(k, v);
+                    r.put += 1;
+                }
+                Err(e) => {
+                    r.failed += 1;
+                    tracing::warn!(dst = ?k.ip(), error = %e, "cannot list a mesh destination");
+                }
+            }
+        }
+        let missing = desired
+            .iter()
+            .filter(|(k, v)| self.installed.get(*k) != Some(*v))
+            .count();
+        r.wildcard = if missing > 0 {
+            self.set_wildcard()
+        } else {
+            self.clear_wildcard();
+            self.installed.contains_key(&AmbAddrKey::WILDCARD)
+        };
+        r.entries = self.listed();
+        r
+    }
+
+    /// Destinations listed, without the wildcard.
+    fn listed(&self) -> usize {
+        self.installed.len() - usize::from(self.installed.contains_key(&AmbAddrKey::WILDCARD))
+    }
+
+    fn set_wildcard(&mut self) -> bool {
+        if self.installed.contains_key(&AmbAddrKey::WILDCARD) {
+            return true;
+        }
+        match self.map.put(AmbAddrKey::WILDCARD, MESH_DST_ALL) {
+            Ok(()) => {
+                self.installed.insert(AmbAddrKey::WILDCARD, MESH_DST_ALL);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set the capture-everything entry of amb_mesh_dsts: mesh-only pods may reach unlisted mesh destinations directly");
+                false
+            }
+        }
+    }
+
+    fn clear_wildcard(&mut self) {
+        if !self.installed.contains_key(&AmbAddrKey::WILDCARD) {
+            return;
+        }
+        match ignore_missing(self.map.delete(&AmbAddrKey::WILDCARD)) {
+            Ok(()) => {
+                self.installed.remove(&AmbAddrKey::WILDCARD);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot clear the capture-everything entry of amb_mesh_dsts")
+            }
+        }
+    }
+}
+
+impl Datapath {
+    /// Brings `amb_mesh_dsts` in line with `snap`.
+    pub fn sync_mesh(&self, snap: &Snapshot) -> SyncReport {
+        lock(&self.mesh).sync(&destinations(snap))
+    }
+
+    /// The destinations listed in `amb_mesh_dsts` (as this agent wrote them), with their bits.
+    pub fn mesh_dsts(&self) -> Vec<(AmbAddrKey, u32)> {
+        let m = lock(&self.mesh);
+        let mut v: Vec<_> = m.installed.iter().map(|(k, v)| (*k, *v)).collect();
+        v.sort_by_key(|(k, _)| (k.family, k.addr.map(u32::from_be)));
+        v
+    }
+}
+
+/// Syncs the kernel list with the current snapshot of `raw` and returns that snapshot.
+pub async fn sync_current(
+    dp: &Arc<Datapath>,
+    raw: &mut watch::Receiver<Arc<Snapshot>>,
+    last: Option<SyncReport>,
+) -> (Arc<Snapshot>, SyncReport) {
+    let snap = raw.borrow_and_update().clone();
+    let (d, s) = (dp.clone(), snap.clone());
+    let report = match tokio::task::spawn_blocking(move || d.sync_mesh(&s)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "mesh destination sync task failed");
+            SyncReport {
+                failed: 1,
+                ..SyncReport::default()
+            }
+        }
+    };
+    let changed =
+        report.put + report.removed > 0 || last.is_none_or(|l| l.wildcard != report.wildcard);
+    if report.failed > 0 {
+        tracing::warn!(
+            listed = report.entries,
+            failed = report.failed,
+            capture_all = report.wildcard,
+            "mesh destination list incomplete"
+        );
+    } else if changed {
+        tracing::info!(
+            listed = report.entries,
+            added = report.put,
+            removed = report.removed,
+            capture_all = report.wildcard,
+            "mesh destinations synced"
+        );
+    }
+    (snap, report)
+}
+
+/// Forwards each snapshot of `raw` to `tx` once the kernel list reflects it, until `raw`'s
+/// sender goes away (then `tx` drops and its receivers see the end).
+pub async fn follow(
+    dp: Arc<Datapath>,
+    mut raw: watch::Receiver<Arc<Snapshot>>,
+    tx: watch::Sender<Arc<Snapshot>>,
+    mut last: SyncReport,
+) {
+    while raw.changed().await.is_ok() {
+        let (snap, report) = sync_current(&dp, &mut raw, Some(last)).await;
+        last = report;
+        tx.send_replace(snap);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,241 @@
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use super::*;
+use crate::inventory::services::{Endpoint, Service};
+use crate::inventory::Workload;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn key(s: &str) -> AmbAddrKey {
+    AmbAddrKey::destination(ip(s))
+}
+
+fn pod(name: &str, node: &str, enrolled: bool, ips: &[&str]) -> Workload {
+    Workload {
+        name: name.into(),
+        namespace: "default".into(),
+        service_account: name.into(),
+        node: node.into(),
+        ips: ips.iter().map(|i| ip(i)).collect(),
+        labels: BTreeMap::new(),
+        enrolled,
+        netns: None,
+        cgroup: None,
+        skip_ports: vec![],
+        skip_cidrs: vec![],
+    }
+}
+
+fn service(name: &str, vips: &[&str], endpoints: &[&str]) -> Service {
+    Service {
+        name: name.into(),
+        namespace: "default".into(),
+        vips: vips.iter().map(|i| ip(i)).collect(),
+        ports: BTreeMap::new(),
+        endpoints: endpoints
+            .iter()
+            .map(|e| Endpoint {
+                ip: ip(e),
+                ready: true,
+                ports: BTreeMap::new(),
+            })
+            .collect(),
+    }
+}
+
+fn snapshot(pods: Vec<Workload>, services: Vec<Service>) -> Snapshot {
+    Snapshot {
+        workloads: pods.into_iter().map(|w| (w.key(), w)).collect(),
+        services: services.into_iter().map(|s| (s.key(), s)).collect(),
+        ..Snapshot::default()
+    }
+}
+
+#[test]
+fn enrolled_pods_on_every_node_and_every_vip_are_mesh_destinations() {
+    let snap = snapshot(
+        vec![
+            pod("client", "node1", true, &["10.1.0.2", "fd00:1::2"]),
+            pod("server", "node2", true, &["10.2.0.2", "fd00:2::2"]),
+            pod("legacy", "node2", false, &["10.2.0.3", "fd00:2::3"]),
+        ],
+        vec![
+            // A Service over a mesh pod, and one over an unenrolled pod only: both VIPs exist
+            // only in the agent (no kube-proxy), so both must be captured.
+            service("web", &["10.96.0.10", "fd00:96::10"], &["10.2.0.2"]),
+            service("old", &["10.96.0.30"], &["10.2.0.3"]),
+        ],
+    );
+    let d = destinations(&snap);
+    for a in ["10.1.0.2", "fd00:1::2", "10.2.0.2", "fd00:2::2"] {
+        assert_eq!(d.get(&key(a)), Some(&MESH_DST_POD), "{a}");
+    }
+    for a in ["10.96.0.10", "fd00:96::10", "10.96.0.30"] {
+        assert_eq!(d.get(&key(a)), Some(&MESH_DST_VIP), "{a}");
+    }
+    for a in ["10.2.0.3", "fd00:2::3", "8.8.8.8"] {
+        assert!(!d.contains_key(&key(a)), "{a} is outside the mesh");
+    }
+    assert_eq!(d.len(), 7);
+    assert!(!d.contains_key(&AmbAddrKey::WILDCARD));
+}
+
+#[test]
+fn an_address_that_is_both_pod_and_vip_carries_both_bits() {
+    let snap = snapshot(
+        vec![pod("a", "node1", true, &["10.1.0.9"])],
+        vec![service("odd", &["10.1.0.9"], &[])],
+    );
+    assert_eq!(
+        destinations(&snap).get(&key("10.1.0.9")),
+        Some(&(MESH_DST_POD | MESH_DST_VIP))
+    );
+}
+
+#[test]
+fn v4_mapped_inventory_addresses_fold_to_ipv4() {
+    let snap = snapshot(vec![pod("a", "node1", true, &["::ffff:10.1.0.7"])], vec![]);
+    assert!(destinations(&snap).contains_key(&key("10.1.0.7")));
+}
+
+#[test]
+fn plan_writes_new_and_changed_entries_and_removes_stale_ones_but_not_the_wildcard() {
+    let installed: HashMap<_, _> = [
+        (key("10.1.0.2"), MESH_DST_POD),
+        (key("10.1.0.3"), MESH_DST_POD),
+        (key("10.96.0.1"), MESH_DST_POD),
+        (AmbAddrKey::WILDCARD, MESH_DST_ALL),
+    ]
+    .into();
+    let desired: HashMap<_, _> = [
+        (key("10.1.0.2"), MESH_DST_POD),
+        (key("10.96.0.1"), MESH_DST_VIP),
+        (key("fd00::5"), MESH_DST_POD),
+    ]
+    .into();
+    let p = plan(&installed, &desired);
+    assert_eq!(
+        p.put,
+        vec![
+            (key("10.96.0.1"), MESH_DST_VIP),
+            (key("fd00::5"), MESH_DST_POD)
+        ]
+    );
+    assert_eq!(p.remove, vec![key("10.1.0.3")]);
+    // Idempotent: nothing to do once in line.
+    assert_eq!(plan(&desired, &desired), Plan::default());
+}
+
+/// A map with a kernel-like capacity limit that can refuse writes of one key.
+#[derive(Default)]
+struct FakeMap {
+    entries: HashMap<AmbAddrKey, u32>,
+    max: usize,
+    refuse: Option<AmbAddrKey>,
+}
+
+impl DstMap for FakeMap {
+    fn put(&mut self, k: AmbAddrKey, v: u32) -> Result<(), MapError> {
+        if self.refuse == Some(k)
+            || (!self.entries.contains_key(&k) && self.entries.len() >= self.max)
+        {
+            return Err(MapError::KeyNotFound);
+        }
+        self.entries.insert(k, v);
+        Ok(())
+    }
+    fn delete(&mut self, k: &AmbAddrKey) -> Result<(), MapError> {
+        self.entries
+            .remove(k)
+            .map(|_| ())
+            .ok_or(MapError::KeyNotFound)
+    }
+}
+
+fn fake(max: usize) -> MeshDsts<FakeMap> {
+    MeshDsts::with(
+        FakeMap {
+            max,
+            ..FakeMap::default()
+        },
+        HashMap::new(),
+        max,
+    )
+}
+
+fn desired(addrs: &[&str]) -> HashMap<AmbAddrKey, u32> {
+    addrs.iter().map(|a| (key(a), MESH_DST_POD)).collect()
+}
+
+#[test]
+fn sync_follows_the_inventory_and_is_idempotent() {
+    let mut m = fake(16);
+    let r = m.sync(&desired(&["10.1.0.2", "10.2.0.2"]));
+    assert_eq!(
+        (r.put, r.removed, r.entries, r.failed, r.wildcard),
+        (2, 0, 2, 0, false)
+    );
+    assert_eq!(m.map.entries, desired(&["10.1.0.2", "10.2.0.2"]));
+    // The same snapshot again: no writes.
+    assert_eq!(m.sync(&desired(&["10.1.0.2", "10.2.0.2"])).put, 0);
+    // A pod leaves, another joins.
+    let r = m.sync(&desired(&["10.2.0.2", "10.2.0.3"]));
+    assert_eq!((r.put, r.removed, r.entries), (1, 1, 2));
+    assert_eq!(m.map.entries, desired(&["10.2.0.2", "10.2.0.3"]));
+}
+
+#[test]
+fn sync_removes_what_a_previous_agent_left_in_the_pinned_map() {
+    let left: HashMap<_, _> = desired(&["10.9.9.9"]);
+    let mut m = MeshDsts::with(
+        FakeMap {
+            entries: left.clone(),
+            max: 8,
+            refuse: None,
+        },
+        left,
+        8,
+    );
+    m.sync(&desired(&["10.1.0.2"]));
+    assert_eq!(m.map.entries, desired(&["10.1.0.2"]));
+}
+
+#[test]
+fn a_list_that_does_not_fit_captures_everything_until_it_fits_again() {
+    // Room for 3 entries: 2 destinations and the wildcard.
+    let mut m = fake(3);
+    let r = m.sync(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+    assert!(r.wildcard, "{r:?}");
+    assert_eq!((r.entries, r.failed), (2, 1));
+    assert_eq!(
+        m.map.entries.get(&AmbAddrKey::WILDCARD),
+        Some(&MESH_DST_ALL)
+    );
+    // It fits again: the wildcard goes, the list is complete.
+    let r = m.sync(&desired(&["10.0.0.1", "10.0.0.3"]));
+    assert!(!r.wildcard, "{r:?}");
+    assert_eq!(m.map.entries, desired(&["10.0.0.1", "10.0.0.3"]));
+}
+
+#[test]
+fn a_failed_write_sets_the_wildcard_instead_of_leaving_a_gap() {
+    let mut m = fake(8);
+    m.sync(&desired(&["10.0.0.1"]));
+    m.map.refuse = Some(key("10.0.0.2"));
+    let r = m.sync(&desired(&["10.0.0.1", "10.0.0.2"]));
+    assert_eq!((r.failed, r.wildcard), (1, true), "{r:?}");
+    assert!(m.map.entries.contains_key(&AmbAddrKey::WILDCARD));
+    // Transient failure: the next sync completes the list and clears the wildcard.
+    m.map.refuse = None;
+    let r = m.sync(&desired(&["10.0.0.1", "10.0.0.2"]));
+    assert_eq!((r.put, r.failed, r.wildcard), (1, 0, false), "{r:?}");
+    assert_eq!(m.map.entries, desired(&["10.0.0.1", "10.0.0.2"]));
+    // If even the wildcard cannot be written, the sync says so.
+    m.map.refuse = Some(AmbAddrKey::WILDCARD);
+    m.map.max = 2;
+    let r = m.sync(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+    assert_eq!((r.failed, r.wildcard), (1, false), "{r:?}");
+}
