@@ -158,7 +158,12 @@ fn verdict(
         return format!("refused by the source agent: {reason}");
     }
     let Some(inb) = inbound else {
-        return "plaintext to a destination outside the mesh".into();
+        // With `capture.meshOnly` (the default) the kernel does not redirect a connect to an
+        // address outside the mesh list (agent/src/redirect/mesh.rs) at all.
+        return "plaintext to a destination outside the mesh (a Service address through the \
+                agent; any other address connected directly by the kernel under \
+                capture.meshOnly, the default)"
+            .into();
     };
     if !tunnelled && inb.peer_authentication.mode == Effective::Strict {
         let by = inb.peer_authentication.policy.as_deref().unwrap_or("?");
