@@ -52,6 +52,14 @@ const TOOLS: &[&str] = &[
     "cat",
 ];
 
+/// The CNI reference plugins `cni_traffic` chains before `ambit-cni` (Debian's
+/// containernetworking-plugins, a prerequisite of `cargo xtask test`).
+const CNI_PLUGINS: &[&str] = &[
+    "/usr/lib/cni/loopback",
+    "/usr/lib/cni/bridge",
+    "/usr/lib/cni/host-local",
+];
+
 /// Tests a debug agent cannot pass at TCG's speed, by full name (so that `--skip` also holds
 /// with `--exact`), with the reason; skipped when qemu emulates without `--release`, run anyway
 /// with `--no-skip`. With `--release` they pass under TCG (seen on 6.1).
@@ -287,6 +295,10 @@ fn base_tree(
     for tool in TOOLS {
         tree.host_binary(&host_command(tool)?)
             .with_context(|| format!("packing {tool}"))?;
+    }
+    for plugin in CNI_PLUGINS {
+        tree.host_binary(Path::new(plugin))
+            .with_context(|| format!("packing the CNI plugin {plugin}"))?;
     }
     add_python(&mut tree)?;
     add_etc(&mut tree)?;
