@@ -2,6 +2,7 @@
 #![no_main]
 use std::time::Duration;
 
+use ambit::identity::SpiffeId;
 use ambit::tunnel::server::{serve_h2, PendingConnect, ServerLimits};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -14,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let (_drain_tx, drain_rx) = tokio::sync::watch::channel(false);
-        let id = "spiffe://cluster.local/ns/fuzz/sa/client"
+        let id: SpiffeId = "spiffe://cluster.local/ns/fuzz/sa/client"
             .parse()
             .expect("constant identity");
         let peer = "10.1.0.2:40000".parse().expect("constant address");

@@ -50,6 +50,8 @@ const TOOLS: &[&str] = &[
     "tcpdump",
     "sha256sum",
     "cat",
+    "bpftool",
+    "prlimit",
 ];
 
 /// The CNI reference plugins `cni_traffic` chains before `ambit-cni` (Debian's
