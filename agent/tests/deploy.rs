@@ -22,9 +22,9 @@ use serde_json::Value;
 
 use ambit::ca::config::{CaConfig, KeySource, DEFAULT_AUDIENCE, DEFAULT_NODE_AGENT};
 use ambit::ca::oidc::DISCOVERY_PATH;
-use ambit::config::InventorySource;
 use ambit::cli::{Cli, Command};
 use ambit::cni::{DEFAULT_POD_MAP, DEFAULT_SOCKET};
+use ambit::config::InventorySource;
 use ambit::inventory::kube::ISTIO_KINDS;
 
 fn deploy_dir() -> PathBuf {
@@ -254,7 +254,10 @@ fn ca_role_is_exactly_its_kube_inventory_and_oidc_discovery() {
             }
         }
     }
-    assert!(want.is_empty(), "ClusterRole ambit-ca lacks list/watch on {want:?}");
+    assert!(
+        want.is_empty(),
+        "ClusterRole ambit-ca lacks list/watch on {want:?}"
+    );
     // The discovery document and the API server's jwks_uri path.
     assert_eq!(
         urls,

@@ -22,6 +22,8 @@ mod status;
 pub mod token;
 
 #[cfg(test)]
+mod cluster_tests;
+#[cfg(test)]
 pub(crate) mod testing;
 
 use std::path::PathBuf;
@@ -32,11 +34,11 @@ use tokio::sync::watch;
 
 use crate::ca::config::{CaConfig, ConfigError, KeySource};
 use crate::ca::material::{Material, MaterialError, ServingNames};
+use crate::ca::oidc::{Discovery, OidcError};
 use crate::ca::server::{RunningCa, ServerError};
 use crate::ca::service::CaService;
 use crate::ca::token::{Jwks, JwksError, TokenVerifier};
 use crate::cli::CaArgs;
-use crate::ca::oidc::{Discovery, OidcError};
 use crate::config::{InventorySource, LogFormat};
 use crate::inventory;
 
@@ -168,7 +170,11 @@ async fn serve(cfg: CaConfig) -> Result<(), Error> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| Error::Status { addr, source })?;
-            Some(tokio::spawn(status::serve(listener, service.clone(), ready.clone())))
+            Some(tokio::spawn(status::serve(
+                listener,
+                service.clone(),
+                ready.clone(),
+            )))
         }
         None => None,
     };

@@ -83,7 +83,9 @@ impl Discovery {
             }
             None => kube::Config::infer().await.map_err(|e| err(e.into()))?,
         };
-        config.cluster_url = url.parse().map_err(|e: http::uri::InvalidUri| err(e.into()))?;
+        config.cluster_url = url
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| err(e.into()))?;
         let client = kube::Client::try_from(config).map_err(|e| err(e.into()))?;
         Ok(Self::with_client(client, url))
     }

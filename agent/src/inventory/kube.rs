@@ -368,6 +368,6 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 #[cfg(test)]
-mod fake_api;
+pub(crate) mod fake_api;
 #[cfg(test)]
 mod tests;
