@@ -126,7 +126,7 @@ async fn serve(cfg: CaConfig) -> Result<(), Error> {
         KeySource::JwksFile(path) => (Jwks::load(path)?, None),
         KeySource::OidcDiscovery(url) => {
             let discovery = Discovery::new(url, kubeconfig.as_deref()).await?;
-            (discovery.fetch().await?, Some(discovery))
+            (first_keys(&discovery).await?, Some(discovery))
         }
     };
     tracing::info!(keys = jwks.len(), source = ?cfg.tokens.keys, "issuer keys loaded");
@@ -202,6 +202,23 @@ async fn serve(cfg: CaConfig) -> Result<(), Error> {
         status.abort();
     }
     Ok(())
+}
+
+/// The first keys from OIDC discovery: a few tries (1, 2, 4, 8 s apart) ride out an API server
+/// that is briefly unreachable; then the last error stops the CA.
+async fn first_keys(discovery: &Discovery) -> Result<Jwks, OidcError> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match discovery.fetch().await {
+            Ok(keys) => return Ok(keys),
+            Err(error) if wait <= Duration::from_secs(8) => {
+                tracing::warn!(error = %service::chain(&error), retry.secs = wait.as_secs(), "issuer keys not fetched; retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// Starts the inventory source: the file (first load must succeed) or the Kubernetes reflectors

@@ -5,6 +5,7 @@
 //! a store or the CNI pod map changes, and every `resync` interval. Nothing is published, and
 //! `ready` stays false, until every kind has finished its first list; an Istio kind whose CRD the
 //! cluster does not serve counts as listed and empty (and is watched again with backoff).
+//! [`Options::all_nodes`] is the CA's mode: pods and namespaces only, every node's.
 mod convert;
 
 use std::collections::BTreeSet;
