@@ -20,9 +20,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use ambit::ca::config::{CaConfig, DEFAULT_AUDIENCE, DEFAULT_NODE_AGENT};
+use ambit::ca::config::{CaConfig, KeySource, DEFAULT_AUDIENCE, DEFAULT_NODE_AGENT};
+use ambit::ca::oidc::DISCOVERY_PATH;
 use ambit::cli::{Cli, Command};
 use ambit::cni::{DEFAULT_POD_MAP, DEFAULT_SOCKET};
+use ambit::config::InventorySource;
 use ambit::inventory::kube::ISTIO_KINDS;
 
 fn deploy_dir() -> PathBuf {
@@ -212,6 +214,72 @@ fn kustomizations_list_every_manifest() {
         .namespaces
         .iter()
         .any(|n| n.metadata.name.as_deref() == Some("ambit-system")));
+}
+
+#[test]
+fn ca_role_is_exactly_its_kube_inventory_and_oidc_discovery() {
+    let m = manifests();
+    let ca = CaConfig::parse(
+        Path::new("ca.yaml"),
+        m.config_maps["ambit-ca-config"].data.as_ref().unwrap()["ca.yaml"].as_str(),
+    )
+    .unwrap();
+    assert!(
+        matches!(&ca.inventory, InventorySource::Kubernetes(k) if k.kubeconfig.is_none()),
+        "the in-cluster CA reads its inventory from the API server: {}",
+        ca.inventory
+    );
+    assert!(matches!(ca.tokens.keys, KeySource::OidcDiscovery(_)));
+    // inventory::kube::Options::all_nodes() watches pods and namespaces, nothing else.
+    let mut want: BTreeSet<(String, String)> = [
+        (Pod::GROUP.into(), Pod::URL_PATH_SEGMENT.into()),
+        (Namespace::GROUP.into(), Namespace::URL_PATH_SEGMENT.into()),
+    ]
+    .into();
+    let role = &m.roles["ambit-ca"];
+    let mut urls = BTreeSet::new();
+    for r in role.rules.iter().flatten() {
+        if let Some(u) = &r.non_resource_urls {
+            assert_eq!(r.verbs, ["get"], "oidc discovery only reads");
+            urls.extend(u.iter().cloned());
+            continue;
+        }
+        assert_eq!(r.verbs, ["list", "watch"], "the CA only lists and watches");
+        for g in r.api_groups.iter().flatten() {
+            for res in r.resources.iter().flatten() {
+                assert!(
+                    want.remove(&(g.clone(), res.clone())),
+                    "ClusterRole ambit-ca grants {g}/{res}, which the CA does not watch"
+                );
+            }
+        }
+    }
+    assert!(
+        want.is_empty(),
+        "ClusterRole ambit-ca lacks list/watch on {want:?}"
+    );
+    // The discovery document and the API server's jwks_uri path.
+    assert_eq!(
+        urls,
+        BTreeSet::from([DISCOVERY_PATH.to_owned(), "/openid/v1/jwks".to_owned()])
+    );
+    let dep = m
+        .deployments
+        .iter()
+        .find(|d| d.metadata.name.as_deref() == Some("ambit-ca"))
+        .unwrap();
+    let sa = dep.spec.template.spec.as_ref().unwrap();
+    let sa = sa.service_account_name.as_deref().unwrap();
+    let binding = m
+        .bindings
+        .iter()
+        .find(|b| b.role_ref.name == "ambit-ca")
+        .unwrap();
+    let subject = &binding.subjects.as_ref().unwrap()[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        (sa, dep.metadata.namespace.as_deref())
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::LogFormat;
+use crate::config::{InventorySource, LogFormat};
 use crate::identity::TrustDomain;
 
 /// Default listen address (istiod's CA port).
@@ -34,8 +34,8 @@ pub struct CaConfig {
     pub serving_names: Vec<String>,
     /// IP addresses in the serving certificate (the listen address is added unless unspecified).
     pub serving_ips: Vec<IpAddr>,
-    /// Inventory file: which pod (identity) runs on which node.
-    pub inventory: PathBuf,
+    /// Inventory source (a file, or the Kubernetes API): which pod (identity) runs on which node.
+    pub inventory: InventorySource,
     /// How often the inventory and JWKS files are checked for changes.
     pub poll: Duration,
     /// Lifetime of a certificate when the request asks for none.
@@ -63,6 +63,8 @@ pub struct TokenConfig {
     pub node_agents: Vec<String>,
     /// Clock skew allowed on `exp` and `nbf`.
     pub leeway: Duration,
+    /// How often keys from OIDC discovery are fetched again.
+    pub jwks_refresh: Duration,
 }
 
 /// Source of the token issuer's keys.
@@ -70,7 +72,8 @@ pub struct TokenConfig {
 pub enum KeySource {
     /// A JWKS file (e.g. a copy of the API server's `/openid/v1/jwks`), reloaded on change.
     JwksFile(PathBuf),
-    /// OIDC discovery from the API server (needs a Kubernetes API server; not available yet).
+    /// OIDC discovery from the API server at this URL (`/.well-known/openid-configuration`,
+    /// then its `jwks_uri`), refreshed every [`TokenConfig::jwks_refresh`] and on an unknown key id.
     OidcDiscovery(String),
 }
 
@@ -150,6 +153,7 @@ impl CaConfig {
             ));
         }
         let root_ttl = secs("rootTtlSecs", raw.root_ttl_secs)?;
+        let jwks_refresh = secs("tokens.jwksRefreshSecs", raw.tokens.jwks_refresh_secs)?;
         let keys = match (raw.tokens.jwks_file, raw.tokens.oidc_discovery) {
             (Some(file), None) => KeySource::JwksFile(file),
             (None, Some(url)) => KeySource::OidcDiscovery(url),
@@ -160,6 +164,14 @@ impl CaConfig {
                 ))
             }
         };
+        if let KeySource::OidcDiscovery(url) = &keys {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(invalid(
+                    "tokens.oidcDiscovery",
+                    format!("{url:?} is not an http(s) url"),
+                ));
+            }
+        }
         if raw.tokens.issuer.is_empty() {
             return Err(invalid("tokens.issuer", "must not be empty".into()));
         }
@@ -206,6 +218,7 @@ impl CaConfig {
                 keys,
                 node_agents: raw.tokens.node_agents,
                 leeway: Duration::from_secs(raw.tokens.leeway_secs),
+                jwks_refresh,
             },
             status_listen: raw.status_listen,
             log_format: raw.log_format,
@@ -230,7 +243,7 @@ struct RawConfig {
     serving_names: Vec<String>,
     #[serde(default)]
     serving_ips: Vec<IpAddr>,
-    inventory: PathBuf,
+    inventory: InventorySource,
     #[serde(default = "default_poll_ms")]
     poll_ms: u64,
     #[serde(default = "default_ttl_secs")]
@@ -258,6 +271,8 @@ struct RawTokens {
     node_agents: Vec<String>,
     #[serde(default = "default_leeway_secs")]
     leeway_secs: u64,
+    #[serde(default = "default_jwks_refresh_secs")]
+    jwks_refresh_secs: u64,
 }
 
 fn default_listen() -> SocketAddr {
@@ -286,6 +301,9 @@ fn default_node_agents() -> Vec<String> {
 }
 fn default_leeway_secs() -> u64 {
     60
+}
+fn default_jwks_refresh_secs() -> u64 {
+    300
 }
 
 #[cfg(test)]
@@ -330,6 +348,52 @@ mod tests {
                 err,
                 ConfigError::Invalid {
                     field: "tokens.nodeAgents",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn inventory_accepts_a_path_or_the_kubernetes_api() {
+        let cfg = CaConfig::parse(Path::new("ca.yaml"), MINIMAL).unwrap();
+        assert_eq!(cfg.inventory, InventorySource::File("/inv.yaml".into()));
+        let text = MINIMAL.replace(
+            "inventory: /inv.yaml",
+            "inventory: {kind: kubernetes, kubeconfig: /kc}",
+        );
+        let cfg = CaConfig::parse(Path::new("ca.yaml"), &text).unwrap();
+        let InventorySource::Kubernetes(k) = cfg.inventory else {
+            panic!("not kubernetes: {:?}", cfg.inventory);
+        };
+        assert_eq!(k.kubeconfig.as_deref(), Some(Path::new("/kc")));
+        let text = MINIMAL.replace("inventory: /inv.yaml", "inventory: {kind: etcd}");
+        let err = CaConfig::parse(Path::new("ca.yaml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("inventory"), "{err}");
+    }
+
+    #[test]
+    fn parses_oidc_discovery_and_rejects_a_non_url() {
+        let text = MINIMAL.replace(
+            "  jwksFile: /jwks.json",
+            "  oidcDiscovery: https://kubernetes.default.svc\n  jwksRefreshSecs: 30",
+        );
+        let cfg = CaConfig::parse(Path::new("ca.yaml"), &text).unwrap();
+        assert_eq!(
+            cfg.tokens.keys,
+            KeySource::OidcDiscovery("https://kubernetes.default.svc".into())
+        );
+        assert_eq!(cfg.tokens.jwks_refresh, Duration::from_secs(30));
+        let text = MINIMAL.replace("  jwksFile: /jwks.json", "  oidcDiscovery: kubernetes");
+        let err = CaConfig::parse(Path::new("ca.yaml"), &text).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    field: "tokens.oidcDiscovery",
                     ..
                 }
             ),

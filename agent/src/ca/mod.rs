@@ -6,18 +6,23 @@
 //! server does (testbed, tests).
 //!
 //! Startup order in [`run`]: config → logging → root material (generated if asked) → issuer
-//! keys → first inventory load (must succeed: a CA that cannot authorize anyone is useless) →
-//! listener → watchers (inventory, JWKS) → serve until SIGTERM/SIGINT.
+//! keys (a JWKS file, or OIDC discovery from the API server) → first inventory load from a file
+//! (must succeed: a CA that cannot authorize anyone is useless), or the Kubernetes reflectors
+//! (`/status` answers 503 until their first full sync) → listener → watchers (inventory, keys)
+//! → serve until SIGTERM/SIGINT.
 pub mod client;
 pub mod config;
 pub mod issuer;
 pub mod material;
+pub mod oidc;
 pub mod proto;
 pub mod server;
 pub mod service;
 mod status;
 pub mod token;
 
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -29,11 +34,12 @@ use tokio::sync::watch;
 
 use crate::ca::config::{CaConfig, ConfigError, KeySource};
 use crate::ca::material::{Material, MaterialError, ServingNames};
+use crate::ca::oidc::{Discovery, OidcError};
 use crate::ca::server::{RunningCa, ServerError};
 use crate::ca::service::CaService;
 use crate::ca::token::{Jwks, JwksError, TokenVerifier};
 use crate::cli::CaArgs;
-use crate::config::LogFormat;
+use crate::config::{InventorySource, LogFormat};
 use crate::inventory;
 
 pub use client::{CaClient, CaClientConfig, ClientError};
@@ -50,9 +56,16 @@ pub enum Error {
     /// The issuer's keys could not be loaded.
     #[error(transparent)]
     Jwks(#[from] JwksError),
-    /// OIDC discovery was configured.
-    #[error("tokens.oidcDiscovery ({url}): oidc discovery needs a kubernetes api server, which is not available to ambit ca yet; set tokens.jwksFile to a copy of the issuer's /openid/v1/jwks")]
-    OidcUnavailable { url: String },
+    /// OIDC discovery failed at startup.
+    #[error(transparent)]
+    Oidc(#[from] OidcError),
+    /// No Kubernetes client for the inventory.
+    #[error("inventory {what}: cannot reach the kubernetes api")]
+    Kube {
+        what: String,
+        #[source]
+        source: inventory::kube::Error,
+    },
     /// The first inventory load failed.
     #[error(transparent)]
     Inventory(#[from] inventory::file::Error),
@@ -105,11 +118,18 @@ async fn serve(cfg: CaConfig) -> Result<(), Error> {
         SystemTime::now(),
     )?;
 
-    let jwks_path = match &cfg.tokens.keys {
-        KeySource::JwksFile(path) => path.clone(),
-        KeySource::OidcDiscovery(url) => return Err(Error::OidcUnavailable { url: url.clone() }),
+    let kubeconfig = match &cfg.inventory {
+        InventorySource::Kubernetes(k) => k.kubeconfig.clone(),
+        InventorySource::File(_) => None,
     };
-    let jwks = Jwks::load(&jwks_path)?;
+    let (jwks, discovery) = match &cfg.tokens.keys {
+        KeySource::JwksFile(path) => (Jwks::load(path)?, None),
+        KeySource::OidcDiscovery(url) => {
+            let discovery = Discovery::new(url, kubeconfig.as_deref()).await?;
+            (first_keys(&discovery).await?, Some(discovery))
+        }
+    };
+    tracing::info!(keys = jwks.len(), source = ?cfg.tokens.keys, "issuer keys loaded");
     let tokens = TokenVerifier::new(
         cfg.tokens.issuer.clone(),
         cfg.tokens.audiences.clone(),
@@ -118,21 +138,7 @@ async fn serve(cfg: CaConfig) -> Result<(), Error> {
         jwks,
     );
 
-    let text =
-        std::fs::read_to_string(&cfg.inventory).map_err(|source| inventory::file::Error::Read {
-            path: cfg.inventory.clone(),
-            source,
-        })?;
-    let first = inventory::file::parse(&cfg.inventory, &text)?;
-    let (inventory_tx, inventory_rx) = watch::channel(Arc::new(first));
-    let reloads = Arc::new(inventory::file::ReloadStats::default());
-    let inventory_watch = tokio::spawn(inventory::file::watch_file(
-        cfg.inventory.clone(),
-        cfg.poll,
-        inventory_tx,
-        reloads,
-    ));
-
+    let (inventory_rx, ready, inventory_task) = start_inventory(&cfg.inventory, cfg.poll).await?;
     let service = Arc::new(CaService::new(
         material.authority,
         &material.roots,
@@ -141,7 +147,17 @@ async fn serve(cfg: CaConfig) -> Result<(), Error> {
         cfg.default_ttl,
         cfg.max_ttl,
     ));
-    let jwks_watch = tokio::spawn(watch_jwks(jwks_path, cfg.poll, service.clone()));
+    let jwks_watch = match (&cfg.tokens.keys, discovery) {
+        (_, Some(discovery)) => tokio::spawn(oidc::refresh(
+            discovery,
+            cfg.tokens.jwks_refresh,
+            service.clone(),
+        )),
+        (KeySource::JwksFile(path), None) => {
+            tokio::spawn(watch_jwks(path.clone(), cfg.poll, service.clone()))
+        }
+        (KeySource::OidcDiscovery(_), None) => unreachable!("discovery is set for oidc"),
+    };
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -154,7 +170,11 @@ async fn serve(cfg: CaConfig) -> Result<(), Error> {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| Error::Status { addr, source })?;
-            Some(tokio::spawn(status::serve(listener, service.clone())))
+            Some(tokio::spawn(status::serve(
+                listener,
+                service.clone(),
+                ready.clone(),
+            )))
         }
         None => None,
     };
@@ -176,12 +196,96 @@ async fn serve(cfg: CaConfig) -> Result<(), Error> {
     }
     tracing::info!(stats = ?service.stats().snapshot(), "ca stopping");
     running.stop().await;
-    inventory_watch.abort();
+    inventory_task.abort();
     jwks_watch.abort();
     if let Some(status) = status {
         status.abort();
     }
     Ok(())
+}
+
+/// The first keys from OIDC discovery: a few tries (1, 2, 4, 8 s apart) ride out an API server
+/// that is briefly unreachable; then the last error stops the CA.
+async fn first_keys(discovery: &Discovery) -> Result<Jwks, OidcError> {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match discovery.fetch().await {
+            Ok(keys) => return Ok(keys),
+            Err(error) if wait <= Duration::from_secs(8) => {
+                tracing::warn!(error = %service::chain(&error), retry.secs = wait.as_secs(), "issuer keys not fetched; retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Starts the inventory source: the file (first load must succeed) or the Kubernetes reflectors
+/// over every node's pods. Returns the snapshots, whether the first full sync is done, and the
+/// task to abort at shutdown.
+async fn start_inventory(
+    source: &InventorySource,
+    poll: Duration,
+) -> Result<
+    (
+        watch::Receiver<Arc<inventory::Snapshot>>,
+        watch::Receiver<bool>,
+        tokio::task::JoinHandle<()>,
+    ),
+    Error,
+> {
+    match source {
+        InventorySource::File(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| inventory::file::Error::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+            let first = inventory::file::parse(path, &text)?;
+            let (tx, rx) = watch::channel(Arc::new(first));
+            let reloads = Arc::new(inventory::file::ReloadStats::default());
+            let task = tokio::spawn(inventory::file::watch_file(path.clone(), poll, tx, reloads));
+            Ok((rx, watch::channel(true).1, task))
+        }
+        InventorySource::Kubernetes(k) => {
+            let client = inventory::kube::client(k.kubeconfig.as_deref())
+                .await
+                .map_err(|source| Error::Kube {
+                    what: source_name(k.kubeconfig.as_deref()),
+                    source,
+                })?;
+            Ok(watch_kube(client))
+        }
+    }
+}
+
+fn source_name(kubeconfig: Option<&std::path::Path>) -> String {
+    match kubeconfig {
+        Some(path) => format!("kubernetes (kubeconfig {})", path.display()),
+        None => "kubernetes".to_owned(),
+    }
+}
+
+/// Runs the reflectors in the CA's mode (pods and namespaces of every node, no CNI reports).
+pub(crate) fn watch_kube(
+    client: kube::Client,
+) -> (
+    watch::Receiver<Arc<inventory::Snapshot>>,
+    watch::Receiver<bool>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = watch::channel(Arc::new(inventory::Snapshot::default()));
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let stats = Arc::new(inventory::kube::Stats::default());
+    let task = tokio::spawn(async move {
+        // No CNI plugin reports to the CA; the sender lives as long as the watch.
+        let (_cni_tx, cni_rx) = watch::channel(Arc::new(Vec::new()));
+        let mut opts = inventory::kube::Options::all_nodes();
+        opts.resync = Duration::from_secs(300);
+        inventory::kube::watch(client, opts, cni_rx, tx, ready_tx, stats).await;
+    });
+    (rx, ready_rx, task)
 }
 
 /// Polls the JWKS file and swaps in the new keys when it changes and parses; keeps the old keys

@@ -1,4 +1,4 @@
-//! The CA's optional plain-HTTP `GET /status`: issued and refused counters as JSON.
+//! The CA's optional plain-HTTP `GET /status`: issued and refused counters as JSON (503 until the inventory is synced).
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,11 +10,16 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::ca::service::CaService;
 
 /// Serves `GET /status` on `listener` until aborted.
-pub(crate) async fn serve(listener: TcpListener, service: Arc<CaService>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    service: Arc<CaService>,
+    ready: watch::Receiver<bool>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -25,10 +30,12 @@ pub(crate) async fn serve(listener: TcpListener, service: Arc<CaService>) {
             }
         };
         let service = service.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let service = service.clone();
-                async move { Ok::<_, Infallible>(route(&service, &req)) }
+                let ready = *ready.borrow();
+                async move { Ok::<_, Infallible>(route(&service, ready, &req)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -39,8 +46,12 @@ pub(crate) async fn serve(listener: TcpListener, service: Arc<CaService>) {
     }
 }
 
-fn route(service: &CaService, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(service: &CaService, ready: bool, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (code, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/status") if !ready => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            b"{\"error\":\"inventory not synced yet\"}".to_vec(),
+        ),
         (&Method::GET, "/status") => match serde_json::to_vec(&service.stats().snapshot()) {
             Ok(body) => (StatusCode::OK, body),
             Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, b"{}".to_vec()),

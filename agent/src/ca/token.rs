@@ -32,6 +32,7 @@ pub struct TokenVerifier {
     agents: Vec<String>,
     leeway: Duration,
     keys: RwLock<Arc<Jwks>>,
+    key_missed: tokio::sync::Notify,
 }
 
 /// What a verified token proves: which service account asks, from which node.
@@ -141,7 +142,14 @@ impl TokenVerifier {
             agents,
             leeway,
             keys: RwLock::new(Arc::new(keys)),
+            key_missed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Notified whenever a token names a key the verifier does not have (so a key source that
+    /// can be refetched, like OIDC discovery, fetches again).
+    pub fn key_missed(&self) -> &tokio::sync::Notify {
+        &self.key_missed
     }
 
     /// Replaces the issuer's keys (after the JWKS file changed).
@@ -209,6 +217,7 @@ impl TokenVerifier {
             .filter(|key| kid.is_none() || key.kid == kid)
             .peekable();
         if candidates.peek().is_none() {
+            self.key_missed.notify_one();
             return Err(TokenError::UnknownKey {
                 kid,
                 alg: alg.name(),

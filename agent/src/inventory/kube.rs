@@ -5,6 +5,7 @@
 //! a store or the CNI pod map changes, and every `resync` interval. Nothing is published, and
 //! `ready` stays false, until every kind has finished its first list; an Istio kind whose CRD the
 //! cluster does not serve counts as listed and empty (and is watched again with backoff).
+//! [`Options::all_nodes`] is the CA's mode: pods and namespaces only, every node's.
 mod convert;
 
 use std::collections::BTreeSet;
@@ -79,6 +80,9 @@ pub struct Options {
     pub debounce: Duration,
     /// Rebuild at least this often even without changes.
     pub resync: Duration,
+    /// Watch only pods and namespaces (who runs where, as whom), for every node: the CA's
+    /// view. Services, slices and Istio policies stay empty in the snapshot.
+    pub workloads_only: bool,
 }
 
 impl Options {
@@ -88,6 +92,15 @@ impl Options {
             node: node.into(),
             debounce: Duration::from_millis(100),
             resync: Duration::from_secs(60),
+            workloads_only: false,
+        }
+    }
+
+    /// The CA's view: pods and namespaces of every node (see [`Options::workloads_only`]).
+    pub fn all_nodes() -> Self {
+        Self {
+            workloads_only: true,
+            ..Self::new("")
         }
     }
 }
@@ -144,20 +157,34 @@ pub async fn watch(
     let mut tasks = Vec::new();
     let pods = spawn_typed::<Pod>(&client, ctx("Pod", false), slim_pod, &mut tasks);
     let namespaces = spawn_typed::<Namespace>(&client, ctx("Namespace", false), slim, &mut tasks);
-    let services = spawn_typed::<Service>(&client, ctx("Service", false), slim, &mut tasks);
-    let slices =
-        spawn_typed::<EndpointSlice>(&client, ctx("EndpointSlice", false), slim, &mut tasks);
-    let [peer_auth, authz, dest_rules] = ISTIO_KINDS.map(|(group, version, kind, plural)| {
-        let ar =
-            ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
-        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
-        let writer = Writer::new(ar);
-        let store = writer.as_reader();
-        tasks.push(tokio::spawn(reflect(api, writer, ctx(kind, true), slim)));
-        store
-    });
-    let kinds = 4 + ISTIO_KINDS.len();
-    let mut builder = Builder::new(opts.node.clone());
+    let (services, slices, [peer_auth, authz, dest_rules], kinds) = if opts.workloads_only {
+        let empty = ISTIO_KINDS.map(|(group, version, kind, plural)| {
+            let gvk = GroupVersionKind::gvk(group, version, kind);
+            Writer::new(ApiResource::from_gvk_with_plural(&gvk, plural)).as_reader()
+        });
+        (reflector::store().0, reflector::store().0, empty, 2)
+    } else {
+        let services = spawn_typed::<Service>(&client, ctx("Service", false), slim, &mut tasks);
+        let slices =
+            spawn_typed::<EndpointSlice>(&client, ctx("EndpointSlice", false), slim, &mut tasks);
+        let istio = ISTIO_KINDS.map(|(group, version, kind, plural)| {
+            let ar = ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk(group, version, kind),
+                plural,
+            );
+            let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+            let writer = Writer::new(ar);
+            let store = writer.as_reader();
+            tasks.push(tokio::spawn(reflect(api, writer, ctx(kind, true), slim)));
+            store
+        });
+        (services, slices, istio, 4 + ISTIO_KINDS.len())
+    };
+    let mut builder = if opts.workloads_only {
+        Builder::all_nodes()
+    } else {
+        Builder::new(opts.node.clone())
+    };
     let mut published = false;
     loop {
         tokio::select! {
@@ -342,6 +369,6 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 #[cfg(test)]
-mod fake_api;
+pub(crate) mod fake_api;
 #[cfg(test)]
 mod tests;

@@ -65,6 +65,12 @@ impl Builder {
         }
     }
 
+    /// A builder for a cluster-wide reader (the CA): every node's pods, and no CNI reports to
+    /// merge (no node is "this node").
+    pub fn all_nodes() -> Self {
+        Self::default()
+    }
+
     /// Objects rejected in the last build, one line each.
     pub fn problems(&self) -> &BTreeSet<String> {
         &self.problems

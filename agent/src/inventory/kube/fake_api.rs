@@ -2,7 +2,8 @@
 //!
 //! This is a mock, used only to drive kube-rs's real client and watcher through real sockets:
 //! it serves collections of JSON objects, numbered watch events replayed from a resourceVersion,
-//! 404 Status for kinds it is told the cluster lacks, and injected 500s. It knows nothing of
+//! 404 Status for kinds it is told the cluster lacks, injected 500s, and fixed documents at
+//! other paths (the CA's OIDC discovery tests). It knows nothing of
 //! field selectors, pagination or bookmarks, which the reflectors here do not need.
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -19,7 +20,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 /// Collection path for a `kind` (the subset the inventory watches).
-pub(super) fn path_of(kind: &str) -> &'static str {
+pub(crate) fn path_of(kind: &str) -> &'static str {
     match kind {
         "Pod" => "/api/v1/pods",
         "Namespace" => "/api/v1/namespaces",
@@ -42,18 +43,20 @@ struct State {
     missing: BTreeSet<String>,
     fail_lists: BTreeMap<String, usize>,
     list_requests: BTreeMap<String, usize>,
+    /// path -> (status, body, requests): fixed documents (OIDC discovery, keys).
+    raw: BTreeMap<String, (StatusCode, String, usize)>,
 }
 
 /// A running mock API server.
-pub(super) struct FakeApi {
-    pub(super) addr: SocketAddr,
+pub(crate) struct FakeApi {
+    pub(crate) addr: SocketAddr,
     state: Arc<Mutex<State>>,
     notify: Arc<Notify>,
 }
 
 impl FakeApi {
     /// Starts serving on 127.0.0.1 (an ephemeral port) in the current runtime.
-    pub(super) async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
@@ -84,23 +87,23 @@ impl FakeApi {
     }
 
     /// A kube client talking to this server.
-    pub(super) fn client(&self) -> kube::Client {
+    pub(crate) fn client(&self) -> kube::Client {
         let uri = format!("http://{}", self.addr).parse().unwrap();
         kube::Client::try_from(kube::Config::new(uri)).unwrap()
     }
 
     /// Adds or replaces an object (a JSON value with `kind` and `metadata`).
-    pub(super) fn apply(&self, obj: Value) {
+    pub(crate) fn apply(&self, obj: Value) {
         self.record(obj, false);
     }
 
     /// Deletes an object.
-    pub(super) fn delete(&self, obj: Value) {
+    pub(crate) fn delete(&self, obj: Value) {
         self.record(obj, true);
     }
 
     /// Makes a kind's collection answer 404, as for a CRD that is not installed.
-    pub(super) fn set_missing(&self, kind: &str) {
+    pub(crate) fn set_missing(&self, kind: &str) {
         self.state
             .lock()
             .unwrap()
@@ -109,7 +112,7 @@ impl FakeApi {
     }
 
     /// Makes the next `n` lists of `kind` fail with 500.
-    pub(super) fn fail_lists(&self, kind: &str, n: usize) {
+    pub(crate) fn fail_lists(&self, kind: &str, n: usize) {
         self.state
             .lock()
             .unwrap()
@@ -117,8 +120,20 @@ impl FakeApi {
             .insert(path_of(kind).into(), n);
     }
 
+    /// Serves `body` with `code` at `path` (any method), replacing what was there.
+    pub(crate) fn serve_raw(&self, path: &str, code: StatusCode, body: impl Into<String>) {
+        let mut s = self.state.lock().unwrap();
+        let count = s.raw.get(path).map_or(0, |r| r.2);
+        s.raw.insert(path.into(), (code, body.into(), count));
+    }
+
+    /// How many requests `path` (set with [`FakeApi::serve_raw`]) got.
+    pub(crate) fn raw_requests(&self, path: &str) -> usize {
+        self.state.lock().unwrap().raw.get(path).map_or(0, |r| r.2)
+    }
+
     /// How many list requests `kind` got.
-    pub(super) fn list_requests(&self, kind: &str) -> usize {
+    pub(crate) fn list_requests(&self, kind: &str) -> usize {
         let s = self.state.lock().unwrap();
         s.list_requests.get(path_of(kind)).copied().unwrap_or(0)
     }
@@ -167,6 +182,16 @@ fn route(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let mut s = state.lock().unwrap();
+    if let Some((code, body, count)) = s.raw.get_mut(&path) {
+        *count += 1;
+        return Response::builder()
+            .status(*code)
+            .header("content-type", "application/json")
+            .body(http_body_util::BodyExt::boxed(Full::new(Bytes::from(
+                body.clone(),
+            ))))
+            .unwrap();
+    }
     if s.missing.contains(&path) || !is_served(&path) {
         return status(
             StatusCode::NOT_FOUND,
