@@ -126,8 +126,16 @@ fn churned_pods_leave_no_kernel_state_listeners_or_fds_behind() {
     let gone: Vec<u64> = removed.iter().map(|(_, c)| *c).collect();
     for node in ["node1", "node2"] {
         let pins = tb.node(node).pin_dir.clone();
+        // The agent removes a pod's entries once it sees the pod gone from the inventory (or
+        // its netns gone, polled every 2 s); under qemu TCG that takes seconds, so wait for it.
+        let _ = eventually(Duration::from_secs(30), || {
+            stale_entries(&pins, &gone).is_empty().then_some(())
+        });
         let left = stale_entries(&pins, &gone);
-        assert!(left.is_empty(), "{node}: stale map entries: {left:#?}");
+        assert!(
+            left.is_empty(),
+            "{node}: stale map entries 30 s after: {left:#?}"
+        );
         let pods: BTreeSet<u64> = key_cookies(&pins.join("amb_pods"));
         assert_eq!(
             pods,
@@ -220,14 +228,26 @@ fn enrolled_cookies(tb: &Testbed) -> [BTreeSet<u64>; 2] {
     })
 }
 
-/// Entries of our pinned maps that mention one of `cookies` (as a number, or as the 8
-/// little-endian bytes of a raw key or value).
+/// Entries of our pinned maps that belong to one of `cookies`: the netns cookie is the first
+/// 8 bytes (little-endian) of the raw key of every map here but `amb_pod_addrs`, whose value is
+/// the cookie. Only that field is compared: on kernels that hand out cookies from per-CPU
+/// batches (6.1) cookies are small numbers that also occur as flags, counters or families.
 fn stale_entries(pins: &Path, cookies: &[u64]) -> Vec<String> {
     let mut out = Vec::new();
     for map in MAPS {
+        let field = if *map == "amb_pod_addrs" {
+            "value"
+        } else {
+            "key"
+        };
         let entries = leaks::map_dump(&pins.join(map)).unwrap();
         for e in entries {
-            if cookies.iter().any(|c| mentions(&e, *c)) {
+            let formatted = &e["formatted"][field];
+            let cookie = raw_u64(&e[field])
+                .or_else(|| formatted.as_u64())
+                .or_else(|| formatted["netns_cookie"].as_u64());
+            assert!(cookie.is_some(), "{map}: no netns cookie in the entry {e}");
+            if cookie.is_some_and(|c| cookies.contains(&c)) {
                 out.push(format!("{map}: {e}"));
             }
         }
@@ -235,25 +255,14 @@ fn stale_entries(pins: &Path, cookies: &[u64]) -> Vec<String> {
     out
 }
 
-fn mentions(v: &Value, cookie: u64) -> bool {
-    match v {
-        Value::Number(n) => n.as_u64() == Some(cookie),
-        Value::Object(m) => m.values().any(|v| mentions(v, cookie)),
-        Value::Array(a) => {
-            let bytes: Option<Vec<u8>> = a
-                .iter()
-                .map(|b| {
-                    let s = b.as_str()?;
-                    u8::from_str_radix(s.trim_start_matches("0x"), 16).ok()
-                })
-                .collect();
-            match bytes {
-                Some(b) if !b.is_empty() => b.windows(8).any(|w| w == cookie.to_le_bytes()),
-                _ => a.iter().any(|v| mentions(v, cookie)),
-            }
-        }
-        _ => false,
-    }
+/// The first 8 bytes of a bpftool raw byte array (`["0x02", "0x10", ...]`), little-endian.
+fn raw_u64(v: &Value) -> Option<u64> {
+    let bytes: Vec<u8> = v
+        .as_array()?
+        .iter()
+        .map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+        .collect::<Option<_>>()?;
+    Some(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
 }
 
 /// The u64 keys of a map keyed by netns cookie.
