@@ -89,17 +89,8 @@ pub fn unique_marker() -> String {
     format!("AMBIT-MARKER-{:016x}", h.finish())
 }
 
-/// `e` and its sources, `: `-separated (what `{:#}` shows of an `anyhow::Error`).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// `e` and its sources, `: `-separated (the agent's own [`ambit::error::error_chain`]).
+pub use ambit::error::error_chain;
 
 /// `uname -r`.
 pub fn kernel_release() -> String {

@@ -28,6 +28,7 @@ use tokio::sync::watch;
 use super::logging::LogControl;
 use super::metrics;
 use crate::config::Config;
+use crate::error::error_chain;
 use crate::inventory::file::ReloadStats;
 use crate::inventory::Snapshot;
 use crate::proxy::manager::Manager;
@@ -242,7 +243,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             ),
             Some(level) => match state.log.set(&level) {
                 Ok(()) => ok(json!({ "level": state.log.current() })),
-                Err(e) => bad(state, chain(&e)),
+                Err(e) => bad(state, error_chain(&e)),
             },
         },
         "/healthz/ready" if get => {
@@ -282,17 +283,6 @@ pub fn param(query: &str, name: &str) -> Option<String> {
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| percent_decode(v))
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn metrics_response(state: &AdminState) -> Response<Full<Bytes>> {

@@ -6,8 +6,6 @@
 //! identity runs on the token's node, per the inventory); then signing. Every refusal becomes
 //! a gRPC status whose message says why, is logged at warn and counted.
 use std::collections::BTreeMap;
-use std::error::Error as StdError;
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -378,15 +376,7 @@ impl Stats {
 }
 
 /// The error and all its sources, joined with `: ` (the status message a caller sees).
-pub(crate) fn chain(error: &dyn StdError) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let _ = write!(message, ": {cause}");
-        source = cause.source();
-    }
-    message
-}
+pub(crate) use crate::error::error_chain as chain;
 
 #[cfg(test)]
 mod tests;

@@ -30,6 +30,7 @@ pub use convert::{Builder, Objects};
 
 use super::Snapshot;
 use crate::cni::pods::CniPod;
+use crate::error::error_chain;
 
 /// The Istio kinds ambit reads: (group, version, kind, plural).
 pub const ISTIO_KINDS: [(&str, &str, &str, &str); 3] = [
@@ -316,7 +317,7 @@ where
                     }
                     ctx.mark_synced();
                 } else {
-                    tracing::warn!(kind = ctx.kind, error = %chain(&e), "Kubernetes watch failed; retrying with backoff");
+                    tracing::warn!(kind = ctx.kind, error = %error_chain(&e), "Kubernetes watch failed; retrying with backoff");
                 }
             }
         }
@@ -355,17 +356,6 @@ fn slim_pod(pod: &mut Pod) {
         status.init_container_statuses = None;
         status.ephemeral_container_statuses = None;
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use super::tls::TlsSource;
 use super::{inbound, outbound, plaintext, PodContext, ProxyStats};
 use crate::admin::metrics::ProxyMetrics;
 use crate::config::Config;
+use crate::error::error_chain;
 use crate::identity::manager::{CertManager, CertStatus};
 use crate::inventory::{Snapshot, Workload};
 use crate::policy::authz;
@@ -274,18 +275,18 @@ impl Manager {
         let path = w.netns.clone().ok_or("no network namespace path")?;
         let ino = netns_ino(w)
             .ok_or_else(|| format!("network namespace {} does not exist", path.display()))?;
-        let netns = Arc::new(Netns::open(&path).map_err(|e| chain(&e))?);
+        let netns = Arc::new(Netns::open(&path).map_err(|e| error_chain(&e))?);
         let sockets =
             SocketFactory::new(netns.clone(), self.cfg.outbound_mark, self.cfg.deliver_mark);
         let p = self.cfg.ports;
         let l = sockets
             .listeners(p.outbound, p.inbound_plaintext, p.tunnel)
-            .map_err(|e| chain(&e))?;
+            .map_err(|e| error_chain(&e))?;
         let key = w.key();
         for (family, listener) in &l.inbound {
             self.datapath
                 .add_listener(&key, l.netns_cookie, *family, listener)
-                .map_err(|e| chain(&e))?;
+                .map_err(|e| error_chain(&e))?;
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let closing = watch::channel(*self.draining.borrow()).0;
@@ -337,7 +338,7 @@ impl Manager {
         // Kernel enrollment last before serving: the listeners exist and are registered.
         if let Err(e) = self.datapath.enroll(&entry, &netns) {
             let _ = self.datapath.unenroll(&entry);
-            return Err(chain(&e));
+            return Err(error_chain(&e));
         }
         for (kind, listener) in pending {
             let c = ctx.clone();
@@ -483,17 +484,6 @@ impl Manager {
 fn netns_ino(w: &Workload) -> Option<(u64, u64)> {
     let md = std::fs::metadata(w.netns.as_ref()?).ok()?;
     Some((md.dev(), md.ino()))
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -13,6 +13,7 @@ use super::route::{self, Route, RouteCtx};
 use super::{accept_loop, reset, PodContext, CONNECT_TIMEOUT};
 use crate::addr::{ClientAddr, OrigDstAddr, PeerAddr};
 use crate::admin::metrics::{ReasonLabel, TcpLabels};
+use crate::error::error_chain;
 use crate::identity::SpiffeId;
 use crate::tunnel::client::Tunnel;
 use crate::tunnel::pool::{PoolKey, StreamGuard};
@@ -275,18 +276,6 @@ async fn tunnel(
         .await
         .map_err(|e| error_chain(&e))
 }
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
 /// Where the app meant to go: SO_ORIGINAL_DST (answered by the cgroup/getsockopt program),
 /// else the tuple map the sockops program filled.
 fn orig_dst(stream: &TcpStream, client: ClientAddr, pod: &PodContext) -> Option<OrigDstAddr> {
