@@ -1,7 +1,7 @@
 //! Syscalls the agent needs beyond std and socket2: netns entry, cookies, bpffs and cgroup2 mounts.
 #![expect(
     unsafe_code,
-    reason = "getsockopt(SO_NETNS_COOKIE) has no safe wrapper"
+    reason = "getsockopt(SO_NETNS_COOKIE) and setpriority have no safe wrapper"
 )]
 
 use std::fs::File;
@@ -34,7 +34,7 @@ pub enum Error {
     /// The helper thread that entered the namespace panicked.
     #[error("thread inside network namespace {} panicked", path.display())]
     ThreadPanic { path: PathBuf },
-    /// A socket option failed.
+    /// A socket option (or another plain syscall) failed.
     #[error("{opt} failed")]
     Sockopt {
         opt: &'static str,
@@ -148,6 +148,21 @@ pub fn netns_cookie(sock: &impl AsRawFd) -> Result<u64, Error> {
     Ok(cookie)
 }
 
+/// Sets the nice value of the calling thread only (Linux applies `setpriority(PRIO_PROCESS)`
+/// to one thread when given its thread id); a negative value needs `CAP_SYS_NICE`.
+pub fn set_thread_nice(nice: i32) -> Result<(), Error> {
+    let tid = nix::unistd::gettid().as_raw();
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
+    if rc != 0 {
+        return Err(Error::Sockopt {
+            opt: "setpriority(PRIO_PROCESS, own thread)",
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// Where the cgroup2 filesystem is mounted (found in /proc/self/mountinfo, never assumed).
 pub fn cgroup2_mount() -> Result<PathBuf, Error> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(Error::Mountinfo)?;
@@ -214,6 +229,29 @@ fn unescape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn set_thread_nice_changes_only_the_calling_thread() {
+        let nice_of = |tid: i32| -> i32 {
+            let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+            // Fields after the parenthesised name: state is field 3, nice field 19.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            rest.split(' ').nth(16).unwrap().parse().unwrap()
+        };
+        let main = nix::unistd::gettid().as_raw();
+        let before = nice_of(main);
+        let (tid, nice) = std::thread::spawn(move || {
+            // Lowering one's priority needs no privilege.
+            set_thread_nice(before + 3).unwrap();
+            let tid = nix::unistd::gettid().as_raw();
+            (tid, nice_of(tid))
+        })
+        .join()
+        .unwrap();
+        assert_ne!(tid, main);
+        assert_eq!(nice, before + 3);
+        assert_eq!(nice_of(main), before, "the calling thread only");
+    }
 
     #[test]
     fn finds_cgroup2_wherever_it_is_mounted() {

@@ -248,6 +248,8 @@ pub struct Seen {
     pub resets: usize,
     /// Error codes of RST_STREAM frames (distinct).
     pub reset_codes: Vec<u32>,
+    /// RST_STREAM frames with REFUSED_STREAM (7).
+    pub refused: usize,
     /// PING acknowledgements.
     pub ping_acks: usize,
     /// DATA payload bytes.
@@ -323,6 +325,7 @@ impl RawH2 {
                         frame::RST_STREAM if p.len() >= 4 => {
                             s.resets += 1;
                             let code = u32::from_be_bytes([p[0], p[1], p[2], p[3]]);
+                            s.refused += usize::from(code == 7);
                             if !s.reset_codes.contains(&code) {
                                 s.reset_codes.push(code);
                             }
@@ -378,6 +381,9 @@ impl StatusProbe {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
+            // At the agent admin thread's priority: what is measured is how fast the agent
+            // answers, not how long this thread waits for a CPU beside the flood's threads.
+            let _ = ambit::sys::set_thread_nice(ambit::admin::server::ADMIN_NICE);
             let mut r = ProbeReport::default();
             let mut times = Vec::new();
             let req = b"GET /status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";

@@ -106,6 +106,9 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
     Ok(listener)
 }
 
+/// Nice value of the admin thread (the data plane runs at 0).
+pub const ADMIN_NICE: i32 = -10;
+
 /// Serves the admin socket, and the metrics listener when given, on a thread of their own
 /// with a single-threaded runtime, until the process exits.
 pub fn spawn_thread(
@@ -116,6 +119,12 @@ pub fn spawn_thread(
     std::thread::Builder::new()
         .name("ambit-admin".into())
         .spawn(move || {
+            // Ahead of data-plane threads for a CPU: `/status` must answer promptly while the
+            // data plane is flooded. Its peers are root (on the admin socket) and the metrics
+            // scraper, and it is one thread, so it can never hold more than one CPU.
+            if let Err(e) = crate::sys::set_thread_nice(ADMIN_NICE) {
+                tracing::warn!(error = %e, nice = ADMIN_NICE, "cannot raise the admin thread's priority; /status may wait behind data-plane load");
+            }
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::ca::server::CaLimits;
 use crate::config::{InventorySource, LogFormat};
 use crate::identity::TrustDomain;
 
@@ -48,6 +49,8 @@ pub struct CaConfig {
     pub status_listen: Option<SocketAddr>,
     /// Log output format.
     pub log_format: LogFormat,
+    /// Caps and deadline of the listener.
+    pub limits: CaLimits,
 }
 
 /// How node agents' service-account tokens are verified.
@@ -200,6 +203,10 @@ impl CaConfig {
                 "must name at least one service account".into(),
             ));
         }
+        let limits = raw
+            .limits
+            .check()
+            .map_err(|(field, message)| invalid(field, message))?;
         Ok(Self {
             listen: raw.listen,
             trust_domain,
@@ -222,6 +229,7 @@ impl CaConfig {
             },
             status_listen: raw.status_listen,
             log_format: raw.log_format,
+            limits,
         })
     }
 }
@@ -255,6 +263,66 @@ struct RawConfig {
     status_listen: Option<SocketAddr>,
     #[serde(default)]
     log_format: LogFormat,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+/// `limits` as written; every field defaults to [`CaLimits::default`].
+#[derive(Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+struct RawLimits {
+    max_handshakes: usize,
+    max_handshakes_per_source: usize,
+    max_connections_per_source: usize,
+    handshake_timeout_ms: u64,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        let d = CaLimits::default();
+        Self {
+            max_handshakes: d.max_handshakes,
+            max_handshakes_per_source: d.max_handshakes_per_source,
+            max_connections_per_source: d.max_connections_per_source,
+            handshake_timeout_ms: d.handshake_timeout.as_millis() as u64,
+        }
+    }
+}
+
+impl RawLimits {
+    /// The typed limits, or the field (and why) that is out of range.
+    fn check(self) -> Result<CaLimits, (&'static str, String)> {
+        for (field, value) in [
+            ("limits.maxHandshakes", self.max_handshakes),
+            (
+                "limits.maxHandshakesPerSource",
+                self.max_handshakes_per_source,
+            ),
+            (
+                "limits.maxConnectionsPerSource",
+                self.max_connections_per_source,
+            ),
+        ] {
+            if value == 0 {
+                return Err((field, "must be at least 1".into()));
+            }
+        }
+        if self.handshake_timeout_ms < 100 {
+            return Err((
+                "limits.handshakeTimeoutMs",
+                format!(
+                    "{} ms is below the minimum of 100 ms",
+                    self.handshake_timeout_ms
+                ),
+            ));
+        }
+        Ok(CaLimits {
+            max_handshakes: self.max_handshakes,
+            max_handshakes_per_source: self.max_handshakes_per_source,
+            max_connections_per_source: self.max_connections_per_source,
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -322,6 +390,44 @@ mod tests {
         assert_eq!(cfg.tokens.keys, KeySource::JwksFile("/jwks.json".into()));
         assert_eq!(cfg.default_ttl, Duration::from_secs(86400));
         assert!(!cfg.generate);
+    }
+
+    #[test]
+    fn limits_default_and_can_be_set() {
+        let cfg = CaConfig::parse(Path::new("ca.yaml"), MINIMAL).unwrap();
+        assert_eq!(cfg.limits, CaLimits::default());
+        let text = format!(
+            "{MINIMAL}limits:\n  maxHandshakesPerSource: 2\n  maxConnectionsPerSource: 5\n  \
+             handshakeTimeoutMs: 700\n"
+        );
+        let cfg = CaConfig::parse(Path::new("ca.yaml"), &text).unwrap();
+        assert_eq!(
+            cfg.limits,
+            CaLimits {
+                max_handshakes_per_source: 2,
+                max_connections_per_source: 5,
+                handshake_timeout: Duration::from_millis(700),
+                ..CaLimits::default()
+            }
+        );
+        for (bad, field) in [
+            ("maxHandshakes: 0", "limits.maxHandshakes"),
+            (
+                "maxConnectionsPerSource: 0",
+                "limits.maxConnectionsPerSource",
+            ),
+            ("handshakeTimeoutMs: 5", "limits.handshakeTimeoutMs"),
+            ("maxStreams: 5", "limits.maxStreams"),
+        ] {
+            let text = format!("{MINIMAL}limits:\n  {bad}\n");
+            let err = CaConfig::parse(Path::new("ca.yaml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(field) || err.contains("maxStreams"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

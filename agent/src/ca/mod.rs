@@ -164,7 +164,7 @@ async fn serve(cfg: CaConfig) -> Result<(), Error> {
             addr: cfg.listen,
             source,
         })?;
-    let mut running = RunningCa::spawn(listener, service.clone(), material.serving)?;
+    let mut running = RunningCa::spawn(listener, service.clone(), material.serving, cfg.limits)?;
     let status = match cfg.status_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)

@@ -1,12 +1,13 @@
 //! The CA's gRPC server: TLS accept, the hand-written `IstioCertificateService`, shutdown.
 //!
 //! TLS handshakes run in their own tasks with a deadline, outside tonic: a client sending
-//! garbage, plaintext or nothing at all costs one task for at most [`HANDSHAKE_TIMEOUT`], is
+//! garbage, plaintext or nothing at all costs one task for at most the handshake timeout, is
 //! logged and counted, and never holds up other clients. Only completed TLS connections reach
 //! the HTTP/2 server.
 //!
-//! Per-source fairness: one source address may have [`MAX_HANDSHAKES_PER_SOURCE`] handshakes
-//! in progress and [`MAX_CONNECTIONS_PER_SOURCE`] connections open at once; past either cap a
+//! Per-source fairness: one source address may have `maxHandshakesPerSource` handshakes in
+//! progress and `maxConnectionsPerSource` connections open at once ([`CaLimits`], the
+//! config's `limits`); past either cap a
 //! new connection from it is closed at once and counted (`source_handshake_limit`,
 //! `source_connection_limit`), so one flooding source cannot take the agent-wide handshake
 //! slots from the others.
@@ -42,19 +43,44 @@ use crate::ca::proto::{
 };
 use crate::ca::service::CaService;
 
-/// Deadline for a client to complete the TLS handshake.
+/// Default deadline for a client to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest gRPC request decoded; CSRs are refused above `identity::MAX_CSR_BYTES` with a
 /// precise message, larger messages by tonic ("message length too large").
 pub const MAX_REQUEST_BYTES: usize = 128 * 1024;
 /// Deadline for one request, and for open requests at shutdown.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Handshakes in progress at once; more connections wait in the accept queue.
-const MAX_HANDSHAKES: usize = 256;
-/// Handshakes in progress at once from one source address (a node agent needs a few).
+/// Default cap of handshakes in progress at once; more connections wait in the accept queue.
+pub const MAX_HANDSHAKES: usize = 256;
+/// Default cap of handshakes in progress at once from one source address (a node agent
+/// needs a few).
 pub const MAX_HANDSHAKES_PER_SOURCE: usize = 16;
-/// Connections open at once from one source address.
+/// Default cap of connections open at once from one source address.
 pub const MAX_CONNECTIONS_PER_SOURCE: usize = 128;
+
+/// The caps and deadline of the CA's listener (the CA config's `limits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaLimits {
+    /// Handshakes in progress at once; more connections wait in the accept queue.
+    pub max_handshakes: usize,
+    /// Handshakes in progress at once from one source address.
+    pub max_handshakes_per_source: usize,
+    /// Connections open at once from one source address.
+    pub max_connections_per_source: usize,
+    /// Deadline for a client to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for CaLimits {
+    fn default() -> Self {
+        Self {
+            max_handshakes: MAX_HANDSHAKES,
+            max_handshakes_per_source: MAX_HANDSHAKES_PER_SOURCE,
+            max_connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
 
 /// A CA server running on a bound listener; dropping it stops it (abruptly).
 #[derive(Debug)]
@@ -89,8 +115,9 @@ impl RunningCa {
         listener: TcpListener,
         service: Arc<CaService>,
         serving: Arc<CertifiedKey>,
+        limits: CaLimits,
     ) -> Result<Self, ServerError> {
-        Self::spawn_grpc(listener, GrpcService::new(service), serving)
+        Self::spawn_grpc(listener, GrpcService::new(service), serving, limits)
     }
 
     /// Like [`RunningCa::spawn`], but every response passes through `tamper` before it is
@@ -104,13 +131,14 @@ impl RunningCa {
     ) -> Result<Self, ServerError> {
         let mut grpc = GrpcService::new(service);
         grpc.tamper = Some(tamper);
-        Self::spawn_grpc(listener, grpc, serving)
+        Self::spawn_grpc(listener, grpc, serving, CaLimits::default())
     }
 
     fn spawn_grpc(
         listener: TcpListener,
         grpc: GrpcService,
         serving: Arc<CertifiedKey>,
+        limits: CaLimits,
     ) -> Result<Self, ServerError> {
         let addr = listener.local_addr().map_err(|source| ServerError::Bind {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
@@ -118,7 +146,7 @@ impl RunningCa {
         })?;
         let tls = tls_config(serving)?;
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(serve(listener, grpc, tls, stopped));
+        let task = tokio::spawn(serve(listener, grpc, tls, limits, stopped));
         Ok(Self {
             addr,
             stop,
@@ -175,13 +203,15 @@ async fn serve(
     listener: TcpListener,
     grpc: GrpcService,
     tls: Arc<ServerConfig>,
+    limits: CaLimits,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let (conns_tx, conns_rx) = mpsc::channel(MAX_HANDSHAKES);
+    let (conns_tx, conns_rx) = mpsc::channel(limits.max_handshakes.max(1));
     let accept = tokio::spawn(accept_loop(
         listener,
         grpc.service.clone(),
         tls,
+        limits,
         conns_tx,
         stopped.clone(),
     ));
@@ -207,11 +237,12 @@ async fn accept_loop(
     listener: TcpListener,
     service: Arc<CaService>,
     tls: Arc<ServerConfig>,
+    limits: CaLimits,
     conns: mpsc::Sender<io::Result<TlsConn>>,
     mut stopped: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
     let open = PerSource::default();
     let handshaking = PerSource::default();
     while !*stopped.borrow_and_update() {
@@ -228,12 +259,12 @@ async fn accept_loop(
             _ = stopped.changed() => continue,
         };
         // Per-source caps first: a source over its share never waits for a global slot.
-        let Some(slot) = open.admit(peer.ip(), MAX_CONNECTIONS_PER_SOURCE) else {
+        let Some(slot) = open.admit(peer.ip(), limits.max_connections_per_source) else {
             service.stats().count("source_connection_limit");
             tracing::debug!(peer.addr = %peer, "ca connection closed: source holds its cap of connections");
             continue;
         };
-        let Some(handshake) = handshaking.admit(peer.ip(), MAX_HANDSHAKES_PER_SOURCE) else {
+        let Some(handshake) = handshaking.admit(peer.ip(), limits.max_handshakes_per_source) else {
             service.stats().count("source_handshake_limit");
             tracing::debug!(peer.addr = %peer, "ca connection closed: source has its cap of handshakes in progress");
             continue;
@@ -246,7 +277,8 @@ async fn accept_loop(
         let service = service.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+            let accepted =
+                tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await;
             drop(handshake);
             match accepted {
                 Ok(Ok(tls)) => {
@@ -463,5 +495,48 @@ mod tests {
         assert!(counts.admit(a, 3).is_some(), "slots not freed");
         drop(other);
         assert!(counts.0.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn configured_caps_and_handshake_timeout_hold_on_a_real_listener() {
+        let f = crate::ca::testing::Fixture::new(Duration::from_secs(3600));
+        let limits = CaLimits {
+            max_handshakes_per_source: 2,
+            handshake_timeout: Duration::from_millis(1500),
+            ..CaLimits::default()
+        };
+        let ca = f
+            .start_with(SocketAddr::from(([127, 0, 0, 1], 0)), limits)
+            .await;
+        // Five silent connections from one source: two wait for their handshake, the other
+        // three are closed at once.
+        let mut conns = Vec::new();
+        for _ in 0..5 {
+            conns.push(TcpStream::connect(ca.local_addr()).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let closed = |conns: &[TcpStream]| {
+            conns
+                .iter()
+                .filter(|c| !matches!(c.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock))
+                .count()
+        };
+        assert_eq!(
+            closed(&conns),
+            3,
+            "closed at once past a cap of 2 handshakes"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            closed(&conns),
+            5,
+            "half-open handshakes outlived the 1.5 s timeout"
+        );
+        let refused = f.service.stats().snapshot().refused;
+        assert_eq!(
+            refused.get("source_handshake_limit"),
+            Some(&3),
+            "{refused:?}"
+        );
     }
 }

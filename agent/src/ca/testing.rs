@@ -138,8 +138,18 @@ impl Fixture {
 
     /// Starts serving on `addr` (port 0: any).
     pub(crate) async fn start(&self, addr: SocketAddr) -> RunningCa {
+        self.start_with(addr, crate::ca::server::CaLimits::default())
+            .await
+    }
+
+    /// Starts serving on `addr` with `limits`.
+    pub(crate) async fn start_with(
+        &self,
+        addr: SocketAddr,
+        limits: crate::ca::server::CaLimits,
+    ) -> RunningCa {
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
-        RunningCa::spawn(listener, self.service.clone(), self.serving.clone()).unwrap()
+        RunningCa::spawn(listener, self.service.clone(), self.serving.clone(), limits).unwrap()
     }
 
     /// Client settings for node `node`'s agent talking to `addr` (writes the token file).

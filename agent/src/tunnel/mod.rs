@@ -2,6 +2,7 @@
 pub mod client;
 mod expiry;
 pub mod pool;
+mod refusals;
 pub mod reject;
 pub mod server;
 pub mod stream;

@@ -3,7 +3,8 @@
 //! Every refusal on the tunnel port is counted exactly once, at the place that decides it:
 //! connection-level refusals (caps, TLS, HTTP/2) by the listener with [`Error::reason`],
 //! stream-level ones (method, authority, expired certificates, the handler's answers) by
-//! [`super::server`].
+//! [`super::server`], streams past the stream cap (refused by h2 itself) by
+//! [`super::refusals`] watching the server's output.
 use std::sync::LazyLock;
 
 use http::StatusCode;
@@ -40,10 +41,17 @@ pub const POLICY_DENIED: &str = "policy_denied";
 pub const DESTINATION_UNAVAILABLE: &str = "destination_unavailable";
 /// Any other refusal status.
 pub const REFUSED: &str = "refused";
+/// A stream past the per-connection stream cap (`RST_STREAM(REFUSED_STREAM)` from h2).
+pub const STREAM_LIMIT: &str = "stream_limit";
 
 /// Counts one refusal for `reason`.
 pub fn count(reason: &'static str) {
-    REJECTIONS.get_or_create(&ReasonLabel { reason }).inc();
+    count_n(reason, 1);
+}
+
+/// Counts `n` refusals for `reason`.
+pub fn count_n(reason: &'static str, n: u64) {
+    REJECTIONS.get_or_create(&ReasonLabel { reason }).inc_by(n);
 }
 
 /// The current count for `reason`.

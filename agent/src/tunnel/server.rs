@@ -11,8 +11,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::expiry::{self, Presented};
-use super::reject;
 use super::stream::H2Stream;
+use super::{refusals, reject};
 use super::{Error, ALPN_H2, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
 use crate::identity::{self as tls, SpiffeId};
 
@@ -174,6 +174,10 @@ where
         id: peer_id,
         not_after,
     } = client.into();
+    let io = refusals::Watched::new(io, move |n| {
+        reject::count_n(reject::STREAM_LIMIT, n);
+        tracing::debug!(peer.addr = %peer, refused = n, "tunnel streams past the per-connection cap refused");
+    });
     let mut conn = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)

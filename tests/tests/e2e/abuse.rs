@@ -4,7 +4,7 @@
 //! CONNECT storms. Required: handshake and idle timeouts close what hangs, the caps on
 //! handshakes, connections per source and streams per connection hold (set low here through
 //! `limits`), one source cannot starve another, `GET /status` on the admin socket keeps
-//! answering (99 % within 100 ms; the slowest answer during the floods is reported), and a
+//! answering (every answer within 100 ms), and a
 //! real client → server echo succeeds during every flood. The per-pod caps of the capture
 //! ports and the admin socket's cap are in [`caps`].
 #![allow(
@@ -24,13 +24,11 @@ use tokio::io::AsyncWriteExt;
 
 mod caps;
 
-/// `/status` answers during a flood: 99 % within 100 ms. The admin socket has its own thread
-/// and runtime, so floods on the data plane cannot queue it: on a quiet 2-CPU host every
-/// answer came within 100 ms (max 28-84 ms), but with a compiler running beside the floods
-/// the slowest waited ~220 ms for a CPU, so the single slowest is reported and must only stay
-/// below a second.
-const STATUS_P99: Duration = Duration::from_millis(100);
-const STATUS_MAX: Duration = Duration::from_secs(1);
+/// `/status` answers during a flood within 100 ms, every time. The admin socket has its own
+/// thread and runtime at nice −10 (the probe too), so floods on the data plane cannot queue
+/// it: before the priority, the slowest answer waited ~220 ms for a CPU with a compiler
+/// running beside the floods; with it, 12 ms under the same load.
+const STATUS_MAX: Duration = Duration::from_millis(100);
 /// node2's caps for these tests: low, so that one test process can reach them.
 const LIMITS: &str = "limits:\n  maxHandshakes: 32\n  maxHandshakesPerSource: 8\n  \
                       maxConnectionsPerSource: 64\n  \
@@ -41,11 +39,12 @@ const MAX_HANDSHAKES_PER_SOURCE: usize = 8;
 const MAX_STREAMS: usize = 50;
 /// The CA's cap of handshakes in progress from one source.
 const MAX_CA_HANDSHAKES_PER_SOURCE: usize = ambit::ca::server::MAX_HANDSHAKES_PER_SOURCE;
-/// PING frames in the tiny-frame flood. The debug agent acknowledged a million in 6.8 s on a
-/// quiet run here (147,000/s) but only ~14,000/s on a loaded one, so CI sends a fifth.
-const TINY_FRAMES: usize = 200_000;
+/// PING frames in the tiny-frame flood: a million. The debug agent acknowledged them at
+/// 147,000-474,000 a second on quiet runs here and ~14,000 on a loaded one; the flood is
+/// bounded by a 60 s deadline and needs no full count.
+const TINY_FRAMES: usize = 1_000_000;
 /// 1-byte DATA frames on one CONNECT stream after the PINGs.
-const DATA_FRAMES: usize = 200_000;
+const DATA_FRAMES: usize = 1_000_000;
 
 /// Runs `flood` in the outsider pod's namespace on another thread while the main thread
 /// checks that a real client → server echo succeeds; returns the flood's result.
@@ -94,11 +93,6 @@ fn check_probe(what: &str, r: &ProbeReport) {
     );
     assert_eq!(r.failed, 0, "{what}: /status failed: {:?}", r.first_error);
     assert!(r.answered > 0, "{what}: /status never answered");
-    assert!(
-        r.p99 <= STATUS_P99,
-        "{what}: /status p99 {:?} (> {STATUS_P99:?})",
-        r.p99
-    );
     assert!(
         r.max <= STATUS_MAX,
         "{what}: /status took {:?} (> {STATUS_MAX:?})",
@@ -227,12 +221,19 @@ fn tunnel_port_floods_hit_timeouts_and_caps_and_legit_traffic_flows() {
             }
         }
         w.write_all(&batch).await.unwrap();
+        // Until all are acknowledged, or none more for 2 s: h2 keeps one pending PONG, so
+        // under a flood a few acknowledgements are coalesced away and never come.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while live.lock().unwrap().ping_acks < TINY_FRAMES && Instant::now() < deadline {
+        let (mut pings, mut ping_time) = (0, Duration::ZERO);
+        while pings < TINY_FRAMES && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = live.lock().unwrap().ping_acks;
+            if now > pings {
+                (pings, ping_time) = (now, t0.elapsed());
+            } else if t0.elapsed() > ping_time + Duration::from_secs(2) {
+                break;
+            }
         }
-        let pings = live.lock().unwrap().ping_acks;
-        let ping_time = t0.elapsed();
         drop(w);
         reader.abort();
         // 1-byte DATA frames on one CONNECT stream of a new connection, once it is accepted.
@@ -339,6 +340,13 @@ fn tunnel_port_floods_hit_timeouts_and_caps_and_legit_traffic_flows() {
     );
 
     // CONNECT storm: 500 streams at once on one connection; at most 50 are served.
+    let stream_limit = |tb: &Testbed| {
+        tb.metrics("node2").unwrap().sum(
+            "ambit_tunnel_rejections_total",
+            &[("reason", "stream_limit")],
+        )
+    };
+    let limited0 = stream_limit(&tb);
     let t = tls.clone();
     let storm = during(&tb, "CONNECT storm", move || async move {
         let h2 = RawH2::connect(peer, t).await.unwrap();
@@ -381,6 +389,14 @@ fn tunnel_port_floods_hit_timeouts_and_caps_and_legit_traffic_flows() {
     assert!(
         storm.reset_codes.contains(&7),
         "no REFUSED_STREAM: {storm:?}"
+    );
+    // Every stream h2 refused past the cap is counted (h2 refuses them on its own).
+    let limited = stream_limit(&tb) - limited0;
+    eprintln!("node2 stream_limit rejections rose by {limited}");
+    assert!(
+        limited >= storm.refused as f64 && limited <= 500.0,
+        "stream_limit rejections rose by {limited}, the client saw {} REFUSED_STREAM",
+        storm.refused
     );
 
     let r = probe.finish();
