@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 /// Debian packages the bench drives, and the binary each one provides.
 const PACKAGES: &[(&str, &str)] = &[
@@ -29,10 +29,7 @@ pub(crate) fn ensure(install: bool) -> Result<()> {
             );
         }
         eprintln!("==> installing bench tools: {}", missing.join(" "));
-        apt(&["update"])?;
-        let mut args = vec!["install", "-y", "--no-install-recommends"];
-        args.extend(&missing);
-        apt(&args)?;
+        crate::prereq::install_packages(&missing)?;
     }
     for (pkg, bin) in PACKAGES {
         match which(bin) {
@@ -125,16 +122,4 @@ fn which(bin: &str) -> Option<String> {
         .map(|d| Path::new(d).join(bin))
         .find(|p| p.is_file());
     found.map(|p| p.display().to_string())
-}
-
-fn apt(args: &[&str]) -> Result<()> {
-    let status = Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("starting apt-get")?;
-    if !status.success() {
-        bail!("`apt-get {}` failed ({status})", args.join(" "));
-    }
-    Ok(())
 }
