@@ -158,6 +158,34 @@ pub struct Datapath {
     _cgroup_links: Vec<PinnedLink>,
 }
 
+/// Loads the cgroup program `$name` of type `$ty`, attaches it at the cgroup `$cg` (an open
+/// `File`, and its path for errors) and pins the link under `$dir`. A macro because aya's
+/// program and link types share no trait for `load`, `attach` and `take_link`.
+macro_rules! attach_pinned {
+    ($bpf:expr, $ty:ty, $name:expr, ($cg:expr, $path:expr), $dir:expr) => {{
+        let name: &'static str = $name;
+        let prog: &mut $ty = program(&mut $bpf, name)?;
+        prog.load().map_err(|source| Error::ProgramLoad {
+            program: name,
+            source,
+        })?;
+        let attach_err = |source| Error::Attach {
+            program: name,
+            target: $path.into(),
+            source,
+        };
+        let id = prog
+            .attach($cg, CgroupAttachMode::Single)
+            .map_err(attach_err)?;
+        let link = prog.take_link(id).map_err(attach_err)?;
+        let fd = FdLink::try_from(link).map_err(|source| Error::Link {
+            program: name,
+            source,
+        })?;
+        pin_link(fd, &$dir.join(name))?
+    }};
+}
+
 impl Datapath {
     /// Loads the programs with `cfg`'s marks and ports, pins maps under `cfg.bpf_pin_dir`
     /// (reusing maps pinned by a previous agent), and attaches the cgroup programs at
@@ -218,54 +246,21 @@ impl Datapath {
             "bind4",
             "bind6",
         ] {
-            let prog: &mut CgroupSockAddr = program(&mut bpf, name)?;
-            prog.load().map_err(|source| Error::ProgramLoad {
-                program: name,
-                source,
-            })?;
-            let id = prog
-                .attach(&pods_cg, CgroupAttachMode::Single)
-                .map_err(|source| Error::Attach {
-                    program: name,
-                    target: pods_cgroup.into(),
-                    source,
-                })?;
-            let link = prog.take_link(id).map_err(|source| Error::Attach {
-                program: name,
-                target: pods_cgroup.into(),
-                source,
-            })?;
-            let fd = FdLink::try_from(link).map_err(|source| Error::Link {
-                program: name,
-                source,
-            })?;
-            links.push(pin_link(fd, &links_dir.join(name))?);
+            links.push(attach_pinned!(
+                bpf,
+                CgroupSockAddr,
+                name,
+                (&pods_cg, pods_cgroup),
+                links_dir
+            ));
         }
-        {
-            let name = "sockops_est";
-            let prog: &mut SockOps = program(&mut bpf, name)?;
-            prog.load().map_err(|source| Error::ProgramLoad {
-                program: name,
-                source,
-            })?;
-            let id = prog
-                .attach(&pods_cg, CgroupAttachMode::Single)
-                .map_err(|source| Error::Attach {
-                    program: name,
-                    target: pods_cgroup.into(),
-                    source,
-                })?;
-            let link = prog.take_link(id).map_err(|source| Error::Attach {
-                program: name,
-                target: pods_cgroup.into(),
-                source,
-            })?;
-            let fd = FdLink::try_from(link).map_err(|source| Error::Link {
-                program: name,
-                source,
-            })?;
-            links.push(pin_link(fd, &links_dir.join(name))?);
-        }
+        links.push(attach_pinned!(
+            bpf,
+            SockOps,
+            "sockops_est",
+            (&pods_cg, pods_cgroup),
+            links_dir
+        ));
         {
             let name = "getsockopt_orig";
             let prog: &mut CgroupSockopt = program(&mut bpf, name)?;
