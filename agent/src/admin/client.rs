@@ -60,11 +60,9 @@ pub fn certs(args: AdminArgs) -> anyhow::Result<()> {
 
 /// `ambit workloads`.
 pub fn workloads(args: AdminArgs) -> anyhow::Result<()> {
-    let v = get_or_exit(&args, "/workloads");
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+    let Some(v) = json_or_table(&args, "/workloads")? else {
         return Ok(());
-    }
+    };
     println!(
         "{:<32} {:<8} {:<6} {:<9} {:<30} IDENTITY",
         "POD", "NODE", "LOCAL", "ENROLLED", "IPS"
@@ -148,11 +146,9 @@ pub fn metrics(args: AdminArgs) -> anyhow::Result<()> {
 
 /// `ambit connections`.
 pub fn connections(args: AdminArgs) -> anyhow::Result<()> {
-    let v = get_or_exit(&args, "/connections");
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+    let Some(v) = json_or_table(&args, "/connections")? else {
         return Ok(());
-    }
+    };
     println!(
         "{:<9} {:<20} {:<24} {:<24} {:<10} {:>8} {:>10} {:>10}  PEER IDENTITY",
         "DIRECTION", "POD", "SOURCE", "DESTINATION", "SECURITY", "AGE(s)", "SENT", "RECEIVED"
@@ -181,11 +177,9 @@ pub fn connections(args: AdminArgs) -> anyhow::Result<()> {
 
 /// `ambit policy`.
 pub fn policy(args: AdminArgs) -> anyhow::Result<()> {
-    let v = get_or_exit(&args, "/policies");
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+    let Some(v) = json_or_table(&args, "/policies")? else {
         return Ok(());
-    }
+    };
     println!(
         "{:<28} {:<8} {:<12} {:<10} DECIDED BY",
         "POD", "PORT", "MODE", "LEVEL"
@@ -260,6 +254,17 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// GETs `path`; with `--json` prints the answer and returns `None`, otherwise returns it for
+/// the caller's table.
+fn json_or_table(args: &AdminArgs, path: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    let v = get_or_exit(args, path);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(None);
+    }
+    Ok(Some(v))
 }
 
 fn get_or_exit(args: &AdminArgs, path: &str) -> serde_json::Value {
