@@ -341,6 +341,21 @@ fn print_status(v: &serde_json::Value) {
         v["inventory"]["loads"],
         v["inventory"]["errors"]
     );
+    let mesh = &v["mesh"];
+    if mesh["mesh_only"].as_bool() == Some(true) {
+        println!(
+            "capture mesh-only: {} of {} destinations listed{}",
+            n(&mesh["destinations"]),
+            n(&mesh["capacity"]),
+            if mesh["capture_everything"].as_bool() == Some(true) {
+                " (list incomplete: capturing every destination)"
+            } else {
+                ""
+            }
+        );
+    } else {
+        println!("capture: every destination");
+    }
     println!();
     println!(
         "{:<24} {:<9} {:<28} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",

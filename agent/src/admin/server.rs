@@ -440,6 +440,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "refused_over_limit": REFUSED_OVER_LIMIT.load(Ordering::Relaxed),
         },
         "pods": state.manager.status(),
+        "mesh": state.datapath.mesh_summary(),
         "kernel": kernel,
     })
 }

@@ -84,6 +84,19 @@ pub struct SyncReport {
     pub wildcard: bool,
 }
 
+/// The mesh list in `/status`.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct MeshSummary {
+    /// `capture.meshOnly`: enrolled pods' connects to anything else go direct.
+    pub mesh_only: bool,
+    /// Destinations listed (pod addresses on every node and Service VIPs).
+    pub destinations: usize,
+    /// Room in `amb_mesh_dsts`.
+    pub capacity: usize,
+    /// The capture-everything entry is set (the list is incomplete or full).
+    pub capture_everything: bool,
+}
+
 /// The kernel map as [`MeshDsts`] uses it (a fake in unit tests).
 pub trait DstMap: Send {
     /// Writes one entry.
@@ -217,6 +230,17 @@ impl Datapath {
     /// Brings `amb_mesh_dsts` in line with `snap`.
     pub fn sync_mesh(&self, snap: &Snapshot) -> SyncReport {
         lock(&self.mesh).sync(&destinations(snap))
+    }
+
+    /// What `/status` shows of the mesh list: whether it is used, its size, the wildcard.
+    pub fn mesh_summary(&self) -> MeshSummary {
+        let m = lock(&self.mesh);
+        MeshSummary {
+            mesh_only: self.mesh_only,
+            destinations: m.listed(),
+            capacity: m.capacity,
+            capture_everything: m.installed.contains_key(&AmbAddrKey::WILDCARD),
+        }
     }
 
     /// The destinations listed in `amb_mesh_dsts` (as this agent wrote them), with their bits.

@@ -159,6 +159,13 @@ fn the_kernel_list_follows_enrollment_in_the_inventory() {
     let mut tb = testbed();
     let legacy = tb.pod("legacy").clone();
     assert!(!mesh_listed(&tb, "node1", legacy.ip(false)));
+    // `/status` shows the list's size (and that it is complete).
+    let listed = |tb: &Testbed| {
+        let mesh = &tb.admin_get("node1", "/status").unwrap()["mesh"];
+        assert_eq!(mesh["capture_everything"], false, "{mesh}");
+        mesh["destinations"].as_u64().unwrap()
+    };
+    let before = listed(&tb);
 
     tb.set_enrolled("legacy", true).unwrap();
     assert_eventually!(
@@ -169,6 +176,7 @@ fn the_kernel_list_follows_enrollment_in_the_inventory() {
         "node1 never listed legacy as a mesh destination:\n{}",
         tb.agent_logs(20)
     );
+    assert_eq!(listed(&tb), before + 2, "legacy's two addresses");
     assert_eventually!(
         timeout = Duration::from_secs(20),
         tb.status("node2").unwrap().pod_state("legacy") == Some("enrolled"),
@@ -198,6 +206,7 @@ fn the_kernel_list_follows_enrollment_in_the_inventory() {
         "node1 still lists legacy:\n{}",
         tb.agent_logs(20)
     );
+    assert_eq!(listed(&tb), before);
     // The enrolled pods stay listed (the sync removed only what left).
     for ip in addrs(&tb, "client").into_iter().chain(addrs(&tb, "server")) {
         assert!(mesh_listed(&tb, "node1", ip), "node1 dropped {ip}");
