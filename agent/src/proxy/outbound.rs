@@ -29,7 +29,7 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
     .await
 }
 
-async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
+pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
     let stats = &pod.stats;
     stats.outbound_accepted.fetch_add(1, Ordering::Relaxed);
     // Counts from accept (drain waits on it) and caps the pod's open connections.
@@ -160,7 +160,10 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
                     format!("bad destination identity {dst_id}"),
                 );
             };
-            let (mut up, _guard) = match tunnel(&pod, target, PeerAddr(peer), &dst_id).await {
+            // Boxed: the dial (TLS and h2 handshakes) would otherwise size this task's future
+            // for as long as the connection stays open.
+            let dial = Box::pin(tunnel(&pod, target, PeerAddr(peer), &dst_id));
+            let (mut up, _guard) = match dial.await {
                 Ok(s) => s,
                 Err(e) => {
                     return fail(
@@ -227,8 +230,8 @@ async fn carry(pod: &PodContext, c: Carried, down: &mut TcpStream, up: Upstream<
         labels: c.labels,
     });
     let result = match up {
-        Upstream::Plain(up) => copy_both(down, up, &guard.bytes).await,
-        Upstream::Tunnel(up) => copy_tcp_h2(down, up, TcpSide::Source, &guard.bytes).await,
+        Upstream::Plain(up) => copy_both(down, up, guard.bytes()).await,
+        Upstream::Tunnel(up) => copy_tcp_h2(down, up, TcpSide::Source, guard.bytes()).await,
     };
     let t = result.as_ref().copied().unwrap_or_default();
     pod.stats.bytes_sent.fetch_add(t.sent, Ordering::Relaxed);
@@ -298,3 +301,4 @@ fn is_loop(pod: &PodContext, dst: SocketAddr) -> bool {
     pod.ports.is_agent_port(dst.port())
         && (ip.is_loopback() || ip.is_unspecified() || pod.workload.ips.contains(&ip))
 }
+

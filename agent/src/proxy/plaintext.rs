@@ -24,7 +24,7 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
     .await
 }
 
-async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
+pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
     let stats = &pod.stats;
     stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
     let Some(_slot) = caps::admit(&pod, Listener::InboundPlaintext) else {
@@ -131,7 +131,7 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
         authz: Some(attrs),
         labels: labels("-"),
     });
-    let result = copy_until_closed(&mut down, &mut up, &guard.bytes, &guard.closer).await;
+    let result = copy_until_closed(&mut down, &mut up, guard.bytes(), guard.closer()).await;
     let t = result.as_ref().copied().unwrap_or_default();
     stats.bytes_sent.fetch_add(t.sent, Ordering::Relaxed);
     stats
