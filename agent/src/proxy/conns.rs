@@ -1,6 +1,7 @@
 //! Connection accounting: the table behind `GET /connections`, Istio TCP metrics and the access log (one line per connection at close).
 use std::collections::BTreeMap;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -20,12 +21,12 @@ pub struct ConnInfo {
     /// The pod this agent serves on this side (`namespace/name`).
     pub pod: String,
     /// Source address.
-    pub src: String,
+    pub src: SocketAddr,
     /// Destination as the client dialled it.
-    pub dst: String,
+    pub dst: SocketAddr,
     /// Where the bytes go when that differs (Service endpoint).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
+    pub target: Option<SocketAddr>,
     /// Source identity, when proved (mTLS) or known (outbound from a local pod).
     pub src_identity: Option<String>,
     /// Destination identity, when known.
@@ -190,7 +191,7 @@ impl ConnGuard {
             src.addr = %i.src,
             src.id = i.src_identity.as_deref().unwrap_or("-"),
             dst.orig = %i.dst,
-            dst.target = i.target.as_deref().unwrap_or(&i.dst),
+            dst.target = %i.target.unwrap_or(i.dst),
             dst.id = i.dst_identity.as_deref().unwrap_or("-"),
             security = i.security,
             bytes.sent = sent,

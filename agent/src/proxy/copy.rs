@@ -1,9 +1,11 @@
 //! Bidirectional copy with half-close and live byte counts, holding no buffer while a connection idles.
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
@@ -47,28 +49,34 @@ impl Reader {
     }
 
     /// The next bytes from `r` in a buffer of their own; empty at EOF.
-    async fn next(&mut self, r: &ReadHalf<'_>) -> io::Result<BytesMut> {
-        loop {
-            if self.spare.capacity() == 0 {
-                r.readable().await?;
-            }
-            let mut buf = std::mem::take(&mut self.spare);
-            if buf.capacity() < self.size {
-                buf = BytesMut::with_capacity(self.size);
-            }
-            let room = buf.capacity() - buf.len();
-            match r.try_read_buf(&mut buf) {
-                Ok(n) => {
-                    self.filled = n == room;
-                    if self.filled {
-                        self.size = (self.size * 4).min(MAX_READ);
-                    }
-                    return Ok(buf);
+    async fn next(&mut self, r: &mut ReadHalf<'_>) -> io::Result<BytesMut> {
+        std::future::poll_fn(|cx| self.poll_next(cx, r)).await
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>, r: &mut ReadHalf<'_>) -> Poll<io::Result<BytesMut>> {
+        if self.spare.capacity() == 0 {
+            ready!(r.as_ref().poll_read_ready(cx))?;
+        }
+        let mut buf = std::mem::take(&mut self.spare);
+        if buf.capacity() < self.size {
+            buf = BytesMut::with_capacity(self.size);
+        }
+        let room = buf.capacity() - buf.len();
+        // tokio's poll_read forgets the readiness after a short read, which saves the read
+        // that would only say EAGAIN.
+        let polled = std::pin::pin!(r.read_buf(&mut buf)).poll(cx);
+        match polled {
+            Poll::Ready(Ok(n)) => {
+                self.filled = n == room;
+                if self.filled {
+                    self.size = (self.size * 4).min(MAX_READ);
                 }
-                // Drained (or a stale readiness): the buffer goes, the loop waits without one.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Poll::Ready(Ok(buf))
             }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // Drained (the read registered for the next readiness) or out of budget (woken
+            // again at once): the buffer goes, so an idle connection holds none.
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -95,17 +103,17 @@ pub async fn copy_both(
     b: &mut TcpStream,
     counts: &ByteCounts,
 ) -> io::Result<Transferred> {
-    let (a_r, mut a_w) = a.split();
-    let (b_r, mut b_w) = b.split();
+    let (mut a_r, mut a_w) = a.split();
+    let (mut b_r, mut b_w) = b.split();
     let (sent, received) = tokio::try_join!(
-        one_way(&a_r, &mut b_w, &counts.sent),
-        one_way(&b_r, &mut a_w, &counts.received)
+        one_way(&mut a_r, &mut b_w, &counts.sent),
+        one_way(&mut b_r, &mut a_w, &counts.received)
     )?;
     Ok(Transferred { sent, received })
 }
 
 /// Copies `r` to `w` until EOF, then shuts `w` down; returns the bytes copied.
-async fn one_way(r: &ReadHalf<'_>, w: &mut WriteHalf<'_>, count: &AtomicU64) -> io::Result<u64> {
+async fn one_way(r: &mut ReadHalf<'_>, w: &mut WriteHalf<'_>, count: &AtomicU64) -> io::Result<u64> {
     let mut reader = Reader::new();
     let mut total = 0u64;
     loop {
@@ -143,13 +151,13 @@ pub async fn copy_tcp_h2(
         TcpSide::Source => (&counts.sent, &counts.received),
         TcpSide::Destination => (&counts.received, &counts.sent),
     };
-    let (tcp_r, mut tcp_w) = tcp.split();
+    let (mut tcp_r, mut tcp_w) = tcp.split();
     let (mut h2_send, mut h2_recv) = h2.halves();
     let to_h2 = async {
         let mut reader = Reader::new();
         let mut total = 0u64;
         loop {
-            let buf = reader.next(&tcp_r).await?;
+            let buf = reader.next(&mut tcp_r).await?;
             if buf.is_empty() {
                 h2_send.finish()?;
                 return Ok::<_, io::Error>(total);
@@ -251,11 +259,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn echo_both_ways_at_once_does_not_stall() {
+        // The client writes while the echo comes back: both directions move at the same time.
+        let (client, mut a) = pair(None).await;
+        let (mut b, server) = pair(None).await;
+        let counts = ByteCounts::default();
+        let total = 20_000_000usize;
+        let proxy = async { copy_both(&mut a, &mut b, &counts).await.unwrap() };
+        let echo = async {
+            let (mut r, mut w) = tokio::io::split(server);
+            tokio::io::copy(&mut r, &mut w).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let send = async {
+            let chunk = vec![5u8; 100_000];
+            for _ in 0..total / chunk.len() {
+                cw.write_all(&chunk).await.unwrap();
+            }
+            cw.shutdown().await.unwrap();
+        };
+        let recv = async {
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 65536];
+            loop {
+                let n = cr.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return got;
+                }
+                got += n;
+            }
+        };
+        let all = async { tokio::join!(proxy, echo, send, recv) };
+        let (t, (), (), got) = tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .expect("echo stalled");
+        assert_eq!((t.sent, t.received, got), (total as u64, total as u64, total));
+    }
+
+    #[tokio::test]
     async fn reader_starts_small_grows_while_reads_fill_and_idles_without_a_buffer() {
         // Everything is queued on the reading socket before the first read (loopback delivers
         // within the writer's send; the receive buffer holds it all).
         let (mut w, mut r) = pair(Some(4 << 20)).await;
-        let (rh, _) = r.split();
+        let (mut rh, _) = r.split();
         {
             let total = MIN_READ + 4 * MIN_READ + MAX_READ + MAX_READ + 10;
             w.write_all(&vec![1u8; total]).await.unwrap();
@@ -263,7 +310,7 @@ mod tests {
             let mut seen = Vec::new();
             let mut got = 0;
             while got < total {
-                let buf = reader.next(&rh).await.unwrap();
+                let buf = reader.next(&mut rh).await.unwrap();
                 got += buf.len();
                 seen.push((buf.len(), buf.capacity()));
                 reader.recycle(buf);
@@ -283,17 +330,17 @@ mod tests {
 
             // A buffer kept after a read that filled it is freed once the socket is drained.
             w.write_all(&vec![2u8; MAX_READ]).await.unwrap();
-            let buf = reader.next(&rh).await.unwrap();
+            let buf = reader.next(&mut rh).await.unwrap();
             assert_eq!(buf.len(), MAX_READ);
             reader.recycle(buf);
             assert_eq!(reader.held(), MAX_READ, "kept while reads fill it");
-            let idle = tokio::time::timeout(Duration::from_millis(100), reader.next(&rh)).await;
+            let idle = tokio::time::timeout(Duration::from_millis(100), reader.next(&mut rh)).await;
             assert!(idle.is_err(), "no bytes: the read waits");
             assert_eq!(reader.held(), 0, "an idle connection holds no buffer");
             w.write_all(b"x").await.unwrap();
-            assert_eq!(&reader.next(&rh).await.unwrap()[..], b"x");
+            assert_eq!(&reader.next(&mut rh).await.unwrap()[..], b"x");
             drop(w);
-            assert!(reader.next(&rh).await.unwrap().is_empty(), "EOF");
+            assert!(reader.next(&mut rh).await.unwrap().is_empty(), "EOF");
         }
     }
 

@@ -250,8 +250,8 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     let guard = pod.conns.open(ConnInfo {
         direction: "inbound",
         pod: pod.workload.key(),
-        src: src.to_string(),
-        dst: target.to_string(),
+        src,
+        dst: target,
         target: None,
         src_identity: Some(peer_id.clone()),
         dst_identity: Some(dst_id.clone()),

@@ -23,7 +23,9 @@ use crate::tunnel::stream::H2Stream;
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
     accept_loop(listener, "outbound", move |stream, peer| {
         let pod = pod.clone();
-        let span = tracing::info_span!("outbound", pod = %pod.workload.key(), src.addr = %peer);
+        // Debug level: the access-log line carries the pod and the source already; a span per
+        // connection at info cost formatting, a registry slot and enter/exit on every poll.
+        let span = tracing::debug_span!("outbound", pod = %pod.workload.key(), src.addr = %peer);
         async move { serve(stream, ClientAddr(peer), pod).await }.instrument(span)
     })
     .await
@@ -219,9 +221,9 @@ async fn carry(pod: &PodContext, c: Carried, down: &mut TcpStream, up: Upstream<
     let guard = pod.conns.open(ConnInfo {
         direction: "outbound",
         pod: pod.workload.key(),
-        src: c.client.to_string(),
-        dst: c.orig.to_string(),
-        target: (c.target != c.orig.0).then(|| c.target.to_string()),
+        src: c.client.0,
+        dst: c.orig.0,
+        target: (c.target != c.orig.0).then_some(c.target),
         src_identity: (c.security == "mutual_tls")
             .then(|| pod.workload.spiffe_id(&pod.cfg.trust_domain)),
         dst_identity: c.dst_identity,

@@ -18,7 +18,8 @@ use crate::policy::peer_auth::{self, Effective};
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
     accept_loop(listener, "inbound_plaintext", move |stream, peer| {
         let pod = pod.clone();
-        let span = tracing::info_span!("inbound", pod = %pod.workload.key(), src.addr = %peer);
+        // Debug level, as the outbound span (the access-log line names pod and source).
+        let span = tracing::debug_span!("inbound", pod = %pod.workload.key(), src.addr = %peer);
         async move { serve(stream, ClientAddr(peer), pod).await }.instrument(span)
     })
     .await
@@ -122,8 +123,8 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
     let guard = pod.conns.open(ConnInfo {
         direction: "inbound",
         pod: pod.workload.key(),
-        src: client.to_string(),
-        dst: orig.to_string(),
+        src: client.0,
+        dst: orig.0,
         target: None,
         src_identity: None,
         dst_identity: None,
