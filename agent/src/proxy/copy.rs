@@ -53,7 +53,11 @@ impl Reader {
         std::future::poll_fn(|cx| self.poll_next(cx, r)).await
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>, r: &mut ReadHalf<'_>) -> Poll<io::Result<BytesMut>> {
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: &mut ReadHalf<'_>,
+    ) -> Poll<io::Result<BytesMut>> {
         if self.spare.capacity() == 0 {
             ready!(r.as_ref().poll_read_ready(cx))?;
         }
@@ -113,7 +117,11 @@ pub async fn copy_both(
 }
 
 /// Copies `r` to `w` until EOF, then shuts `w` down; returns the bytes copied.
-async fn one_way(r: &mut ReadHalf<'_>, w: &mut WriteHalf<'_>, count: &AtomicU64) -> io::Result<u64> {
+async fn one_way(
+    r: &mut ReadHalf<'_>,
+    w: &mut WriteHalf<'_>,
+    count: &AtomicU64,
+) -> io::Result<u64> {
     let mut reader = Reader::new();
     let mut total = 0u64;
     loop {
@@ -253,7 +261,10 @@ mod tests {
             got.len()
         };
         let (t, echoed, got) = tokio::join!(proxy, peer, srv);
-        assert_eq!((t.sent, t.received, got, echoed), (300_000, 1000, 300_000, 1000));
+        assert_eq!(
+            (t.sent, t.received, got, echoed),
+            (300_000, 1000, 300_000, 1000)
+        );
         assert_eq!(counts.sent.load(Ordering::Relaxed), 300_000);
         assert_eq!(counts.received.load(Ordering::Relaxed), 1000);
     }
@@ -294,7 +305,10 @@ mod tests {
         let (t, (), (), got) = tokio::time::timeout(Duration::from_secs(60), all)
             .await
             .expect("echo stalled");
-        assert_eq!((t.sent, t.received, got), (total as u64, total as u64, total));
+        assert_eq!(
+            (t.sent, t.received, got),
+            (total as u64, total as u64, total)
+        );
     }
 
     #[tokio::test]
@@ -347,7 +361,8 @@ mod tests {
     /// Both ends of one HTTP/2 CONNECT stream over an in-memory pipe: (client, server).
     async fn h2_pair() -> (H2Stream, H2Stream) {
         let (c_io, s_io) = tokio::io::duplex(1 << 20);
-        let (client, server) = tokio::join!(h2::client::handshake(c_io), h2::server::handshake(s_io));
+        let (client, server) =
+            tokio::join!(h2::client::handshake(c_io), h2::server::handshake(s_io));
         let ((client, c_conn), mut server) = (client.unwrap(), server.unwrap());
         tokio::spawn(c_conn);
         let mut client = client.ready().await.unwrap();
@@ -358,7 +373,9 @@ mod tests {
             .unwrap();
         let (resp, c_send) = client.send_request(req, false).unwrap();
         let (req, mut respond) = server.accept().await.unwrap().unwrap();
-        let s_send = respond.send_response(http::Response::new(()), false).unwrap();
+        let s_send = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
         tokio::spawn(async move { while server.accept().await.is_some() {} });
         let c_recv = resp.await.unwrap().into_body();
         (

@@ -303,4 +303,3 @@ fn is_loop(pod: &PodContext, dst: SocketAddr) -> bool {
     pod.ports.is_agent_port(dst.port())
         && (ip.is_loopback() || ip.is_unspecified() || pod.workload.ips.contains(&ip))
 }
-
