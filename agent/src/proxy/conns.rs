@@ -1,6 +1,7 @@
 //! Connection accounting: the table behind `GET /connections`, Istio TCP metrics and the access log (one line per connection at close).
 use std::collections::BTreeMap;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -20,12 +21,12 @@ pub struct ConnInfo {
     /// The pod this agent serves on this side (`namespace/name`).
     pub pod: String,
     /// Source address.
-    pub src: String,
+    pub src: SocketAddr,
     /// Destination as the client dialled it.
-    pub dst: String,
+    pub dst: SocketAddr,
     /// Where the bytes go when that differs (Service endpoint).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
+    pub target: Option<SocketAddr>,
     /// Source identity, when proved (mTLS) or known (outbound from a local pod).
     pub src_identity: Option<String>,
     /// Destination identity, when known.
@@ -40,11 +41,12 @@ pub struct ConnInfo {
     pub labels: TcpLabels,
 }
 
+/// One open connection, shared by the table and the connection's task (one allocation).
 struct Entry {
     info: ConnInfo,
     started: Instant,
-    bytes: Arc<ByteCounts>,
-    closer: Arc<Notify>,
+    bytes: ByteCounts,
+    closer: Notify,
 }
 
 /// Live byte counters of one connection.
@@ -59,7 +61,7 @@ pub struct ByteCounts {
 /// Open connections of this agent, and the metrics they feed.
 pub struct ConnTable {
     next: AtomicU64,
-    open: Mutex<BTreeMap<u64, Entry>>,
+    open: Mutex<BTreeMap<u64, Arc<Entry>>>,
     metrics: Arc<ProxyMetrics>,
 }
 
@@ -67,12 +69,7 @@ pub struct ConnTable {
 pub struct ConnGuard {
     table: Arc<ConnTable>,
     id: u64,
-    started: Instant,
-    info: ConnInfo,
-    /// The connection's byte counters.
-    pub bytes: Arc<ByteCounts>,
-    /// Notified when the connection must be closed (a policy no longer allows it).
-    pub closer: Arc<Notify>,
+    entry: Arc<Entry>,
 }
 
 /// One row of `GET /connections`.
@@ -114,24 +111,18 @@ impl ConnTable {
     /// Registers an open connection.
     pub fn open(self: &Arc<Self>, info: ConnInfo) -> ConnGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let bytes = Arc::new(ByteCounts::default());
-        let closer = Arc::new(Notify::new());
         self.metrics.opened.get_or_create(&info.labels).inc();
-        let started = Instant::now();
-        let entry = Entry {
-            info: info.clone(),
-            started,
-            bytes: bytes.clone(),
-            closer: closer.clone(),
-        };
-        lock(&self.open).insert(id, entry);
+        let entry = Arc::new(Entry {
+            info,
+            started: Instant::now(),
+            bytes: ByteCounts::default(),
+            closer: Notify::new(),
+        });
+        lock(&self.open).insert(id, entry.clone());
         ConnGuard {
             table: self.clone(),
             id,
-            started,
-            info,
-            bytes,
-            closer,
+            entry,
         }
     }
 
@@ -167,14 +158,25 @@ impl ConnTable {
 }
 
 impl ConnGuard {
+    /// The connection's byte counters.
+    pub fn bytes(&self) -> &ByteCounts {
+        &self.entry.bytes
+    }
+
+    /// Notified when the connection must be closed (a policy no longer allows it).
+    pub fn closer(&self) -> &Notify {
+        &self.entry.closer
+    }
+
     /// Ends the connection: counts its bytes and writes its access-log line.
     pub fn finish(self, result: &io::Result<Transferred>) {
+        let e = &self.entry;
         let (sent, received) = (
-            self.bytes.sent.load(Ordering::Relaxed),
-            self.bytes.received.load(Ordering::Relaxed),
+            e.bytes.sent.load(Ordering::Relaxed),
+            e.bytes.received.load(Ordering::Relaxed),
         );
-        let dur_ms = self.started.elapsed().as_millis() as u64;
-        let i = &self.info;
+        let dur_ms = e.started.elapsed().as_millis() as u64;
+        let i = &e.info;
         let (outcome, error) = match result {
             Ok(_) => ("ok", String::new()),
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
@@ -189,7 +191,7 @@ impl ConnGuard {
             src.addr = %i.src,
             src.id = i.src_identity.as_deref().unwrap_or("-"),
             dst.orig = %i.dst,
-            dst.target = i.target.as_deref().unwrap_or(&i.dst),
+            dst.target = %i.target.unwrap_or(i.dst),
             dst.id = i.dst_identity.as_deref().unwrap_or("-"),
             security = i.security,
             bytes.sent = sent,
@@ -206,14 +208,15 @@ impl Drop for ConnGuard {
     fn drop(&mut self) {
         lock(&self.table.open).remove(&self.id);
         let m = &self.table.metrics;
-        let l = &self.info.labels;
+        let e = &self.entry;
+        let l = &e.info.labels;
         m.closed.get_or_create(l).inc();
         m.sent_bytes
             .get_or_create(l)
-            .inc_by(self.bytes.sent.load(Ordering::Relaxed));
+            .inc_by(e.bytes.sent.load(Ordering::Relaxed));
         m.received_bytes
             .get_or_create(l)
-            .inc_by(self.bytes.received.load(Ordering::Relaxed));
+            .inc_by(e.bytes.received.load(Ordering::Relaxed));
     }
 }
 

@@ -176,7 +176,7 @@ fn admit(counts: &Mutex<HashMap<IpAddr, usize>>, max: usize, ip: IpAddr) -> Opti
     Some(SourceSlot { counts, ip })
 }
 
-async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
+pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     let stats = &pod.stats;
     let target = p.connect.authority;
     let peer_id = p.connect.peer_id.to_string();
@@ -250,8 +250,8 @@ async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     let guard = pod.conns.open(ConnInfo {
         direction: "inbound",
         pod: pod.workload.key(),
-        src: src.to_string(),
-        dst: target.to_string(),
+        src,
+        dst: target,
         target: None,
         src_identity: Some(peer_id.clone()),
         dst_identity: Some(dst_id.clone()),
@@ -259,8 +259,8 @@ async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
         authz: Some(attrs),
         labels: labels("-"),
     });
-    let copy = copy_tcp_h2(&mut up, &mut down, TcpSide::Destination, &guard.bytes);
-    let result = until_closed(copy, &guard.closer).await;
+    let copy = copy_tcp_h2(&mut up, &mut down, TcpSide::Destination, guard.bytes());
+    let result = until_closed(copy, guard.closer()).await;
     let t = result.as_ref().copied().unwrap_or_default();
     stats.bytes_sent.fetch_add(t.sent, Ordering::Relaxed);
     stats

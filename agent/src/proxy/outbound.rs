@@ -23,13 +23,15 @@ use crate::tunnel::stream::H2Stream;
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
     accept_loop(listener, "outbound", move |stream, peer| {
         let pod = pod.clone();
-        let span = tracing::info_span!("outbound", pod = %pod.workload.key(), src.addr = %peer);
+        // Debug level: the access-log line carries the pod and the source already; a span per
+        // connection at info cost formatting, a registry slot and enter/exit on every poll.
+        let span = tracing::debug_span!("outbound", pod = %pod.workload.key(), src.addr = %peer);
         async move { serve(stream, ClientAddr(peer), pod).await }.instrument(span)
     })
     .await
 }
 
-async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
+pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
     let stats = &pod.stats;
     stats.outbound_accepted.fetch_add(1, Ordering::Relaxed);
     // Counts from accept (drain waits on it) and caps the pod's open connections.
@@ -160,7 +162,10 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
                     format!("bad destination identity {dst_id}"),
                 );
             };
-            let (mut up, _guard) = match tunnel(&pod, target, PeerAddr(peer), &dst_id).await {
+            // Boxed: the dial (TLS and h2 handshakes) would otherwise size this task's future
+            // for as long as the connection stays open.
+            let dial = Box::pin(tunnel(&pod, target, PeerAddr(peer), &dst_id));
+            let (mut up, _guard) = match dial.await {
                 Ok(s) => s,
                 Err(e) => {
                     return fail(
@@ -216,9 +221,9 @@ async fn carry(pod: &PodContext, c: Carried, down: &mut TcpStream, up: Upstream<
     let guard = pod.conns.open(ConnInfo {
         direction: "outbound",
         pod: pod.workload.key(),
-        src: c.client.to_string(),
-        dst: c.orig.to_string(),
-        target: (c.target != c.orig.0).then(|| c.target.to_string()),
+        src: c.client.0,
+        dst: c.orig.0,
+        target: (c.target != c.orig.0).then_some(c.target),
         src_identity: (c.security == "mutual_tls")
             .then(|| pod.workload.spiffe_id(&pod.cfg.trust_domain)),
         dst_identity: c.dst_identity,
@@ -227,8 +232,8 @@ async fn carry(pod: &PodContext, c: Carried, down: &mut TcpStream, up: Upstream<
         labels: c.labels,
     });
     let result = match up {
-        Upstream::Plain(up) => copy_both(down, up, &guard.bytes).await,
-        Upstream::Tunnel(up) => copy_tcp_h2(down, up, TcpSide::Source, &guard.bytes).await,
+        Upstream::Plain(up) => copy_both(down, up, guard.bytes()).await,
+        Upstream::Tunnel(up) => copy_tcp_h2(down, up, TcpSide::Source, guard.bytes()).await,
     };
     let t = result.as_ref().copied().unwrap_or_default();
     pod.stats.bytes_sent.fetch_add(t.sent, Ordering::Relaxed);

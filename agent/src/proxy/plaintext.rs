@@ -18,13 +18,14 @@ use crate::policy::peer_auth::{self, Effective};
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
     accept_loop(listener, "inbound_plaintext", move |stream, peer| {
         let pod = pod.clone();
-        let span = tracing::info_span!("inbound", pod = %pod.workload.key(), src.addr = %peer);
+        // Debug level, as the outbound span (the access-log line names pod and source).
+        let span = tracing::debug_span!("inbound", pod = %pod.workload.key(), src.addr = %peer);
         async move { serve(stream, ClientAddr(peer), pod).await }.instrument(span)
     })
     .await
 }
 
-async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
+pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
     let stats = &pod.stats;
     stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
     let Some(_slot) = caps::admit(&pod, Listener::InboundPlaintext) else {
@@ -122,8 +123,8 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
     let guard = pod.conns.open(ConnInfo {
         direction: "inbound",
         pod: pod.workload.key(),
-        src: client.to_string(),
-        dst: orig.to_string(),
+        src: client.0,
+        dst: orig.0,
         target: None,
         src_identity: None,
         dst_identity: None,
@@ -131,7 +132,7 @@ async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
         authz: Some(attrs),
         labels: labels("-"),
     });
-    let result = copy_until_closed(&mut down, &mut up, &guard.bytes, &guard.closer).await;
+    let result = copy_until_closed(&mut down, &mut up, guard.bytes(), guard.closer()).await;
     let t = result.as_ref().copied().unwrap_or_default();
     stats.bytes_sent.fetch_add(t.sent, Ordering::Relaxed);
     stats
