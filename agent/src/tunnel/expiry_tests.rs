@@ -200,7 +200,7 @@ async fn pool_evicts_a_connection_whose_certificate_expired_and_dials_fresh() {
     let ca = TestCa::new("cluster.local");
     // A server that does not enforce expiry: only the pool's own check can avoid reuse.
     let addr = server(&ca, ca.svid(SERVER), false).await;
-    let pool = Pool::new(10, Duration::from_secs(60));
+    let pool = Pool::new(10, Duration::from_secs(60)).with_spread(1);
     let key = PoolKey {
         src_netns: 1,
         src_id: CLIENT.parse().unwrap(),

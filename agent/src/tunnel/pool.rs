@@ -5,6 +5,10 @@
 //!   source identity (the certificate presented), the peer address and the identity the peer
 //!   must prove. Connections are never shared across keys.
 //! - A connection carries at most `max_streams` streams at once; past that another one opens.
+//! - Concurrent streams of a key are spread: a new stream takes the least-loaded connection,
+//!   and another connection is dialed while every one already carries a stream and the key has
+//!   fewer than `spread` connections (open or being dialed), so that parallel bulk streams run on
+//!   several connection tasks (cores). Past `spread`, streams share up to `max_streams`.
 //! - A connection idle (no stream) for `idle_timeout`, or closed by the peer, is dropped by
 //!   `reap`; the lock is never held across an await.
 //! - A connection whose certificates (the peer's or ours) have expired carries no new stream:
@@ -32,6 +36,12 @@ pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
 /// per-source handshake cap would refuse.
 pub const MAX_DIALS_PER_KEY: usize = 4;
 
+/// Connections a key spreads its concurrent streams over before sharing them: the CPUs
+/// available (one h2 connection task, so one core, encrypts all of a connection's bytes).
+pub fn default_spread() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+
 /// What a pooled connection is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
@@ -56,6 +66,7 @@ pub struct Pool {
     conns: Mutex<HashMap<PoolKey, Vec<Entry>>>,
     dials: Mutex<HashMap<PoolKey, Arc<tokio::sync::Semaphore>>>,
     max_streams: usize,
+    spread: usize,
     idle_timeout: Duration,
 }
 
@@ -82,14 +93,29 @@ pub struct PoolStats {
 }
 
 impl Pool {
-    /// An empty pool.
+    /// An empty pool spreading a key's concurrent streams over [`default_spread`] connections.
     pub fn new(max_streams: usize, idle_timeout: Duration) -> Self {
         Self {
             conns: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
             max_streams: max_streams.max(1),
+            spread: default_spread(),
             idle_timeout,
         }
+    }
+
+    /// Spreads a key's concurrent streams over up to `spread` connections (1: every stream
+    /// shares the first connection with room).
+    pub fn with_spread(mut self, spread: usize) -> Self {
+        self.spread = spread.max(1);
+        self
+    }
+
+    /// Connections being dialed for `key` (permits taken from its gate).
+    fn dialing(&self, key: &PoolKey) -> usize {
+        lock(&self.dials)
+            .get(key)
+            .map_or(0, |g| MAX_DIALS_PER_KEY - g.available_permits())
     }
 
     /// Opens a CONNECT stream to `authority` over a pooled connection for `key`, dialing a new
@@ -104,7 +130,7 @@ impl Pool {
         D: FnOnce() -> Fut,
         Fut: Future<Output = Result<Tunnel, Error>>,
     {
-        if let Some(c) = self.checkout(key) {
+        if let Some(c) = self.checkout(key, self.dialing(key)) {
             if let Some(r) = Self::on_pooled(c, key, authority).await {
                 return r;
             }
@@ -114,10 +140,11 @@ impl Pool {
             .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(MAX_DIALS_PER_KEY)))
             .clone();
         // Held until the new connection is in the pool, so that waiters find it there.
-        let mut dialing = Some(gate.acquire_owned().await);
+        let mut dialing = Some(gate.clone().acquire_owned().await);
         // A connection dialed while we waited may have room for us (the permit is not held
-        // across its CONNECT round trip).
-        if let Some(c) = self.checkout(key) {
+        // across its CONNECT round trip). Other dials in flight count towards the spread.
+        let others = MAX_DIALS_PER_KEY - 1 - gate.available_permits();
+        if let Some(c) = self.checkout(key, others) {
             dialing = None;
             if let Some(r) = Self::on_pooled(c, key, authority).await {
                 return r;
@@ -170,7 +197,10 @@ impl Pool {
         }
     }
 
-    fn checkout(&self, key: &PoolKey) -> Option<(Tunnel, StreamGuard)> {
+    /// The least-loaded usable connection of `key` with room, counted for one more stream;
+    /// `None` (dial) when there is none, or when every one carries a stream and the key has
+    /// fewer than `spread` connections counting the `dialing` ones.
+    fn checkout(&self, key: &PoolKey, dialing: usize) -> Option<(Tunnel, StreamGuard)> {
         let mut conns = lock(&self.conns);
         let entries = conns.get_mut(key)?;
         let now = SystemTime::now();
@@ -181,9 +211,14 @@ impl Pool {
             }
             !expired && e.tunnel.is_open()
         });
-        let e = entries
+        let (e, load) = entries
             .iter()
-            .find(|e| e.active.load(Ordering::Relaxed) < self.max_streams)?;
+            .map(|e| (e, e.active.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n < self.max_streams)
+            .min_by_key(|(_, n)| *n)?;
+        if load > 0 && entries.len() + dialing < self.spread {
+            return None;
+        }
         e.active.fetch_add(1, Ordering::Relaxed);
         Some((
             e.tunnel.clone(),

@@ -128,7 +128,7 @@ async fn client_from_foreign_ca_is_refused_by_server() {
 async fn pool_reuses_one_connection_and_bounds_streams() {
     let ca = TestCa::new("cluster.local");
     let addr = echo_server(&ca).await;
-    let pool = Pool::new(2, std::time::Duration::from_secs(60));
+    let pool = Pool::new(2, std::time::Duration::from_secs(60)).with_spread(1);
     let key = PoolKey {
         src_netns: 1,
         src_id: CLIENT.parse().unwrap(),
@@ -160,6 +160,56 @@ async fn pool_reuses_one_connection_and_bounds_streams() {
         .await
         .unwrap();
     assert_eq!(pool.stats().connections, 2, "reused, not redialed");
+}
+
+#[tokio::test]
+async fn pool_spreads_concurrent_streams_up_to_the_cap_then_shares() {
+    let ca = TestCa::new("cluster.local");
+    let addr = echo_server(&ca).await;
+    let key = PoolKey {
+        src_netns: 1,
+        src_id: CLIENT.parse().unwrap(),
+        peer: addr,
+        dst_id: SERVER.parse().unwrap(),
+    };
+    let target: SocketAddr = "10.0.0.1:80".parse().unwrap();
+    for (spread, want) in [(2, [1, 2, 2]), (1, [1, 1, 1])] {
+        let pool = Pool::new(100, std::time::Duration::from_secs(60)).with_spread(spread);
+        let dials = std::sync::atomic::AtomicUsize::new(0);
+        let open = || async {
+            dials.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tunnel(&ca, addr, SERVER).await
+        };
+        let mut held = Vec::new();
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            held.push(pool.stream(&key, target, open).await.unwrap());
+            got.push(dials.load(std::sync::atomic::Ordering::Relaxed));
+        }
+        assert_eq!(
+            got, want,
+            "dials after each concurrent stream, spread {spread}"
+        );
+        let st = pool.stats();
+        assert_eq!(
+            (st.connections, st.streams),
+            (want[2], 3),
+            "spread {spread}"
+        );
+        for (s, _) in held.iter_mut() {
+            s.write_all(b"ping").await.unwrap();
+            s.shutdown().await.unwrap(); // the echo server answers once we half-close
+            let mut buf = Vec::new();
+            s.read_to_end(&mut buf).await.unwrap();
+            assert_eq!(buf, b"ping");
+        }
+        // Idle connections are reused, not redialed, once the streams ended.
+        held.clear();
+        let a = pool.stream(&key, target, open).await.unwrap();
+        let b = pool.stream(&key, target, open).await.unwrap();
+        assert_eq!(dials.load(std::sync::atomic::Ordering::Relaxed), want[2]);
+        drop((a, b));
+    }
 }
 
 #[tokio::test]
