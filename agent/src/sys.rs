@@ -34,10 +34,18 @@ pub enum Error {
     /// The helper thread that entered the namespace panicked.
     #[error("thread inside network namespace {} panicked", path.display())]
     ThreadPanic { path: PathBuf },
-    /// A socket option (or another plain syscall) failed.
+    /// A socket option failed.
     #[error("{opt} failed")]
     Sockopt {
         opt: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// Setting the calling thread's nice value failed.
+    #[error("setpriority(nice {nice}) of thread {tid} failed")]
+    Priority {
+        nice: i32,
+        tid: i32,
         #[source]
         source: io::Error,
     },
@@ -155,8 +163,9 @@ pub fn set_thread_nice(nice: i32) -> Result<(), Error> {
     // SAFETY: setpriority takes plain integers and touches no memory of ours.
     let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) };
     if rc != 0 {
-        return Err(Error::Sockopt {
-            opt: "setpriority(PRIO_PROCESS, own thread)",
+        return Err(Error::Priority {
+            nice,
+            tid,
             source: io::Error::last_os_error(),
         });
     }

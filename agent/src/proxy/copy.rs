@@ -67,21 +67,14 @@ impl Reader {
         }
         let room = buf.capacity() - buf.len();
         // tokio's poll_read forgets the readiness after a short read, which saves the read
-        // that would only say EAGAIN.
-        let polled = std::pin::pin!(r.read_buf(&mut buf)).poll(cx);
-        match polled {
-            Poll::Ready(Ok(n)) => {
-                self.filled = n == room;
-                if self.filled {
-                    self.size = (self.size * 4).min(MAX_READ);
-                }
-                Poll::Ready(Ok(buf))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            // Drained (the read registered for the next readiness) or out of budget (woken
-            // again at once): the buffer goes, so an idle connection holds none.
-            Poll::Pending => Poll::Pending,
+        // that would only say EAGAIN. Pending (drained, or out of budget and woken again at
+        // once) drops the buffer, so an idle connection holds none.
+        let n = ready!(std::pin::pin!(r.read_buf(&mut buf)).poll(cx))?;
+        self.filled = n == room;
+        if self.filled {
+            self.size = (self.size * 4).min(MAX_READ);
         }
+        Poll::Ready(Ok(buf))
     }
 
     /// Hands back a buffer whose bytes were written, to be reused while reads fill buffers;

@@ -113,9 +113,7 @@ impl Pool {
 
     /// Connections being dialed for `key` (permits taken from its gate).
     fn dialing(&self, key: &PoolKey) -> usize {
-        lock(&self.dials)
-            .get(key)
-            .map_or(0, |g| MAX_DIALS_PER_KEY - g.available_permits())
+        lock(&self.dials).get(key).map_or(0, |g| in_flight(g))
     }
 
     /// Opens a CONNECT stream to `authority` over a pooled connection for `key`, dialing a new
@@ -130,7 +128,7 @@ impl Pool {
         D: FnOnce() -> Fut,
         Fut: Future<Output = Result<Tunnel, Error>>,
     {
-        if let Some(c) = self.checkout(key, self.dialing(key)) {
+        if let Some(c) = self.checkout(key, || self.dialing(key)) {
             if let Some(r) = Self::on_pooled(c, key, authority).await {
                 return r;
             }
@@ -143,8 +141,7 @@ impl Pool {
         let mut dialing = Some(gate.clone().acquire_owned().await);
         // A connection dialed while we waited may have room for us (the permit is not held
         // across its CONNECT round trip). Other dials in flight count towards the spread.
-        let others = MAX_DIALS_PER_KEY - 1 - gate.available_permits();
-        if let Some(c) = self.checkout(key, others) {
+        if let Some(c) = self.checkout(key, || in_flight(&gate) - 1) {
             dialing = None;
             if let Some(r) = Self::on_pooled(c, key, authority).await {
                 return r;
@@ -200,7 +197,11 @@ impl Pool {
     /// The least-loaded usable connection of `key` with room, counted for one more stream;
     /// `None` (dial) when there is none, or when every one carries a stream and the key has
     /// fewer than `spread` connections counting the `dialing` ones.
-    fn checkout(&self, key: &PoolKey, dialing: usize) -> Option<(Tunnel, StreamGuard)> {
+    fn checkout(
+        &self,
+        key: &PoolKey,
+        dialing: impl FnOnce() -> usize,
+    ) -> Option<(Tunnel, StreamGuard)> {
         let mut conns = lock(&self.conns);
         let entries = conns.get_mut(key)?;
         let now = SystemTime::now();
@@ -216,7 +217,8 @@ impl Pool {
             .map(|e| (e, e.active.load(Ordering::Relaxed)))
             .filter(|(_, n)| *n < self.max_streams)
             .min_by_key(|(_, n)| *n)?;
-        if load > 0 && entries.len() + dialing < self.spread {
+        // The dial count is looked up only when it matters (its lock stays off the common path).
+        if load > 0 && entries.len() < self.spread && entries.len() + dialing() < self.spread {
             return None;
         }
         e.active.fetch_add(1, Ordering::Relaxed);
@@ -268,6 +270,11 @@ impl Pool {
             streams,
         }
     }
+}
+
+/// Dials holding a permit of `gate`.
+fn in_flight(gate: &tokio::sync::Semaphore) -> usize {
+    MAX_DIALS_PER_KEY - gate.available_permits()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
