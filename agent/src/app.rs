@@ -1,7 +1,7 @@
 //! Wires the agent together; owns startup and shutdown order.
 //!
 //! Startup: config → logging → join the agent cgroup (before any socket exists) → load and
-//! attach the kernel programs → data-plane runtime → inventory watch → mesh destinations in the
+//! attach the kernel programs → data-plane shards → inventory watch → mesh destinations in the
 //! kernel (before every snapshot goes on) → pod manager → admin socket.
 //! Shutdown (SIGTERM/SIGINT): stop serving and exit, leaving the pinned programs and maps in
 //! place, so enrolled pods fail closed until the next agent takes over.
@@ -26,6 +26,7 @@ use crate::inventory::file::{self, ReloadStats};
 use crate::inventory::kube as kube_source;
 use crate::inventory::Snapshot;
 use crate::proxy::manager::Manager;
+use crate::proxy::shards::{self, Shards};
 use crate::proxy::tls::TlsSource;
 use crate::redirect::{events, mesh, Datapath};
 use crate::{cgroups, sys};
@@ -59,22 +60,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "kernel programs attached"
     );
     let cfg = Arc::new(cfg);
-    let data_plane = tokio::runtime::Builder::new_multi_thread()
-        .thread_name("ambit-dp")
-        .enable_all()
-        .build()
-        .context("cannot start the data-plane runtime")?;
+    let data_plane = Arc::new(
+        Shards::start(shards::default_count()).context("cannot start the data-plane threads")?,
+    );
     let admin_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = admin_rt.block_on(serve(
-        cfg.clone(),
-        datapath,
-        ring,
-        data_plane.handle().clone(),
-        log,
-    ));
-    data_plane.shutdown_timeout(Duration::from_secs(1));
+    let result = admin_rt.block_on(serve(cfg.clone(), datapath, ring, data_plane.clone(), log));
+    data_plane.shutdown(Duration::from_secs(1));
     tracing::info!("agent stopped; kernel programs stay attached (pods fail closed)");
     result
 }
@@ -83,7 +76,7 @@ async fn serve(
     cfg: Arc<Config>,
     datapath: Arc<Datapath>,
     ring: aya::maps::RingBuf<aya::maps::MapData>,
-    data_plane: tokio::runtime::Handle,
+    data_plane: Arc<Shards>,
     log: LogControl,
 ) -> anyhow::Result<()> {
     tokio::spawn(events::drain(ring));

@@ -21,7 +21,8 @@ use crate::tunnel::server::{accept_tls, serve_h2, PendingConnect, ServerLimits};
 
 /// Serves one tunnel listener of a pod until the task is aborted.
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
-    accept_loop(listener, "inbound_tunnel", move |stream, peer| {
+    let shards = pod.shards.clone();
+    accept_loop(listener, "inbound_tunnel", shards, move |stream, peer| {
         let pod = pod.clone();
         let span =
             tracing::info_span!("inbound_tunnel", pod = %pod.workload.key(), peer.addr = %peer);

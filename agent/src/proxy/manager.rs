@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::conns::{ConnRow, ConnTable};
 use super::explain;
 use super::route::RoundRobin;
+use super::shards::Shards;
 use super::socket::{tokio_listener, SocketFactory};
 use super::tls::TlsSource;
 use super::{inbound, outbound, plaintext, PodContext, ProxyStats};
@@ -28,7 +28,7 @@ use crate::policy::authz;
 use crate::redirect::maps::{AmbPod, POD_F_CAPTURE_IN, POD_F_CAPTURE_OUT};
 use crate::redirect::{Datapath, PodEntry};
 use crate::sys::Netns;
-use crate::tunnel::pool::{Pool, DEFAULT_IDLE, DEFAULT_MAX_STREAMS};
+use crate::tunnel::pool::{default_spread, Pool, DEFAULT_IDLE, DEFAULT_MAX_STREAMS};
 
 mod report;
 pub use report::{AppliedAuthz, PodPolicy, PodStatus};
@@ -67,7 +67,7 @@ struct Failed {
 pub struct Manager {
     cfg: Arc<Config>,
     datapath: Arc<Datapath>,
-    data_plane: Handle,
+    shards: Arc<Shards>,
     enrolled: Mutex<BTreeMap<String, Enrolled>>,
     failed: Mutex<BTreeMap<String, Failed>>,
     next_id: AtomicU32,
@@ -84,11 +84,11 @@ pub struct Manager {
 }
 
 impl Manager {
-    /// A manager that spawns connection tasks on `data_plane`.
+    /// A manager that serves pods' connections on `shards`.
     pub fn new(
         cfg: Arc<Config>,
         datapath: Arc<Datapath>,
-        data_plane: Handle,
+        shards: Arc<Shards>,
         inventory: watch::Receiver<Arc<Snapshot>>,
         tls: Option<Arc<TlsSource>>,
         certs: Option<Arc<CertManager>>,
@@ -97,17 +97,21 @@ impl Manager {
         Self {
             cfg,
             datapath,
-            data_plane,
             enrolled: Mutex::new(BTreeMap::new()),
             failed: Mutex::new(BTreeMap::new()),
             next_id: AtomicU32::new(1),
             inventory,
             conns: Arc::new(ConnTable::new(Arc::new(ProxyMetrics::default()))),
             tls,
-            pool: Arc::new(Pool::new(DEFAULT_MAX_STREAMS, DEFAULT_IDLE)),
+            // Each shard keys its own connections: a key spreads over the CPUs left per shard.
+            pool: Arc::new(
+                Pool::new(DEFAULT_MAX_STREAMS, DEFAULT_IDLE)
+                    .with_spread(default_spread() / shards.count()),
+            ),
             lb: Arc::new(RoundRobin::default()),
             gate: Arc::new(super::inbound::Gate::new(&limits)),
             certs,
+            shards,
             synced: std::sync::atomic::AtomicBool::new(false),
             drain: Arc::new(tokio::sync::Notify::new()),
             draining: watch::channel(false).0,
@@ -317,10 +321,13 @@ impl Manager {
             certs: self.certs.clone(),
             draining: closing.subscribe(),
             stats: ProxyStats::default(),
+            shards: self.shards.clone(),
         });
         let mut names = Vec::new();
         let mut tasks = Vec::new();
-        let _rt = self.data_plane.enter();
+        // A pod's listeners live on one shard (their connections go round all of them).
+        let shard = self.shards.pick().clone();
+        let _rt = shard.enter();
         let mut add = |l: std::net::TcpListener| -> Result<tokio::net::TcpListener, String> {
             names.push(l.local_addr().map(|a| a.to_string()).unwrap_or_default());
             tokio_listener(l).map_err(|e| format!("cannot register listener with the runtime: {e}"))
@@ -343,9 +350,9 @@ impl Manager {
         for (kind, listener) in pending {
             let c = ctx.clone();
             tasks.push(match kind {
-                0 => self.data_plane.spawn(outbound::run(listener, c)),
-                1 => self.data_plane.spawn(plaintext::run(listener, c)),
-                _ => self.data_plane.spawn(inbound::run(listener, c)),
+                0 => shard.spawn(outbound::run(listener, c)),
+                1 => shard.spawn(plaintext::run(listener, c)),
+                _ => shard.spawn(inbound::run(listener, c)),
             });
         }
         Ok(Enrolled {

@@ -8,6 +8,7 @@ pub mod manager;
 pub mod outbound;
 pub mod plaintext;
 pub mod route;
+pub mod shards;
 pub mod socket;
 pub mod tls;
 
@@ -66,6 +67,8 @@ pub struct PodContext {
     pub conns: Arc<conns::ConnTable>,
     /// Counters.
     pub stats: ProxyStats,
+    /// The data-plane threads connections are spread over.
+    pub shards: Arc<shards::Shards>,
 }
 
 /// How long a connection waits for a certificate still being fetched.
@@ -320,14 +323,16 @@ pub(crate) fn reset(stream: tokio::net::TcpStream) {
     drop(stream);
 }
 
-/// Accept loop shared by the listeners: hands every accepted stream to `serve`, backing off on
-/// errors such as EMFILE instead of spinning.
+/// Accept loop shared by the listeners: hands every accepted stream to `serve` on the next
+/// shard in turn (re-registered with that shard's reactor), backing off on errors such as
+/// EMFILE instead of spinning.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
     component: &'static str,
+    shards: Arc<shards::Shards>,
     serve: F,
 ) where
-    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    F: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let local = listener
@@ -338,7 +343,27 @@ pub(crate) async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(serve(stream, peer));
+                let shard = shards.next_index();
+                if shard == shards::current() {
+                    tokio::spawn(serve(stream, peer));
+                    continue;
+                }
+                let std = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(listen.addr = %local, component, peer.addr = %peer, error = %e, "cannot hand the connection to a shard");
+                        continue;
+                    }
+                };
+                let serve = serve.clone();
+                shards.handle(shard).spawn(async move {
+                    match tokio::net::TcpStream::from_std(std) {
+                        Ok(stream) => serve(stream, peer).await,
+                        Err(e) => {
+                            tracing::warn!(component, peer.addr = %peer, error = %e, "cannot register the connection with its shard");
+                        }
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!(listen.addr = %local, component, error = %e, "accept failed");
@@ -352,6 +377,7 @@ pub(crate) async fn accept_loop<F, Fut>(
 mod tests {
     use std::future::Future;
     use std::mem::size_of;
+    use std::time::Duration;
 
     /// The size of the future an async fn of two arguments returns, without calling it.
     fn size2<A, B, F: Future>(_: impl Fn(A, B) -> F) -> usize {
@@ -376,5 +402,43 @@ mod tests {
         for (what, size) in sizes {
             assert!(size <= 3072, "the {what} future is {size} B");
         }
+    }
+
+    #[test]
+    fn accept_loop_hands_connections_round_the_shards_and_they_still_work() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let shards = std::sync::Arc::new(super::shards::Shards::start(2).expect("shards"));
+        let std = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        std.set_nonblocking(true).expect("nonblocking");
+        let addr = std.local_addr().expect("addr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = shards.clone();
+        shards.handle(0).spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std).expect("register");
+            super::accept_loop(listener, "test", s, move |mut stream, _peer| {
+                let tx = tx.clone();
+                async move {
+                    // Served on its shard, with the stream registered with that shard's reactor.
+                    let mut buf = [0u8; 4];
+                    stream.read_exact(&mut buf).await.expect("read");
+                    stream.write_all(&buf).await.expect("echo");
+                    tx.send(super::shards::current()).expect("send");
+                }
+            })
+            .await;
+        });
+        let mut served = Vec::new();
+        for i in 0..4u32 {
+            let mut c = std::net::TcpStream::connect(addr).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            std::io::Write::write_all(&mut c, &i.to_be_bytes()).expect("write");
+            let mut back = [0u8; 4];
+            std::io::Read::read_exact(&mut c, &mut back).expect("echo back");
+            assert_eq!(u32::from_be_bytes(back), i);
+            served.push(rx.recv_timeout(Duration::from_secs(5)).expect("served"));
+        }
+        assert_eq!(served, vec![0, 1, 0, 1], "connections go round the shards");
+        shards.shutdown(Duration::from_secs(2));
     }
 }

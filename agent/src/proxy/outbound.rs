@@ -21,7 +21,8 @@ use crate::tunnel::stream::H2Stream;
 
 /// Serves one outbound listener of a pod until the task is aborted.
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
-    accept_loop(listener, "outbound", move |stream, peer| {
+    let shards = pod.shards.clone();
+    accept_loop(listener, "outbound", shards, move |stream, peer| {
         let pod = pod.clone();
         // Debug level: the access-log line carries the pod and the source already; a span per
         // connection at info cost formatting, a registry slot and enter/exit on every poll.
@@ -255,6 +256,7 @@ async fn tunnel(
         .await
         .map_err(|e| e.to_string())?;
     let key = PoolKey {
+        shard: super::shards::current(),
         src_netns: pod.netns_cookie,
         src_id: src_id.clone(),
         peer: peer.0,

@@ -16,12 +16,18 @@ use crate::policy::peer_auth::{self, Effective};
 
 /// Serves one inbound plaintext listener of a pod until the task is aborted.
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
-    accept_loop(listener, "inbound_plaintext", move |stream, peer| {
-        let pod = pod.clone();
-        // Debug level, as the outbound span (the access-log line names pod and source).
-        let span = tracing::debug_span!("inbound", pod = %pod.workload.key(), src.addr = %peer);
-        async move { serve(stream, ClientAddr(peer), pod).await }.instrument(span)
-    })
+    let shards = pod.shards.clone();
+    accept_loop(
+        listener,
+        "inbound_plaintext",
+        shards,
+        move |stream, peer| {
+            let pod = pod.clone();
+            // Debug level, as the outbound span (the access-log line names pod and source).
+            let span = tracing::debug_span!("inbound", pod = %pod.workload.key(), src.addr = %peer);
+            async move { serve(stream, ClientAddr(peer), pod).await }.instrument(span)
+        },
+    )
     .await
 }
 

@@ -202,6 +202,7 @@ async fn pool_evicts_a_connection_whose_certificate_expired_and_dials_fresh() {
     let addr = server(&ca, ca.svid(SERVER), false).await;
     let pool = Pool::new(10, Duration::from_secs(60)).with_spread(1);
     let key = PoolKey {
+        shard: 0,
         src_netns: 1,
         src_id: CLIENT.parse().unwrap(),
         peer: addr,

@@ -1,7 +1,7 @@
 //! HBONE connection pool: many CONNECT streams share one mTLS connection per (source pod, peer, identities).
 //!
 //! Invariants:
-//! - A key names the source pod (its netns cookie: the TCP source address is the pod's), the
+//! - A key names the data-plane shard, the source pod (its netns cookie: the TCP source address is the pod's), the
 //!   source identity (the certificate presented), the peer address and the identity the peer
 //!   must prove. Connections are never shared across keys.
 //! - A connection carries at most `max_streams` streams at once; past that another one opens.
@@ -45,6 +45,9 @@ pub fn default_spread() -> usize {
 /// What a pooled connection is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
+    /// The data-plane shard the streams run on: a shard's streams use connections whose h2
+    /// task runs on the same thread (see `proxy::shards`).
+    pub shard: usize,
     /// Netns cookie of the source pod.
     pub src_netns: u64,
     /// Identity presented by the source.

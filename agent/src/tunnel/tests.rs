@@ -130,6 +130,7 @@ async fn pool_reuses_one_connection_and_bounds_streams() {
     let addr = echo_server(&ca).await;
     let pool = Pool::new(2, std::time::Duration::from_secs(60)).with_spread(1);
     let key = PoolKey {
+        shard: 0,
         src_netns: 1,
         src_id: CLIENT.parse().unwrap(),
         peer: addr,
@@ -167,6 +168,7 @@ async fn pool_spreads_concurrent_streams_up_to_the_cap_then_shares() {
     let ca = TestCa::new("cluster.local");
     let addr = echo_server(&ca).await;
     let key = PoolKey {
+        shard: 0,
         src_netns: 1,
         src_id: CLIENT.parse().unwrap(),
         peer: addr,
