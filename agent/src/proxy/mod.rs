@@ -323,8 +323,8 @@ pub(crate) fn reset(stream: tokio::net::TcpStream) {
     drop(stream);
 }
 
-/// Accept loop shared by the listeners: hands every accepted stream to `serve` on the next
-/// shard in turn (re-registered with that shard's reactor), backing off on errors such as
+/// Accept loop shared by the listeners: hands every accepted stream to `serve` on the shard
+/// [`shards::Shards::place`] picks (re-registered with that shard's reactor), backing off on errors such as
 /// EMFILE instead of spinning.
 pub(crate) async fn accept_loop<F, Fut>(
     listener: tokio::net::TcpListener,
@@ -343,7 +343,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let shard = shards.next_index();
+                let shard = shards.place(peer.ip());
                 if shard == shards::current() {
                     tokio::spawn(serve(stream, peer));
                     continue;

@@ -266,10 +266,18 @@ async fn tunnel(
         peer: peer.to_string(),
         source: std::io::Error::other(e),
     };
+    let src_ip = pod
+        .workload
+        .ips
+        .iter()
+        .find(|i| i.is_ipv4() == peer.0.is_ipv4())
+        .copied();
     let dial = || async {
         let config = tls
             .client(&src_id, dst_id)
             .map_err(|e| tls_err(e.to_string()))?;
+        // Held through the handshake: a same-node peer (this agent) accepts on another shard.
+        let _dialing = src_ip.map(|ip| pod.shards.note_dial(ip));
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, pod.sockets.connect_outbound(peer.0))
             .await
             .map_err(|_| crate::tunnel::Error::HandshakeTimeout {

@@ -5,9 +5,12 @@
 //! → TLS socket) may cross threads, each crossing a futex wake-up and a cold cache. Here an
 //! accepted connection is handed to one shard and everything it spawns stays there; the pool
 //! keys connections by shard (see `PoolKey::shard`), so the h2 connection task a stream uses
-//! runs on the stream's own thread.
+//! runs on the stream's own thread. A tunnel this agent dials to itself (a same-node peer) is
+//! accepted on another shard than the one dialing, so that its two ends use two cores.
 use std::cell::Cell;
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,6 +44,30 @@ pub struct Shards {
     next: AtomicUsize,
     stop: watch::Sender<bool>,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Tunnels being dialed, by source address: (shard dialing, dials in progress).
+    dials: std::sync::Mutex<HashMap<IpAddr, (usize, usize)>>,
+}
+
+/// A tunnel dial in progress (see [`Shards::note_dial`]); forgotten when dropped.
+pub struct DialNote<'a> {
+    shards: &'a Shards,
+    src: IpAddr,
+}
+
+impl Drop for DialNote<'_> {
+    fn drop(&mut self) {
+        let mut dials = lock(&self.shards.dials);
+        if let Some((_, n)) = dials.get_mut(&self.src) {
+            *n -= 1;
+            if *n == 0 {
+                dials.remove(&self.src);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl std::fmt::Debug for Shards {
@@ -80,6 +107,7 @@ impl Shards {
             next: AtomicUsize::new(0),
             stop,
             threads: std::sync::Mutex::new(threads),
+            dials: std::sync::Mutex::default(),
         })
     }
 
@@ -96,6 +124,28 @@ impl Shards {
     /// The runtime of shard `i` (modulo the count).
     pub fn handle(&self, i: usize) -> &Handle {
         &self.handles[i % self.handles.len()]
+    }
+
+    /// Notes that the calling shard dials a tunnel from `src` (a pod address), until the
+    /// note is dropped (after the handshake: by then the peer has accepted).
+    pub fn note_dial(&self, src: IpAddr) -> DialNote<'_> {
+        let mut dials = lock(&self.dials);
+        let e = dials.entry(src).or_insert((current(), 0));
+        *e = (current(), e.1 + 1);
+        DialNote { shards: self, src }
+    }
+
+    /// The shard for a connection accepted from `peer`: the next in turn, unless this agent
+    /// is dialing from `peer` itself (a same-node tunnel), then the shard after the dialing
+    /// one, so that the two ends of the tunnel do not share a thread.
+    pub fn place(&self, peer: IpAddr) -> usize {
+        let n = self.handles.len();
+        if n > 1 {
+            if let Some(&(dialing, _)) = lock(&self.dials).get(&peer) {
+                return (dialing + 1) % n;
+            }
+        }
+        self.next_index()
     }
 
     /// The next shard in turn.
@@ -117,12 +167,7 @@ impl Shards {
     pub fn shutdown(&self, timeout: Duration) {
         let _ = self.stop.send(true);
         let deadline = Instant::now() + timeout;
-        let threads = std::mem::take(
-            &mut *self
-                .threads
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
             while !t.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
@@ -168,5 +213,48 @@ mod tests {
             started.elapsed() < Duration::from_secs(2),
             "shards stop promptly"
         );
+    }
+
+    #[test]
+    fn a_tunnel_dialed_to_ourselves_is_accepted_on_another_shard() {
+        let shards = Shards::start(2).expect("shards");
+        let pod: IpAddr = "10.0.1.2".parse().unwrap();
+        let other: IpAddr = "10.0.2.2".parse().unwrap();
+        let shards = std::sync::Arc::new(shards);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = shards.clone();
+        shards.handle(1).spawn(async move {
+            let _note = s.note_dial(pod);
+            tx.send(s.place(pod)).unwrap();
+        });
+        let placed = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(placed, 0, "dialed from shard 1, accepted on shard 0");
+        // Notes are taken on the calling thread's shard: outside the shards that is 0.
+        let note = shards.note_dial(pod);
+        assert_eq!(
+            shards.place(pod),
+            1,
+            "the end accepted away from the dialing shard"
+        );
+        assert_eq!(shards.place(pod), 1, "every time while the dial lasts");
+        let again = shards.note_dial(pod);
+        drop(note);
+        assert_eq!(
+            shards.place(pod),
+            1,
+            "a second dial from the address keeps it noted"
+        );
+        drop(again);
+        let spread: Vec<usize> = (0..4).map(|_| shards.place(pod)).collect();
+        assert!(
+            spread.contains(&0) && spread.contains(&1),
+            "round robin after the dials: {spread:?}"
+        );
+        let spread: Vec<usize> = (0..4).map(|_| shards.place(other)).collect();
+        assert!(
+            spread.contains(&0) && spread.contains(&1),
+            "others go round: {spread:?}"
+        );
+        shards.shutdown(Duration::from_secs(2));
     }
 }

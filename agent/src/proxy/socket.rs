@@ -108,11 +108,9 @@ impl SocketFactory {
         let mut batch = self.netns.run(move || -> Result<Vec<Socket>, Error> {
             (0..SPARE_BATCH)
                 .map(|_| {
-                    let s = Socket::new(domain, Type::STREAM, None)
-                        .map_err(sock_err("socket", addr, &ns_name))?;
-                    s.set_nonblocking(true)
-                        .map_err(sock_err("O_NONBLOCK", addr, &ns_name))?;
-                    Ok(s)
+                    // SOCK_NONBLOCK at creation: no fcntl pair per connection.
+                    Socket::new(domain, Type::STREAM.nonblocking(), None)
+                        .map_err(sock_err("socket", addr, &ns_name))
                 })
                 .collect()
         })??;
