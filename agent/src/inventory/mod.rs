@@ -54,6 +54,14 @@ impl Workload {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    /// The workload's address of `like`'s family, if it has one.
+    pub fn ip_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.ips
+            .iter()
+            .find(|i| i.is_ipv4() == like.is_ipv4())
+            .copied()
+    }
+
     /// The SPIFFE identity string of this workload in `trust_domain`.
     pub fn spiffe_id(&self, trust_domain: &str) -> String {
         format!(

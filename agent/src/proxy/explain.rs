@@ -114,12 +114,7 @@ fn inbound(
         &dst.labels,
         target.port(),
     );
-    let src_ip = src
-        .ips
-        .iter()
-        .find(|i| i.is_ipv4() == target.is_ipv4())
-        .or(src.ips.first())
-        .copied();
+    let src_ip = src.ip_like(target.ip()).or(src.ips.first().copied());
     let attrs = ConnAttrs {
         principal: tunnelled.then(|| {
             src.spiffe_id(trust_domain)

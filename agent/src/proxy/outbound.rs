@@ -41,12 +41,9 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
     };
     let src_ip = pod
         .workload
-        .ips
-        .iter()
-        .find(|i| i.is_ipv4() == client.0.is_ipv4())
-        .or(pod.workload.ips.first())
-        .copied();
-    let src_ip = src_ip.unwrap_or(client.0.ip());
+        .ip_like(client.0.ip())
+        .or(pod.workload.ips.first().copied())
+        .unwrap_or(client.0.ip());
     let fail = |down: TcpStream,
                 dst: SocketAddr,
                 flags: &'static str,
@@ -266,12 +263,7 @@ async fn tunnel(
         peer: peer.to_string(),
         source: std::io::Error::other(e),
     };
-    let src_ip = pod
-        .workload
-        .ips
-        .iter()
-        .find(|i| i.is_ipv4() == peer.0.is_ipv4())
-        .copied();
+    let src_ip = pod.workload.ip_like(peer.0.ip());
     let dial = || async {
         let config = tls
             .client(&src_id, dst_id)

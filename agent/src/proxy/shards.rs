@@ -9,7 +9,6 @@
 //! accepted on another shard than the one dialing, so that its two ends use two cores.
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -153,15 +152,6 @@ impl Shards {
         self.handle(self.next_index())
     }
 
-    /// Spawns `fut` on the next shard in turn.
-    pub fn spawn<F>(&self, fut: F) -> tokio::task::JoinHandle<F::Output>
-    where
-        F: Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        self.pick().spawn(fut)
-    }
-
     /// Stops every shard (their tasks are dropped, which also ends the pod contexts that hold
     /// this value), waiting at most `timeout` for the threads.
     pub fn shutdown(&self, timeout: Duration) {
@@ -190,7 +180,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         for _ in 0..4 {
             let tx = tx.clone();
-            shards.spawn(async move {
+            shards.pick().spawn(async move {
                 // What a connection task spawns stays on its shard's thread.
                 let outer = (current(), std::thread::current().id());
                 let inner = tokio::spawn(async { (current(), std::thread::current().id()) })

@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::client::Tunnel;
-use super::pool::{Pool, PoolKey};
+use super::pool::Pool;
 use super::reject;
 use super::server::{
     accept_tls, serve_connection, serve_h2, Authenticated, PendingConnect, ServerLimits,
@@ -201,13 +201,7 @@ async fn pool_evicts_a_connection_whose_certificate_expired_and_dials_fresh() {
     // A server that does not enforce expiry: only the pool's own check can avoid reuse.
     let addr = server(&ca, ca.svid(SERVER), false).await;
     let pool = Pool::new(10, Duration::from_secs(60)).with_spread(1);
-    let key = PoolKey {
-        shard: 0,
-        src_netns: 1,
-        src_id: CLIENT.parse().unwrap(),
-        peer: addr,
-        dst_id: SERVER.parse().unwrap(),
-    };
+    let key = super::tests::pool_key(addr);
     let short = ca.svid_valid_for(CLIENT, SHORT);
     let fresh = ca.svid(CLIENT);
     let dials = AtomicUsize::new(0);

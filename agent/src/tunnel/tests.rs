@@ -16,6 +16,17 @@ use crate::identity::{client_config, server_config, SpiffeId, TrustDomain};
 const CLIENT: &str = "spiffe://cluster.local/ns/default/sa/client";
 const SERVER: &str = "spiffe://cluster.local/ns/default/sa/server";
 
+/// The pool key of `CLIENT` (netns 1, shard 0) tunnelling to `SERVER` at `peer`.
+pub(super) fn pool_key(peer: SocketAddr) -> PoolKey {
+    PoolKey {
+        shard: 0,
+        src_netns: 1,
+        src_id: CLIENT.parse().unwrap(),
+        peer,
+        dst_id: SERVER.parse().unwrap(),
+    }
+}
+
 fn tds() -> Arc<[TrustDomain]> {
     Arc::from(vec!["cluster.local".parse::<TrustDomain>().unwrap()])
 }
@@ -129,13 +140,7 @@ async fn pool_reuses_one_connection_and_bounds_streams() {
     let ca = TestCa::new("cluster.local");
     let addr = echo_server(&ca).await;
     let pool = Pool::new(2, std::time::Duration::from_secs(60)).with_spread(1);
-    let key = PoolKey {
-        shard: 0,
-        src_netns: 1,
-        src_id: CLIENT.parse().unwrap(),
-        peer: addr,
-        dst_id: SERVER.parse().unwrap(),
-    };
+    let key = pool_key(addr);
     let mut held = Vec::new();
     for _ in 0..3 {
         let (s, g) = pool
@@ -167,13 +172,7 @@ async fn pool_reuses_one_connection_and_bounds_streams() {
 async fn pool_spreads_concurrent_streams_up_to_the_cap_then_shares() {
     let ca = TestCa::new("cluster.local");
     let addr = echo_server(&ca).await;
-    let key = PoolKey {
-        shard: 0,
-        src_netns: 1,
-        src_id: CLIENT.parse().unwrap(),
-        peer: addr,
-        dst_id: SERVER.parse().unwrap(),
-    };
+    let key = pool_key(addr);
     let target: SocketAddr = "10.0.0.1:80".parse().unwrap();
     for (spread, want) in [(2, [1, 2, 2]), (1, [1, 1, 1])] {
         let pool = Pool::new(100, std::time::Duration::from_secs(60)).with_spread(spread);
