@@ -35,6 +35,9 @@ pub enum Command {
     Logging(LoggingArgs),
     /// Print the Prometheus metrics.
     Metrics(AdminArgs),
+    /// Parse an inventory file as `ambit run` would; print what it holds, or the first error
+    /// (file, document, object, field, line) and exit with status 1.
+    CheckInventory(CheckInventoryArgs),
     /// Chained CNI plugin: run by the container runtime (`CNI_*` variables, config on stdin).
     Cni,
     /// Install the CNI plugin and chain it into the node's CNI config (init container).
@@ -47,6 +50,13 @@ pub struct RunArgs {
     /// Configuration file (YAML).
     #[arg(long, short, env = "AMBIT_CONFIG")]
     pub config: PathBuf,
+}
+
+/// `ambit check-inventory`.
+#[derive(Debug, Args)]
+pub struct CheckInventoryArgs {
+    /// The inventory file (Kubernetes-shaped YAML).
+    pub path: PathBuf,
 }
 
 /// `ambit ca`.

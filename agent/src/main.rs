@@ -20,6 +20,16 @@ fn main() -> anyhow::Result<()> {
         Command::Workloads(args) => ambit::admin::client::workloads(args),
         Command::Logging(args) => ambit::admin::client::logging(args),
         Command::Metrics(args) => ambit::admin::client::metrics(args),
+        Command::CheckInventory(args) => match ambit::inventory::check::check(&args.path) {
+            Ok(summary) => {
+                println!("{summary}");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("ambit: {}", ambit::error::error_chain(&e));
+                std::process::exit(1)
+            }
+        },
         Command::Cni => std::process::exit(ambit::cni::plugin::main()),
         Command::CniInstall(args) => Ok(ambit::cni::install::run(&args)?),
     }

@@ -67,18 +67,31 @@ pub struct Svid {
     pub roots: Arc<TrustBundle>,
 }
 
-impl Testbed {
+/// Certificates from the testbed's CA, fetched with the agent's own CA client.
+pub trait Issue {
     /// Asks the testbed's CA for a certificate for `ns/sa` with `node`'s agent token, from
     /// inside `node`'s namespace, as that node's agent would. The CA signs it only if the
     /// inventory has a pod with that identity on `node`.
-    pub fn issue(&self, node: &str, namespace: &str, service_account: &str) -> Result<Svid> {
+    fn issue(&self, node: &str, namespace: &str, service_account: &str) -> Result<Svid>;
+
+    /// Like [`Issue::issue`], from inside `node`'s namespace, but presenting the token in
+    /// `token_file` (bad-token tests).
+    fn issue_with_token(
+        &self,
+        node: &str,
+        token_file: &Path,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Svid>;
+}
+
+impl Issue for Testbed {
+    fn issue(&self, node: &str, namespace: &str, service_account: &str) -> Result<Svid> {
         let token = self.state().node(node)?.token_file.clone();
         self.issue_with_token(node, &token, namespace, service_account)
     }
 
-    /// Like [`Testbed::issue`], from inside `node`'s namespace, but presenting the token in
-    /// `token_file` (bad-token tests).
-    pub fn issue_with_token(
+    fn issue_with_token(
         &self,
         node: &str,
         token_file: &Path,

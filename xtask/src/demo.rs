@@ -6,10 +6,12 @@ use std::process::{Command as Proc, ExitCode};
 use anyhow::Result;
 use clap::Args as ClapArgs;
 
-use ambit_e2e::capture::{Capture, UNDERLAY};
-use ambit_e2e::pcap::tls_records;
-use ambit_e2e::policy::PeerAuthentication;
-use ambit_e2e::{unique_marker, Options, Testbed, ECHO_PORT, HTTP_PORT, PEER_PORT, TUNNEL_PORT};
+use ambit_testbed::capture::{Capture, UNDERLAY};
+use ambit_testbed::pcap::tls_records;
+use ambit_testbed::policy::PeerAuthentication;
+use ambit_testbed::{
+    unique_marker, Options, Testbed, ECHO_PORT, HTTP_PORT, PEER_PORT, TUNNEL_PORT,
+};
 
 use crate::{cargo, prereq};
 
@@ -19,11 +21,14 @@ pub(crate) struct Args {
     /// Keep the testbed running afterwards (then: `cargo xtask testbed exec|ambit|apply|down`).
     #[arg(long)]
     keep: bool,
+    /// With `--keep`: the name the kept testbed gets (default: this checkout's).
+    #[command(flatten)]
+    scope: crate::testbed::ScopeArgs,
 }
 
 /// Runs the demo.
 pub(crate) fn run(args: &Args) -> Result<ExitCode> {
-    ambit_e2e::require_root_result()?;
+    ambit_testbed::require_root_result()?;
     eprintln!("==> [1/7] prerequisites");
     prereq::ensure(true)?;
     eprintln!("==> [2/7] build");
@@ -146,12 +151,18 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
         ambit(&tb, node, &["status"]);
     }
     if args.keep {
-        tb.make_cli_instance()?;
+        let scope = args.scope.scope()?;
+        tb.make_cli_instance(&scope)?;
+        let t = match &args.scope.name {
+            Some(name) => format!("cargo xtask testbed --name {name}"),
+            None => "cargo xtask testbed".to_string(),
+        };
         println!(
-            "\ntestbed {} kept. Try:\n  cargo xtask testbed exec client -- curl -s http://{v4}:{HTTP_PORT}/hello.txt\n  \
-             cargo xtask testbed ambit node2 -- connections\n  \
-             cargo xtask testbed apply my-policy.yaml\n  cargo xtask testbed down",
-            tb.state().id
+            "\ntestbed {} kept for {} ({}). Try:\n  {t} exec client -- curl -s http://{v4}:{HTTP_PORT}/hello.txt\n  \
+             {t} ambit node2 -- connections\n  {t} apply my-policy.yaml\n  {t} down",
+            tb.state().id,
+            scope.name(),
+            scope.origin(),
         );
     } else {
         eprintln!("==> tearing down (use --keep to keep the testbed)");
@@ -209,7 +220,7 @@ fn ambit(tb: &Testbed, node: &str, args: &[&str]) {
         .status();
 }
 
-fn describe(r: &ambit_e2e::Reply) -> String {
+fn describe(r: &ambit_testbed::Reply) -> String {
     match r.error() {
         Some(e) => format!("error {e}"),
         None => format!("{} (client's getpeername: {})", r.data().trim(), r.peer()),

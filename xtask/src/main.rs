@@ -23,8 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Manage the network-namespace testbed (two nodes, four pods, one agent per node).
-    #[command(subcommand)]
-    Testbed(testbed::Command),
+    Testbed(testbed::Args),
     /// Build, bring a testbed up, send traffic from `client` to `server`, show what the agents saw.
     Demo(demo::Args),
     /// Install missing Debian prerequisites (as root), run the unit tests and the privileged
@@ -44,7 +43,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Testbed(cmd) => testbed::run(cmd),
+        Command::Testbed(args) => testbed::run(args),
         Command::Demo(args) => demo::run(&args),
         Command::Test(args) => test::run(&args),
         Command::VmTest(args) => vm_test::run(&args),
@@ -77,7 +76,11 @@ mod tests {
             "xtask", "testbed", "exec", "client", "--", "curl", "-s", "x",
         ])
         .unwrap();
-        let Command::Testbed(testbed::Command::Exec { pod, cmd }) = cli.command else {
+        let Command::Testbed(testbed::Args {
+            command: testbed::Command::Exec { pod, cmd },
+            ..
+        }) = cli.command
+        else {
             panic!("{cli:?}")
         };
         assert_eq!(pod, "client");

@@ -38,7 +38,7 @@ pub(crate) fn ensure(install: bool) -> Result<()> {
         eprintln!("==> prerequisites present: {}", PACKAGES.join(" "));
         return Ok(());
     }
-    if !install || !ambit_e2e::is_root() {
+    if !install || !ambit_testbed::is_root() {
         eprintln!(
             "==> missing Debian packages (install them as root): {}",
             missing.join(" ")

@@ -39,13 +39,13 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
     if args.unit_only {
         return Ok(ExitCode::SUCCESS);
     }
-    if !ambit_e2e::is_root() {
+    if !ambit_testbed::is_root() {
         eprintln!("==> the end-to-end suite needs root; its tests will fail (not skip) without it");
     }
     let bin = cargo::build_agent()?;
-    for state in ambit_e2e::teardown::stale_instances() {
+    for state in ambit_testbed::teardown::stale_instances() {
         eprintln!("==> removing testbed {} left by a crashed run", state.id);
-        ambit_e2e::teardown::teardown(&state, &mut Vec::new())?;
+        ambit_testbed::teardown::teardown(&state, &mut Vec::new())?;
     }
     eprintln!(
         "==> end-to-end tests: cargo test -p ambit-e2e --no-fail-fast -- --include-ignored --test-threads=1"

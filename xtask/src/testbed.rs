@@ -4,11 +4,40 @@ use std::path::PathBuf;
 use std::process::{Command as Proc, ExitCode};
 
 use anyhow::{Context, Result};
-use clap::Subcommand;
+use clap::{Args as ClapArgs, Subcommand};
 
-use ambit_e2e::{process, teardown, Options, Testbed};
+use ambit_testbed::scope::{self, Scope};
+use ambit_testbed::{process, teardown, Options, Testbed};
 
 use crate::cargo;
+
+/// `cargo xtask testbed [--name NAME] COMMAND`.
+#[derive(Debug, ClapArgs)]
+pub(crate) struct Args {
+    #[command(flatten)]
+    pub(crate) scope: ScopeArgs,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Which testbed to act on.
+#[derive(Debug, Clone, ClapArgs)]
+pub(crate) struct ScopeArgs {
+    /// The testbed to act on; by default the one of this checkout (its directory name and a
+    /// hash of its path), so two checkouts on one machine never share a testbed.
+    #[arg(long, global = true, env = "AMBIT_TESTBED")]
+    pub(crate) name: Option<String>,
+}
+
+impl ScopeArgs {
+    /// The scope these arguments name.
+    pub(crate) fn scope(&self) -> Result<Scope> {
+        match &self.name {
+            Some(name) => Scope::named(name),
+            None => Ok(Scope::of_checkout(&cargo::workspace_root())),
+        }
+    }
+}
 
 /// Testbed subcommands.
 #[derive(Debug, Subcommand)]
@@ -25,7 +54,7 @@ pub(crate) enum Command {
         #[arg(long)]
         no_ca: bool,
         /// Lifetime of the pods' certificates, in seconds (renewed at about half of it).
-        #[arg(long, default_value_t = ambit_e2e::testbed::DEFAULT_CERT_TTL_SECS)]
+        #[arg(long, default_value_t = ambit_testbed::testbed::DEFAULT_CERT_TTL_SECS)]
         cert_ttl: u64,
     },
     /// Remove the testbed, and any left behind by crashed test runs.
@@ -69,9 +98,11 @@ pub(crate) enum Command {
 }
 
 /// Runs a testbed subcommand.
-pub(crate) fn run(cmd: Command) -> Result<ExitCode> {
-    ambit_e2e::require_root_result()?;
-    match cmd {
+pub(crate) fn run(args: Args) -> Result<ExitCode> {
+    ambit_testbed::require_root_result()?;
+    let scope = args.scope.scope()?;
+    let scope = &scope;
+    match args.command {
         Command::Up {
             no_agents,
             no_build,
@@ -84,25 +115,40 @@ pub(crate) fn run(cmd: Command) -> Result<ExitCode> {
                 cert_ttl_secs: cert_ttl,
                 ..Options::default()
             };
-            up(opts, no_build).map(|_| ExitCode::SUCCESS)
+            up(scope, opts, no_build).map(|_| ExitCode::SUCCESS)
         }
-        Command::Apply { file } => apply(&file).map(|()| ExitCode::SUCCESS),
-        Command::Delete { kind, name } => delete(&kind, &name).map(|()| ExitCode::SUCCESS),
-        Command::Down { all } => down(all).map(|()| ExitCode::SUCCESS),
-        Command::Status => status().map(|()| ExitCode::SUCCESS),
-        Command::Exec { pod, cmd } => exec(&pod, &cmd),
-        Command::Ambit { node, args } => ambit(&node, &args),
+        Command::Apply { file } => apply(scope, &file).map(|()| ExitCode::SUCCESS),
+        Command::Delete { kind, name } => delete(scope, &kind, &name).map(|()| ExitCode::SUCCESS),
+        Command::Down { all } => down(scope, all).map(|()| ExitCode::SUCCESS),
+        Command::Status => status(scope).map(|()| ExitCode::SUCCESS),
+        Command::Exec { pod, cmd } => exec(scope, &pod, &cmd),
+        Command::Ambit { node, args } => ambit(scope, &node, &args),
     }
 }
 
-/// Brings the CLI testbed up with `opts` (made persistent) unless an intact one exists;
+/// The testbed `scope` points at, or an error telling how to make one.
+fn current(scope: &Scope) -> Result<Testbed> {
+    Testbed::cli_instance(scope)?.with_context(|| {
+        format!(
+            "no testbed for {} ({}); run `cargo xtask testbed up` first",
+            scope.name(),
+            scope.origin()
+        )
+    })
+}
+
+/// Brings `scope`'s testbed up with `opts` (made persistent) unless an intact one exists;
 /// returns it.
-pub(crate) fn up(opts: Options, no_build: bool) -> Result<Testbed> {
+pub(crate) fn up(scope: &Scope, opts: Options, no_build: bool) -> Result<Testbed> {
     let agents = opts.agents;
-    if let Some(tb) = Testbed::cli_instance()? {
+    if let Some(tb) = Testbed::cli_instance(scope)? {
         let problems = health(&tb, agents);
         if problems.is_empty() {
-            eprintln!("==> testbed {} is already up", tb.state().id);
+            eprintln!(
+                "==> testbed {} ({}) is already up",
+                tb.state().id,
+                scope.name()
+            );
             print_state(&tb)?;
             return Ok(tb);
         }
@@ -124,14 +170,19 @@ pub(crate) fn up(opts: Options, no_build: bool) -> Result<Testbed> {
         ..opts
     };
     let tb = Testbed::up(opts)?;
-    tb.make_cli_instance()?;
+    tb.make_cli_instance(scope)?;
+    eprintln!(
+        "==> testbed {} is up for {} ({})",
+        tb.state().id,
+        scope.name(),
+        scope.origin()
+    );
     print_state(&tb)?;
     Ok(tb)
 }
 
-fn apply(file: &std::path::Path) -> Result<()> {
-    let mut tb =
-        Testbed::cli_instance()?.context("no testbed; run `cargo xtask testbed up` first")?;
+fn apply(scope: &Scope, file: &std::path::Path) -> Result<()> {
+    let mut tb = current(scope)?;
     let mut text = String::new();
     if file.as_os_str() == "-" {
         std::io::stdin()
@@ -151,9 +202,8 @@ fn apply(file: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn delete(kind: &str, name: &str) -> Result<()> {
-    let mut tb =
-        Testbed::cli_instance()?.context("no testbed; run `cargo xtask testbed up` first")?;
+fn delete(scope: &Scope, kind: &str, name: &str) -> Result<()> {
+    let mut tb = current(scope)?;
     let scoped = ["Namespace", "Node", "ClusterRole", "ClusterRoleBinding"].contains(&kind);
     let (ns, name) = match name.split_once('/') {
         Some((ns, name)) => (ns, name),
@@ -172,9 +222,9 @@ fn delete(kind: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn down(all: bool) -> Result<()> {
+fn down(scope: &Scope, all: bool) -> Result<()> {
     let mut removed = Vec::new();
-    if let Some(tb) = Testbed::cli_instance()? {
+    if let Some(tb) = Testbed::cli_instance(scope)? {
         removed.push(tb.state().id.clone());
         tb.down()?;
     }
@@ -195,13 +245,40 @@ fn down(all: bool) -> Result<()> {
     Ok(())
 }
 
-fn status() -> Result<()> {
-    let Some(tb) = Testbed::cli_instance()? else {
-        eprintln!("no testbed; create one with `cargo xtask testbed up`");
+fn status(scope: &Scope) -> Result<()> {
+    let others: Vec<String> = scope::all_pointers()
+        .into_iter()
+        .filter(|(name, _)| name != scope.name())
+        .map(|(name, id)| format!("{name} -> {id}"))
+        .collect();
+    let Some(tb) = Testbed::cli_instance(scope)? else {
+        eprintln!(
+            "no testbed for {} ({}); create one with `cargo xtask testbed up`",
+            scope.name(),
+            scope.origin()
+        );
+        if !others.is_empty() {
+            eprintln!(
+                "other testbeds on this machine (--name): {}",
+                others.join(", ")
+            );
+        }
         return Ok(());
     };
     let st = tb.state();
-    println!("testbed {} (state {})", st.id, st.state_file().display());
+    println!(
+        "testbed {} for {} ({}), state {}",
+        st.id,
+        scope.name(),
+        scope.origin(),
+        st.state_file().display()
+    );
+    if !others.is_empty() {
+        println!(
+            "  other testbeds on this machine (--name): {}",
+            others.join(", ")
+        );
+    }
     match &st.ca {
         Some(ca) => println!(
             "  ca {} in {}'s namespace, root {}, certificates {} s",
@@ -213,7 +290,7 @@ fn status() -> Result<()> {
         None => println!("  no ca: the agents only capture (plaintext between them)"),
     }
     for obj in &st.applied {
-        println!("  applied {}", ambit_e2e::apply::describe(obj));
+        println!("  applied {}", ambit_testbed::apply::describe(obj));
     }
     for node in &st.nodes {
         println!(
@@ -231,7 +308,7 @@ fn status() -> Result<()> {
         }
     }
     for p in &st.processes {
-        let alive = ambit_e2e::cgroup::pid_in(p.pid, &st.cgroup_root, &st.cgroup_mount);
+        let alive = ambit_testbed::cgroup::pid_in(p.pid, &st.cgroup_root, &st.cgroup_mount);
         println!(
             "  pid {:>7} {:<24} {}",
             p.pid,
@@ -257,8 +334,8 @@ fn status() -> Result<()> {
     Ok(())
 }
 
-fn exec(pod: &str, cmd: &[String]) -> Result<ExitCode> {
-    let tb = Testbed::cli_instance()?.context("no testbed; run `cargo xtask testbed up` first")?;
+fn exec(scope: &Scope, pod: &str, cmd: &[String]) -> Result<ExitCode> {
+    let tb = current(scope)?;
     let pod = tb.state().pod(pod)?;
     let status = process::command_in(&pod.cgroup, &pod.netns_path(), cmd)
         .status()
@@ -266,8 +343,8 @@ fn exec(pod: &str, cmd: &[String]) -> Result<ExitCode> {
     Ok(exit_code(status.code()))
 }
 
-fn ambit(node: &str, args: &[String]) -> Result<ExitCode> {
-    let tb = Testbed::cli_instance()?.context("no testbed; run `cargo xtask testbed up` first")?;
+fn ambit(scope: &Scope, node: &str, args: &[String]) -> Result<ExitCode> {
+    let tb = current(scope)?;
     let node = tb.state().node(node)?;
     let bin = tb.agent_bin()?;
     let mut c = Proc::new(bin);
@@ -296,12 +373,12 @@ fn health(tb: &Testbed, agents: bool) -> Vec<String> {
         .map(|n| &n.netns)
         .chain(st.pods.iter().map(|p| &p.netns))
     {
-        if !ambit_e2e::state::netns_path(ns).exists() {
+        if !ambit_testbed::state::netns_path(ns).exists() {
             out.push(format!("netns {ns} missing"));
         }
     }
     for p in &st.processes {
-        if !ambit_e2e::cgroup::pid_in(p.pid, &st.cgroup_root, &st.cgroup_mount) {
+        if !ambit_testbed::cgroup::pid_in(p.pid, &st.cgroup_root, &st.cgroup_mount) {
             out.push(format!("{} (pid {}) not running", p.role, p.pid));
         }
     }

@@ -134,7 +134,7 @@ pub(crate) struct Args {
     /// agent is too slow for the tests with many connections or much data.
     #[arg(long)]
     release: bool,
-    /// Only this test binary (`e2e`, the suite in tests/tests/e2e; `ambit_e2e` for the harness's
+    /// Only this test binary (`e2e`, the suite in tests/tests/e2e; `ambit_testbed` for the harness's
     /// own unit tests), like `cargo test --test NAME`. Repeatable.
     #[arg(long = "test", value_name = "NAME")]
     binaries: Vec<String>,
@@ -547,7 +547,7 @@ fn ensure_host_packages(install: bool) -> Result<()> {
         eprintln!("==> vm-test packages present: {}", all.join(" "));
         return Ok(());
     }
-    if !install || !ambit_e2e::is_root() {
+    if !install || !ambit_testbed::is_root() {
         bail!(
             "missing Debian packages for vm-test (install them as root): {}",
             missing.join(" ")

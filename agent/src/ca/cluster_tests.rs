@@ -11,12 +11,12 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::ca::client::{CaClient, ClientError};
-use crate::ca::issuer::{ServiceAccountClaims, TokenIssuer};
 use crate::ca::oidc::{self, Discovery, OidcError, DISCOVERY_PATH};
 use crate::ca::testing::{spiffe, Fixture, AGENT_NS, AGENT_SA, INVENTORY, ISSUER};
 use crate::ca::token::TokenError;
 use crate::inventory::kube::fake_api::FakeApi;
 use crate::inventory::Snapshot;
+use ambit_testbed::issuer::{ServiceAccountClaims, TokenIssuer};
 
 const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";
 const JWKS_PATH: &str = "/openid/v1/jwks";

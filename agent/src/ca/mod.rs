@@ -2,8 +2,8 @@
 //!
 //! Server side: [`config`] (YAML), [`material`] (root material, serving certificate),
 //! [`token`] (node authentication), [`service`] (authorization and signing), [`server`] (TLS
-//! and gRPC). Client side: [`client`]. [`issuer`] mints service-account tokens where no API
-//! server does (testbed, tests).
+//! and gRPC). Client side: [`client`]. Where no API server mints service-account tokens (the
+//! testbed, tests), the `ambit-testbed` crate's `issuer` does.
 //!
 //! Startup order in [`run`]: config → logging → root material (generated if asked) → issuer
 //! keys (a JWKS file, or OIDC discovery from the API server) → first inventory load from a file
@@ -12,7 +12,6 @@
 //! → serve until SIGTERM/SIGINT.
 pub mod client;
 pub mod config;
-pub mod issuer;
 pub mod material;
 pub mod oidc;
 pub mod proto;

@@ -9,13 +9,13 @@ use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 
 use crate::ca::client::CaClientConfig;
-use crate::ca::issuer::{ServiceAccountClaims, TokenIssuer};
 use crate::ca::material::{Material, ServingNames, ROOT_CERT};
 use crate::ca::server::RunningCa;
 use crate::ca::service::CaService;
 use crate::ca::token::{Jwks, TokenVerifier};
 use crate::identity::{SpiffeId, TrustBundle};
 use crate::inventory::{self, Snapshot};
+use ambit_testbed::issuer::{ServiceAccountClaims, TokenIssuer};
 
 pub(crate) const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 pub(crate) const AGENT_NS: &str = "ambit-system";

@@ -1,4 +1,5 @@
 //! The inventory: workloads (pods) and namespaces known to the agent, from a file or Kubernetes.
+pub mod check;
 pub mod file;
 pub mod kube;
 pub mod objects;

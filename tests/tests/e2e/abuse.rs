@@ -18,7 +18,7 @@ use ambit_e2e::abuse::{
     connect_block, encode, frame, handshake_flood, noise, partial_client_hello, raw_flood, Flood,
     ProbeReport, RawH2, StatusProbe,
 };
-use ambit_e2e::hbone::{anonymous_client_config, client_config, in_netns};
+use ambit_e2e::hbone::{anonymous_client_config, client_config, in_netns, Issue as _};
 use ambit_e2e::{testbed, Testbed, ECHO_PORT, TUNNEL_PORT};
 use tokio::io::AsyncWriteExt;
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use ambit::tunnel::client::Tunnel;
 use ambit::tunnel::Error as TunnelError;
-use ambit_e2e::hbone::{client_config, in_netns};
+use ambit_e2e::hbone::{client_config, in_netns, Issue as _};
 use ambit_e2e::ops::{file_len, read_from};
 use ambit_e2e::{assert_eventually, testbed_with, Options, Testbed, ECHO_PORT, TUNNEL_PORT};
 use nix::sys::signal::Signal;

@@ -8,8 +8,8 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use ambit::ca::issuer::{ServiceAccountClaims, TokenIssuer};
-use ambit_e2e::hbone::in_netns;
+use ambit_e2e::hbone::{in_netns, Issue as _};
+use ambit_e2e::issuer::{ServiceAccountClaims, TokenIssuer};
 use ambit_e2e::{assert_eventually, testbed, testbed_with, Cert, Options, Testbed, ECHO_PORT};
 use nix::sys::signal::Signal;
 

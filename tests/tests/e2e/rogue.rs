@@ -7,7 +7,7 @@
 )]
 use std::net::{IpAddr, SocketAddr};
 
-use ambit_e2e::hbone::FakeHbone;
+use ambit_e2e::hbone::{FakeHbone, Issue as _};
 use ambit_e2e::policy::foreign_pod;
 use ambit_e2e::state::identity;
 use ambit_e2e::{testbed_with, Options, PodSpec, Testbed, ECHO_PORT};

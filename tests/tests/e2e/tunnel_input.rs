@@ -9,7 +9,9 @@
 )]
 use std::net::{IpAddr, SocketAddr};
 
-use ambit_e2e::hbone::{self, anonymous_client_config, client_config, in_netns, Outcome};
+use ambit_e2e::hbone::{
+    self, anonymous_client_config, client_config, in_netns, Issue as _, Outcome,
+};
 use ambit_e2e::{testbed, Testbed, ECHO_PORT, PEER_PORT, TUNNEL_PORT};
 use http::{Method, StatusCode};
 

@@ -4,8 +4,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ambit_e2e::state::{Pod, PodSpec};
-use ambit_e2e::{cgroup, net, servers, Options, Testbed};
+use ambit_testbed::state::{Pod, PodSpec};
+use ambit_testbed::{cgroup, net, servers, Options, Testbed};
 use anyhow::{bail, Context, Result};
 
 use super::procs::{AgentProc, Proc};
@@ -151,7 +151,7 @@ impl Bed {
         fs::write(www.join(TINY_FILE.trim_start_matches('/')), "ambit bench\n")?;
         // The holder: the tests' `many.py` (`serve` in the server pod, `steps` in the client).
         let hold_py = self.dir.join("many.py");
-        fs::write(&hold_py, ambit_e2e::leaks::MANY_PY)?;
+        fs::write(&hold_py, ambit_testbed::leaks::MANY_PY)?;
         let nginx = ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .into_iter()
             .find(|p| Path::new(p).exists())

@@ -141,7 +141,7 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
 }
 
 fn measure(args: &Args) -> Result<Results> {
-    ambit_e2e::require_root_result()?;
+    ambit_testbed::require_root_result()?;
     prereq::ensure(!args.no_install)?;
     tools::ensure(!args.no_install)?;
     let bin = match &args.agent_bin {
@@ -150,9 +150,9 @@ fn measure(args: &Args) -> Result<Results> {
             .with_context(|| format!("agent binary {}", b.display()))?,
         None => build_release_agent()?,
     };
-    for state in ambit_e2e::teardown::stale_instances() {
+    for state in ambit_testbed::teardown::stale_instances() {
         eprintln!("==> removing testbed {} left by a crashed run", state.id);
-        ambit_e2e::teardown::teardown(&state, &mut Vec::new())?;
+        ambit_testbed::teardown::teardown(&state, &mut Vec::new())?;
     }
     let plan = Plan::new(args);
     let (kernel, cpus, cpu_model) = tools::machine();
@@ -482,7 +482,7 @@ fn held_memory(bed: &Bed, plan: &Plan, results: &mut Results) -> Result<()> {
         results.push_agent(&RSS_BEFORE_HOLD, col, mib(*kib));
     }
     let server = bed.pod("server").ipv4.to_string();
-    let py = ambit_e2e::servers::python();
+    let py = ambit_testbed::servers::python();
     let mut argv = vec![
         py.to_string_lossy().into_owned(),
         bed.dir.join("many.py").to_string_lossy().into_owned(),

@@ -6,8 +6,8 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use ambit_e2e::state::Pod;
-use ambit_e2e::{cmd, process};
+use ambit_testbed::state::Pod;
+use ambit_testbed::{cmd, process};
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;

@@ -22,7 +22,7 @@ pub(crate) fn ensure(install: bool) -> Result<()> {
         .map(|(pkg, _)| *pkg)
         .collect();
     if !missing.is_empty() {
-        if !install || !ambit_e2e::is_root() || !Path::new("/usr/bin/apt-get").exists() {
+        if !install || !ambit_testbed::is_root() || !Path::new("/usr/bin/apt-get").exists() {
             bail!(
                 "missing bench tools; install the Debian packages: {}",
                 missing.join(" ")
@@ -61,7 +61,7 @@ pub(crate) fn machine() -> (String, usize, String) {
             (k.trim() == "model name").then(|| v.trim().to_string())
         })
         .unwrap_or_else(|| "?".into());
-    (ambit_e2e::kernel_release(), cpus, model)
+    (ambit_testbed::kernel_release(), cpus, model)
 }
 
 /// `git describe --always --dirty` in `dir`, or `?`.

@@ -13,7 +13,7 @@ const INIT_TARGET: &str = "x86_64-unknown-linux-gnu";
 /// One test executable of the `ambit-e2e` package.
 #[derive(Debug, Clone)]
 pub(crate) struct TestBinary {
-    /// The test target's name: `e2e` (tests/tests/e2e), or `ambit_e2e` for the library's unit tests.
+    /// The test target's name: `e2e` (tests/tests/e2e), or `ambit_testbed` for the library's unit tests.
     pub(crate) name: String,
     pub(crate) path: PathBuf,
 }

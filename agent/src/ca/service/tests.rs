@@ -7,9 +7,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 use super::*;
-use crate::ca::issuer::ServiceAccountClaims;
 use crate::ca::testing::{spiffe, Fixture, AGENT_NS};
 use crate::identity::{new_csr, verify_svid, PeerRole};
+use ambit_testbed::issuer::ServiceAccountClaims;
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const DB: &str = "spiffe://cluster.local/ns/shop/sa/db";

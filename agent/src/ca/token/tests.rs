@@ -11,7 +11,7 @@ use rsa::pkcs8::EncodePrivateKey as _;
 use serde_json::{json, Value};
 
 use super::*;
-use crate::ca::issuer::{ServiceAccountClaims, TokenIssuer};
+use ambit_testbed::issuer::{ServiceAccountClaims, TokenIssuer};
 
 const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
 const AGENT: &str = "system:serviceaccount:ambit-system:ambit";

@@ -6,7 +6,6 @@
 //! testbed down` after a crash) can always remove exactly what this instance made.
 mod build;
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 use std::time::{Duration, Instant};
@@ -20,7 +19,8 @@ use crate::cgroup;
 use crate::config;
 use crate::kubelet::CgroupDriver;
 use crate::process;
-use crate::state::{self, Applied, Node, Pod, PodSpec, Process, State, BASE_DIR, CLI_POINTER};
+use crate::scope::Scope;
+use crate::state::{self, Applied, Node, Pod, PodSpec, Process, State};
 use crate::teardown;
 
 pub use build::default_agent_bin;
@@ -136,26 +136,21 @@ impl Testbed {
         })
     }
 
-    /// The instance the CLI acts on (`<BASE_DIR>/cli-instance`), if any.
-    pub fn cli_instance() -> Result<Option<Self>> {
-        let pointer = Path::new(BASE_DIR).join(CLI_POINTER);
-        let Ok(id) = fs::read_to_string(&pointer) else {
+    /// The instance `scope`'s CLI commands act on, if any.
+    pub fn cli_instance(scope: &Scope) -> Result<Option<Self>> {
+        let Some(id) = scope.instance_id() else {
             return Ok(None);
         };
-        let file = teardown::instance_dir(id.trim()).join("state.json");
+        let file = teardown::instance_dir(&id).join("state.json");
         if !file.exists() {
             return Ok(None);
         }
         Self::attach(&file).map(Some)
     }
 
-    /// Makes this instance the one CLI commands act on.
-    pub fn make_cli_instance(&self) -> Result<()> {
-        fs::create_dir_all(BASE_DIR)?;
-        state::write_atomic(
-            &Path::new(BASE_DIR).join(CLI_POINTER),
-            self.state.id.as_bytes(),
-        )
+    /// Makes this instance the one `scope`'s CLI commands act on.
+    pub fn make_cli_instance(&self, scope: &Scope) -> Result<()> {
+        scope.point_at(&self.state.id)
     }
 
     /// Keeps the instance after drop (or not).

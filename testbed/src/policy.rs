@@ -106,23 +106,3 @@ pub fn foreign_pod(
     }
     y
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_what_the_agent_parses() {
-        let pa = PeerAuthentication::new("default", "server")
-            .selector("server")
-            .mode("UNSET")
-            .port(9000, "STRICT")
-            .created("2024-01-01T00:00:00Z")
-            .yaml();
-        let pod = foreign_pod("x", "node3", "payments", &["10.2.0.9".parse().unwrap()]);
-        let text = format!("{pa}---\n{pod}");
-        let snap = ambit::inventory::file::parse(std::path::Path::new("t.yaml"), &text).unwrap();
-        assert_eq!(snap.peer_authentications.len(), 1);
-        assert_eq!(snap.workloads.len(), 1);
-    }
-}

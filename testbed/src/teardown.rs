@@ -9,7 +9,7 @@ use anyhow::Result;
 use crate::cgroup;
 use crate::net;
 use crate::process;
-use crate::state::{State, BASE_DIR, CLI_POINTER};
+use crate::state::{State, BASE_DIR};
 
 /// Grace period between SIGTERM and SIGKILL for our processes.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
@@ -56,10 +56,7 @@ pub fn teardown(state: &State, children: &mut Vec<Child>) -> Result<()> {
         note(net::delete_netns(&node.netns));
     }
     note(remove_dir_all(&state.dir));
-    let pointer = Path::new(BASE_DIR).join(CLI_POINTER);
-    if fs::read_to_string(&pointer).is_ok_and(|id| id.trim() == state.id) {
-        note(fs::remove_file(&pointer).map_err(Into::into));
-    }
+    note(crate::scope::forget_instance(&state.id));
     match first_err {
         Some(e) => Err(e),
         None => Ok(()),

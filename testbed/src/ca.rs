@@ -11,10 +11,10 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant, SystemTime};
 
-use ambit::ca::issuer::{ServiceAccountClaims, TokenIssuer};
 use anyhow::{bail, Context, Result};
 
 use crate::agent;
+use crate::issuer::{ServiceAccountClaims, TokenIssuer};
 use crate::net;
 use crate::process;
 use crate::state::{write_atomic, Ca, Node, State, CA_PORT, TRUST_DOMAIN};

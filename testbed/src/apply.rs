@@ -1,14 +1,17 @@
 //! `apply`: adds Kubernetes-shaped objects (policies, Services, pods of other nodes) to a
 //! running testbed's inventory, replacing earlier ones with the same kind, namespace and name,
-//! as `kubectl apply` would. The result is checked with the agent's own inventory parser before
-//! it is written (atomically), and the call returns once every running agent has loaded it.
+//! as `kubectl apply` would. The result is checked with the agent's own inventory parser
+//! (`ambit check-inventory`) before it is written (atomically), and the call returns once every
+//! running agent has loaded it.
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::config;
 use crate::state::{self, Applied};
 use crate::testbed::Testbed;
-use crate::{config, error_chain};
 
 /// How long agents get to load a changed inventory (they poll it every 200 ms).
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -150,13 +153,14 @@ impl Testbed {
         let mut next = self.state().clone();
         next.applied = applied;
         let text = config::inventory(&next);
-        let parsed = ambit::inventory::file::parse(&next.inventory, &text);
-        match (valid, parsed) {
-            (true, Err(e)) => {
-                return Err(anyhow::anyhow!("{}", error_chain(&e))
-                    .context("the agents would reject this inventory; nothing was applied"))
+        match (
+            valid,
+            check_inventory(self.agent_bin()?, &next.inventory, &text)?,
+        ) {
+            (true, Err(why)) => {
+                bail!("the agents would reject this inventory; nothing was applied: {why}")
             }
-            (false, Ok(_)) => bail!("the agents would accept this inventory; use apply"),
+            (false, Ok(())) => bail!("the agents would accept this inventory; use apply"),
             _ => {}
         }
         let unchanged = std::fs::read_to_string(&next.inventory).is_ok_and(|t| t == text);
@@ -219,6 +223,32 @@ impl Testbed {
                 .as_u64()
                 .context("status has no inventory.errors")?,
         ))
+    }
+}
+
+/// Runs `ambit check-inventory` on `text` (written beside `inventory`): `Ok(Err(why))` when the
+/// agent's parser rejects it, with the parser's message.
+pub fn check_inventory(bin: &Path, inventory: &Path, text: &str) -> Result<Result<(), String>> {
+    let mut name = inventory.as_os_str().to_owned();
+    name.push(".check");
+    let candidate = std::path::PathBuf::from(name);
+    std::fs::write(&candidate, text).with_context(|| format!("writing {}", candidate.display()))?;
+    let out = Command::new(bin)
+        .arg("check-inventory")
+        .arg(&candidate)
+        .output()
+        .with_context(|| format!("running {} check-inventory", bin.display()));
+    let _ = std::fs::remove_file(&candidate);
+    let out = out?;
+    match out.status.code() {
+        Some(0) => Ok(Ok(())),
+        Some(1) => Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_string())),
+        _ => bail!(
+            "{} check-inventory failed ({}): {}",
+            bin.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
     }
 }
 

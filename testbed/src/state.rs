@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 /// Directory holding one sub-directory (state, configs, logs, sockets) per testbed instance.
 pub const BASE_DIR: &str = "/run/ambit-testbed";
-/// File (in [`BASE_DIR`]) naming the instance that `cargo xtask testbed` commands act on.
+/// Prefix of the files (in [`BASE_DIR`]) naming the instance that `cargo xtask testbed` commands
+/// act on, one per scope: `cli-instance.<scope>` (see [`crate::scope`]).
 pub const CLI_POINTER: &str = "cli-instance";
 /// HTTP server port (python3 -m http.server) in server pods.
 pub const HTTP_PORT: u16 = 8080;
