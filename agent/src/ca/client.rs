@@ -33,7 +33,7 @@ use tower_service::Service;
 
 use crate::ca::material::pem_block;
 use crate::ca::proto::{
-    IstioCertificateRequest, IstioCertificateResponse, CREATE_CERTIFICATE_PATH,
+    Impersonate as _, IstioCertificateRequest, IstioCertificateResponse, CREATE_CERTIFICATE_PATH,
 };
 use crate::identity::{
     new_csr, verify_svid, BundleError, CsrError, PeerRole, SpiffeId, SvidError, TrustBundle,

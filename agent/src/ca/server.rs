@@ -1,4 +1,4 @@
-//! The CA's gRPC server: TLS accept, the hand-written `IstioCertificateService`, shutdown.
+//! The CA's gRPC server: TLS accept, the generated `IstioCertificateService` server, shutdown.
 //!
 //! TLS handshakes run in their own tasks with a deadline, outside tonic: a client sending
 //! garbage, plaintext or nothing at all costs one task for at most the handshake timeout, is
@@ -12,8 +12,6 @@
 //! `source_connection_limit`), so one flooding source cannot take the agent-wide handshake
 //! slots from the others.
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::future::{self, Future};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -31,15 +29,12 @@ use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::body::Body;
-use tonic::server::{Grpc, UnaryService};
 use tonic::transport::server::Connected;
-use tonic::{Code, Status};
-use tonic_prost::ProstCodec;
-use tower_service::Service;
+use tonic::Status;
 
 use crate::ca::proto::{
-    IstioCertificateRequest, IstioCertificateResponse, CREATE_CERTIFICATE_PATH,
+    IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService,
+    IstioCertificateServiceServer,
 };
 use crate::ca::service::CaService;
 
@@ -117,7 +112,7 @@ impl RunningCa {
         serving: Arc<CertifiedKey>,
         limits: CaLimits,
     ) -> Result<Self, ServerError> {
-        Self::spawn_grpc(listener, GrpcService::new(service), serving, limits)
+        Self::spawn_grpc(listener, CaGrpc::new(service), serving, limits)
     }
 
     /// Like [`RunningCa::spawn`], but every response passes through `tamper` before it is
@@ -129,14 +124,14 @@ impl RunningCa {
         serving: Arc<CertifiedKey>,
         tamper: Tamper,
     ) -> Result<Self, ServerError> {
-        let mut grpc = GrpcService::new(service);
+        let mut grpc = CaGrpc::new(service);
         grpc.tamper = Some(tamper);
         Self::spawn_grpc(listener, grpc, serving, CaLimits::default())
     }
 
     fn spawn_grpc(
         listener: TcpListener,
-        grpc: GrpcService,
+        grpc: CaGrpc,
         serving: Arc<CertifiedKey>,
         limits: CaLimits,
     ) -> Result<Self, ServerError> {
@@ -201,7 +196,7 @@ fn tls_config(serving: Arc<CertifiedKey>) -> Result<Arc<ServerConfig>, ServerErr
 
 async fn serve(
     listener: TcpListener,
-    grpc: GrpcService,
+    grpc: CaGrpc,
     tls: Arc<ServerConfig>,
     limits: CaLimits,
     mut stopped: watch::Receiver<bool>,
@@ -225,7 +220,7 @@ async fn serve(
     let result = tonic::transport::Server::builder()
         .timeout(REQUEST_TIMEOUT)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .serve_with_incoming_shutdown(grpc, ReceiverStream::new(conns_rx), shutdown)
+        .serve_with_incoming_shutdown(grpc.into_grpc(), ReceiverStream::new(conns_rx), shutdown)
         .await;
     accept.abort();
     if let Err(error) = result {
@@ -408,15 +403,19 @@ pub(crate) type Tamper = Arc<
         + Sync,
 >;
 
-/// `istio.v1.auth.IstioCertificateService`, routed by hand (what tonic-build would generate).
+/// `istio.v1.auth.IstioCertificateService` (the server tonic-prost-build generated from
+/// `proto/ca.proto`, around [`CaService`]).
+type GrpcService = IstioCertificateServiceServer<CaGrpc>;
+
+/// What `CreateCertificate` calls: the signing service, and in tests a response rewriter.
 #[derive(Clone)]
-struct GrpcService {
+struct CaGrpc {
     service: Arc<CaService>,
     #[cfg(test)]
     tamper: Option<Tamper>,
 }
 
-impl GrpcService {
+impl CaGrpc {
     fn new(service: Arc<CaService>) -> Self {
         Self {
             service,
@@ -424,58 +423,30 @@ impl GrpcService {
             tamper: None,
         }
     }
-}
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = Result<T, Infallible>> + Send>>;
-
-impl Service<http::Request<Body>> for GrpcService {
-    type Response = http::Response<Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != CREATE_CERTIFICATE_PATH {
-            let path = request.uri().path().chars().take(128).collect::<String>();
-            let status = Status::new(Code::Unimplemented, format!("unknown method {path}"));
-            return Box::pin(future::ready(Ok(status.into_http())));
-        }
-        let unary = CreateCertificate(self.clone());
-        Box::pin(async move {
-            let mut grpc = Grpc::new(ProstCodec::default())
-                .apply_max_message_size_config(Some(MAX_REQUEST_BYTES), None);
-            Ok(grpc.unary(unary, request).await)
-        })
+    /// The gRPC service: requests over [`MAX_REQUEST_BYTES`] are refused by tonic.
+    fn into_grpc(self) -> GrpcService {
+        IstioCertificateServiceServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
     }
 }
 
-/// The `CreateCertificate` method.
-struct CreateCertificate(GrpcService);
-
-impl UnaryService<IstioCertificateRequest> for CreateCertificate {
-    type Response = IstioCertificateResponse;
-    type Future = future::Ready<Result<tonic::Response<IstioCertificateResponse>, Status>>;
-
-    fn call(&mut self, request: tonic::Request<IstioCertificateRequest>) -> Self::Future {
+#[tonic::async_trait]
+impl IstioCertificateService for CaGrpc {
+    async fn create_certificate(
+        &self,
+        request: tonic::Request<IstioCertificateRequest>,
+    ) -> Result<tonic::Response<IstioCertificateResponse>, Status> {
         let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
         let result = self
-            .0
             .service
             .handle(peer, request.metadata(), request.get_ref());
         #[cfg(test)]
-        let result = match &self.0.tamper {
+        let result = match &self.tamper {
             Some(tamper) => result.map(|r| tamper(request.get_ref(), r)),
             None => result,
         };
-        future::ready(result.map(tonic::Response::new))
+        result.map(tonic::Response::new)
     }
-}
-
-impl tonic::server::NamedService for GrpcService {
-    const NAME: &'static str = crate::ca::proto::SERVICE_NAME;
 }
 
 #[cfg(test)]

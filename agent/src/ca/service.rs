@@ -16,7 +16,9 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
 use crate::ca::material::pem_block;
-use crate::ca::proto::{Impersonation, IstioCertificateRequest, IstioCertificateResponse};
+use crate::ca::proto::{
+    Impersonate as _, Impersonation, IstioCertificateRequest, IstioCertificateResponse,
+};
 use crate::ca::token::{NodeToken, TokenError, TokenVerifier};
 use crate::identity::{
     CaError, CertificateAuthority, Csr, CsrError, SpiffeId, SpiffeIdError, TrustBundle, TrustDomain,
