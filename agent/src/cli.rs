@@ -25,7 +25,8 @@ pub enum Command {
     Certs(AdminArgs),
     /// List the connections the agent is carrying now.
     Connections(AdminArgs),
-    /// Show the effective PeerAuthentication mode of every enrolled pod.
+    /// Show the effective PeerAuthentication mode of every enrolled pod and the
+    /// AuthorizationPolicies that select it.
     Policy(AdminArgs),
     /// Explain why a connection from a pod to an address is tunnelled, plaintext or refused.
     Explain(ExplainArgs),

@@ -1,24 +1,32 @@
-//! CLI clients of the admin socket (`ambit status`).
+//! CLI clients of the admin socket (`ambit status`, ...): fetch, print ([`super::render`]), exit code.
+//!
+//! Exit codes: 0 when all is well, 1 when the answer reports a problem (a pod not enrolled, an
+//! identity without a certificate, a connection `explain` says is refused), 2 when the agent
+//! cannot be reached or refuses the request (the message of its answer is printed). A closed
+//! stdout (`ambit status | head -1`) ends the output quietly and leaves the exit code as the
+//! answer decides it, like every Unix filter.
+use std::io::{self, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use serde_json::Value;
 use tokio::net::UnixStream;
 
+use super::render;
 use crate::cli::{AdminArgs, ExplainArgs, LoggingArgs};
+
+/// How long the CLI waits for the agent's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `ambit status`: exit code 0 when every local pod is enrolled, 1 when some failed, 2 when the
 /// agent cannot be reached.
 pub fn status(args: AdminArgs) -> anyhow::Result<()> {
     let v = get_or_exit(&args, "/status");
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        print_status(&v);
-    }
+    show(&args, &v, render::status)?;
     let failed = v["pods"]
         .as_array()
         .is_some_and(|p| p.iter().any(|p| p["state"] != "enrolled"));
@@ -31,28 +39,11 @@ pub fn status(args: AdminArgs) -> anyhow::Result<()> {
 /// `ambit certs`: exit code 1 when some identity has no valid certificate.
 pub fn certs(args: AdminArgs) -> anyhow::Result<()> {
     let v = get_or_exit(&args, "/certs");
-    let rows = v["certs"].as_array().cloned().unwrap_or_default();
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!(
-            "{:<48} {:<13} {:<5} {:<22} {:<22} {:<22} SERIAL",
-            "IDENTITY", "STATE", "PODS", "NOT AFTER", "NEXT RENEWAL", "LAST ERROR"
-        );
-        for c in &rows {
-            println!(
-                "{:<48} {:<13} {:<5} {:<22} {:<22} {:<22} {}",
-                s(&c["identity"]),
-                s(&c["state"]),
-                n(&c["pods"]),
-                c["notAfter"].as_str().unwrap_or("-"),
-                c["nextRenewal"].as_str().unwrap_or("-"),
-                c["lastError"].as_str().unwrap_or("-"),
-                c["serial"].as_str().unwrap_or("-"),
-            );
-        }
-    }
-    if rows.iter().any(|c| c["state"] != "available") {
+    show(&args, &v, render::certs)?;
+    let unavailable = v["certs"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["state"] != "available"));
+    if unavailable {
         std::process::exit(1);
     }
     Ok(())
@@ -60,148 +51,45 @@ pub fn certs(args: AdminArgs) -> anyhow::Result<()> {
 
 /// `ambit workloads`.
 pub fn workloads(args: AdminArgs) -> anyhow::Result<()> {
-    let Some(v) = json_or_table(&args, "/workloads")? else {
-        return Ok(());
-    };
-    println!(
-        "{:<32} {:<8} {:<6} {:<9} {:<30} IDENTITY",
-        "POD", "NODE", "LOCAL", "ENROLLED", "IPS"
-    );
-    for w in v["workloads"].as_array().into_iter().flatten() {
-        let ips: Vec<&str> = w["ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i.as_str())
-            .collect();
-        println!(
-            "{:<32} {:<8} {:<6} {:<9} {:<30} {}",
-            format!("{}/{}", s(&w["namespace"]), s(&w["name"])),
-            s(&w["node"]),
-            w["local"],
-            w["enrolled"],
-            ips.join(","),
-            s(&w["identity"]),
-        );
-    }
-    Ok(())
-}
-
-/// `ambit logging [LEVEL]`.
-pub fn logging(args: LoggingArgs) -> anyhow::Result<()> {
-    let v = match &args.level {
-        None => get_or_exit(&args.admin, "/logging"),
-        Some(level) => {
-            let path = format!(
-                "/logging?level={}",
-                level.replace('%', "%25").replace('&', "%26")
-            );
-            match request(&args.admin.admin_socket, http::Method::POST, &path) {
-                Ok(v) => v,
-                Err(e) => {
-                    eprintln!("ambit: {e:#}");
-                    std::process::exit(2);
-                }
-            }
-        }
-    };
-    if args.admin.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!("{}", s(&v["level"]));
-    }
-    Ok(())
-}
-
-/// `ambit metrics`: the Prometheus text.
-pub fn metrics(args: AdminArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let text = rt.block_on(async {
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            raw(&args.admin_socket, http::Method::GET, "/metrics"),
-        )
-        .await
-    });
-    match text {
-        Ok(Ok(body)) => {
-            print!("{}", String::from_utf8_lossy(&body));
-            Ok(())
-        }
-        Ok(Err(e)) => {
-            eprintln!("ambit: {e:#}");
-            std::process::exit(2);
-        }
-        Err(_) => {
-            eprintln!(
-                "ambit: admin socket {} did not answer in 10 s",
-                args.admin_socket.display()
-            );
-            std::process::exit(2);
-        }
-    }
+    let v = get_or_exit(&args, "/workloads");
+    show(&args, &v, render::workloads)
 }
 
 /// `ambit connections`.
 pub fn connections(args: AdminArgs) -> anyhow::Result<()> {
-    let Some(v) = json_or_table(&args, "/connections")? else {
-        return Ok(());
-    };
-    println!(
-        "{:<9} {:<20} {:<24} {:<24} {:<10} {:>8} {:>10} {:>10}  PEER IDENTITY",
-        "DIRECTION", "POD", "SOURCE", "DESTINATION", "SECURITY", "AGE(s)", "SENT", "RECEIVED"
-    );
-    for c in v["connections"].as_array().into_iter().flatten() {
-        let peer = if c["direction"] == "outbound" {
-            &c["dst_identity"]
-        } else {
-            &c["src_identity"]
-        };
-        println!(
-            "{:<9} {:<20} {:<24} {:<24} {:<10} {:>8.1} {:>10} {:>10}  {}",
-            s(&c["direction"]),
-            s(&c["pod"]),
-            s(&c["src"]),
-            s(&c["dst"]),
-            s(&c["security"]),
-            c["age_s"].as_f64().unwrap_or(0.0),
-            n(&c["bytes_sent"]),
-            n(&c["bytes_received"]),
-            peer.as_str().unwrap_or("-"),
-        );
-    }
-    Ok(())
+    let v = get_or_exit(&args, "/connections");
+    show(&args, &v, render::connections)
 }
 
 /// `ambit policy`.
 pub fn policy(args: AdminArgs) -> anyhow::Result<()> {
-    let Some(v) = json_or_table(&args, "/policies")? else {
-        return Ok(());
+    let v = get_or_exit(&args, "/policies");
+    show(&args, &v, render::policy)
+}
+
+/// `ambit logging [LEVEL]`.
+pub fn logging(args: LoggingArgs) -> anyhow::Result<()> {
+    let (method, path) = match &args.level {
+        None => (http::Method::GET, "/logging".to_string()),
+        Some(level) => (
+            http::Method::POST,
+            format!(
+                "/logging?level={}",
+                level.replace('%', "%25").replace('&', "%26")
+            ),
+        ),
     };
-    println!(
-        "{:<28} {:<8} {:<12} {:<10} DECIDED BY",
-        "POD", "PORT", "MODE", "LEVEL"
-    );
-    for p in v["policies"].as_array().into_iter().flatten() {
-        let pa = &p["peer_authentication"];
-        let row = |port: &str, r: &serde_json::Value| {
-            println!(
-                "{:<28} {:<8} {:<12} {:<10} {}",
-                s(&p["pod"]),
-                port,
-                s(&r["mode"]),
-                s(&r["level"]),
-                r["policy"].as_str().unwrap_or("(default: nothing set)")
-            );
-        };
-        row("*", &pa["default"]);
-        for (port, r) in pa["ports"].as_object().into_iter().flatten() {
-            row(port, r);
-        }
-    }
-    Ok(())
+    let v = request(&args.admin.admin_socket, method, &path).unwrap_or_else(|e| fail(&e));
+    show(&args.admin, &v, |v| {
+        format!("{}\n", v["level"].as_str().unwrap_or("-"))
+    })
+}
+
+/// `ambit metrics`: the Prometheus text.
+pub fn metrics(args: AdminArgs) -> anyhow::Result<()> {
+    let body =
+        fetch(&args.admin_socket, http::Method::GET, "/metrics").unwrap_or_else(|e| fail(&e));
+    emit(&mut io::stdout().lock(), &String::from_utf8_lossy(&body))
 }
 
 /// `ambit explain`: exit code 0 when the connection would be carried, 1 when refused.
@@ -216,37 +104,7 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
     let to = args.to.or(args.dst).unwrap_or_default();
     let path = format!("/explain?from={}&to={}", enc(&from), enc(&to));
     let v = get_or_exit(&args.admin, &path);
-    if args.admin.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        println!("{} -> {}: {}", s(&v["from"]), s(&v["to"]), s(&v["verdict"]));
-        println!("\nsource agent:");
-        for step in v["outbound"]["steps"].as_array().into_iter().flatten() {
-            println!("  - {}", s(step));
-        }
-        if let Some(r) = v["outbound"]["reason"].as_str() {
-            println!("  refused: {r}");
-        }
-        if v["inbound"].is_object() {
-            let i = &v["inbound"];
-            let pa = &i["peer_authentication"];
-            println!("\ndestination agent ({}):", s(&i["pod"]));
-            println!(
-                "  - PeerAuthentication: {} ({}, {})",
-                s(&pa["mode"]),
-                s(&pa["level"]),
-                pa["policy"].as_str().unwrap_or("nothing set")
-            );
-            println!("  - AuthorizationPolicy: {}", i["authorization"]);
-        }
-        let warnings = v["warnings"].as_array().cloned().unwrap_or_default();
-        if !warnings.is_empty() {
-            println!("\nwarnings:");
-            for w in warnings {
-                println!("  ! {}", s(&w));
-            }
-        }
-    }
+    show(&args.admin, &v, render::explain)?;
     let refused = v["verdict"]
         .as_str()
         .is_some_and(|s| s.starts_with("refused"));
@@ -256,47 +114,57 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// GETs `path`; with `--json` prints the answer and returns `None`, otherwise returns it for
-/// the caller's table.
-fn json_or_table(args: &AdminArgs, path: &str) -> anyhow::Result<Option<serde_json::Value>> {
-    let v = get_or_exit(args, path);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(None);
-    }
-    Ok(Some(v))
-}
-
-fn get_or_exit(args: &AdminArgs, path: &str) -> serde_json::Value {
-    match get(&args.admin_socket, path) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("ambit: {e:#}");
-            std::process::exit(2);
-        }
-    }
-}
-
 /// GETs `path` from the admin socket and parses the JSON body.
-pub fn get(socket: &Path, path: &str) -> anyhow::Result<serde_json::Value> {
+pub fn get(socket: &Path, path: &str) -> anyhow::Result<Value> {
     request(socket, http::Method::GET, path)
 }
 
-/// Sends `method path` to the admin socket and parses the JSON body.
-pub fn request(
-    socket: &Path,
-    method: http::Method,
-    path: &str,
-) -> anyhow::Result<serde_json::Value> {
+/// Sends `method path` to the admin socket and parses the JSON body. An error answer becomes
+/// an error carrying the agent's message (see [`render::error_message`]).
+pub fn request(socket: &Path, method: http::Method, path: &str) -> anyhow::Result<Value> {
+    let body = fetch(socket, method, path)?;
+    serde_json::from_slice(&body).with_context(|| format!("{path}: response is not JSON"))
+}
+
+/// Writes `text` to `out`. A reader that went away (`EPIPE`: `ambit status | head -1`) ends the
+/// output quietly; the caller goes on to its exit code. Other write errors are returned.
+pub fn emit(out: &mut impl Write, text: &str) -> anyhow::Result<()> {
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.context("cannot write to stdout"),
+    }
+}
+
+/// Prints `v` as pretty JSON with `--json`, else as `table` renders it.
+fn show(args: &AdminArgs, v: &Value, table: impl Fn(&Value) -> String) -> anyhow::Result<()> {
+    let text = if args.json {
+        format!("{}\n", serde_json::to_string_pretty(v)?)
+    } else {
+        table(v)
+    };
+    emit(&mut io::stdout().lock(), &text)
+}
+
+fn get_or_exit(args: &AdminArgs, path: &str) -> Value {
+    get(&args.admin_socket, path).unwrap_or_else(|e| fail(&e))
+}
+
+/// Prints `ambit: MESSAGE` on stderr (even if stderr is closed: no panic) and exits 2.
+fn fail(e: &anyhow::Error) -> ! {
+    let _ = writeln!(io::stderr().lock(), "ambit: {e:#}");
+    std::process::exit(2);
+}
+
+/// `method path` on the admin socket: the body of a success answer, within [`ANSWER_TIMEOUT`].
+fn fetch(socket: &Path, method: http::Method, path: &str) -> anyhow::Result<Bytes> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let body = rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(10), raw(socket, method, path))
+    rt.block_on(async {
+        tokio::time::timeout(ANSWER_TIMEOUT, raw(socket, method, path))
             .await
             .with_context(|| format!("admin socket {} did not answer in 10 s", socket.display()))?
-    })?;
-    serde_json::from_slice(&body).with_context(|| format!("{path}: response is not JSON"))
+    })
 }
 
 async fn raw(socket: &Path, method: http::Method, path: &str) -> anyhow::Result<Bytes> {
@@ -320,87 +188,54 @@ async fn raw(socket: &Path, method: http::Method, path: &str) -> anyhow::Result<
     let status = resp.status();
     let body = resp.into_body().collect().await?.to_bytes();
     if !status.is_success() {
-        bail!(
-            "{method} {path}: {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        );
+        anyhow::bail!(render::error_message(method.as_str(), path, status, &body));
     }
     Ok(body)
 }
 
-fn print_status(v: &serde_json::Value) {
-    println!(
-        "node {}  version {}  up {}s",
-        s(&v["node"]),
-        s(&v["version"]),
-        v["uptime_s"]
-    );
-    println!(
-        "inventory {}  loads {}  errors {}",
-        s(&v["inventory"]["source"]),
-        v["inventory"]["loads"],
-        v["inventory"]["errors"]
-    );
-    let mesh = &v["mesh"];
-    if mesh["mesh_only"].as_bool() == Some(true) {
-        println!(
-            "capture mesh-only: {} of {} destinations listed{}",
-            n(&mesh["destinations"]),
-            n(&mesh["capacity"]),
-            if mesh["capture_everything"].as_bool() == Some(true) {
-                " (list incomplete: capturing every destination)"
-            } else {
-                ""
-            }
-        );
-    } else {
-        println!("capture: every destination");
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer whose reader has gone away, as stdout is under `ambit status | head -1`.
+    struct ClosedPipe {
+        writes: usize,
     }
-    println!();
-    println!(
-        "{:<24} {:<9} {:<28} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
-        "POD", "STATE", "IPS", "REDIR", "EXEMPT", "STEER", "BYPASS", "DROP", "OUT", "IN"
-    );
-    for p in v["pods"].as_array().into_iter().flatten() {
-        let c = &p["counters"];
-        let x = &p["proxy"];
-        let ips: Vec<&str> = p["ips"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|i| i.as_str())
-            .collect();
-        println!(
-            "{:<24} {:<9} {:<28} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6}",
-            format!("{}/{}", s(&p["namespace"]), s(&p["name"])),
-            s(&p["state"]),
-            ips.join(","),
-            n(&c["redirected"]),
-            n(&c["exempted"]),
-            n(&c["steered"]),
-            n(&c["bypassed"]),
-            n(&c["dropped"]),
-            n(&x["outbound_accepted"]),
-            n(&x["inbound_accepted"]),
-        );
-        if let Some(e) = p["error"].as_str() {
-            println!("    error: {e}");
+
+    impl Write for ClosedPipe {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            self.writes += 1;
+            Err(io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
         }
     }
-    println!();
-    println!("kernel counters:");
-    if let Some(k) = v["kernel"].as_object() {
-        for (name, val) in k {
-            println!("  {name:<28} {val}");
+
+    struct Full;
+
+    impl Write for Full {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from_raw_os_error(28)) // ENOSPC
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
         }
     }
-}
 
-fn s(v: &serde_json::Value) -> String {
-    v.as_str().map_or_else(|| v.to_string(), str::to_string)
-}
-
-fn n(v: &serde_json::Value) -> String {
-    v.as_u64()
-        .map_or_else(|| "-".to_string(), |x| x.to_string())
+    #[test]
+    fn a_closed_stdout_ends_the_output_quietly_other_write_errors_do_not() {
+        let mut closed = ClosedPipe { writes: 0 };
+        emit(&mut closed, "node node1\n").unwrap();
+        emit(&mut closed, "more\n").unwrap();
+        assert_eq!(closed.writes, 2, "the writes reached the closed pipe");
+        let err = emit(&mut Full, "x").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("cannot write to stdout"),
+            "{err:#}"
+        );
+        let mut ok = Vec::new();
+        emit(&mut ok, "node node1\n").unwrap();
+        assert_eq!(ok, b"node node1\n");
+    }
 }

@@ -2,4 +2,5 @@
 pub mod client;
 pub mod logging;
 pub mod metrics;
+pub mod render;
 pub mod server;

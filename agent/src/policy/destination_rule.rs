@@ -21,6 +21,18 @@ pub enum TlsMode {
     Mutual,
 }
 
+impl std::fmt::Display for TlsMode {
+    /// As written in a DestinationRule (`ISTIO_MUTUAL`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Disable => "DISABLE",
+            Self::IstioMutual => "ISTIO_MUTUAL",
+            Self::Simple => "SIMPLE",
+            Self::Mutual => "MUTUAL",
+        })
+    }
+}
+
 /// `tls`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

@@ -20,7 +20,8 @@ pub struct ConnInfo {
     pub direction: &'static str,
     /// The pod this agent serves on this side (`namespace/name`).
     pub pod: String,
-    /// Source address.
+    /// Source address. Outbound: the pod's address with the app socket's port (the socket
+    /// itself is 127.0.0.1:PORT after the connect4 rewrite); inbound: the peer as accepted.
     pub src: SocketAddr,
     /// Destination as the client dialled it.
     pub dst: SocketAddr,

@@ -3,6 +3,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
+use super::manager::AppliedAuthz;
 use super::route::{self, Decision, Route, RouteCtx};
 use crate::inventory::{Snapshot, Workload};
 use crate::policy::authz::{self, ConnAttrs};
@@ -34,13 +35,16 @@ pub struct Inbound {
     pub peer_authentication: Resolution,
     /// The AuthorizationPolicy decision for this source.
     pub authorization: authz::Decision,
+    /// The AuthorizationPolicies that select the destination pod (whether or not they match),
+    /// so that the decision can be told in words.
+    pub authorization_policies: Vec<AppliedAuthz>,
 }
 
 /// Errors in the question itself.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The source pod is not in the inventory.
-    #[error("no pod {0} in the inventory (use namespace/name)")]
+    #[error("no pod {0:?} in the inventory (use namespace/name)")]
     UnknownSource(String),
 }
 
@@ -133,10 +137,17 @@ fn inbound(
         &dst.labels,
         &attrs,
     );
+    let authorization_policies = snap
+        .authorization_policies
+        .iter()
+        .filter(|p| p.applies_to(root, &dst.namespace, &dst.labels))
+        .map(AppliedAuthz::of)
+        .collect();
     Inbound {
         pod: dst.key(),
         peer_authentication: pa,
         authorization,
+        authorization_policies,
     }
 }
 
@@ -164,11 +175,14 @@ fn verdict(
         let by = inb.peer_authentication.policy.as_deref().unwrap_or("?");
         return format!("refused by the destination: plaintext under STRICT ({by})");
     }
-    if !inb.authorization.allowed() {
-        return format!(
-            "refused by the destination: AuthorizationPolicy {:?}",
-            inb.authorization
-        );
+    match &inb.authorization {
+        authz::Decision::Allow { .. } => {}
+        authz::Decision::Denied { policy } => {
+            return format!("refused by the destination: AuthorizationPolicy {policy} denies it")
+        }
+        authz::Decision::NotAllowed => {
+            return "refused by the destination: no ALLOW AuthorizationPolicy matches it".into()
+        }
     }
     if tunnelled {
         "tunnelled over mTLS (HBONE)".into()
@@ -195,9 +209,13 @@ fn policy_warnings(snap: &Snapshot, root: &str, dst: &Workload, port: u16) -> Ve
             });
             if !selects_any {
                 out.push(format!(
-                    "PeerAuthentication {} selects no pod (selector {:?})",
+                    "PeerAuthentication {} selects no pod (selector {})",
                     p.key(),
                     sel.match_labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
                 ));
             }
         } else if ns != root && !snap.workloads.values().any(|w| &w.namespace == ns) {

@@ -16,6 +16,7 @@ use super::copy::{copy_tcp_h2, until_closed, TcpSide};
 use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
 use crate::admin::metrics::ReasonLabel;
 use crate::config::Limits;
+use crate::error::error_chain;
 use crate::policy::authz::ConnAttrs;
 use crate::tunnel::server::{accept_tls, serve_h2, PendingConnect, ServerLimits};
 
@@ -36,6 +37,23 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         pod.stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
         crate::tunnel::reject::count(reason);
         tracing::warn!(target: "access", direction = "inbound", src.addr = %peer, reason, error, "tunnel connection refused");
+    };
+    // A connection the TLS or HTTP/2 layer refused: the whole error chain (the TLS alert the
+    // client sent, `received fatal alert: BadCertificate`, is the cause of a failed
+    // handshake), and the alert in a field of its own.
+    let failed = |e: crate::tunnel::Error| {
+        pod.stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
+        crate::tunnel::reject::count(e.reason());
+        let alert = e.peer_alert().map(|a| format!("{a:?}"));
+        tracing::warn!(
+            target: "access",
+            direction = "inbound",
+            src.addr = %peer,
+            reason = e.reason(),
+            error = error_chain(&e),
+            tls.alert = alert.as_deref().unwrap_or("-"),
+            "tunnel connection refused"
+        );
     };
     let Some(id) = pod.identity() else {
         refused("no_identity", "this pod has no valid identity".into());
@@ -82,7 +100,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     let limits = pod.gate.limits;
     let (stream, peer_id) = match accept_tls(tcp, peer, tls, limits.handshake_timeout).await {
         Ok(s) => s,
-        Err(e) => return refused(e.reason(), e.to_string()),
+        Err(e) => return failed(e),
     };
     drop(permit);
     drop(source_handshake);
@@ -96,7 +114,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         move |p| handle(p, handler_pod.clone()),
     );
     if let Err(e) = served.await {
-        refused(e.reason(), e.to_string());
+        failed(e);
     }
 }
 

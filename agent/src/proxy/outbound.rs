@@ -26,7 +26,7 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
         let pod = pod.clone();
         // Debug level: the access-log line carries the pod and the source already; a span per
         // connection at info cost formatting, a registry slot and enter/exit on every poll.
-        let span = tracing::debug_span!("outbound", pod = %pod.workload.key(), src.addr = %peer);
+        let span = tracing::debug_span!("outbound", pod = %pod.workload.key(), src.addr = %pod_source(&pod, ClientAddr(peer)));
         async move { serve(stream, ClientAddr(peer), pod).await }.instrument(span)
     })
     .await
@@ -39,23 +39,37 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
     let Some(_active) = caps::admit(&pod, Listener::Outbound) else {
         return caps::refuse(&pod, Listener::Outbound, down, client.0);
     };
-    let src_ip = pod
-        .workload
-        .ip_like(client.0.ip())
-        .or(pod.workload.ips.first().copied())
-        .unwrap_or(client.0.ip());
+    // What the access log and `ambit connections` show as the source: the app's socket is
+    // 127.0.0.1:PORT after the connect4 rewrite, the same in every pod; the pod's address (the
+    // one its tunnel or plaintext connection leaves from) with the app's port names the pod.
+    let src = pod_source(&pod, client);
+    let src_ip = src.ip();
     let fail = |down: TcpStream,
                 dst: SocketAddr,
+                attempt: Attempt<'_>,
                 flags: &'static str,
                 reason: &'static str,
                 error: String| {
         stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
-        let labels = pod.labels("source", src_ip, dst.ip(), None, None, None, false, flags);
+        let (src_id, dst_id, mtls) = match attempt {
+            Attempt::Plaintext => (None, None, false),
+            Attempt::Mtls { src_id, dst_id } => (Some(src_id), Some(dst_id), true),
+        };
+        let labels = pod.labels(
+            "source",
+            src_ip,
+            dst.ip(),
+            src_id,
+            dst_id,
+            None,
+            mtls,
+            flags,
+        );
         conns::refused(
             pod.conns.metrics(),
             &labels,
             "outbound",
-            &client.to_string(),
+            &src.to_string(),
             &dst.to_string(),
             reason,
             &error,
@@ -66,6 +80,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         return fail(
             down,
             client.0,
+            Attempt::Plaintext,
             "NR",
             "no_orig_dst",
             "original destination unknown".into(),
@@ -75,6 +90,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         return fail(
             down,
             orig.0,
+            Attempt::Plaintext,
             "NR",
             "loop",
             format!("{orig} is the agent itself"),
@@ -107,19 +123,27 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                 .denials
                 .get_or_create(&ReasonLabel { reason: "route" })
                 .inc();
-            fail(down, orig.0, "NR", "refused", reason)
+            fail(down, orig.0, Attempt::Plaintext, "NR", "refused", reason)
         }
         Route::Plaintext { target } => {
             let connect = pod.sockets.connect_outbound(target);
             let mut up = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
                 Ok(Ok(up)) => up,
                 Ok(Err(e)) => {
-                    return fail(down, target, "UF", "upstream", format!("{target}: {e}"))
+                    return fail(
+                        down,
+                        target,
+                        Attempt::Plaintext,
+                        "UF",
+                        "upstream",
+                        format!("{target}: {e}"),
+                    )
                 }
                 Err(_) => {
                     return fail(
                         down,
                         target,
+                        Attempt::Plaintext,
                         "UF",
                         "upstream_timeout",
                         format!("{target}: connect timed out"),
@@ -137,7 +161,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                 "-",
             );
             let conn = Carried {
-                client,
+                src,
                 orig,
                 target,
                 dst_identity: None,
@@ -151,10 +175,17 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
             target,
             dst_id,
         } => {
-            let Ok(dst_id) = dst_id.parse::<SpiffeId>() else {
+            // Failures from here on are of an mTLS attempt: counted and logged as mutual_tls,
+            // with the identities it was made with.
+            let attempt = Attempt::Mtls {
+                src_id: &src_id,
+                dst_id: &dst_id,
+            };
+            let Ok(id) = dst_id.parse::<SpiffeId>() else {
                 return fail(
                     down,
                     target,
+                    attempt,
                     "NR",
                     "no_identity",
                     format!("bad destination identity {dst_id}"),
@@ -162,20 +193,21 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
             };
             // Boxed: the dial (TLS and h2 handshakes) would otherwise size this task's future
             // for as long as the connection stays open.
-            let dial = Box::pin(tunnel(&pod, target, PeerAddr(peer), &dst_id));
+            let dial = Box::pin(tunnel(&pod, target, PeerAddr(peer), &id));
             let (mut up, _guard) = match dial.await {
                 Ok(s) => s,
                 Err(e) => {
                     return fail(
                         down,
                         target,
+                        attempt,
                         "UF",
                         "tunnel",
                         format!("{target} via {peer} ({dst_id}): {e}"),
                     )
                 }
             };
-            let d = dst_id.to_string();
+            let d = id.to_string();
             let labels = pod.labels(
                 "source",
                 src_ip,
@@ -187,7 +219,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                 "-",
             );
             let conn = Carried {
-                client,
+                src,
                 orig,
                 target,
                 dst_identity: Some(d),
@@ -199,9 +231,19 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
     }
 }
 
+/// What a connection that could not be carried was attempted as.
+#[derive(Clone, Copy)]
+enum Attempt<'a> {
+    /// Plaintext, or nothing yet (no route).
+    Plaintext,
+    /// HBONE as `src_id`, requiring `dst_id` of the peer.
+    Mtls { src_id: &'a str, dst_id: &'a str },
+}
+
 /// What the access log, metrics and connection table say about a carried connection.
 struct Carried {
-    client: ClientAddr,
+    /// The source as shown: the pod's address with the app socket's port ([`pod_source`]).
+    src: SocketAddr,
     orig: OrigDstAddr,
     target: SocketAddr,
     dst_identity: Option<String>,
@@ -219,7 +261,7 @@ async fn carry(pod: &PodContext, c: Carried, down: &mut TcpStream, up: Upstream<
     let guard = pod.conns.open(ConnInfo {
         direction: "outbound",
         pod: pod.workload.key(),
-        src: c.client.0,
+        src: c.src,
         dst: c.orig.0,
         target: (c.target != c.orig.0).then_some(c.target),
         src_identity: (c.security == "mutual_tls")
@@ -283,6 +325,20 @@ async fn tunnel(
         .await
         .map_err(|e| error_chain(&e))
 }
+/// The source of an outbound connection as the access log and `ambit connections` show it: the
+/// pod's address of the app socket's family (the address its tunnel or plaintext connection
+/// leaves from, as the destination sees it) with the app socket's port, which still names the
+/// socket inside the pod (`ss` there shows `127.0.0.1:PORT`). The address as accepted is
+/// `127.0.0.1` after the connect4 rewrite, the same in every pod.
+fn pod_source(pod: &PodContext, client: ClientAddr) -> SocketAddr {
+    let ip = pod
+        .workload
+        .ip_like(client.0.ip())
+        .or(pod.workload.ips.first().copied())
+        .unwrap_or(client.0.ip());
+    SocketAddr::new(ip, client.0.port())
+}
+
 /// Where the app meant to go: SO_ORIGINAL_DST (answered by the cgroup/getsockopt program),
 /// else the tuple map the sockops program filled.
 fn orig_dst(stream: &TcpStream, client: ClientAddr, pod: &PodContext) -> Option<OrigDstAddr> {

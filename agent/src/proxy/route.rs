@@ -145,7 +145,7 @@ pub fn decide(
             );
             match &tls {
                 Some(t) => steps.push(format!(
-                    "DestinationRule {} sets tls mode {:?} for port {}",
+                    "DestinationRule {} sets tls mode {} for port {}",
                     t.rule,
                     t.mode,
                     orig.port()

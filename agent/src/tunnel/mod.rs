@@ -63,6 +63,8 @@ pub enum Error {
 }
 
 #[cfg(test)]
+mod alert_tests;
+#[cfg(test)]
 mod expiry_tests;
 #[cfg(test)]
 mod tests;

@@ -153,6 +153,20 @@ pub async fn accept_tls(
     Ok((tls_stream, Authenticated { id, not_after }))
 }
 
+impl Error {
+    /// The TLS alert the peer sent to end the handshake (`BadCertificate` when it refused the
+    /// certificate presented to it, `CertificateRequired`, ...), when that is why it failed.
+    pub fn peer_alert(&self) -> Option<rustls::AlertDescription> {
+        let Error::Tls { source, .. } = self else {
+            return None;
+        };
+        match source.get_ref()?.downcast_ref::<rustls::Error>()? {
+            rustls::Error::AlertReceived(alert) => Some(*alert),
+            _ => None,
+        }
+    }
+}
+
 /// The HTTP/2 half of [`serve_connection`], over any byte stream whose peer proved `client`
 /// (separate so that it can be fuzzed without TLS). A peer that vanishes mid-connection ends
 /// it without an error (it was not refused).

@@ -150,10 +150,14 @@ fn every_endpoint_reports_what_the_agent_knows() {
     assert_eq!(outbound["security"], "mutual_tls", "{outbound:#}");
     assert_eq!(outbound["src_identity"], client_id.as_str(), "{outbound:#}");
     assert_eq!(outbound["dst_identity"], server_id.as_str(), "{outbound:#}");
+    // The source is the client pod's address with the app socket's port (the socket itself
+    // is 127.0.0.1:PORT after the connect4 rewrite).
+    let sock = held.reply.0["sock"].as_str().unwrap();
+    let app_port = sock.rsplit(':').next().unwrap();
     assert_eq!(
         outbound["src"].as_str().unwrap(),
-        held.reply.0["sock"].as_str().unwrap(),
-        "{outbound:#}"
+        format!("{}:{app_port}", tb.pod("client").ipv4),
+        "{outbound:#} (app socket {sock})"
     );
 
     // /config_dump: everything above plus the effective config, in one document.

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
 
 use ambit_e2e::ops::ADMIN_TIMEOUT;
-use ambit_e2e::{assert_eventually, testbed, Testbed, ECHO_PORT};
+use ambit_e2e::{assert_eventually, testbed, Testbed, ECHO_PORT, TUNNEL_PORT};
 use serde_json::Value;
 
 /// `ambit ARGS` on `node` as an operator runs it: (exit code, stdout, stderr).
@@ -141,4 +141,137 @@ fn the_cli_prints_tables_json_and_exit_codes_scripts_can_use() {
         out.contains(&inventory),
         "`ambit status` does not name the inventory {inventory}:\n{out}"
     );
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn the_cli_says_what_happens_in_words() {
+    let tb = testbed();
+    let (client, server) = (tb.pod("client").clone(), tb.pod("server").clone());
+    let s_ip = server.ipv4;
+    let to = format!("{s_ip}:{ECHO_PORT}");
+
+    // `explain` in words: the destination's checks say what decided them, no JSON.
+    let (code, out, err) = cli(&tb, "node1", &["explain", "default/client", &to]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        out,
+        format!(
+            "default/client -> {to}: tunnelled over mTLS (HBONE)\n\
+             \n\
+             source agent:\n  \
+             - {s_ip} is enrolled pod default/server\n  \
+             - destination PeerAuthentication on port {ECHO_PORT}: PERMISSIVE (default, nothing set)\n  \
+             - HBONE to {s_ip}:{TUNNEL_PORT} requiring {}\n\
+             \n\
+             destination agent (default/server):\n  \
+             - PeerAuthentication: PERMISSIVE (no PeerAuthentication applies: the default)\n  \
+             - AuthorizationPolicy: ALLOW (no AuthorizationPolicy selects default/server)\n",
+            server.identity()
+        )
+    );
+
+    // An error answer: its message, not its JSON body; exit code 2 as before.
+    let (code, out, err) = cli(&tb, "node1", &["explain", "client", &to]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (
+            2,
+            "",
+            "ambit: no pod \"client\" in the inventory (use namespace/name)\n"
+        )
+    );
+    let (code, out, err) = cli(&tb, "node1", &["explain", "default/client", "10.9.9.9"]);
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (
+            2,
+            "",
+            "ambit: to=10.9.9.9 is not IP:PORT (IPv6 in brackets)\n"
+        )
+    );
+
+    // `connections` on the client's node: the outbound source is the client pod's address
+    // with the app socket's port (not 127.0.0.1, the same in every pod).
+    let held = tb
+        .hold("client", IpAddr::V4(s_ip), ECHO_PORT, "words")
+        .unwrap();
+    let app_port = held.reply.0["sock"]
+        .as_str()
+        .and_then(|a| a.rsplit(':').next())
+        .unwrap()
+        .to_string();
+    let want_src = format!("{}:{app_port}", client.ipv4);
+    assert_eventually!(
+        cli(&tb, "node1", &["connections"]).1.contains(&want_src),
+        "no outbound row from {want_src}:\n{}",
+        cli(&tb, "node1", &["connections"]).1
+    );
+    let (_, out, _) = cli(&tb, "node1", &["connections"]);
+    let row = out.lines().find(|l| l.contains(&want_src)).unwrap();
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        cols[..5],
+        ["outbound", "default/client", &want_src, &to, "mutual_tls"],
+        "{out}"
+    );
+    assert!(!out.contains("127.0.0.1"), "{out}");
+    drop(held);
+}
+
+/// Runs `ambit ARGS --admin-socket SOCKET` with stdout a pipe whose read end is already
+/// closed (`ambit status | head -0`): (exit code, stderr).
+fn with_closed_stdout(bin: &std::path::Path, args: &[&str], socket: &str) -> (Option<i32>, String) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut child = Command::new(bin)
+        .args(args)
+        .args(["--admin-socket", socket])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = ambit_e2e::cmd::wait_deadline(&mut child, ADMIN_TIMEOUT)
+        .unwrap()
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("ambit {args:?} did not exit with stdout closed")
+        });
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.code(), err)
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn every_command_exits_quietly_when_stdout_is_closed() {
+    let tb = testbed();
+    let to = format!("{}:{ECHO_PORT}", tb.pod("server").ipv4);
+    let bin = tb.agent_bin().unwrap().to_path_buf();
+    let socket = tb.admin_socket("node1");
+    let socket = socket.to_str().unwrap();
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["workloads"],
+        &["certs"],
+        &["connections"],
+        &["policy"],
+        &["logging"],
+        &["metrics"],
+        &["explain", "default/client", &to],
+        &["explain", "default/client", &to, "--json"],
+        &["--help"],
+    ] {
+        // Each of them writes to stdout when it is open (so the closed pipe is hit).
+        let (code, out, err) = cli(&tb, "node1", args);
+        assert_eq!(code, 0, "ambit {args:?}: {err}");
+        assert!(!out.is_empty(), "ambit {args:?} printed nothing");
+        let (code, err) = with_closed_stdout(&bin, args, socket);
+        assert_eq!(
+            (code, err.as_str()),
+            (Some(0), ""),
+            "ambit {args:?} with a closed stdout"
+        );
+    }
 }

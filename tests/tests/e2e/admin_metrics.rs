@@ -183,7 +183,7 @@ fn metrics_count_the_bytes_and_connections_of_known_traffic() {
 }
 
 /// The `"target":"access"` lines of a JSON log, with their fields flattened.
-fn access_lines(text: &str) -> Vec<Value> {
+pub(crate) fn access_lines(text: &str) -> Vec<Value> {
     json_lines(text)
         .into_iter()
         .filter(|v| v["target"] == "access")
@@ -259,13 +259,12 @@ fn the_json_access_log_has_one_line_per_connection_with_its_fields() {
         let l = lines_for(i, dst_port, src).pop().unwrap();
         let addr = l["src.addr"].as_str().unwrap_or_default();
         if i == 0 {
-            // TODO(#7): the outbound source is the app's socket as accepted, 127.0.0.1:PORT
-            // after the connect4 rewrite; the pod's IP would serve operators better
-            // (target/agent-bugs.md). Accept either address, require the app's port.
-            let ip = addr.rsplit_once(':').map(|(ip, _)| ip).unwrap_or_default();
-            assert!(
-                ip == client.ipv4.to_string() || ip == "127.0.0.1",
-                "outbound src.addr {addr}: {l:#}"
+            // The outbound source is the client pod's address with the app socket's port (the
+            // socket as accepted is 127.0.0.1:PORT after the connect4 rewrite).
+            assert_eq!(
+                addr,
+                format!("{}:{}", client.ipv4, port_of(src)),
+                "outbound src.addr: {l:#}"
             );
         }
         let want_dst = format!("{s_ip}:{dst_port}");

@@ -12,6 +12,7 @@ mod cni_traffic;
 mod concurrency;
 mod destination_rule;
 mod failclosed;
+mod failure_telemetry;
 mod hardening_failclosed;
 mod hbone;
 mod identity;

@@ -30,6 +30,17 @@ pub struct AppliedAuthz {
     pub unsupported: Vec<String>,
 }
 
+impl AppliedAuthz {
+    /// How `p` is reported.
+    pub fn of(p: &authz::AuthorizationPolicy) -> Self {
+        Self {
+            policy: p.key(),
+            action: p.spec.action,
+            unsupported: authz::unsupported(p),
+        }
+    }
+}
+
 /// One pod in the status report.
 #[derive(Debug, Serialize)]
 pub struct PodStatus {
@@ -73,11 +84,7 @@ impl Manager {
                     .authorization_policies
                     .iter()
                     .filter(|p| p.applies_to(&self.cfg.root_namespace, &w.namespace, &w.labels))
-                    .map(|p| AppliedAuthz {
-                        policy: p.key(),
-                        action: p.spec.action,
-                        unsupported: authz::unsupported(p),
-                    })
+                    .map(AppliedAuthz::of)
                     .collect();
                 PodPolicy {
                     authorization,
