@@ -39,11 +39,14 @@ fn links(text: &str) -> Vec<String> {
         if fenced {
             continue;
         }
-        // Drop code spans: a `[x](y)` inside backticks is not a link.
+        // Drop code spans: a `[x](y)` inside backticks is not a link. A code span that is a
+        // path going up (`../x`) is a reference all the same, and checked like a link.
         let mut plain = String::new();
         for (i, part) in line.split('`').enumerate() {
             if i % 2 == 0 {
                 plain.push_str(part);
+            } else if part.starts_with("../") && !part.contains(char::is_whitespace) {
+                out.push(part.to_string());
             }
         }
         let mut rest = plain.as_str();
@@ -86,7 +89,10 @@ fn anchors(text: &str) -> BTreeSet<String> {
 
 /// What is wrong with `target`, a link in `doc`; `None` when it resolves.
 fn problem(root: &Path, doc: &Path, target: &str) -> Option<String> {
-    if target.starts_with("http://") || target.starts_with("https://") || target.starts_with("mailto:") {
+    if target.starts_with("http://")
+        || target.starts_with("https://")
+        || target.starts_with("mailto:")
+    {
         return None;
     }
     let (file, anchor) = target.split_once('#').unwrap_or((target, ""));
@@ -136,7 +142,10 @@ fn markdown_links_resolve_inside_the_repository() {
         for target in links(&text) {
             checked += 1;
             if let Some(p) = problem(&root, doc, &target) {
-                problems.push(format!("{}: {p}", doc.strip_prefix(&root).unwrap_or(doc).display()));
+                problems.push(format!(
+                    "{}: {p}",
+                    doc.strip_prefix(&root).unwrap_or(doc).display()
+                ));
             }
         }
     }
@@ -150,13 +159,16 @@ fn broken_links_are_reported() {
     let root = root();
     let readme = root.join("README.md");
     assert_eq!(problem(&root, &readme, "ARCHITECTURE.md"), None);
-    assert_eq!(problem(&root, &readme, "ARCHITECTURE.md#runtimes-and-threads"), None);
+    assert_eq!(
+        problem(&root, &readme, "ARCHITECTURE.md#runtimes-and-threads"),
+        None
+    );
     assert!(problem(&root, &readme, "docs/nope.md").is_some());
     assert!(problem(&root, &readme, "ARCHITECTURE.md#no-such-heading").is_some());
     assert!(problem(&root, &readme, "../shared/research/inbound-recipe.md").is_some());
     assert_eq!(
-        links("see [a](x.md) and `[b](y.md)`\n```\n[c](z.md)\n```\n![d](e.svg)"),
-        ["x.md", "e.svg"]
+        links("see [a](x.md) and `[b](y.md)`\n```\n[c](z.md)\n```\n![d](e.svg) `../up.md`"),
+        ["x.md", "../up.md", "e.svg"]
     );
     assert_eq!(slug(" Runtimes and threads"), "runtimes-and-threads");
     assert_eq!(slug(" The `ambit` CLI"), "the-ambit-cli");

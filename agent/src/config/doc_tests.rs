@@ -156,10 +156,7 @@ fn differences(wanted: &BTreeMap<String, Field>, rows: &[Row]) -> Vec<String> {
 }
 
 fn agent_wanted() -> BTreeMap<String, Field> {
-    wanted(
-        fields::<Config>(),
-        &[("inventory", fields::<KubeSource>())],
-    )
+    wanted(fields::<Config>(), &[("inventory", fields::<KubeSource>())])
 }
 
 fn ca_wanted() -> BTreeMap<String, Field> {
@@ -248,10 +245,7 @@ fn check_examples(name: &str, parse: impl Fn(&str) -> Result<(), String>) {
         "{name} examples use undocumented keys {unknown:?}"
     );
     let unshown: Vec<_> = documented.difference(&shown).collect();
-    assert!(
-        unshown.is_empty(),
-        "{name} examples never show {unshown:?}"
-    );
+    assert!(unshown.is_empty(), "{name} examples never show {unshown:?}");
 }
 
 #[test]
@@ -280,11 +274,7 @@ fn at<'a>(v: &'a Json, path: &str) -> Option<&'a Json> {
 /// The minimal example with every optional section added, holding only its required fields
 /// (their examples), parsed by `parse` into its serialized form; each documented default
 /// (a `code` value, or `unset`) must be what the parser filled in.
-fn check_defaults(
-    name: &str,
-    wanted: &BTreeMap<String, Field>,
-    parse: impl Fn(&str) -> Json,
-) {
+fn check_defaults(name: &str, wanted: &BTreeMap<String, Field>, parse: impl Fn(&str) -> Json) {
     let doc = doc();
     let rows = table(&doc, name);
     let mut base: Yaml =
@@ -312,7 +302,11 @@ fn check_defaults(
         let Yaml::Mapping(m) = &mut base else {
             panic!("{name}-minimal is not a mapping")
         };
-        assert!(!s.path.contains('.'), "nested optional section `{}`", s.path);
+        assert!(
+            !s.path.contains('.'),
+            "nested optional section `{}`",
+            s.path
+        );
         m.entry(s.path.as_str().into())
             .or_insert(Yaml::Mapping(section));
     }

@@ -289,7 +289,10 @@ struct OneKey<'a> {
 impl<'de> de::MapAccess<'de> for OneKey<'_> {
     type Error = Stop;
 
-    fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Stop> {
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Stop> {
         match self.key.take() {
             Some(k) => seed.deserialize(k.into_deserializer()).map(Some),
             None => Ok(None),
@@ -312,7 +315,10 @@ struct OneElement<'a> {
 impl<'de> de::SeqAccess<'de> for OneElement<'_> {
     type Error = Stop;
 
-    fn next_element_seed<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<Option<S::Value>, Stop> {
+    fn next_element_seed<S: DeserializeSeed<'de>>(
+        &mut self,
+        seed: S,
+    ) -> Result<Option<S::Value>, Stop> {
         match self.walker.take() {
             Some(w) => seed.deserialize(w).map(Some),
             None => Ok(None),
@@ -330,7 +336,10 @@ impl<'de, 'a> de::EnumAccess<'de> for OneVariant<'a> {
     type Error = Stop;
     type Variant = VariantBody<'a>;
 
-    fn variant_seed<S: DeserializeSeed<'de>>(self, seed: S) -> Result<(S::Value, Self::Variant), Stop> {
+    fn variant_seed<S: DeserializeSeed<'de>>(
+        self,
+        seed: S,
+    ) -> Result<(S::Value, Self::Variant), Stop> {
         let v = seed.deserialize(self.name.into_deserializer())?;
         Ok((v, VariantBody(self.walker)))
     }
