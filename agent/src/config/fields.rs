@@ -391,14 +391,20 @@ mod tests {
 
     #[derive(Deserialize)]
     #[serde(rename_all = "lowercase")]
-    #[allow(dead_code)]
+    #[allow(
+        dead_code,
+        reason = "only the type's Deserialize impl is walked; no value is made"
+    )]
     enum Colour {
         Red,
         Blue,
     }
 
     #[derive(Deserialize)]
-    #[allow(dead_code)]
+    #[allow(
+        dead_code,
+        reason = "only the type's Deserialize impl is walked; no value is made"
+    )]
     enum WithData {
         Plain,
         Carrying(u8),
@@ -406,7 +412,10 @@ mod tests {
 
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
-    #[allow(dead_code)]
+    #[allow(
+        dead_code,
+        reason = "only the type's Deserialize impl is walked; no value is made"
+    )]
     struct Inner {
         max_things: u32,
         names: Vec<String>,
@@ -414,7 +423,10 @@ mod tests {
 
     #[derive(Deserialize)]
     #[serde(untagged)]
-    #[allow(dead_code)]
+    #[allow(
+        dead_code,
+        reason = "only the type's Deserialize impl is walked; no value is made"
+    )]
     enum Either {
         Path(String),
         Inner(Inner),
@@ -422,7 +434,10 @@ mod tests {
 
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase", deny_unknown_fields)]
-    #[allow(dead_code)]
+    #[allow(
+        dead_code,
+        reason = "only the type's Deserialize impl is walked; no value is made"
+    )]
     struct Outer {
         first_field: String,
         #[serde(default)]
