@@ -449,3 +449,8 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod doc_tests;
+#[cfg(test)]
+mod fields;

@@ -33,7 +33,7 @@ enum Command {
     /// cloud kernel, 6.1).
     VmTest(vm_test::Args),
     /// Measure throughput, latency, connection rate, agent memory and CPU against the direct
-    /// path on the testbed (as root); table on stdout, optional JSON, SVG chart and README.
+    /// path on the testbed (as root); table on stdout, optional JSON, SVG chart and documents.
     Bench(bench::Args),
     /// Build the libFuzzer targets in fuzz/ (nightly with AddressSanitizer if installed, else
     /// the stable toolchain without a sanitizer) and run each for a while on its seed corpus.

@@ -3,7 +3,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ca::server::CaLimits;
 use crate::config::{InventorySource, LogFormat};
@@ -235,9 +235,10 @@ impl CaConfig {
 }
 
 /// The file as written (`camelCase`); see [`CaConfig`] for the meaning of each field.
-#[derive(Deserialize)]
+/// `Serialize` shows its defaults (docs/configuration.md is checked against them).
+#[derive(Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RawConfig {
+pub(crate) struct RawConfig {
     #[serde(default = "default_listen")]
     listen: SocketAddr,
     #[serde(default = "default_trust_domain")]
@@ -268,7 +269,7 @@ struct RawConfig {
 }
 
 /// `limits` as written; every field defaults to [`CaLimits::default`].
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 struct RawLimits {
     max_handshakes: usize,
@@ -325,7 +326,7 @@ impl RawLimits {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawTokens {
     issuer: String,

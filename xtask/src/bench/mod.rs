@@ -31,10 +31,12 @@ pub(crate) struct Args {
     /// Draw the results as an SVG chart to FILE.
     #[arg(long, value_name = "FILE.svg")]
     chart: Option<PathBuf>,
-    /// Rewrite README.md's performance section from the results.
-    #[arg(long)]
-    readme: bool,
-    /// Measure nothing: render the table (and --chart, --readme) from an earlier --json FILE.
+    /// Record the results for the documents: write docs/bench/results.json and
+    /// docs/bench/chart.svg, and rewrite the generated tables of docs/performance.md and the
+    /// summary in README.md from them (a unit test checks that they agree).
+    #[arg(long, alias = "readme", conflicts_with = "quick")]
+    docs: bool,
+    /// Measure nothing: render the table (and --chart, --docs) from an earlier --json FILE.
     #[arg(long, value_name = "FILE", conflicts_with = "quick")]
     from: Option<PathBuf>,
     /// Rounds: each path of each figure runs this often, alternating (default 3; 1 with --quick).
@@ -129,12 +131,20 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
         chart::draw(&results, file)?;
         eprintln!("==> wrote {}", file.display());
     }
-    if args.readme {
-        let readme = cargo::workspace_root().join("README.md");
-        report::update_readme(&readme, &results, args.chart.as_deref())?;
+    if args.docs {
+        let root = cargo::workspace_root();
+        let file = root.join(report::RESULTS);
+        let text = serde_json::to_string_pretty(&results)?;
+        std::fs::write(&file, text + "\n")
+            .with_context(|| format!("writing {}", file.display()))?;
+        chart::draw(&results, &root.join(report::CHART))?;
+        report::update_docs(&root, &results)?;
         eprintln!(
-            "==> updated the performance section of {}",
-            readme.display()
+            "==> wrote {}, {} and the generated sections of {} and {}",
+            report::RESULTS,
+            report::CHART,
+            report::PERFORMANCE,
+            report::README
         );
     }
     Ok(ExitCode::SUCCESS)
