@@ -214,8 +214,11 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let s = shards.clone();
         shards.handle(1).spawn(async move {
-            let _note = s.note_dial(pod);
-            tx.send(s.place(pod)).unwrap();
+            let note = s.note_dial(pod);
+            let placed = s.place(pod);
+            // Dropped before the answer goes out: the checks below must not race this note.
+            drop(note);
+            tx.send(placed).unwrap();
         });
         let placed = rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(placed, 0, "dialed from shard 1, accepted on shard 0");

@@ -8,7 +8,7 @@
 )]
 use std::net::{IpAddr, SocketAddr};
 
-use ambit_e2e::hbone::{self, anonymous_client_config, client_config, in_netns};
+use ambit_e2e::hbone::{self, anonymous_client_config, client_config, in_netns, Issue as _};
 use ambit_e2e::ops::{file_len, read_from};
 use ambit_e2e::policy::foreign_pod;
 use ambit_e2e::state::identity;
