@@ -341,6 +341,13 @@ fn print_status(v: &serde_json::Value) {
         v["inventory"]["loads"],
         v["inventory"]["errors"]
     );
+    if let Some(h) = v["inventory"]["held"].as_object() {
+        println!(
+            "inventory reload held back: {} (last good inventory in force; applies if unchanged after {} ms)",
+            s(&h["message"]),
+            n(&h["settle_ms"])
+        );
+    }
     let mesh = &v["mesh"];
     if mesh["mesh_only"].as_bool() == Some(true) {
         println!(

@@ -433,6 +433,16 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "loads": state.reloads.loads.load(Ordering::Relaxed),
             "errors": state.reloads.errors.load(Ordering::Relaxed),
             "warnings": state.inventory_rx.borrow().warnings.clone(),
+            "held": state.reloads.held(),
+            "held_total": state.reloads.holds.load(Ordering::Relaxed),
+            "confirmed_total": state.reloads.confirmed.load(Ordering::Relaxed),
+            "ambiguous_addresses": state
+                .inventory_rx
+                .borrow()
+                .addresses()
+                .ambiguous()
+                .cloned()
+                .collect::<Vec<_>>(),
         },
         "admin": {
             "bad_requests": state.bad_requests.load(Ordering::Relaxed),

@@ -101,13 +101,15 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
     let mut down = down;
     let src_id = pod.workload.spiffe_id(&pod.cfg.trust_domain);
     match decision.route {
-        Route::Refuse { reason } => {
+        Route::Refuse { reason, code } => {
             pod.conns
                 .metrics()
                 .denials
-                .get_or_create(&ReasonLabel { reason: "route" })
+                .get_or_create(&ReasonLabel {
+                    reason: code.label(),
+                })
                 .inc();
-            fail(down, orig.0, "NR", "refused", reason)
+            fail(down, orig.0, "NR", code.log_reason(), reason)
         }
         Route::Plaintext { target } => {
             let connect = pod.sockets.connect_outbound(target);

@@ -24,6 +24,7 @@ pub(crate) fn path_of(kind: &str) -> &'static str {
     match kind {
         "Pod" => "/api/v1/pods",
         "Namespace" => "/api/v1/namespaces",
+        "Node" => "/api/v1/nodes",
         "Service" => "/api/v1/services",
         "EndpointSlice" => "/apis/discovery.k8s.io/v1/endpointslices",
         "PeerAuthentication" => "/apis/security.istio.io/v1/peerauthentications",
@@ -132,6 +133,29 @@ impl FakeApi {
         self.state.lock().unwrap().raw.get(path).map_or(0, |r| r.2)
     }
 
+    /// Empties `kind`'s collection without delete events and ends its watches with 410 Gone:
+    /// the reflector re-lists and finds nothing, as after an API server restored from an
+    /// empty backup or a proxy answering with an empty list.
+    pub(crate) fn relist_empty(&self, kind: &str) {
+        let path = path_of(kind).to_string();
+        let mut s = self.state.lock().unwrap();
+        s.objects.remove(&path);
+        s.rv += 1;
+        let rv = s.rv;
+        let gone = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": "too old resource version",
+            "reason": "Expired",
+            "code": 410,
+        });
+        s.log.push((rv, path, "ERROR", gone));
+        drop(s);
+        self.notify.notify_waiters();
+    }
+
     /// How many list requests `kind` got.
     pub(crate) fn list_requests(&self, kind: &str) -> usize {
         let s = self.state.lock().unwrap();
@@ -234,6 +258,7 @@ fn is_served(path: &str) -> bool {
     [
         "Pod",
         "Namespace",
+        "Node",
         "Service",
         "EndpointSlice",
         "PeerAuthentication",
