@@ -320,6 +320,8 @@ fn workloads(state: &AdminState) -> Vec<serde_json::Value> {
                 "local": w.node == state.cfg.node,
                 "ips": w.ips,
                 "enrolled": w.enrolled,
+                "deleting": w.deleting,
+                "host_network": w.host_network,
                 "labels": w.labels,
                 "netns": w.netns,
             })

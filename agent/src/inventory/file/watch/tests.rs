@@ -271,3 +271,27 @@ async fn measure_polling_cost_of_an_unchanged_large_file() {
     );
     task.abort();
 }
+
+#[test]
+fn a_stat_is_trusted_only_once_the_last_change_is_over_two_seconds_old() {
+    use super::Stamp;
+    let now = std::time::SystemTime::now();
+    let secs = i64::try_from(now.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()).unwrap();
+    let stamp = |mtime: i64, ctime: i64| Stamp {
+        dev: 1,
+        ino: 2,
+        size: 3,
+        mtime: (mtime, 0),
+        ctime: (ctime, 0),
+    };
+    assert!(!stamp(secs, secs).settled(now));
+    assert!(
+        !stamp(secs - 2, secs - 2).settled(now),
+        "whole seconds round against trusting"
+    );
+    assert!(stamp(secs - 3, secs - 3).settled(now));
+    assert!(
+        !stamp(secs - 10, secs).settled(now),
+        "a recent ctime counts too (a chmod, a hard link)"
+    );
+}
