@@ -42,6 +42,7 @@ struct State {
     /// (rv, path, event type, object)
     log: Vec<(u64, String, &'static str, Value)>,
     missing: BTreeSet<String>,
+    forbidden: BTreeSet<String>,
     fail_lists: BTreeMap<String, usize>,
     list_requests: BTreeMap<String, usize>,
     /// path -> (status, body, requests): fixed documents (OIDC discovery, keys).
@@ -109,6 +110,15 @@ impl FakeApi {
             .lock()
             .unwrap()
             .missing
+            .insert(path_of(kind).into());
+    }
+
+    /// Makes a kind's collection answer 403, as for a kind the cluster role does not grant.
+    pub(crate) fn set_forbidden(&self, kind: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .forbidden
             .insert(path_of(kind).into());
     }
 
@@ -215,6 +225,9 @@ fn route(
                 body.clone(),
             ))))
             .unwrap();
+    }
+    if s.forbidden.contains(&path) {
+        return status(StatusCode::FORBIDDEN, "Forbidden", "cannot list resource");
     }
     if s.missing.contains(&path) || !is_served(&path) {
         return status(

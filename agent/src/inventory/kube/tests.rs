@@ -527,6 +527,33 @@ async fn missing_istio_crds_count_as_empty() {
 }
 
 #[tokio::test]
+async fn nodes_the_agent_may_not_list_count_as_absent_but_policies_do_not() {
+    let api = FakeApi::start().await;
+    api.set_forbidden("Node");
+    for d in documents(CLUSTER) {
+        api.apply(d);
+    }
+    let mut r = start(api).await;
+    tokio::time::timeout(Duration::from_secs(10), r.ready.wait_for(|v| *v))
+        .await
+        .expect("ready without the right to list nodes")
+        .unwrap();
+    assert_eq!(r.rx.borrow_and_update().workloads.len(), 4);
+    assert!(r.rx.borrow().nodes.is_empty());
+
+    // Control: a policy kind the agent may not list keeps it from becoming ready (treating it
+    // as empty would drop STRICT).
+    let api = FakeApi::start().await;
+    api.set_forbidden("PeerAuthentication");
+    for d in documents(CLUSTER) {
+        api.apply(d);
+    }
+    let r = start(api).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!*r.ready.borrow(), "a forbidden policy kind is not empty");
+}
+
+#[tokio::test]
 async fn readiness_waits_for_a_failing_list_to_succeed() {
     let api = FakeApi::start().await;
     for d in documents(CLUSTER) {
