@@ -23,6 +23,7 @@ use crate::config::{Config, InventorySource};
 use crate::identity::manager::{CertManager, ManagerSettings};
 use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
 use crate::inventory::file::{self, ReloadStats};
+use crate::inventory::guard::GuardSettings;
 use crate::inventory::kube as kube_source;
 use crate::inventory::Snapshot;
 use crate::proxy::manager::Manager;
@@ -121,7 +122,12 @@ async fn serve(
     let rx_admin = rx.clone();
     tokio::spawn(manager.clone().run(rx));
     let listener = server::bind(&cfg.admin_socket)?;
-    let registry = metrics::registry(manager.metrics(), datapath.clone(), manager.clone());
+    let registry = metrics::registry(
+        manager.metrics(),
+        datapath.clone(),
+        manager.clone(),
+        reloads.clone(),
+    );
     let state = Arc::new(AdminState {
         cfg: cfg.clone(),
         reloads,
@@ -190,10 +196,13 @@ async fn start_inventory(
             });
             let first = file::parse_file(path, &text)?;
             tx.send_replace(Arc::new(first.merged(reports.as_ref())));
-            let poll = Duration::from_millis(cfg.inventory_poll_ms.max(50));
+            let settings = file::WatchSettings {
+                interval: Duration::from_millis(cfg.inventory_poll_ms.max(50)),
+                guard: guard_settings(cfg),
+            };
             tokio::spawn(file::watch_with_cni(
                 path.clone(),
-                poll,
+                settings,
                 tx,
                 reloads,
                 reports,
@@ -205,9 +214,14 @@ async fn start_inventory(
             let client = kube_source::client(k.kubeconfig.as_deref()).await?;
             let (ready_tx, mut ready_rx) = watch::channel(false);
             let stats = Arc::new(kube_source::Stats::default());
+            let opts = kube_source::Options {
+                guard: guard_settings(cfg),
+                reloads,
+                ..kube_source::Options::new(cfg.node.clone())
+            };
             tokio::spawn(kube_source::watch(
                 client,
-                kube_source::Options::new(cfg.node.clone()),
+                opts,
                 pod_map.subscribe(),
                 tx,
                 ready_tx,
@@ -220,6 +234,15 @@ async fn start_inventory(
                 .context("kubernetes source stopped before its first sync")?;
             Ok(Some(pod_map))
         }
+    }
+}
+
+/// The inventory guard of `cfg` (`inventoryGuard`), counting this node's pods.
+fn guard_settings(cfg: &Config) -> GuardSettings {
+    GuardSettings {
+        node: Some(cfg.node.clone()),
+        max_unenroll_percent: cfg.inventory_guard.max_unenroll_percent,
+        settle: Duration::from_millis(cfg.inventory_guard.settle_ms),
     }
 }
 

@@ -172,6 +172,30 @@ fn default_cni_wait_ms() -> u64 {
     10_000
 }
 
+/// `inventoryGuard:` — when a reload is held back instead of applied (see ARCHITECTURE.md,
+/// "Inventory reloads"): one that empties the inventory, or unenrolls more than
+/// `maxUnenrollPercent` of this node's enrolled pods at once, applies only once the same
+/// content has stayed for `settleMs`. Writers should replace the file atomically (write a
+/// temporary file, then rename it over the inventory) so that readers never see half a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct InventoryGuard {
+    /// A reload unenrolling more than this share of the node's enrolled pods is held (0-100;
+    /// 100: only an emptied inventory is held).
+    pub max_unenroll_percent: u8,
+    /// How long held content must stay unchanged before it applies (1-600000 ms).
+    pub settle_ms: u64,
+}
+
+impl Default for InventoryGuard {
+    fn default() -> Self {
+        Self {
+            max_unenroll_percent: 50,
+            settle_ms: 2000,
+        }
+    }
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -220,6 +244,9 @@ pub struct Config {
     /// How often the inventory file is checked for changes.
     #[serde(default = "default_poll_ms")]
     pub inventory_poll_ms: u64,
+    /// When an inventory reload is held back (both sources).
+    #[serde(default)]
+    pub inventory_guard: InventoryGuard,
     /// Admin unix socket.
     #[serde(default = "default_admin_socket")]
     pub admin_socket: PathBuf,
@@ -360,6 +387,18 @@ impl Config {
                 "marks must be non-zero and differ from deliverMark",
             ));
         }
+        if cfg.inventory_guard.max_unenroll_percent > 100 {
+            return Err(invalid(
+                "inventoryGuard.maxUnenrollPercent",
+                "must be a share in percent, 0 to 100",
+            ));
+        }
+        if !(1..=600_000).contains(&cfg.inventory_guard.settle_ms) {
+            return Err(invalid(
+                "inventoryGuard.settleMs",
+                "must be 1 to 600000 (10 minutes)",
+            ));
+        }
         let p = cfg.ports;
         if p.outbound == p.inbound_plaintext
             || p.outbound == p.tunnel
@@ -431,6 +470,43 @@ mod tests {
         assert!(err.contains("a.yaml"), "{err}");
         assert!(err.contains("ports.tunnel"), "{err}");
         assert!(err.contains("line 6"), "{err}");
+    }
+
+    #[test]
+    fn inventory_guard_has_defaults_and_rejects_bad_values_by_name() {
+        let cfg = Config::parse(Path::new("a.yaml"), "node: n1\ninventory: /x\n").unwrap();
+        assert_eq!(cfg.inventory_guard, InventoryGuard::default());
+        let cfg = Config::parse(
+            Path::new("a.yaml"),
+            "node: n1\ninventory: /x\ninventoryGuard:\n  settleMs: 9000\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.inventory_guard.settle_ms, 9000);
+        assert_eq!(cfg.inventory_guard.max_unenroll_percent, 50);
+        for (text, field) in [
+            (
+                "inventoryGuard: {maxUnenrollPercent: 101}",
+                "inventoryGuard.maxUnenrollPercent",
+            ),
+            ("inventoryGuard: {settleMs: 0}", "inventoryGuard.settleMs"),
+            (
+                "inventoryGuard: {settleMs: 600001}",
+                "inventoryGuard.settleMs",
+            ),
+            (
+                "inventoryGuard: {maxUnenrollPercent: 300}",
+                "inventoryGuard.maxUnenrollPercent",
+            ),
+            ("inventoryGuard: {settle: 5}", "inventoryGuard"),
+        ] {
+            let err = Config::parse(
+                Path::new("a.yaml"),
+                &format!("node: n1\ninventory: /x\n{text}\n"),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -122,6 +122,9 @@ fn workload(netns: Option<PathBuf>) -> Workload {
         cgroup: None,
         skip_ports: Vec::new(),
         skip_cidrs: Vec::new(),
+        host_network: false,
+        deleting: false,
+        created: None,
     }
 }
 

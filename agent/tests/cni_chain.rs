@@ -171,6 +171,7 @@ fn bridge_then_ambit_cni_on_real_namespaces() {
                 peer_authentications: &[],
                 authorization_policies: &[],
                 destination_rules: &[],
+                nodes: &[],
                 cni_pods: &cni,
             });
             tx.send_replace(Arc::new(snap));

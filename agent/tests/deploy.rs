@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, Pod, Service, ServiceAccount, Volume,
+    ConfigMap, Container, Namespace, Node, Pod, Service, ServiceAccount, Volume,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -289,6 +289,8 @@ fn agent_role_covers_every_watched_kind_with_list_and_watch() {
     let mut kinds: Vec<(String, String)> = vec![
         (Pod::GROUP.into(), Pod::URL_PATH_SEGMENT.into()),
         (Namespace::GROUP.into(), Namespace::URL_PATH_SEGMENT.into()),
+        // Optional for the agent (pod ranges decide contested addresses); granted here.
+        (Node::GROUP.into(), Node::URL_PATH_SEGMENT.into()),
         (Service::GROUP.into(), Service::URL_PATH_SEGMENT.into()),
         (
             EndpointSlice::GROUP.into(),

@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::inventory::publish::ReloadStats;
 use crate::proxy::manager::Manager;
 use crate::redirect::Datapath;
 
@@ -82,12 +83,13 @@ impl ProxyMetrics {
     }
 }
 
-/// Builds the registry: the proxy counters plus collectors that read the kernel counters and
-/// the certificate states at scrape time.
+/// Builds the registry: the proxy counters plus collectors that read the kernel counters, the
+/// certificate states and the inventory's reload counters at scrape time.
 pub fn registry(
     proxy: Arc<ProxyMetrics>,
     datapath: Arc<Datapath>,
     manager: Arc<Manager>,
+    reloads: Arc<ReloadStats>,
 ) -> Registry {
     let mut r = Registry::default();
     r.register(
@@ -126,6 +128,7 @@ pub fn registry(
         crate::tunnel::reject::REJECTIONS.clone(),
     );
     r.register_collector(Box::new(Runtime { datapath, manager }));
+    r.register_collector(Box::new(Inventory(reloads)));
     r
 }
 
@@ -246,6 +249,63 @@ impl Collector for Runtime {
                     identity: c.identity.clone(),
                 };
                 ConstCounter::new(get(c)).encode(e.encode_family(&label)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads the inventory's reload counters on each scrape.
+#[derive(Debug)]
+struct Inventory(Arc<ReloadStats>);
+
+impl Collector for Inventory {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType;
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = &self.0;
+        for (name, help, kind, value) in [
+            (
+                "ambit_inventory_loads",
+                "Inventory reloads applied",
+                MetricType::Counter,
+                r.loads.load(Relaxed),
+            ),
+            (
+                "ambit_inventory_errors",
+                "Inventory reloads rejected (unreadable or invalid); the last good inventory stayed",
+                MetricType::Counter,
+                r.errors.load(Relaxed),
+            ),
+            (
+                "ambit_inventory_held_reloads",
+                "Inventory reloads held back because they emptied the inventory or unenrolled more than inventoryGuard.maxUnenrollPercent of the node's pods",
+                MetricType::Counter,
+                r.holds.load(Relaxed),
+            ),
+            (
+                "ambit_inventory_confirmed_reloads",
+                "Held inventory reloads applied after their content stayed for inventoryGuard.settleMs",
+                MetricType::Counter,
+                r.confirmed.load(Relaxed),
+            ),
+            (
+                "ambit_inventory_held",
+                "1 while an inventory reload is held back (the last good inventory is in force)",
+                MetricType::Gauge,
+                u64::from(r.held().is_some()),
+            ),
+            (
+                "ambit_inventory_ambiguous_addresses",
+                "Addresses several pods claim with no rule deciding the owner; connections to them are refused",
+                MetricType::Gauge,
+                r.ambiguous_addresses.load(Relaxed),
+            ),
+        ] {
+            let e = encoder.encode_descriptor(name, help, None, kind)?;
+            match kind {
+                MetricType::Counter => ConstCounter::new(value).encode(e)?,
+                _ => ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(e)?,
             }
         }
         Ok(())

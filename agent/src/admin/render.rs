@@ -41,6 +41,14 @@ pub fn status(v: &Value) -> String {
         n(&v["inventory"]["loads"]),
         n(&v["inventory"]["errors"])
     );
+    if let Some(h) = v["inventory"]["held"].as_object() {
+        let _ = writeln!(
+            out,
+            "inventory reload held back: {} (last good inventory in force; applies if unchanged after {} ms)",
+            s(&h["message"]),
+            n(&h["settle_ms"])
+        );
+    }
     let mesh = &v["mesh"];
     if mesh["mesh_only"].as_bool() == Some(true) {
         let _ = writeln!(

@@ -320,6 +320,8 @@ fn workloads(state: &AdminState) -> Vec<serde_json::Value> {
                 "local": w.node == state.cfg.node,
                 "ips": w.ips,
                 "enrolled": w.enrolled,
+                "deleting": w.deleting,
+                "host_network": w.host_network,
                 "labels": w.labels,
                 "netns": w.netns,
             })
@@ -433,6 +435,16 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "loads": state.reloads.loads.load(Ordering::Relaxed),
             "errors": state.reloads.errors.load(Ordering::Relaxed),
             "warnings": state.inventory_rx.borrow().warnings.clone(),
+            "held": state.reloads.held(),
+            "held_total": state.reloads.holds.load(Ordering::Relaxed),
+            "confirmed_total": state.reloads.confirmed.load(Ordering::Relaxed),
+            "ambiguous_addresses": state
+                .inventory_rx
+                .borrow()
+                .addresses()
+                .ambiguous()
+                .cloned()
+                .collect::<Vec<_>>(),
         },
         "admin": {
             "bad_requests": state.bad_requests.load(Ordering::Relaxed),

@@ -1,16 +1,20 @@
 //! File inventory source: multi-document Kubernetes YAML, parsed with exact error locations, polled for changes and merged with the CNI plugin's reports.
+mod watch;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use ipnet::IpNet;
+use k8s_openapi::jiff::Timestamp;
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
+use tokio::sync::watch as channel;
 
-use super::objects::{Namespace, Pod};
+pub use self::watch::{watch_file, watch_with_cni, WatchSettings};
+pub use super::publish::ReloadStats;
+
+use super::objects::{Namespace, Node, Pod};
 use super::services::{self, EndpointSliceObject, ServiceObject, SERVICE_NAME_LABEL};
 use super::{
     Snapshot, Workload, CGROUP_ANNOTATION, EXCLUDE_CIDRS_ANNOTATION, EXCLUDE_PORTS_ANNOTATION,
@@ -84,7 +88,7 @@ pub struct CniReports {
     /// This node: only its pods take a reported netns.
     pub node: String,
     /// The pod map's entries, as they change.
-    pub pods: watch::Receiver<Arc<Vec<CniPod>>>,
+    pub pods: channel::Receiver<Arc<Vec<CniPod>>>,
 }
 
 /// Parses inventory text. `path` is used in error messages only.
@@ -132,8 +136,18 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Error> {
         match kind.as_str() {
             "Pod" => {
                 let pod: Pod = typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
+                // A finished pod's addresses may already be another pod's: it owns nothing.
+                if pod.status.is_terminal() {
+                    continue;
+                }
                 let line = first_line + line_of(&chunk, "metadata:") - 1;
                 pods.push((pod, line, doc));
+            }
+            "Node" => {
+                let node: Node = typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
+                let ranges = pod_cidrs(&node)
+                    .map_err(|(f, m)| err(&kind, &name, f, m, line_of(&chunk, "spec:")))?;
+                snap.nodes.insert(node.metadata.name, ranges);
             }
             "Namespace" => {
                 let ns: Namespace =
@@ -326,6 +340,45 @@ fn typed<T: DeserializeOwned>(chunk: &str) -> Result<T, (String, String, usize)>
     })
 }
 
+/// A Node's pod ranges (`spec.podCIDRs`, else `spec.podCIDR`).
+pub(crate) fn pod_cidrs(node: &Node) -> Result<Vec<IpNet>, (String, String)> {
+    let mut out = Vec::new();
+    let listed = node
+        .spec
+        .pod_cidrs
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("spec.podCIDRs[{i}]"), c));
+    let single = node
+        .spec
+        .pod_cidr
+        .iter()
+        .map(|c| ("spec.podCIDR".to_string(), c));
+    for (field, raw) in listed.chain(single) {
+        let net = raw
+            .parse::<IpNet>()
+            .map_err(|_| (field, format!("`{raw}` is not a CIDR")))?
+            .trunc();
+        if !out.contains(&net) {
+            out.push(net);
+        }
+    }
+    Ok(out)
+}
+
+/// An RFC 3339 time of `metadata`, or an error naming `field`.
+fn timestamp(raw: Option<&str>, field: &str) -> Result<Option<Timestamp>, (String, String)> {
+    raw.map(|t| {
+        t.parse::<Timestamp>().map_err(|e| {
+            (
+                field.to_string(),
+                format!("`{t}` is not an RFC 3339 time: {e}"),
+            )
+        })
+    })
+    .transpose()
+}
+
 pub(crate) fn workload(
     pod: Pod,
     namespaces: &BTreeMap<String, BTreeMap<String, String>>,
@@ -359,11 +412,18 @@ pub(crate) fn workload(
         .and_then(|l| l.get(MODE_LABEL))
         .map(String::as_str);
     let pod_mode = meta.labels.get(MODE_LABEL).map(String::as_str);
-    let enrolled = match pod_mode {
-        Some("enabled") => true,
-        Some("disabled") => false,
-        _ => ns_mode == Some("enabled"),
-    };
+    // A host-network pod's namespace is the node's: capturing it would capture the node.
+    let enrolled = !pod.spec.host_network
+        && match pod_mode {
+            Some("enabled") => true,
+            Some("disabled") => false,
+            _ => ns_mode == Some("enabled"),
+        };
+    let created = timestamp(
+        meta.creation_timestamp.as_deref(),
+        "metadata.creationTimestamp",
+    )?;
+    let deleting = meta.deletion_timestamp.is_some();
     let annotation = |k: &str| meta.annotations.get(k).map(String::as_str);
     let mut skip_ports = Vec::new();
     for p in list(annotation(EXCLUDE_PORTS_ANNOTATION)) {
@@ -419,6 +479,9 @@ pub(crate) fn workload(
         labels: meta.labels,
         skip_ports,
         skip_cidrs,
+        host_network: pod.spec.host_network,
+        deleting,
+        created,
     })
 }
 
@@ -427,108 +490,6 @@ fn list(v: Option<&str>) -> impl Iterator<Item = &str> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-}
-
-/// Counts of inventory reloads, for status and metrics.
-#[derive(Debug, Default)]
-pub struct ReloadStats {
-    /// Successful loads.
-    pub loads: AtomicU64,
-    /// Failed loads (the last good state stayed in force).
-    pub errors: AtomicU64,
-    /// Warnings in the inventory in force (ignored kinds, Services without endpoints, ...).
-    pub warnings: AtomicU64,
-}
-
-/// Polls `path` every `interval`; publishes each new good snapshot, keeps the last good one on error.
-pub async fn watch_file(
-    path: PathBuf,
-    interval: Duration,
-    tx: watch::Sender<Arc<Snapshot>>,
-    stats: Arc<ReloadStats>,
-) {
-    watch_with_cni(path, interval, tx, stats, None).await;
-}
-
-/// [`watch_file`], merging `cni` reports into every snapshot; a change of the reports is
-/// published at once (merged into the last good file), as a file change is.
-pub async fn watch_with_cni(
-    path: PathBuf,
-    interval: Duration,
-    tx: watch::Sender<Arc<Snapshot>>,
-    stats: Arc<ReloadStats>,
-    mut cni: Option<CniReports>,
-) {
-    let mut last_text: Option<String> = None;
-    let mut good: Option<Parsed> = None;
-    let mut cni_changed = false;
-    loop {
-        let mut reloaded = false;
-        match tokio::fs::read_to_string(&path).await {
-            Ok(text) if last_text.as_deref() != Some(text.as_str()) => {
-                match parse_file(&path, &text) {
-                    Ok(parsed) => {
-                        let snap = &parsed.snapshot;
-                        stats.loads.fetch_add(1, Ordering::Relaxed);
-                        stats
-                            .warnings
-                            .store(snap.warnings.len() as u64, Ordering::Relaxed);
-                        for w in &snap.warnings {
-                            tracing::warn!(path = %path.display(), warning = %w, "inventory");
-                        }
-                        tracing::info!(path = %path.display(), workloads = snap.workloads.len(), "inventory loaded");
-                        good = Some(parsed);
-                        reloaded = true;
-                    }
-                    Err(e) => {
-                        stats.errors.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %e, "inventory rejected; keeping the last good state");
-                    }
-                }
-                last_text = Some(text);
-            }
-            Ok(_) => {}
-            Err(e) => {
-                if last_text.is_some() {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(path = %path.display(), error = %e, "cannot read inventory; keeping the last good state");
-                    last_text = None;
-                }
-            }
-        }
-        if let Some(parsed) = good.as_ref().filter(|_| reloaded || cni_changed) {
-            let snap = parsed.merged(cni.as_ref());
-            let sent = tx.send_if_modified(|cur| {
-                let changed = **cur != snap;
-                if changed {
-                    *cur = Arc::new(snap);
-                }
-                changed
-            });
-            if sent && !reloaded {
-                tracing::info!("inventory updated from the CNI plugin's reports");
-            }
-        }
-        cni_changed = wait(interval, cni.as_mut()).await;
-    }
-}
-
-/// Sleeps `interval`, or less when the CNI reports change first (then returns true).
-async fn wait(interval: Duration, cni: Option<&mut CniReports>) -> bool {
-    let Some(c) = cni else {
-        tokio::time::sleep(interval).await;
-        return false;
-    };
-    tokio::select! {
-        () = tokio::time::sleep(interval) => false,
-        r = c.pods.changed() => {
-            if r.is_err() {
-                // The pod map is gone (shutdown): keep its last entries, poll the file only.
-                tokio::time::sleep(interval).await;
-            }
-            r.is_ok()
-        }
-    }
 }
 
 #[cfg(test)]

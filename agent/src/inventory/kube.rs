@@ -6,6 +6,11 @@
 //! `ready` stays false, until every kind has finished its first list; an Istio kind whose CRD the
 //! cluster does not serve counts as listed and empty (and is watched again with backoff).
 //! [`Options::all_nodes`] is the CA's mode: pods and namespaces only, every node's.
+//!
+//! A rebuild that would drop every pod, or unenroll more than a share of this node's pods (a
+//! relist the API server answered with nothing), is held by the [`Guard`] until the same
+//! snapshot is built again after the settle time. Nodes (their pod ranges) are optional: a
+//! cluster role without them only loses the routing-node rule of the address index.
 mod convert;
 
 use std::collections::BTreeSet;
@@ -14,10 +19,10 @@ use std::hash::Hash;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::reflector::{self, store::Writer, Store};
@@ -28,6 +33,8 @@ use tokio::sync::{watch, Notify};
 
 pub use convert::{Builder, Objects};
 
+use super::guard::{Guard, GuardSettings, Verdict};
+use super::publish::{Publisher, ReloadStats};
 use super::Snapshot;
 use crate::cni::pods::CniPod;
 use crate::error::error_chain;
@@ -84,16 +91,23 @@ pub struct Options {
     /// Watch only pods and namespaces (who runs where, as whom), for every node: the CA's
     /// view. Services, slices and Istio policies stay empty in the snapshot.
     pub workloads_only: bool,
+    /// When a rebuild is held back (this node's pods count; every node's for the CA).
+    pub guard: GuardSettings,
+    /// Loads, held rebuilds and address conflicts, shared with `/status` and metrics.
+    pub reloads: Arc<ReloadStats>,
 }
 
 impl Options {
     /// Defaults for `node`: 100 ms debounce, 60 s resync.
     pub fn new(node: impl Into<String>) -> Self {
+        let node = node.into();
         Self {
-            node: node.into(),
+            guard: GuardSettings::new(Some(node.clone())),
+            node,
             debounce: Duration::from_millis(100),
             resync: Duration::from_secs(60),
             workloads_only: false,
+            reloads: Arc::default(),
         }
     }
 
@@ -101,6 +115,7 @@ impl Options {
     pub fn all_nodes() -> Self {
         Self {
             workloads_only: true,
+            guard: GuardSettings::new(None),
             ..Self::new("")
         }
     }
@@ -151,6 +166,7 @@ pub async fn watch(
     let ctx = |kind: &'static str, optional: bool| Ctx {
         kind,
         optional,
+        forbidden_is_absent: false,
         changed: changed.clone(),
         synced: synced.clone(),
         stats: stats.clone(),
@@ -158,12 +174,17 @@ pub async fn watch(
     let mut tasks = Vec::new();
     let pods = spawn_typed::<Pod>(&client, ctx("Pod", false), slim_pod, &mut tasks);
     let namespaces = spawn_typed::<Namespace>(&client, ctx("Namespace", false), slim, &mut tasks);
-    let (services, slices, [peer_auth, authz, dest_rules], kinds) = if opts.workloads_only {
+    let (services, slices, [peer_auth, authz, dest_rules], nodes, kinds) = if opts.workloads_only {
         let empty = ISTIO_KINDS.map(|(group, version, kind, plural)| {
             let gvk = GroupVersionKind::gvk(group, version, kind);
             Writer::new(ApiResource::from_gvk_with_plural(&gvk, plural)).as_reader()
         });
-        (reflector::store().0, reflector::store().0, empty, 2)
+        let (services, slices, nodes) = (
+            reflector::store().0,
+            reflector::store().0,
+            reflector::store().0,
+        );
+        (services, slices, empty, nodes, 2)
     } else {
         let services = spawn_typed::<Service>(&client, ctx("Service", false), slim, &mut tasks);
         let slices =
@@ -179,7 +200,14 @@ pub async fn watch(
             tasks.push(tokio::spawn(reflect(api, writer, ctx(kind, true), slim)));
             store
         });
-        (services, slices, istio, 4 + ISTIO_KINDS.len())
+        // Optional: without them (or without the right to list them) only the routing-node
+        // rule of the address index is lost, and a lost rule leaves an address undecided.
+        let node_ctx = Ctx {
+            forbidden_is_absent: true,
+            ..ctx("Node", true)
+        };
+        let nodes = spawn_typed::<Node>(&client, node_ctx, slim_node, &mut tasks);
+        (services, slices, istio, nodes, 5 + ISTIO_KINDS.len())
     };
     let mut builder = if opts.workloads_only {
         Builder::all_nodes()
@@ -187,12 +215,18 @@ pub async fn watch(
         Builder::new(opts.node.clone())
     };
     let mut published = false;
+    let mut guard: Guard<Snapshot> = Guard::new(opts.guard.clone());
+    let settle = opts.guard.settle;
+    let reloads = opts.reloads.clone();
+    let mut publisher = Publisher::new(tx, reloads.clone());
     loop {
+        let due = guard.deadline();
         tokio::select! {
             _ = changed.notified() => {}
             r = cni.changed() => if r.is_err() { break },
             _ = tokio::time::sleep(opts.resync) => {}
-            _ = tx.closed() => break,
+            () = until(due) => {}
+            () = publisher.closed() => break,
         }
         tokio::time::sleep(opts.debounce).await;
         if synced.lock().unwrap_or_else(PoisonError::into_inner).len() < kinds {
@@ -207,22 +241,24 @@ pub async fn watch(
             peer_authentications: &peer_auth.state(),
             authorization_policies: &authz.state(),
             destination_rules: &dest_rules.state(),
+            nodes: &nodes.state(),
             cni_pods: &cni_pods,
         };
         let snap = builder.build(&objects);
         stats
             .rejected
             .store(builder.problems().len() as u64, Ordering::Relaxed);
-        let sent = tx.send_if_modified(|cur| {
-            let changed = !published || **cur != snap;
-            if changed {
-                *cur = Arc::new(snap);
+        if published {
+            let verdict = guard.check(&publisher.current(), &snap, &snap, Instant::now());
+            reloads.note(&verdict, settle, "kubernetes");
+            if let Verdict::Hold { .. } = verdict {
+                continue;
             }
-            changed
-        });
-        if sent {
+        }
+        if publisher.publish(snap, !published) {
             stats.publishes.fetch_add(1, Ordering::Relaxed);
-            let snap = tx.borrow();
+            reloads.loads.fetch_add(1, Ordering::Relaxed);
+            let snap = publisher.current();
             tracing::info!(
                 workloads = snap.workloads.len(),
                 local = snap.on_node(&opts.node).count(),
@@ -242,10 +278,20 @@ pub async fn watch(
     }
 }
 
+/// Sleeps until `at`, or forever without one.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// What a reflector task reports to the rebuild loop.
 struct Ctx {
     kind: &'static str,
     optional: bool,
+    /// 403 (the cluster role does not grant the kind) counts as absent too.
+    forbidden_is_absent: bool,
     changed: Arc<Notify>,
     synced: Arc<Mutex<BTreeSet<&'static str>>>,
     stats: Arc<Stats>,
@@ -310,9 +356,10 @@ where
             Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => ctx.changed.notify_one(),
             Err(e) => {
                 ctx.stats.watch_errors.fetch_add(1, Ordering::Relaxed);
-                if ctx.optional && is_not_found(&e) {
+                if ctx.optional && (is_not_found(&e) || ctx.forbidden_is_absent && is_forbidden(&e))
+                {
                     if !absent {
-                        tracing::info!(kind = ctx.kind, "kind not served by the API server (CRD not installed); treating it as empty");
+                        tracing::info!(kind = ctx.kind, "kind not served to the agent (CRD not installed, or not granted); treating it as empty");
                         absent = true;
                     }
                     ctx.mark_synced();
@@ -325,11 +372,19 @@ where
 }
 
 fn is_not_found(e: &watcher::Error) -> bool {
+    api_code(e) == Some(404)
+}
+
+fn is_forbidden(e: &watcher::Error) -> bool {
+    api_code(e) == Some(403)
+}
+
+fn api_code(e: &watcher::Error) -> Option<u16> {
     match e {
         watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => s.code == 404,
-        watcher::Error::WatchError(s) => s.code == 404,
-        _ => false,
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s)) => Some(s.code),
+        watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
     }
 }
 
@@ -338,6 +393,12 @@ fn slim<K: ResourceExt>(obj: &mut K) {
     obj.managed_fields_mut().clear();
     obj.annotations_mut()
         .remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
+fn slim_node(node: &mut Node) {
+    slim(node);
+    // Only `spec.podCIDRs` is read; the status (images, conditions) is most of a Node.
+    node.status = None;
 }
 
 fn slim_pod(pod: &mut Pod) {

@@ -1,15 +1,22 @@
 //! The inventory: workloads (pods) and namespaces known to the agent, from a file or Kubernetes.
+pub mod addresses;
 pub mod check;
 pub mod file;
+pub mod guard;
 pub mod kube;
 pub mod objects;
+pub mod publish;
 pub mod services;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use ipnet::IpNet;
+use k8s_openapi::jiff::Timestamp;
+
+use addresses::{AddressIndex, Claim};
 
 /// Label (on a pod or its namespace) that enrolls pods: `enabled`; a pod label `disabled` opts out.
 pub const MODE_LABEL: &str = "ambit.io/mode";
@@ -47,6 +54,15 @@ pub struct Workload {
     pub skip_ports: Vec<u16>,
     /// Destination CIDRs never captured.
     pub skip_cidrs: Vec<IpNet>,
+    /// The pod shares its node's network namespace (`spec.hostNetwork`): never enrolled (that
+    /// would capture the node), never the owner of an address (its address is the node's).
+    pub host_network: bool,
+    /// Deletion was requested (`metadata.deletionTimestamp`): it yields its addresses to any
+    /// live pod claiming them.
+    pub deleting: bool,
+    /// `metadata.creationTimestamp`, when set: among live pods claiming one address the newest
+    /// wins.
+    pub created: Option<Timestamp>,
 }
 
 impl Workload {
@@ -87,8 +103,42 @@ pub struct Snapshot {
     pub services: BTreeMap<String, services::Service>,
     /// Istio DestinationRule objects.
     pub destination_rules: Vec<crate::policy::destination_rule::DestinationRule>,
+    /// Pod address ranges of each node (`spec.podCIDRs` of Node objects), by node name.
+    pub nodes: BTreeMap<String, Vec<IpNet>>,
     /// Problems that did not stop the load: ignored kinds, Services without endpoints.
     pub warnings: Vec<String>,
+    /// Who owns each address, built on first use from the fields above. A snapshot is not
+    /// changed once shared (it lives behind an `Arc`); a clone builds its own index.
+    addresses: AddressCell,
+}
+
+/// The lazily built [`AddressIndex`]: derived data, so it never makes two snapshots differ.
+#[derive(Default)]
+struct AddressCell(OnceLock<AddressIndex>);
+
+impl Clone for AddressCell {
+    fn clone(&self) -> Self {
+        // A clone is usually changed before it is published: let it index its own addresses.
+        Self::default()
+    }
+}
+
+impl PartialEq for AddressCell {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for AddressCell {}
+
+impl std::fmt::Debug for AddressCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "AddressCell(built)"
+        } else {
+            "AddressCell(not built)"
+        })
+    }
 }
 
 impl Snapshot {
@@ -102,8 +152,40 @@ impl Snapshot {
         self.services.values().find(|s| s.vips.contains(&ip))
     }
 
-    /// The workload owning `ip`, if any.
+    /// Who owns each address (built once per snapshot, on first use).
+    pub fn addresses(&self) -> &AddressIndex {
+        self.addresses.0.get_or_init(|| AddressIndex::build(self))
+    }
+
+    /// The workload owning `ip`: `None` when no pod claims it, or when the claims cannot be
+    /// decided (see [`Snapshot::claim`]).
     pub fn by_ip(&self, ip: IpAddr) -> Option<&Workload> {
-        self.workloads.values().find(|w| w.ips.contains(&ip))
+        match self.claim(ip) {
+            Claim::Owner(w) => Some(w),
+            Claim::Ambiguous(_) | Claim::Unclaimed => None,
+        }
+    }
+
+    /// Who owns `ip`: one pod, several pods no rule decides between, or none.
+    pub fn claim(&self, ip: IpAddr) -> Claim<'_> {
+        let index = self.addresses();
+        if let Some(c) = index.conflict(ip).filter(|c| c.owner.is_none()) {
+            return Claim::Ambiguous(c);
+        }
+        index
+            .owner(ip)
+            .and_then(|key| self.workloads.get(key))
+            .map_or(Claim::Unclaimed, Claim::Owner)
+    }
+
+    /// Whether the snapshot holds no object at all (an empty inventory document or list).
+    pub fn is_empty(&self) -> bool {
+        self.workloads.is_empty()
+            && self.namespaces.is_empty()
+            && self.peer_authentications.is_empty()
+            && self.authorization_policies.is_empty()
+            && self.services.is_empty()
+            && self.destination_rules.is_empty()
+            && self.nodes.is_empty()
     }
 }

@@ -24,6 +24,9 @@ pub struct ObjectMeta {
     /// Creation time (RFC 3339), as the API server sets it.
     #[serde(default)]
     pub creation_timestamp: Option<String>,
+    /// Set once deletion was requested (RFC 3339): the pod is terminating.
+    #[serde(default)]
+    pub deletion_timestamp: Option<String>,
 }
 
 /// v1 Pod.
@@ -50,6 +53,9 @@ pub struct PodSpec {
     /// Service account (identity); `default` when empty.
     #[serde(default)]
     pub service_account_name: String,
+    /// The pod shares its node's network namespace (and address).
+    #[serde(default)]
+    pub host_network: bool,
 }
 
 /// The parts of a PodStatus ambit reads.
@@ -62,6 +68,17 @@ pub struct PodStatus {
     /// Primary pod IP (older servers set only this).
     #[serde(default, rename = "podIP")]
     pub pod_ip: Option<String>,
+    /// `Pending`, `Running`, `Succeeded`, `Failed` or `Unknown`.
+    #[serde(default)]
+    pub phase: Option<String>,
+}
+
+impl PodStatus {
+    /// Whether the pod has finished (`Succeeded` or `Failed`): its containers are gone and its
+    /// addresses may already belong to other pods.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
 }
 
 /// One entry of `status.podIPs`.
@@ -76,4 +93,26 @@ pub struct PodIp {
 pub struct Namespace {
     /// Metadata (labels decide enrollment).
     pub metadata: ObjectMeta,
+}
+
+/// v1 Node: only the pod address ranges it routes.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Node {
+    /// Metadata (the name pods refer to in `spec.nodeName`).
+    pub metadata: ObjectMeta,
+    /// Spec.
+    #[serde(default)]
+    pub spec: NodeSpec,
+}
+
+/// The parts of a NodeSpec ambit reads.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSpec {
+    /// The node's pod range (older servers set only this).
+    #[serde(default, rename = "podCIDR")]
+    pub pod_cidr: Option<String>,
+    /// The node's pod ranges, one per family.
+    #[serde(default, rename = "podCIDRs")]
+    pub pod_cidrs: Vec<String>,
 }

@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::manager::AppliedAuthz;
 use super::route::{self, Decision, Route, RouteCtx};
+use crate::inventory::addresses::Conflict;
 use crate::inventory::{Snapshot, Workload};
 use crate::policy::authz::{self, ConnAttrs};
 use crate::policy::peer_auth::{self, Effective, Resolution};
@@ -24,6 +25,9 @@ pub struct Explanation {
     pub verdict: String,
     /// Likely mistakes found in the policies that concern this connection.
     pub warnings: Vec<String>,
+    /// Addresses of this connection (the one dialled, a Service's endpoints) that several
+    /// pods claim, with every claimant and who owns it (none: connections are refused).
+    pub address_conflicts: Vec<Conflict>,
 }
 
 /// The destination side.
@@ -92,6 +96,14 @@ pub fn explain(
         warnings.extend(policy_warnings(snap, root_namespace, w, t.port()));
     }
     let verdict = verdict(&outbound, inbound.as_ref(), tunnelled, src.enrolled);
+    let endpoints: std::collections::BTreeSet<std::net::IpAddr> = snap
+        .service_by_vip(to.ip())
+        .map(|s| s.endpoints.iter().map(|e| e.ip).collect())
+        .unwrap_or_else(|| [to.ip()].into());
+    let address_conflicts = endpoints
+        .into_iter()
+        .filter_map(|ip| snap.addresses().conflict(ip).cloned())
+        .collect();
     Ok(Explanation {
         from: from.to_string(),
         to,
@@ -99,6 +111,7 @@ pub fn explain(
         inbound,
         verdict,
         warnings,
+        address_conflicts,
     })
 }
 
@@ -160,7 +173,7 @@ fn verdict(
     if !src_enrolled {
         return "not captured: the source pod is not in the mesh".into();
     }
-    if let Route::Refuse { reason } = &outbound.route {
+    if let Route::Refuse { reason, .. } = &outbound.route {
         return format!("refused by the source agent: {reason}");
     }
     let Some(inb) = inbound else {

@@ -117,13 +117,22 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
     let mut down = down;
     let src_id = pod.workload.spiffe_id(&pod.cfg.trust_domain);
     match decision.route {
-        Route::Refuse { reason } => {
+        Route::Refuse { reason, code } => {
             pod.conns
                 .metrics()
                 .denials
-                .get_or_create(&ReasonLabel { reason: "route" })
+                .get_or_create(&ReasonLabel {
+                    reason: code.label(),
+                })
                 .inc();
-            fail(down, orig.0, Attempt::Plaintext, "NR", "refused", reason)
+            fail(
+                down,
+                orig.0,
+                Attempt::Plaintext,
+                "NR",
+                code.log_reason(),
+                reason,
+            )
         }
         Route::Plaintext { target } => {
             let connect = pod.sockets.connect_outbound(target);

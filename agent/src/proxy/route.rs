@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::identity::SpiffeId;
+use crate::inventory::addresses::Claim;
 use crate::inventory::services::Endpoint;
 use crate::inventory::Snapshot;
 use crate::policy::destination_rule::{self, TlsMode};
@@ -50,7 +51,38 @@ pub enum Route {
     Refuse {
         /// Why.
         reason: String,
+        /// What kind of refusal (the metric label and the access log's reason).
+        code: Refusal,
     },
+}
+
+/// Kinds of outbound refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    /// The routing rules refuse it (no such Service port, no endpoint, mTLS required, ...).
+    Route,
+    /// Several pods claim the destination address and no rule decides which one holds it:
+    /// its identity cannot be decided, and plaintext could be a downgrade.
+    AmbiguousAddress,
+}
+
+impl Refusal {
+    /// The `reason` label of `ambit_policy_denials_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Route => "route",
+            Self::AmbiguousAddress => "ambiguous_address",
+        }
+    }
+
+    /// The access log's `reason`.
+    pub fn log_reason(self) -> &'static str {
+        match self {
+            Self::Route => "refused",
+            Self::AmbiguousAddress => "ambiguous_address",
+        }
+    }
 }
 
 /// A route with the steps that led to it.
@@ -90,7 +122,10 @@ pub fn decide(
 ) -> Decision {
     let mut steps = Vec::new();
     let refuse = |steps: Vec<String>, reason: String| Decision {
-        route: Route::Refuse { reason },
+        route: Route::Refuse {
+            reason,
+            code: Refusal::Route,
+        },
         steps,
     };
     let (target, client_tls) = match ctx.snap.service_by_vip(orig.ip()) {
@@ -162,7 +197,40 @@ pub fn decide(
     let disables_mtls = client_tls
         .as_ref()
         .is_some_and(|t| t.mode != TlsMode::IstioMutual);
-    let Some(dst) = ctx.snap.by_ip(target.ip()).filter(|w| w.enrolled) else {
+    let owner = match ctx.snap.claim(target.ip()) {
+        Claim::Owner(w) => {
+            if let Some(c) = ctx.snap.addresses().conflict(target.ip()) {
+                steps.push(c.describe());
+            }
+            Some(w)
+        }
+        Claim::Ambiguous(c) => {
+            steps.push(c.describe());
+            let in_mesh = c
+                .claimants
+                .iter()
+                .any(|k| ctx.snap.workloads.get(k).is_some_and(|w| w.enrolled));
+            if in_mesh {
+                // Any claimant may be the pod that answers: its identity cannot be decided,
+                // and plaintext to an enrolled pod would be a downgrade.
+                return Decision {
+                    route: Route::Refuse {
+                        reason: format!(
+                            "ambiguous_address: {} is claimed by {}; the identity of the destination cannot be decided",
+                            target.ip(),
+                            c.claimants.join(" and ")
+                        ),
+                        code: Refusal::AmbiguousAddress,
+                    },
+                    steps,
+                };
+            }
+            steps.push("no claimant is in the mesh: plaintext either way".to_string());
+            None
+        }
+        Claim::Unclaimed => None,
+    };
+    let Some(dst) = owner.filter(|w| w.enrolled) else {
         steps.push(format!("{} is not an enrolled pod", target.ip()));
         if requires_mtls {
             return refuse(

@@ -2,6 +2,7 @@
 //! module per concern, each run on its own network-namespace testbed. `cargo xtask test` runs it
 //! with `--include-ignored --test-threads=1`; a test's full name is `MODULE::TEST`.
 mod abuse;
+mod address_claims;
 mod admin;
 mod admin_cli;
 mod admin_metrics;
@@ -17,6 +18,7 @@ mod hardening_failclosed;
 mod hbone;
 mod identity;
 mod inbound;
+mod inventory_hold;
 mod kubelet_cgroups;
 mod load;
 mod loops;

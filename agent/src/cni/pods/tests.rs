@@ -160,6 +160,9 @@ fn workload(name: &str, enrolled: bool, netns: Option<&Path>) -> Workload {
         cgroup: None,
         skip_ports: Vec::new(),
         skip_cidrs: Vec::new(),
+        host_network: false,
+        deleting: false,
+        created: None,
     }
 }
 

@@ -5,10 +5,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{parse, parse_file, watch_with_cni, CniReports, ReloadStats};
+use super::{parse, parse_file, watch_with_cni, CniReports, ReloadStats, WatchSettings};
 use crate::cni::plugin::tests::TempDir;
 use crate::cni::pods::PodMap;
 use crate::cni::{CniCommand, CniEvent, PodRef};
+use crate::inventory::guard::GuardSettings;
 use crate::inventory::Snapshot;
 
 const GOOD: &str = r#"
@@ -258,9 +259,13 @@ async fn the_watcher_republishes_when_the_pod_map_changes() {
         pods: map.subscribe(),
     };
     // A poll interval of an hour: after the first load only the pod map can cause a publish.
+    let settings = WatchSettings {
+        interval: Duration::from_secs(3600),
+        guard: GuardSettings::new(Some("node1".into())),
+    };
     let task = tokio::spawn(watch_with_cni(
         path,
-        Duration::from_secs(3600),
+        settings,
         tx,
         Arc::new(ReloadStats::default()),
         Some(reports),

@@ -4,10 +4,9 @@
 //! not convert is reported once (naming kind, namespace, name, field) and its last good version
 //! stays in the snapshot, so a bad update never unenrolls a pod or drops a policy.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service as K8sService};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service as K8sService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use kube::ResourceExt;
@@ -40,6 +39,8 @@ pub struct Objects<'a> {
     pub authorization_policies: &'a [Arc<DynamicObject>],
     /// networking.istio.io DestinationRules.
     pub destination_rules: &'a [Arc<DynamicObject>],
+    /// v1 Nodes (their pod ranges decide which of two pods claiming an address owns it).
+    pub nodes: &'a [Arc<Node>],
     /// Pod sandboxes the CNI plugin reported on this node.
     pub cni_pods: &'a [CniPod],
 }
@@ -87,11 +88,33 @@ impl Builder {
             );
         }
 
+        for node in o.nodes {
+            let shaped = objects::Node {
+                metadata: meta(&node.metadata),
+                spec: objects::NodeSpec {
+                    pod_cidr: node.spec.as_ref().and_then(|s| s.pod_cidr.clone()),
+                    pod_cidrs: node
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.pod_cidrs.clone())
+                        .unwrap_or_default(),
+                },
+            };
+            match file::pod_cidrs(&shaped) {
+                Ok(ranges) => {
+                    snap.nodes.insert(node.name_any(), ranges);
+                }
+                Err((field, msg)) => {
+                    problems.insert(problem("Node", &node.name_any(), &field, &msg));
+                }
+            }
+        }
+
         let mut workloads = HashMap::new();
         let mut uids = BTreeMap::new();
         for pod in o.pods {
             let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-            // A finished pod's IPs are already handed to other pods.
+            // A finished pod's IPs are already handed to other pods: it owns nothing.
             if matches!(phase, Some("Succeeded" | "Failed")) {
                 continue;
             }
@@ -104,19 +127,7 @@ impl Builder {
             }
         }
         self.merge_cni(&mut workloads, &uids, o.cni_pods);
-        let mut by_ip: BTreeMap<IpAddr, &str> = BTreeMap::new();
-        for (key, w) in &workloads {
-            for ip in &w.ips {
-                if let Some(other) = by_ip.insert(*ip, key) {
-                    let (a, b) = if other < key.as_str() {
-                        (other, key.as_str())
-                    } else {
-                        (key.as_str(), other)
-                    };
-                    problems.insert(format!("Pod {a} and Pod {b} both claim IP {ip}"));
-                }
-            }
-        }
+        // Pods claiming one address are the address index's to decide (and to report once).
         snap.workloads = workloads
             .iter()
             .map(|(k, w)| (k.clone(), w.clone()))
@@ -251,6 +262,7 @@ fn meta(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Objec
         annotations: m.annotations.clone().unwrap_or_default(),
         uid: m.uid.clone().unwrap_or_default(),
         creation_timestamp: m.creation_timestamp.as_ref().map(|t| t.0.to_string()),
+        deletion_timestamp: m.deletion_timestamp.as_ref().map(|t| t.0.to_string()),
     }
 }
 
@@ -268,6 +280,7 @@ fn pod_workload(
             service_account_name: spec
                 .and_then(|s| s.service_account_name.clone())
                 .unwrap_or_default(),
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         },
         status: objects::PodStatus {
             pod_ips: status
@@ -275,6 +288,7 @@ fn pod_workload(
                 .map(|ips| ips.iter().map(|p| PodIp { ip: p.ip.clone() }).collect())
                 .unwrap_or_default(),
             pod_ip: status.and_then(|s| s.pod_ip.clone()),
+            phase: status.and_then(|s| s.phase.clone()),
         },
     };
     file::workload(shaped, namespaces)

@@ -24,6 +24,7 @@ pub(crate) fn path_of(kind: &str) -> &'static str {
     match kind {
         "Pod" => "/api/v1/pods",
         "Namespace" => "/api/v1/namespaces",
+        "Node" => "/api/v1/nodes",
         "Service" => "/api/v1/services",
         "EndpointSlice" => "/apis/discovery.k8s.io/v1/endpointslices",
         "PeerAuthentication" => "/apis/security.istio.io/v1/peerauthentications",
@@ -41,6 +42,7 @@ struct State {
     /// (rv, path, event type, object)
     log: Vec<(u64, String, &'static str, Value)>,
     missing: BTreeSet<String>,
+    forbidden: BTreeSet<String>,
     fail_lists: BTreeMap<String, usize>,
     list_requests: BTreeMap<String, usize>,
     /// path -> (status, body, requests): fixed documents (OIDC discovery, keys).
@@ -111,6 +113,15 @@ impl FakeApi {
             .insert(path_of(kind).into());
     }
 
+    /// Makes a kind's collection answer 403, as for a kind the cluster role does not grant.
+    pub(crate) fn set_forbidden(&self, kind: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .forbidden
+            .insert(path_of(kind).into());
+    }
+
     /// Makes the next `n` lists of `kind` fail with 500.
     pub(crate) fn fail_lists(&self, kind: &str, n: usize) {
         self.state
@@ -130,6 +141,29 @@ impl FakeApi {
     /// How many requests `path` (set with [`FakeApi::serve_raw`]) got.
     pub(crate) fn raw_requests(&self, path: &str) -> usize {
         self.state.lock().unwrap().raw.get(path).map_or(0, |r| r.2)
+    }
+
+    /// Empties `kind`'s collection without delete events and ends its watches with 410 Gone:
+    /// the reflector re-lists and finds nothing, as after an API server restored from an
+    /// empty backup or a proxy answering with an empty list.
+    pub(crate) fn relist_empty(&self, kind: &str) {
+        let path = path_of(kind).to_string();
+        let mut s = self.state.lock().unwrap();
+        s.objects.remove(&path);
+        s.rv += 1;
+        let rv = s.rv;
+        let gone = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": "too old resource version",
+            "reason": "Expired",
+            "code": 410,
+        });
+        s.log.push((rv, path, "ERROR", gone));
+        drop(s);
+        self.notify.notify_waiters();
     }
 
     /// How many list requests `kind` got.
@@ -192,6 +226,9 @@ fn route(
             ))))
             .unwrap();
     }
+    if s.forbidden.contains(&path) {
+        return status(StatusCode::FORBIDDEN, "Forbidden", "cannot list resource");
+    }
     if s.missing.contains(&path) || !is_served(&path) {
         return status(
             StatusCode::NOT_FOUND,
@@ -234,6 +271,7 @@ fn is_served(path: &str) -> bool {
     [
         "Pod",
         "Namespace",
+        "Node",
         "Service",
         "EndpointSlice",
         "PeerAuthentication",

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use serde_json::{json, Value};
@@ -42,6 +42,7 @@ struct Loaded {
     pa: Vec<Arc<DynamicObject>>,
     ap: Vec<Arc<DynamicObject>>,
     dr: Vec<Arc<DynamicObject>>,
+    nodes: Vec<Arc<Node>>,
 }
 
 fn load(docs: &[Value]) -> Loaded {
@@ -60,6 +61,7 @@ fn load(docs: &[Value]) -> Loaded {
             "PeerAuthentication" => l.pa.push(Arc::new(serde_json::from_value(v).unwrap())),
             "AuthorizationPolicy" => l.ap.push(Arc::new(serde_json::from_value(v).unwrap())),
             "DestinationRule" => l.dr.push(Arc::new(serde_json::from_value(v).unwrap())),
+            "Node" => l.nodes.push(Arc::new(serde_json::from_value(v).unwrap())),
             other => panic!("fixture has unexpected kind {other}"),
         }
     }
@@ -75,6 +77,7 @@ fn build(b: &mut Builder, l: &Loaded, cni: &[CniPod]) -> Snapshot {
         peer_authentications: &l.pa,
         authorization_policies: &l.ap,
         destination_rules: &l.dr,
+        nodes: &l.nodes,
         cni_pods: cni,
     })
 }
@@ -292,25 +295,71 @@ fn bad_updates_keep_the_last_good_object_and_name_it() {
 }
 
 #[test]
-fn duplicate_pod_ips_are_reported_with_both_pods() {
+fn pods_claiming_one_ip_are_a_conflict_the_address_index_decides() {
+    let with_opted_out = |f: &dyn Fn(&mut Value)| {
+        let mut docs = documents(CLUSTER);
+        for d in &mut docs {
+            if d["metadata"]["name"] == "opted-out" {
+                d["status"]["podIPs"][0]["ip"] = json!("10.244.1.7");
+                d["status"]["podIP"] = json!("10.244.1.7");
+                f(d);
+            }
+        }
+        let mut b = Builder::new("node1".into());
+        let snap = build(&mut b, &load(&docs), &[]);
+        assert!(
+            b.problems().is_empty(),
+            "not an object problem: {:?}",
+            b.problems()
+        );
+        snap
+    };
+    // Both live, one without a creation time: undecided, no owner.
+    let snap = with_opted_out(&|_| {});
+    let c = snap.addresses().conflict(ip("10.244.1.7")).unwrap().clone();
+    assert_eq!(c.claimants, ["shop/client", "shop/opted-out"]);
+    assert_eq!(c.owner, None);
+    assert!(snap.by_ip(ip("10.244.1.7")).is_none());
+    // The rival is terminating (metadata.deletionTimestamp, as the API server sets it).
+    let snap = with_opted_out(&|d| {
+        d["metadata"]["deletionTimestamp"] = json!("2026-11-20T12:00:00Z");
+    });
+    assert!(snap.workloads["shop/opted-out"].deleting);
+    assert_eq!(snap.by_ip(ip("10.244.1.7")).unwrap().name, "client");
+    // The rival runs in the host's network namespace: never an owner, never enrolled.
+    let snap = with_opted_out(&|d| {
+        d["spec"]["hostNetwork"] = json!(true);
+        d["metadata"]["labels"]["ambit.io/mode"] = json!("enabled");
+    });
+    assert!(!snap.workloads["shop/opted-out"].enrolled);
+    assert!(snap.addresses().conflict(ip("10.244.1.7")).is_none());
+    assert_eq!(snap.by_ip(ip("10.244.1.7")).unwrap().name, "client");
+    // The rival is newer: the address was handed on.
+    let snap = with_opted_out(&|d| {
+        d["metadata"]["creationTimestamp"] = json!("2026-11-21T00:00:00Z");
+    });
+    assert_eq!(snap.by_ip(ip("10.244.1.7")).unwrap().name, "opted-out");
+    // Node objects: the rival's node does not route the address (node1's range holds it).
     let mut docs = documents(CLUSTER);
     for d in &mut docs {
-        if d["metadata"]["name"] == "opted-out" {
+        if d["metadata"]["name"] == "server-7c9d8f6b5-x2k4q" {
             d["status"]["podIPs"][0]["ip"] = json!("10.244.1.7");
-            d["status"]["podIP"] = json!("10.244.1.7");
+            d["metadata"]["creationTimestamp"] = json!("2026-11-22T00:00:00Z");
         }
     }
-    let mut b = Builder::new("node1".into());
-    build(&mut b, &load(&docs), &[]);
-    let p: Vec<&String> = b.problems().iter().collect();
-    assert_eq!(p.len(), 1, "{p:?}");
-    assert!(
-        p[0].contains("shop/client")
-            && p[0].contains("shop/opted-out")
-            && p[0].contains("10.244.1.7"),
-        "{}",
-        p[0]
+    docs.push(
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node1"},
+        "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:10:244:1::/64"]},
+        "status": {"capacity": {"pods": "110"}}}),
     );
+    docs.push(
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node2"},
+        "spec": {"podCIDRs": ["10.244.2.0/24"]}}),
+    );
+    let mut b = Builder::new("node1".into());
+    let snap = build(&mut b, &load(&docs), &[]);
+    assert_eq!(snap.nodes["node1"].len(), 2);
+    assert_eq!(snap.by_ip(ip("10.244.1.7")).unwrap().name, "client");
 }
 
 struct Running {
@@ -322,11 +371,14 @@ struct Running {
 }
 
 async fn start(api: FakeApi) -> Running {
+    start_with(api, Options::new("node1")).await
+}
+
+async fn start_with(api: FakeApi, mut opts: Options) -> Running {
     let (tx, rx) = watch::channel(Arc::new(Snapshot::default()));
     let (ready_tx, ready) = watch::channel(false);
     let (cni, cni_rx) = watch::channel(Arc::new(Vec::new()));
     let stats = Arc::new(Stats::default());
-    let mut opts = Options::new("node1");
     opts.debounce = Duration::from_millis(10);
     tokio::spawn(super::watch(
         api.client(),
@@ -475,6 +527,33 @@ async fn missing_istio_crds_count_as_empty() {
 }
 
 #[tokio::test]
+async fn nodes_the_agent_may_not_list_count_as_absent_but_policies_do_not() {
+    let api = FakeApi::start().await;
+    api.set_forbidden("Node");
+    for d in documents(CLUSTER) {
+        api.apply(d);
+    }
+    let mut r = start(api).await;
+    tokio::time::timeout(Duration::from_secs(10), r.ready.wait_for(|v| *v))
+        .await
+        .expect("ready without the right to list nodes")
+        .unwrap();
+    assert_eq!(r.rx.borrow_and_update().workloads.len(), 4);
+    assert!(r.rx.borrow().nodes.is_empty());
+
+    // Control: a policy kind the agent may not list keeps it from becoming ready (treating it
+    // as empty would drop STRICT).
+    let api = FakeApi::start().await;
+    api.set_forbidden("PeerAuthentication");
+    for d in documents(CLUSTER) {
+        api.apply(d);
+    }
+    let r = start(api).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!*r.ready.borrow(), "a forbidden policy kind is not empty");
+}
+
+#[tokio::test]
 async fn readiness_waits_for_a_failing_list_to_succeed() {
     let api = FakeApi::start().await;
     for d in documents(CLUSTER) {
@@ -494,3 +573,5 @@ async fn readiness_waits_for_a_failing_list_to_succeed() {
     assert!(r.stats.watch_errors.load(Ordering::Relaxed) >= 2);
     until(&mut r.rx, "all pods", |s| s.workloads.len() == 4).await;
 }
+
+mod relist;

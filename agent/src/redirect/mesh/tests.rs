@@ -26,6 +26,9 @@ fn pod(name: &str, node: &str, enrolled: bool, ips: &[&str]) -> Workload {
         cgroup: None,
         skip_ports: vec![],
         skip_cidrs: vec![],
+        host_network: false,
+        deleting: false,
+        created: None,
     }
 }
 
@@ -47,11 +50,10 @@ fn service(name: &str, vips: &[&str], endpoints: &[&str]) -> Service {
 }
 
 fn snapshot(pods: Vec<Workload>, services: Vec<Service>) -> Snapshot {
-    Snapshot {
-        workloads: pods.into_iter().map(|w| (w.key(), w)).collect(),
-        services: services.into_iter().map(|s| (s.key(), s)).collect(),
-        ..Snapshot::default()
-    }
+    let mut snap = Snapshot::default();
+    snap.workloads = pods.into_iter().map(|w| (w.key(), w)).collect();
+    snap.services = services.into_iter().map(|s| (s.key(), s)).collect();
+    snap
 }
 
 #[test]

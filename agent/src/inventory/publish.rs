@@ -1,0 +1,176 @@
+//! Publishing snapshots, for both sources: reload counters and the held reload for `/status` and metrics, and one log line per address conflict.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+use super::addresses::Conflict;
+use super::guard::{Suspicion, Verdict};
+use super::Snapshot;
+
+/// Counts of inventory reloads, for status and metrics.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Successful loads.
+    pub loads: AtomicU64,
+    /// Failed loads (the last good state stayed in force).
+    pub errors: AtomicU64,
+    /// Times the inventory file was read (only when its `stat` moved, or to confirm a hold).
+    pub reads: AtomicU64,
+    /// Warnings in the inventory in force (ignored kinds, Services without endpoints, ...).
+    pub warnings: AtomicU64,
+    /// Reloads held back (each content counted once).
+    pub holds: AtomicU64,
+    /// Held reloads applied after the settle time.
+    pub confirmed: AtomicU64,
+    /// Addresses that several pods claim and no rule decides, in the inventory in force.
+    pub ambiguous_addresses: AtomicU64,
+    /// The reload held back now, if any.
+    held: Mutex<Option<HoldStatus>>,
+}
+
+/// A reload held back, as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HoldStatus {
+    /// Why.
+    pub reason: Suspicion,
+    /// Why, in words.
+    pub message: String,
+    /// When it was first seen (unix seconds).
+    pub since_unix: u64,
+    /// How long the same content must stay before it applies.
+    pub settle_ms: u64,
+}
+
+impl ReloadStats {
+    /// The reload held back now, if any.
+    pub fn held(&self) -> Option<HoldStatus> {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Records what the guard decided, counting and logging each held content once. `source`
+    /// names the inventory in logs.
+    pub fn note(&self, verdict: &Verdict, settle: Duration, source: &str) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        match verdict {
+            Verdict::Apply => {
+                if held.take().is_some() {
+                    tracing::info!(
+                        source,
+                        "inventory reload no longer held: the new content is not suspicious"
+                    );
+                }
+            }
+            Verdict::Confirmed { why, held: waited } => {
+                *held = None;
+                self.confirmed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(source, reason = %why, held_ms = waited.as_millis() as u64, "inventory reload applied: the same content stayed for the settle time");
+            }
+            Verdict::Hold { why, new, .. } => {
+                if *new {
+                    self.holds.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(source, reason = %why, settle_ms = settle.as_millis() as u64, "inventory reload held back; the last good inventory stays in force (write inventories atomically: temp file, then rename)");
+                    *held = Some(HoldStatus {
+                        reason: why.clone(),
+                        message: why.to_string(),
+                        since_unix: SystemTime::now()
+                            .duration_since(SystemTime::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs()),
+                        settle_ms: settle.as_millis() as u64,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Forgets a held reload (its content could not be read again).
+    pub fn release(&self) {
+        *self.held.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+/// Publishes snapshots to the agent and logs each address conflict once (not per connection,
+/// not per reload): when it appears or changes, and when it is gone.
+#[derive(Debug)]
+pub struct Publisher {
+    tx: watch::Sender<Arc<Snapshot>>,
+    stats: Arc<ReloadStats>,
+    reported: BTreeMap<IpAddr, Conflict>,
+}
+
+impl Publisher {
+    /// A publisher to `tx`.
+    pub fn new(tx: watch::Sender<Arc<Snapshot>>, stats: Arc<ReloadStats>) -> Self {
+        let mut p = Self {
+            tx,
+            stats,
+            reported: BTreeMap::new(),
+        };
+        let current = p.tx.borrow().clone();
+        p.report(&current);
+        p
+    }
+
+    /// The snapshot in force.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.tx.borrow().clone()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<ReloadStats> {
+        &self.stats
+    }
+
+    /// Publishes `snap` if it differs from the snapshot in force (or `force`); true if sent.
+    /// Its address index is built here, once, before any reader sees it.
+    pub fn publish(&mut self, snap: Snapshot, force: bool) -> bool {
+        let snap = Arc::new(snap);
+        self.report(&snap);
+        self.tx.send_if_modified(|cur| {
+            let changed = force || **cur != *snap;
+            if changed {
+                *cur = snap;
+            }
+            changed
+        })
+    }
+
+    /// Whether the receivers are all gone.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Waits until the receivers are all gone.
+    pub async fn closed(&self) {
+        self.tx.closed().await;
+    }
+
+    fn report(&mut self, snap: &Snapshot) {
+        let index = snap.addresses();
+        let mut now = BTreeMap::new();
+        for c in index.conflicts() {
+            if self.reported.get(&c.ip) != Some(c) {
+                if c.owner.is_none() {
+                    tracing::warn!(ip = %c.ip, claimants = ?c.claimants, conflict = %c.describe(), "address claimed by more than one pod; connections to it are refused until one owns it");
+                } else {
+                    tracing::info!(ip = %c.ip, claimants = ?c.claimants, conflict = %c.describe(), "address claimed by more than one pod; decided by rule");
+                }
+            }
+            now.insert(c.ip, c.clone());
+        }
+        for ip in self.reported.keys().filter(|ip| !now.contains_key(ip)) {
+            tracing::info!(ip = %ip, "address conflict resolved: one pod claims it");
+        }
+        self.stats
+            .ambiguous_addresses
+            .store(index.ambiguous().count() as u64, Ordering::Relaxed);
+        self.reported = now;
+    }
+}
