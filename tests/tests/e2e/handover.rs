@@ -84,7 +84,8 @@ fn assert_no_failed(load: &mut Proc, what: &str, logs: &dyn Fn() -> String) {
     let total = u64::from(RATE * SECONDS);
     assert_eq!(summary["requests"], total, "{what}: {summary}");
     assert_eq!(
-        summary["failed"], 0,
+        summary["failed"],
+        0,
         "{what}: requests failed across the stop:\n{summary:#}\n{}",
         logs()
     );
@@ -126,6 +127,26 @@ fn agent_section(tb: &Testbed, node: &str) -> Value {
 
 fn log_text(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The hand-over and drain lines of an agent's log, for the test's output.
+fn handover_lines(path: &Path) -> String {
+    log_text(path)
+        .lines()
+        .filter(|l| {
+            [
+                "superseded",
+                "current again",
+                "taken back",
+                "handed",
+                "drain",
+                "SIGTERM",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 #[test]
@@ -190,6 +211,11 @@ fn a_second_agent_stopped_again_hands_the_node_back_to_the_first() {
         agent["generation"].as_u64() > gen_second,
         "the first agent did not take a generation newer than the second's ({gen_second:?}): {agent}"
     );
+    eprintln!(
+        "handover: first agent:\n{}\nhandover: second agent:\n{}",
+        handover_lines(&first_log),
+        handover_lines(&second_log)
+    );
     let text = log_text(&first_log);
     assert!(
         text.contains("superseded") && text.contains("current again"),
@@ -204,7 +230,10 @@ fn a_second_agent_stopped_again_hands_the_node_back_to_the_first() {
 
     // Once the first agent is stopped too, its socket goes and the pods fail closed.
     tb.stop_agent("node2", Signal::SIGTERM).unwrap();
-    assert!(!sock.exists(), "the last agent left its admin socket behind");
+    assert!(
+        !sock.exists(),
+        "the last agent left its admin socket behind"
+    );
     let seen = tb.peer_log("server").len();
     let r = tb.request("outsider", server, PEER_PORT, None).unwrap();
     assert!(!r.data().contains("peer="), "bypass with no agent: {r:?}");
@@ -258,6 +287,99 @@ fn the_first_agent_stopped_leaves_the_second_serving() {
     assert!(
         !log_text(&second_log).contains("current again"),
         "the second agent had to take the node back although it never lost it:\n{}",
+        logs()
+    );
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_second_agent_killed_hands_the_node_back_to_the_first() {
+    let mut tb = testbed();
+    let _client_echo = tb.start_echo_server("client", LOAD_PORT).unwrap();
+    let server = IpAddr::V4(tb.pod("server").ipv4);
+    let outsider = tb.pod("outsider").ipv4;
+    let sock = tb.admin_socket("node2");
+    let first = tb.agent_pid("node2").unwrap();
+    let first_log = tb.node("node2").log.clone();
+    let second = start_second(&mut tb, "node2");
+    let second_log = second.log.clone();
+    let logs = || {
+        format!(
+            "first agent (pid {first}):\n{}\nsecond agent (pid {}):\n{}",
+            tail(&log_text(&first_log), 25),
+            second.pid,
+            tail(&log_text(&second_log), 25)
+        )
+    };
+    // Killed (an OOM kill in a rollout): no drain, no hand-back, its entry and its stale
+    // admin socket stay; the first agent sees its lock go and takes the node back.
+    let t = std::time::Instant::now();
+    assert!(tb.signal_pid(second.pid, Signal::SIGKILL));
+    assert!(tb.wait_pid_exit(second.pid, Duration::from_secs(10)));
+    let served = ambit_e2e::eventually(Duration::from_secs(10), || {
+        tb.request("outsider", server, PEER_PORT, None)
+            .ok()
+            .filter(|r| r.data().starts_with(&format!("peer={outsider}:")))
+    });
+    let recovered = t.elapsed();
+    eprintln!(
+        "handover: inbound plaintext served again {recovered:?} after SIGKILL of the second agent"
+    );
+    assert!(
+        served.is_some(),
+        "inbound plaintext not served 10 s after the second agent was killed:\n{}",
+        logs()
+    );
+    assert_eventually!(
+        timeout = Duration::from_secs(3),
+        socket_owner(&sock) == Some(first),
+        "node2's admin socket is served by {:?}, not by the first agent (pid {first}):\n{}",
+        socket_owner(&sock),
+        logs()
+    );
+    assert_node2_serves(&tb, &logs);
+    assert_eq!(agent_section(&tb, "node2")["current"], true);
+}
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn a_second_agent_that_cannot_start_leaves_the_first_untouched() {
+    let mut tb = testbed();
+    let _client_echo = tb.start_echo_server("client", LOAD_PORT).unwrap();
+    // The first agent holds metricsListen; a second one with the same config cannot bind it.
+    tb.restart_agent_with("node2", "metricsListen: 127.0.0.1:15020\n")
+        .unwrap();
+    let sock = tb.admin_socket("node2");
+    let first = tb.agent_pid("node2").unwrap();
+    let first_log = tb.node("node2").log.clone();
+    let mut second = tb.start_successor("node2").unwrap();
+    assert!(
+        second.wait_exit(Duration::from_secs(60)),
+        "the second agent started although metricsListen is taken:\n{}",
+        tail(&second.output(), 20)
+    );
+    assert!(
+        second.output().contains("metricsListen"),
+        "{}",
+        tail(&second.output(), 20)
+    );
+    let logs = || {
+        format!(
+            "first agent (pid {first}):\n{}\nsecond agent:\n{}",
+            tail(&log_text(&first_log), 25),
+            tail(&second.output(), 25)
+        )
+    };
+    assert_eq!(
+        socket_owner(&sock),
+        Some(first),
+        "the failed second agent took the admin socket:\n{}",
+        logs()
+    );
+    assert_node2_serves(&tb, &logs);
+    assert!(
+        !log_text(&first_log).contains("superseded"),
+        "the failed second agent claimed the node:\n{}",
         logs()
     );
 }
