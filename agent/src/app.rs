@@ -229,6 +229,7 @@ async fn serve(
             }
         }
     }
+    state.manager.begin_drain();
     handover::hand_back(state.datapath.clone()).await;
     state
         .manager

@@ -273,6 +273,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             json_response(code, &json!({ "ready": ready, "waiting_for": reasons }))
         }
         "/drain" if post => {
+            state.manager.begin_drain();
             state.manager.drain_trigger().notify_one();
             ok(json!({ "draining": true }))
         }

@@ -470,6 +470,12 @@ impl Manager {
         self.draining.subscribe()
     }
 
+    /// Starts stopping: the agent reports not ready and stops reconciling (its listeners stay
+    /// open until [`Manager::drain`]; in between it hands the node back, if it must).
+    pub fn begin_drain(&self) {
+        self.draining.send_replace(true);
+    }
+
     /// Drains: stop accepting (listeners close; queued connections migrate to a new agent's
     /// SO_REUSEPORT listener), tell tunnel peers GOAWAY, then wait up to `deadline` for open
     /// connections to finish. Kernel state stays pinned for the next agent.
