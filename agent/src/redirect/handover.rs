@@ -182,24 +182,25 @@ impl Handover {
     }
 
     /// Runs `f` if this agent is current, holding the directory's shared lock meanwhile, so
-    /// that no other agent claims the node halfway through; `None` (and `f` not run) otherwise.
+    /// that no other agent claims the node halfway through; `None` (and `f` not run) when it is
+    /// not, or has left. When the directory cannot be read (say, out of file descriptors), `f`
+    /// runs: writing keeps capture on, skipping could leave a pod uncaptured.
     pub fn with_current<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
         // Lock order everywhere: the directory's flock first, then `me`, never `me` while
         // waiting for a flock.
-        let _guard = match lock_dir(&self.dir, FlockArg::LockShared) {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!(error = %crate::error::error_chain(&e), "cannot tell whether this agent is current; not writing shared kernel state");
-                return None;
-            }
-        };
+        let guard = lock_dir(&self.dir, FlockArg::LockShared);
         let generation = {
             let me = lock(&self.me);
             me.lock.as_ref()?;
             me.generation
         };
-        let newest = read(&self.dir).ok()?.newest;
-        (newest == generation).then(f)
+        match guard.and_then(|g| read(&self.dir).map(|l| (g, l.newest))) {
+            Ok((_guard, newest)) => (newest == generation).then(f),
+            Err(e) => {
+                tracing::warn!(error = %crate::error::error_chain(&e), "cannot tell whether this agent is current; writing shared kernel state anyway (capture stays on)");
+                Some(f())
+            }
+        }
     }
 
     /// Looks at the other agents: whether this one is current, superseded, or must take the

@@ -163,3 +163,18 @@ fn a_newcomer_during_a_take_over_wins() {
     assert!(!a.mark_ready().unwrap());
     assert!(current(&c));
 }
+
+#[test]
+fn an_unreadable_directory_keeps_writing_and_a_left_agent_never_writes() {
+    let pin = pin_dir();
+    let a = Handover::claim_as(&pin, 100).unwrap();
+    std::fs::remove_dir_all(pin.join("agents")).unwrap();
+    assert!(
+        current(&a),
+        "cannot tell: the write is skipped (capture could lapse)"
+    );
+    assert!(a.check().is_err());
+    std::fs::create_dir_all(pin.join("agents")).unwrap();
+    let _ = a.leave();
+    assert!(!current(&a), "an agent that left still writes");
+}
