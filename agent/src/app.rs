@@ -1,17 +1,37 @@
 //! Wires the agent together; owns startup and shutdown order.
 //!
-//! Startup: config → logging → join the agent cgroup (before any socket exists) → load and
-//! attach the kernel programs → data-plane shards → inventory watch → mesh destinations in the
-//! kernel (before every snapshot goes on) → pod manager → admin socket.
-//! Shutdown (SIGTERM/SIGINT): stop serving and exit, leaving the pinned programs and maps in
-//! place, so enrolled pods fail closed until the next agent takes over.
+//! Startup: block the handled signals (before any thread exists; [`signals`]) → config →
+//! logging → signal thread (a stop signal now exits at once) → join the agent cgroup (before
+//! any socket exists) → bind `metricsListen` (an agent that cannot start fails before it
+//! touches the node) → claim the node in the pin directory's hand-over (the agent that was
+//! current stops writing shared kernel state), load and attach the kernel programs →
+//! data-plane shards → inventory watch → mesh destinations in the kernel (before every
+//! snapshot goes on) → pod manager → admin socket → hand-over watch → serving.
+//!
+//! Serving: SIGHUP re-reads the config file and logs what differs from the running config
+//! (nothing is applied: every setting takes a restart; the inventory and certificates follow
+//! their sources anyway, the log filter is `ambit logging`); SIGUSR1 logs a state summary;
+//! other signals are logged and ignored. Every 250 ms the hand-over directory is checked
+//! ([`handover::follow`]): a newer agent on the node supersedes this one (its listeners and
+//! open connections go on, the kernel state and the admin socket are the newer one's); when the
+//! newer ones are gone (stopped or dead) this one takes the node back: mesh list, cgroup links,
+//! its pods' listeners and sk_lookup links, stale state, the admin and CNI sockets.
+//!
+//! Shutdown (SIGTERM, SIGINT, SIGQUIT, or `POST /drain`; a second stop signal exits at once):
+//! leave the hand-over and, if this agent was current and an older one still runs, wait (at
+//! most 5 s) until it has taken the node back; then drain (listeners close, GOAWAY, open
+//! connections up to `drainDeadlineMs`), remove the admin socket if it is still ours, and
+//! exit, leaving the pinned programs and maps in place, so enrolled pods fail closed until
+//! the next agent takes over.
+mod handover;
+
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::admin::logging::{self, LogControl};
 use crate::admin::metrics;
@@ -30,12 +50,17 @@ use crate::proxy::manager::Manager;
 use crate::proxy::shards::{self, Shards};
 use crate::proxy::tls::TlsSource;
 use crate::redirect::{events, mesh, Datapath};
+use crate::signals::{self, Event, Signals};
 use crate::{cgroups, sys};
 
 /// `ambit run`.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let blocked = signals::block().context("cannot block signals")?;
     let cfg = Config::load(&args.config)?;
     let log = logging::init(cfg.log_format);
+    let signals = blocked
+        .start("agent")
+        .context("cannot start the signal thread")?;
     let cg_root = match &cfg.cgroup_root {
         Some(root) => root.clone(),
         None => sys::cgroup2_mount()?,
@@ -49,6 +74,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             dir
         }
         None => cgroups::own_cgroup(&cg_root, &pods_cgroup)?,
+    };
+    // Before the node is claimed: an agent that cannot start must not disturb the one serving.
+    let metrics = match cfg.metrics_listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot bind metricsListen {addr}"))?,
+        ),
+        None => None,
     };
     let (datapath, ring) = Datapath::load(&cfg, &pods_cgroup, &agent_cgroup)?;
     let datapath = Arc::new(datapath);
@@ -67,10 +100,32 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let admin_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = admin_rt.block_on(serve(cfg.clone(), datapath, ring, data_plane.clone(), log));
+    let early = Early {
+        config_path: args.config.clone(),
+        log,
+        signals,
+        metrics,
+    };
+    let result = admin_rt.block_on(serve(
+        cfg.clone(),
+        datapath,
+        ring,
+        data_plane.clone(),
+        early,
+    ));
     data_plane.shutdown(Duration::from_secs(1));
     tracing::info!("agent stopped; kernel programs stay attached (pods fail closed)");
     result
+}
+
+/// What `run` sets up before the kernel programs.
+struct Early {
+    /// The config file, read again on SIGHUP.
+    config_path: PathBuf,
+    log: LogControl,
+    signals: Signals,
+    /// `metricsListen`, bound.
+    metrics: Option<std::net::TcpListener>,
 }
 
 async fn serve(
@@ -78,8 +133,14 @@ async fn serve(
     datapath: Arc<Datapath>,
     ring: aya::maps::RingBuf<aya::maps::MapData>,
     data_plane: Arc<Shards>,
-    log: LogControl,
+    early: Early,
 ) -> anyhow::Result<()> {
+    let Early {
+        config_path,
+        log,
+        mut signals,
+        metrics: metrics_listener,
+    } = early;
     tokio::spawn(events::drain(ring));
     let (raw_tx, mut raw_rx) = watch::channel(Arc::new(Snapshot::default()));
     let reloads = Arc::new(ReloadStats::default());
@@ -105,6 +166,7 @@ async fn serve(
         tls,
         certs,
     ));
+    let mut cni_handler = None;
     if let (Some(cni), Some(pod_map)) = (&cfg.cni, pod_map) {
         let m = manager.clone();
         let confirm: cni::handler::Confirm = Arc::new(move |key: &str| m.pod_state(key));
@@ -116,10 +178,12 @@ async fn serve(
             Some(confirm),
             Duration::from_millis(cni.wait_ms),
         );
+        cni_handler = Some(handler.clone());
         tokio::spawn(cni::server::serve(listener, handler));
         tracing::info!(cni.socket = %cni.socket.display(), "cni socket bound");
     }
     let rx_admin = rx.clone();
+    let rx_owned = rx.clone();
     tokio::spawn(manager.clone().run(rx));
     let listener = server::bind(&cfg.admin_socket)?;
     let registry = metrics::registry(
@@ -139,37 +203,94 @@ async fn serve(
         log,
         inventory_rx: rx_admin,
     });
-    let metrics_listener = match cfg.metrics_listen {
-        Some(addr) => Some(
-            std::net::TcpListener::bind(addr)
-                .with_context(|| format!("cannot bind metricsListen {addr}"))?,
-        ),
-        None => None,
-    };
-    let admin_ino = inode(&cfg.admin_socket);
+    let admin_ino = Arc::new(AtomicU64::new(handover::inode(&cfg.admin_socket)));
+    let (admin_tx, admin_rx) = mpsc::unbounded_channel();
     // Its own thread and runtime: data-plane floods cannot delay `/status`.
-    server::spawn_thread(listener, metrics_listener, state.clone())
+    server::spawn_thread(listener, metrics_listener, state.clone(), admin_rx)
         .context("cannot start the admin thread")?;
+    let owned = Arc::new(handover::Owned {
+        cfg: cfg.clone(),
+        datapath: state.datapath.clone(),
+        manager: state.manager.clone(),
+        inventory: rx_owned,
+        admin_tx,
+        admin_ino: admin_ino.clone(),
+        cni: cni_handler,
+    });
+    tokio::spawn(handover::follow(owned, state.manager.draining()));
+    signals.serving();
     tracing::info!(admin.socket = %cfg.admin_socket.display(), "agent serving");
     let drain = state.manager.drain_trigger();
-    tokio::select! {
-        () = shutdown_signal() => {},
-        () = drain.notified() => {},
+    loop {
+        tokio::select! {
+            ev = signals.recv() => match ev {
+                Event::Stop(_) => break,
+                Event::Reload => reload_check(&cfg, &config_path),
+                Event::Dump => dump_state(&state),
+            },
+            () = drain.notified() => {
+                signals.stopping();
+                tracing::info!("drain requested on the admin socket");
+                break;
+            }
+        }
     }
+    state.manager.begin_drain();
+    handover::hand_back(state.datapath.clone()).await;
     state
         .manager
         .drain(Duration::from_millis(cfg.drain_deadline_ms))
         .await;
-    // A newer agent may have bound the same path already: remove only our own socket.
-    if admin_ino.is_some() && inode(&cfg.admin_socket) == admin_ino {
+    // A newer agent may have bound the same path since: remove only our own socket.
+    let ours = admin_ino.load(Ordering::Relaxed);
+    if ours != 0 && handover::inode(&cfg.admin_socket) == ours {
         let _ = std::fs::remove_file(&cfg.admin_socket);
     }
     Ok(())
 }
 
-fn inode(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| m.ino())
+/// SIGHUP: reads the config file again and logs what differs from the running config. Nothing
+/// is applied: every setting takes a (zero-downtime) restart.
+fn reload_check(running: &Config, path: &Path) {
+    let read = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(signal = "SIGHUP", config = %path.display(), error = %crate::error::error_chain(&e), "SIGHUP: cannot use the config file; the running configuration stays");
+            return;
+        }
+    };
+    let (a, b) = (serde_json::to_value(running), serde_json::to_value(&read));
+    let changed = match (a, b) {
+        (Ok(a), Ok(b)) => signals::changed_keys(&a, &b),
+        _ => vec!["(cannot compare)".to_string()],
+    };
+    if changed.is_empty() {
+        tracing::info!(signal = "SIGHUP", config = %path.display(), "SIGHUP: configuration unchanged");
+    } else {
+        tracing::warn!(signal = "SIGHUP", config = %path.display(), changed = ?changed, "SIGHUP: the config file differs from the running configuration in {}; nothing is applied: a restart takes the new settings", changed.join(", "));
+    }
+}
+
+/// SIGUSR1: one log line with the state in numbers.
+fn dump_state(state: &AdminState) {
+    let pods = state.manager.status();
+    let enrolled = pods.iter().filter(|p| p.state == "enrolled").count();
+    let agent = state.datapath.handover().summary();
+    let mesh = state.datapath.mesh_summary();
+    tracing::info!(
+        signal = "SIGUSR1",
+        pods.enrolled = enrolled,
+        pods.failed = pods.len() - enrolled,
+        connections = state.manager.connections().len(),
+        certificates = state.manager.certs().len(),
+        ready = state.manager.readiness().0,
+        generation = agent.generation,
+        current = agent.current,
+        mesh.destinations = mesh.destinations,
+        mesh.capture_everything = mesh.capture_everything,
+        uptime_s = state.started.elapsed().as_secs(),
+        "SIGUSR1: state summary"
+    );
 }
 
 /// Starts the configured inventory source publishing to `tx`; returns the CNI pod map when
@@ -291,22 +412,6 @@ fn identities(cfg: &Config) -> anyhow::Result<Option<(Arc<TlsSource>, Arc<CertMa
         domains,
     ));
     Ok(Some((tls, certs)))
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; running until killed");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
-    }
 }
 
 /// Resolves a configured cgroup path: absolute as is, relative under the cgroup2 mount.

@@ -13,5 +13,6 @@ pub mod inventory;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;
+pub mod signals;
 pub mod sys;
 pub mod tunnel;

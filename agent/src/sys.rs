@@ -1,7 +1,7 @@
-//! Syscalls the agent needs beyond std and socket2: netns entry, cookies, bpffs and cgroup2 mounts.
+//! Syscalls the agent needs beyond std and socket2: netns entry, cookies, bpffs and cgroup2 mounts, signal masks.
 #![expect(
     unsafe_code,
-    reason = "getsockopt(SO_NETNS_COOKIE) and setpriority have no safe wrapper"
+    reason = "getsockopt(SO_NETNS_COOKIE), setpriority and sigwait on realtime signals have no safe wrapper"
 )]
 
 use std::fs::File;
@@ -68,6 +68,13 @@ pub enum Error {
         path: PathBuf,
         #[source]
         source: nix::Error,
+    },
+    /// A signal-mask call failed.
+    #[error("{call} failed")]
+    Signals {
+        call: &'static str,
+        #[source]
+        source: io::Error,
     },
 }
 
@@ -170,6 +177,63 @@ pub fn set_thread_nice(nice: i32) -> Result<(), Error> {
         });
     }
     Ok(())
+}
+
+/// A set of signal numbers (realtime ones included, which `nix::sys::signal::Signal` lacks).
+#[derive(Clone, Copy)]
+pub struct SignalSet(libc::sigset_t);
+
+/// The realtime signals, `SIGRTMIN..=SIGRTMAX` (as the C library reserves them).
+pub fn realtime_signals() -> std::ops::RangeInclusive<i32> {
+    libc::SIGRTMIN()..=libc::SIGRTMAX()
+}
+
+/// Blocks `signals` in the calling thread; threads it starts afterwards inherit the mask, so
+/// only a thread that waits for them with [`wait_signal`] ever receives them.
+pub fn block_signals(signals: &[i32]) -> Result<SignalSet, Error> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set it is given, which is ours and large enough.
+    if unsafe { libc::sigemptyset(set.as_mut_ptr()) } != 0 {
+        return Err(signals_err("sigemptyset"));
+    }
+    // SAFETY: initialised by sigemptyset above.
+    let mut set = unsafe { set.assume_init() };
+    for &signo in signals {
+        // SAFETY: writes only into `set`; an invalid number is refused with EINVAL.
+        if unsafe { libc::sigaddset(&mut set, signo) } != 0 {
+            return Err(signals_err("sigaddset"));
+        }
+    }
+    // SAFETY: `set` is initialised; a null old-set pointer is allowed.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(Error::Signals {
+            call: "pthread_sigmask",
+            source: io::Error::from_raw_os_error(rc),
+        });
+    }
+    Ok(SignalSet(set))
+}
+
+/// Waits for one of `set`'s signals (blocked with [`block_signals`]) and returns its number.
+pub fn wait_signal(set: &SignalSet) -> Result<i32, Error> {
+    let mut signo: libc::c_int = 0;
+    // SAFETY: both pointers are to live values of ours, of the types sigwait expects.
+    let rc = unsafe { libc::sigwait(&set.0, &mut signo) };
+    if rc != 0 {
+        return Err(Error::Signals {
+            call: "sigwait",
+            source: io::Error::from_raw_os_error(rc),
+        });
+    }
+    Ok(signo)
+}
+
+fn signals_err(call: &'static str) -> Error {
+    Error::Signals {
+        call,
+        source: io::Error::last_os_error(),
+    }
 }
 
 /// Where the cgroup2 filesystem is mounted (found in /proc/self/mountinfo, never assumed).

@@ -110,11 +110,14 @@ pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
 pub const ADMIN_NICE: i32 = -10;
 
 /// Serves the admin socket, and the metrics listener when given, on a thread of their own
-/// with a single-threaded runtime, until the process exits.
+/// with a single-threaded runtime, until the process exits; also every listener later sent on
+/// `rebound` (the socket bound again at the same path when this agent takes the node back from
+/// a newer agent that replaced it).
 pub fn spawn_thread(
     listener: std::os::unix::net::UnixListener,
     metrics: Option<std::net::TcpListener>,
     state: Arc<AdminState>,
+    mut rebound: tokio::sync::mpsc::UnboundedReceiver<std::os::unix::net::UnixListener>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name("ambit-admin".into())
@@ -142,10 +145,15 @@ pub fn spawn_thread(
                         Err(e) => tracing::error!(error = %e, "cannot serve metricsListen"),
                     }
                 }
-                match UnixListener::from_std(listener) {
-                    Ok(l) => serve(l, state).await,
+                let serve_std = |l: std::os::unix::net::UnixListener| match UnixListener::from_std(l) {
+                    Ok(l) => drop(tokio::spawn(serve(l, state.clone()))),
                     Err(e) => tracing::error!(error = %e, "cannot serve the admin socket"),
+                };
+                serve_std(listener);
+                while let Some(l) = rebound.recv().await {
+                    serve_std(l);
                 }
+                std::future::pending::<()>().await;
             });
         })
 }
@@ -265,6 +273,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             json_response(code, &json!({ "ready": ready, "waiting_for": reasons }))
         }
         "/drain" if post => {
+            state.manager.begin_drain();
             state.manager.drain_trigger().notify_one();
             ok(json!({ "draining": true }))
         }
@@ -451,6 +460,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "refused_peers": REFUSED_PEERS.load(Ordering::Relaxed),
             "refused_over_limit": REFUSED_OVER_LIMIT.load(Ordering::Relaxed),
         },
+        "agent": state.datapath.handover().summary(),
         "pods": state.manager.status(),
         "mesh": state.datapath.mesh_summary(),
         "kernel": kernel,

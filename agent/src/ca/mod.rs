@@ -9,7 +9,10 @@
 //! keys (a JWKS file, or OIDC discovery from the API server) → first inventory load from a file
 //! (must succeed: a CA that cannot authorize anyone is useless), or the Kubernetes reflectors
 //! (`/status` answers 503 until their first full sync) → listener → watchers (inventory, keys)
-//! → serve until SIGTERM/SIGINT.
+//! → serve until SIGTERM/SIGINT/SIGQUIT. Signals are taken over first, as in the agent
+//! ([`crate::signals`]): SIGHUP re-reads the config file and logs whether it differs (nothing
+//! is applied: the inventory and the issuer keys are followed anyway, the rest takes a
+//! restart), SIGUSR1 logs the CA's counters, other signals are logged and ignored.
 pub mod client;
 pub mod config;
 pub mod material;
@@ -40,6 +43,7 @@ use crate::ca::token::{Jwks, JwksError, TokenVerifier};
 use crate::cli::CaArgs;
 use crate::config::{InventorySource, LogFormat};
 use crate::inventory;
+use crate::signals::{Event, Signals};
 
 pub use client::{CaClient, CaClientConfig, ClientError};
 
@@ -77,6 +81,12 @@ pub enum Error {
     /// The gRPC server could not start.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// The signals could not be taken over.
+    #[error("cannot block signals")]
+    SignalMask(#[from] crate::sys::Error),
+    /// The signal thread could not start.
+    #[error("cannot start the signal thread")]
+    SignalThread(#[source] std::io::Error),
     /// The status listener could not start.
     #[error("cannot listen on {addr} for /status")]
     Status {
@@ -88,18 +98,20 @@ pub enum Error {
 
 /// `ambit ca`: serve until SIGTERM or SIGINT.
 pub fn run(args: CaArgs) -> Result<(), Error> {
+    let blocked = crate::signals::block()?;
     let mut cfg = CaConfig::load(&args.config)?;
     cfg.generate |= args.generate;
     init_logging(cfg.log_format);
+    let signals = blocked.start("ca").map_err(Error::SignalThread)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .thread_name("ambit-ca")
         .enable_all()
         .build()
         .map_err(|source| Error::Runtime { source })?;
-    runtime.block_on(serve(cfg))
+    runtime.block_on(serve(cfg, args, signals))
 }
 
-async fn serve(cfg: CaConfig) -> Result<(), Error> {
+async fn serve(cfg: CaConfig, args: CaArgs, mut signals: Signals) -> Result<(), Error> {
     let mut ips = cfg.serving_ips.clone();
     if !cfg.listen.ip().is_unspecified() && !ips.contains(&cfg.listen.ip()) {
         ips.push(cfg.listen.ip());
@@ -189,9 +201,19 @@ async fn serve(cfg: CaConfig) -> Result<(), Error> {
         "ca serving"
     );
 
-    tokio::select! {
-        () = shutdown_signal() => {}
-        () = running.wait() => tracing::error!("ca server stopped unexpectedly"),
+    signals.serving();
+    loop {
+        tokio::select! {
+            ev = signals.recv() => match ev {
+                Event::Stop(_) => break,
+                Event::Reload => reload_check(&cfg, &args),
+                Event::Dump => tracing::info!(signal = "SIGUSR1", stats = ?service.stats().snapshot(), "SIGUSR1: state summary"),
+            },
+            () = running.wait() => {
+                tracing::error!("ca server stopped unexpectedly");
+                break;
+            }
+        }
     }
     tracing::info!(stats = ?service.stats().snapshot(), "ca stopping");
     running.stop().await;
@@ -312,17 +334,20 @@ async fn watch_jwks(path: PathBuf, interval: Duration, service: Arc<CaService>) 
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
+/// SIGHUP: reads the config file again and logs whether it differs from the running one.
+fn reload_check(running: &CaConfig, args: &CaArgs) {
+    let path = args.config.display();
+    match CaConfig::load(&args.config) {
+        Err(e) => {
+            tracing::error!(signal = "SIGHUP", config = %path, error = %service::chain(&e), "SIGHUP: cannot use the config file; the running configuration stays")
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+        Ok(mut read) => {
+            read.generate |= args.generate;
+            if format!("{read:?}") == format!("{running:?}") {
+                tracing::info!(signal = "SIGHUP", config = %path, "SIGHUP: configuration unchanged");
+            } else {
+                tracing::warn!(signal = "SIGHUP", config = %path, "SIGHUP: the config file differs from the running configuration; nothing is applied: a restart takes the new settings (the inventory and the issuer keys are followed without one)");
+            }
         }
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Enrollment order (see redirect/mod.rs): bind listeners in the pod, register the inbound
 //! listeners, enroll in the kernel, then start the accept tasks. Removal reverses it; open
-//! connections keep running until they end.
+//! connections keep running until they end. An agent that takes the node back from a newer
+//! one that left ([`Manager::reassert`]) registers and enrolls its pods again.
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -41,6 +42,10 @@ struct Enrolled {
     entry: PodEntry,
     netns_ino: (u64, u64),
     listeners: Vec<String>,
+    /// Duplicates of the inbound listeners (family, fd), to register them again when this
+    /// agent takes the node back; dropped with the pod and at drain (they must not keep the
+    /// listeners open).
+    inbound: Vec<(u8, std::os::fd::OwnedFd)>,
     tasks: Vec<JoinHandle<()>>,
     /// Turns true when the pod leaves (or the agent drains): its tunnel connections get
     /// GOAWAY, so they do not keep the pod's namespace alive until their idle timeout.
@@ -287,10 +292,15 @@ impl Manager {
             .listeners(p.outbound, p.inbound_plaintext, p.tunnel)
             .map_err(|e| error_chain(&e))?;
         let key = w.key();
+        let mut inbound = Vec::new();
         for (family, listener) in &l.inbound {
             self.datapath
                 .add_listener(&key, l.netns_cookie, *family, listener)
                 .map_err(|e| error_chain(&e))?;
+            let dup = listener
+                .try_clone()
+                .map_err(|e| format!("cannot duplicate the inbound listener: {e}"))?;
+            inbound.push((*family, std::os::fd::OwnedFd::from(dup)));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let closing = watch::channel(*self.draining.borrow()).0;
@@ -360,6 +370,7 @@ impl Manager {
             entry,
             netns_ino: ino,
             listeners: names,
+            inbound,
             tasks,
             closing,
         })
@@ -421,6 +432,34 @@ impl Manager {
         lock(&self.failed).get(key).map(|f| Err(f.error.clone()))
     }
 
+    /// Whether the first reconcile is done (every pod of the first snapshot enrolled or failed).
+    pub fn reconciled(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Registers and enrolls every pod again, then removes kernel state of pods this agent
+    /// does not serve: for an agent that takes the node back from a newer one that left (its
+    /// listeners' SOCKHASH entries vanished with them, its sk_lookup pins replaced ours).
+    /// Returns how many pods were re-asserted and the errors by pod.
+    pub fn reassert(&self) -> (usize, Vec<String>) {
+        let mut errors = Vec::new();
+        let mut done = 0;
+        for (key, e) in lock(&self.enrolled).iter() {
+            let cookie = e.entry.netns_cookie;
+            let r = e
+                .inbound
+                .iter()
+                .try_for_each(|(family, fd)| self.datapath.add_listener(key, cookie, *family, fd))
+                .and_then(|()| self.datapath.enroll(&e.entry, e.ctx.sockets.netns()));
+            match r {
+                Ok(()) => done += 1,
+                Err(err) => errors.push(format!("{key}: {}", error_chain(&err))),
+            }
+        }
+        self.remove_stale();
+        (done, errors)
+    }
+
     /// Notified by `POST /drain`.
     pub fn drain_trigger(&self) -> Arc<tokio::sync::Notify> {
         self.drain.clone()
@@ -429,6 +468,12 @@ impl Manager {
     /// A receiver that turns true when draining starts (tunnel servers send GOAWAY).
     pub fn draining(&self) -> watch::Receiver<bool> {
         self.draining.subscribe()
+    }
+
+    /// Starts stopping: the agent reports not ready and stops reconciling (its listeners stay
+    /// open until [`Manager::drain`]; in between it hands the node back, if it must).
+    pub fn begin_drain(&self) {
+        self.draining.send_replace(true);
     }
 
     /// Drains: stop accepting (listeners close; queued connections migrate to a new agent's
@@ -442,6 +487,7 @@ impl Manager {
                 for t in e.tasks.drain(..) {
                     t.abort();
                 }
+                e.inbound.clear();
                 e.closing.send_replace(true);
                 e.ctx.workload.key()
             })

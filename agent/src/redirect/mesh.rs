@@ -16,6 +16,8 @@
 //!   every destination again: an incomplete list costs speed, never a bypass of the mesh.
 //! - The map is pinned: after the agent dies the last list stays, so mesh destinations fail
 //!   closed (the redirect meets no listener) while other destinations keep working.
+//! - Only the current agent of the pin directory writes the list ([`super::handover`]); one
+//!   that takes the node back re-reads the map first ([`Datapath::resync_mesh`]).
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -127,6 +129,11 @@ impl MeshDsts {
         let installed = map.iter().filter_map(Result::ok).collect();
         Self::with(map, installed, MAX_MESH_DSTS)
     }
+
+    /// Reads what the map holds again (another agent may have written it).
+    fn reload(&mut self) {
+        self.installed = self.map.iter().filter_map(Result::ok).collect();
+    }
 }
 
 impl<M: DstMap> MeshDsts<M> {
@@ -227,9 +234,21 @@ impl<M: DstMap> MeshDsts<M> {
 }
 
 impl Datapath {
-    /// Brings `amb_mesh_dsts` in line with `snap`.
-    pub fn sync_mesh(&self, snap: &Snapshot) -> SyncReport {
-        lock(&self.mesh).sync(&destinations(snap))
+    /// Brings `amb_mesh_dsts` in line with `snap` while this agent is current (`None`, and
+    /// nothing written, otherwise).
+    pub fn sync_mesh(&self, snap: &Snapshot) -> Option<SyncReport> {
+        self.handover
+            .with_current(|| lock(&self.mesh).sync(&destinations(snap)))
+    }
+
+    /// Like [`Datapath::sync_mesh`], after reading what the map holds now: for an agent
+    /// taking the node back from one that wrote it meanwhile.
+    pub fn resync_mesh(&self, snap: &Snapshot) -> Option<SyncReport> {
+        self.handover.with_current(|| {
+            let mut m = lock(&self.mesh);
+            m.reload();
+            m.sync(&destinations(snap))
+        })
     }
 
     /// What `/status` shows of the mesh list: whether it is used, its size, the wildcard.
@@ -261,7 +280,11 @@ pub async fn sync_current(
     let snap = raw.borrow_and_update().clone();
     let (d, s) = (dp.clone(), snap.clone());
     let report = match tokio::task::spawn_blocking(move || d.sync_mesh(&s)).await {
-        Ok(r) => r,
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            tracing::debug!("not the current agent: the mesh list is left to the current one");
+            return (snap, last.unwrap_or_default());
+        }
         Err(e) => {
             tracing::error!(error = %e, "mesh destination sync task failed");
             SyncReport {

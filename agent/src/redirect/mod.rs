@@ -6,8 +6,11 @@
 //!   listener, inbound SYNs dropped by sk_lookup) instead of bypassing the mesh.
 //! - A pod is enrolled in the kernel only after its listeners exist: listener sockets first,
 //!   then addresses, then the capture flags, then the sk_lookup link. Unenrollment reverses it.
-//! - On restart, new links are attached before the old pins are removed, so capture never lapses.
+//! - On restart, new links are attached before the old pins are replaced, so capture never lapses.
+//! - Of several agents sharing the pin directory only the current one writes shared kernel
+//!   state (map entries, pins); see [`handover`].
 pub mod events;
+pub mod handover;
 pub mod maps;
 pub mod mesh;
 
@@ -18,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
-use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::links::FdLink;
 use aya::programs::{
     CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps,
 };
@@ -27,6 +30,7 @@ use aya::{Ebpf, EbpfLoader};
 use crate::addr::{ClientAddr, OrigDstAddr};
 use crate::config::Config;
 use crate::sys::{self, Netns};
+use handover::{pin_link, remove_pin};
 use maps::{
     AmbAddrKey, AmbBypassKey, AmbConnKey, AmbListenerKey, AmbOrigDst, AmbPod, AmbPodStats,
     STAT_NAMES,
@@ -120,6 +124,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The hand-over directory (which agent is current) failed.
+    #[error(transparent)]
+    Handover(#[from] handover::Error),
 }
 
 /// A pod as the kernel programs know it.
@@ -153,9 +160,13 @@ pub struct Datapath {
     /// `capture.meshOnly`: enrolled pods get `POD_F_MESH_ONLY`.
     mesh_only: bool,
     links_dir: PathBuf,
-    lookup_links: Mutex<HashMap<u64, PinnedLink>>,
-    // Held so the cgroup links stay pinned by this process as well.
-    _cgroup_links: Vec<PinnedLink>,
+    lookup_links: Mutex<HashMap<u64, FdLink>>,
+    /// This agent's cgroup links with their pin paths, held so they stay attached while it
+    /// runs even after a newer agent replaced the pins, and re-pinned when it takes the node
+    /// back (`None` once a re-pin failed).
+    cgroup_links: Mutex<Vec<(PathBuf, Option<FdLink>)>>,
+    /// Which agent sharing the pin directory is current.
+    handover: handover::Handover,
 }
 
 /// Loads the cgroup program `$name` of type `$ty`, attaches it at the cgroup `$cg` (an open
@@ -200,6 +211,8 @@ impl Datapath {
         if pin_dir.starts_with("/sys/fs/bpf") {
             sys::ensure_bpffs(Path::new("/sys/fs/bpf"))?;
         }
+        // Before anything is pinned or written: the agent that was current stops writing.
+        let handover = handover::Handover::claim(pin_dir)?;
         let links_dir = pin_dir.join("links");
         std::fs::create_dir_all(&links_dir).map_err(|source| Error::Pin {
             path: links_dir.clone(),
@@ -246,21 +259,23 @@ impl Datapath {
             "bind4",
             "bind6",
         ] {
-            links.push(attach_pinned!(
+            let link = attach_pinned!(
                 bpf,
                 CgroupSockAddr,
                 name,
                 (&pods_cg, pods_cgroup),
                 links_dir
-            ));
+            );
+            links.push((links_dir.join(name), Some(link)));
         }
-        links.push(attach_pinned!(
+        let link = attach_pinned!(
             bpf,
             SockOps,
             "sockops_est",
             (&pods_cg, pods_cgroup),
             links_dir
-        ));
+        );
+        links.push((links_dir.join("sockops_est"), Some(link)));
         {
             let name = "getsockopt_orig";
             let prog: &mut CgroupSockopt = program(&mut bpf, name)?;
@@ -315,12 +330,14 @@ impl Datapath {
             mesh_only: cfg.capture.mesh_only,
             links_dir,
             lookup_links: Mutex::new(HashMap::new()),
-            _cgroup_links: links,
+            cgroup_links: Mutex::new(links),
+            handover,
         };
         Ok((dp, events))
     }
 
-    /// Registers a pod's inbound listener for `family` (AF_INET or AF_INET6) in the SOCKHASH.
+    /// Registers a pod's inbound listener for `family` (AF_INET or AF_INET6) in the SOCKHASH
+    /// (only while this agent is current; otherwise nothing happens).
     pub fn add_listener(
         &self,
         key: &str,
@@ -333,20 +350,32 @@ impl Datapath {
             family: u32::from(family),
             _pad: 0,
         };
-        lock(&self.maps)
-            .listeners
-            .insert(k, listener.as_raw_fd(), 0)
-            .map_err(|source| Error::MapOp {
+        let insert = || {
+            lock(&self.maps)
+                .listeners
+                .insert(k, listener.as_raw_fd(), 0)
+        };
+        match self.handover.with_current(insert) {
+            None | Some(Ok(())) => Ok(()),
+            Some(Err(source)) => Err(Error::MapOp {
                 map: "amb_listeners",
                 op: "insert",
                 pod: key.to_string(),
                 source: Box::new(source),
-            })
+            }),
+        }
     }
 
     /// Enrolls a pod in the kernel (its listeners must already be registered) and attaches
-    /// sk_lookup to its network namespace.
+    /// sk_lookup to its network namespace; only while this agent is current (otherwise the
+    /// current agent does, or this one when it takes the node back).
     pub fn enroll(&self, entry: &PodEntry, netns: &Netns) -> Result<(), Error> {
+        self.handover
+            .with_current(|| self.enroll_now(entry, netns))
+            .unwrap_or(Ok(()))
+    }
+
+    fn enroll_now(&self, entry: &PodEntry, netns: &Netns) -> Result<(), Error> {
         let op_err = |map, op| {
             move |source: MapError| Error::MapOp {
                 map,
@@ -404,8 +433,18 @@ impl Datapath {
         Ok(())
     }
 
-    /// Removes a pod from the kernel: capture stops, sk_lookup detaches, map entries go.
+    /// Removes a pod from the kernel: capture stops, sk_lookup detaches, map entries go. An
+    /// agent that is not current only lets go of its own sk_lookup link.
     pub fn unenroll(&self, entry: &PodEntry) -> Result<(), Error> {
+        self.handover
+            .with_current(|| self.unenroll_now(entry))
+            .unwrap_or_else(|| {
+                lock(&self.lookup_links).remove(&entry.netns_cookie);
+                Ok(())
+            })
+    }
+
+    fn unenroll_now(&self, entry: &PodEntry) -> Result<(), Error> {
         let op_err = |map, op| {
             move |source: MapError| Error::MapOp {
                 map,
@@ -435,66 +474,14 @@ impl Datapath {
             }
             let _ = m.pod_stats.remove(&entry.netns_cookie);
         }
-        let pinned = lock(&self.lookup_links).remove(&entry.netns_cookie);
-        let pin = self
-            .links_dir
-            .join(format!("lookup-{}", entry.netns_cookie));
-        match pinned {
-            Some(p) => drop(
-                p.unpin()
-                    .map_err(|source| Error::Pin { path: pin, source })?,
-            ),
-            None => remove_pin(&pin)?,
-        }
+        let link = lock(&self.lookup_links).remove(&entry.netns_cookie);
+        remove_pin(
+            &self
+                .links_dir
+                .join(format!("lookup-{}", entry.netns_cookie)),
+        )?;
+        drop(link);
         first_err.map_or(Ok(()), Err)
-    }
-
-    /// Removes sk_lookup pins of pods this agent does not serve (left by a previous run) and
-    /// their kernel entries.
-    pub fn remove_stale(&self, keep: &[u64]) -> Result<Vec<u64>, Error> {
-        let mut removed = Vec::new();
-        let known: Vec<u64> = {
-            let m = lock(&self.maps);
-            m.pods.keys().filter_map(Result::ok).collect()
-        };
-        let pins = std::fs::read_dir(&self.links_dir).map_err(|source| Error::Pin {
-            path: self.links_dir.clone(),
-            source,
-        })?;
-        let mut pinned: Vec<u64> = pins
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_prefix("lookup-")?
-                    .parse()
-                    .ok()
-            })
-            .collect();
-        pinned.extend(known);
-        pinned.sort_unstable();
-        pinned.dedup();
-        for cookie in pinned.into_iter().filter(|c| !keep.contains(c)) {
-            let addrs: Vec<AmbAddrKey> = {
-                let m = lock(&self.maps);
-                m.pod_addrs
-                    .iter()
-                    .filter_map(Result::ok)
-                    .filter(|(_, c)| *c == cookie)
-                    .map(|(k, _)| k)
-                    .collect()
-            };
-            let mut m = lock(&self.maps);
-            for a in addrs {
-                let _ = m.pod_addrs.remove(&a);
-            }
-            let _ = m.pods.remove(&cookie);
-            let _ = m.pod_stats.remove(&cookie);
-            drop(m);
-            remove_pin(&self.links_dir.join(format!("lookup-{cookie}")))?;
-            removed.push(cookie);
-        }
-        Ok(removed)
     }
 
     /// The original destination of a captured connection, from the tuple sockops recorded.
@@ -563,27 +550,6 @@ where
         map: name,
         source: Some(Box::new(e)),
     })
-}
-
-/// Pins `link` at `path`, replacing a pin left by a previous agent only after the new link is
-/// attached (the caller attached it already), so capture never lapses.
-fn pin_link(link: FdLink, path: &Path) -> Result<PinnedLink, Error> {
-    remove_pin(path)?;
-    link.pin(path).map_err(|e| Error::Pin {
-        path: path.into(),
-        source: std::io::Error::other(e.to_string()),
-    })
-}
-
-fn remove_pin(path: &Path) -> Result<(), Error> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(Error::Pin {
-            path: path.into(),
-            source,
-        }),
-    }
 }
 
 fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
