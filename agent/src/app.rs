@@ -49,7 +49,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => cgroups::own_cgroup(&cg_root, &pods_cgroup)?,
     };
-    let (datapath, ring) = Datapath::load(&cfg, &pods_cgroup, &agent_cgroup)?;
+    let (datapath, ring) = Datapath::load(&cfg, &cg_root, &pods_cgroup, &agent_cgroup)?;
     let datapath = Arc::new(datapath);
     tracing::info!(
         node = %cfg.node,

@@ -132,6 +132,7 @@ impl Manager {
             let this = self.clone();
             let reconciled = tokio::task::spawn_blocking(move || {
                 this.reconcile(&snap);
+                this.datapath.sweep_agent_cgroups();
                 this.reauthorize(&snap);
                 this.refresh_trust();
                 if first {
@@ -303,7 +304,6 @@ impl Manager {
                 &w.skip_ports,
                 &w.skip_cidrs,
             ),
-            ips: w.ips.clone(),
         };
         let ctx = Arc::new(PodContext {
             workload: w.clone(),

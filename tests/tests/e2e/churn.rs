@@ -29,7 +29,6 @@ const FD_SLACK: usize = 8;
 const MAPS: &[&str] = &[
     "amb_pods",
     "amb_pod_stats",
-    "amb_pod_addrs",
     "amb_listeners",
     "amb_conns",
 ];
@@ -229,17 +228,13 @@ fn enrolled_cookies(tb: &Testbed) -> [BTreeSet<u64>; 2] {
 }
 
 /// Entries of our pinned maps that belong to one of `cookies`: the netns cookie is the first
-/// 8 bytes (little-endian) of the raw key of every map here but `amb_pod_addrs`, whose value is
-/// the cookie. Only that field is compared: on kernels that hand out cookies from per-CPU
-/// batches (6.1) cookies are small numbers that also occur as flags, counters or families.
+/// 8 bytes (little-endian) of the raw key of every map here. Only that field is compared: on
+/// kernels that hand out cookies from per-CPU batches (6.1) cookies are small numbers that
+/// also occur as flags, counters or families.
 fn stale_entries(pins: &Path, cookies: &[u64]) -> Vec<String> {
     let mut out = Vec::new();
     for map in MAPS {
-        let field = if *map == "amb_pod_addrs" {
-            "value"
-        } else {
-            "key"
-        };
+        let field = "key";
         let entries = leaks::map_dump(&pins.join(map)).unwrap();
         for e in entries {
             let formatted = &e["formatted"][field];
