@@ -306,7 +306,11 @@ mod tests {
 
     #[test]
     fn liveness_finds_a_cgroup_by_id_and_reads_whether_it_is_populated() {
-        let t = tree(&[("a/b/agent.scope", "42\n"), ("a/c/old.scope", ""), ("x", "")]);
+        let t = tree(&[
+            ("a/b/agent.scope", "42\n"),
+            ("a/c/old.scope", ""),
+            ("x", ""),
+        ]);
         let agent = t.path().join("a/b/agent.scope");
         let old = t.path().join("a/c/old.scope");
         fs::write(agent.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();

@@ -15,6 +15,7 @@ pub mod cmd;
 pub mod cni;
 pub mod config;
 pub mod counters;
+pub mod forge;
 pub mod hbone;
 pub mod kubelet;
 pub mod leaks;

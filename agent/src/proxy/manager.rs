@@ -197,9 +197,6 @@ impl Manager {
                 Ok(e) => {
                     tracing::info!(pod = %key, netns.cookie = e.entry.netns_cookie, listeners = ?e.listeners, "pod enrolled");
                     failed.remove(&key);
-                    if let (Some(certs), Some(id)) = (&self.certs, e.ctx.identity()) {
-                        certs.track(&id);
-                    }
                     enrolled.insert(key, e);
                 }
                 Err(err) => {
@@ -284,6 +281,12 @@ impl Manager {
         let sockets =
             SocketFactory::new(netns.clone(), self.cfg.outbound_mark, self.cfg.deliver_mark);
         let p = self.cfg.ports;
+        // The slow part first, while the pod has no listener of ours that could queue
+        // connections (a restart hand-over sends them to new listeners at once).
+        let lookup = self
+            .datapath
+            .load_lookup(&netns)
+            .map_err(|e| error_chain(&e))?;
         let l = sockets
             .listeners(p.outbound, p.inbound_plaintext, p.tunnel)
             .map_err(|e| error_chain(&e))?;
@@ -343,9 +346,15 @@ impl Manager {
             pending.push((2, add(s)?));
         }
         // Kernel enrollment last before serving: the listeners exist and are registered.
-        if let Err(e) = self.datapath.enroll(&entry, &netns) {
+        if let Err(e) = self.datapath.enroll(&entry, &netns, lookup) {
             let _ = self.datapath.unenroll(&entry);
             return Err(error_chain(&e));
+        }
+        // Before the first accept: connections that queued on the listeners meanwhile (a
+        // restart hand-over sends them at once) wait for the certificate instead of finding no
+        // identity to present.
+        if let (Some(certs), Some(id)) = (&self.certs, ctx.identity()) {
+            certs.track(&id);
         }
         for (kind, listener) in pending {
             let c = ctx.clone();

@@ -146,7 +146,10 @@ impl PodContext {
         // Reported by the destination, the destination is this pod (whichever of its addresses
         // was dialled: an unlisted one, such as its link-local, names no workload).
         let (dw, dns) = if reporter == "destination" {
-            (workload_name(&self.workload), self.workload.namespace.clone())
+            (
+                workload_name(&self.workload),
+                self.workload.namespace.clone(),
+            )
         } else {
             who(dst_ip)
         };

@@ -6,15 +6,17 @@
 //! and the program context names addresses and an interface index, never the namespace. So the
 //! program is loaded once per pod with `cfg_netns_cookie` set. Each copy is its own load of the
 //! object (the maps are the pinned ones, shared); only `lookup_steer` is verified and loaded.
+//! A copy costs the kernel the program and the object's BTF (~14 KB) per pod.
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::SkLookup;
-use aya::EbpfLoader;
+use aya::{Ebpf, EbpfLoader};
+use socket2::{Domain, Socket, Type};
 
 use super::{pin_link, program, Error, BPF_OBJECT};
 use crate::config::Config;
-use crate::sys::Netns;
+use crate::sys::{self, Netns};
 
 /// The load-time settings (`cfg_*` globals) every load of the object gets.
 #[derive(Debug, Clone)]
@@ -53,16 +55,13 @@ impl Globals {
         l
     }
 
-    /// Loads a copy of `lookup_steer` for the netns with `netns_cookie`, attaches it to `netns`
-    /// and pins the link at `pin` (replacing a previous agent's pin only once the new link is
-    /// attached). The link holds the program; the rest of this load is dropped.
-    pub(super) fn attach_lookup(
-        &self,
-        netns_cookie: u64,
-        netns: &Netns,
-        pin: &Path,
-    ) -> Result<PinnedLink, Error> {
+    /// Loads a copy of `lookup_steer` for the netns `netns` (its cookie read from a socket
+    /// made there), not attached yet. This is the slow part of enrolling a pod (an object load
+    /// and a verification: ~150 ms in a debug build on a busy host).
+    pub(super) fn load_lookup(&self, netns: &Netns) -> Result<LookupProgram, Error> {
         let name = "lookup_steer";
+        let started = std::time::Instant::now();
+        let netns_cookie = cookie_of(netns)?;
         let mut bpf = self
             .loader()
             .override_global("cfg_netns_cookie", &netns_cookie, true)
@@ -76,6 +75,29 @@ impl Globals {
             program: name,
             source,
         })?;
+        tracing::debug!(netns.cookie = netns_cookie, dur = ?started.elapsed(), "sk_lookup program loaded");
+        Ok(LookupProgram { netns_cookie, bpf })
+    }
+}
+
+/// A pod's own copy of `lookup_steer`, loaded for its netns and not attached yet.
+pub struct LookupProgram {
+    netns_cookie: u64,
+    bpf: Ebpf,
+}
+
+impl LookupProgram {
+    /// The netns cookie the program was loaded for.
+    pub fn netns_cookie(&self) -> u64 {
+        self.netns_cookie
+    }
+
+    /// Attaches the program to `netns` and pins the link at `pin` (replacing a previous
+    /// agent's pin only once the new link is attached). The link holds the program; the rest
+    /// of this load is dropped.
+    pub(super) fn attach(mut self, netns: &Netns, pin: &Path) -> Result<PinnedLink, Error> {
+        let name = "lookup_steer";
+        let prog: &mut SkLookup = program(&mut self.bpf, name)?;
         let attach_err = |source| Error::Attach {
             program: name,
             target: netns.path().into(),
@@ -85,4 +107,16 @@ impl Globals {
         let link = prog.take_link(id).map_err(attach_err)?;
         pin_link(FdLink::from(link), pin)
     }
+}
+
+/// The cookie of `netns`, from a socket made inside it.
+fn cookie_of(netns: &Netns) -> Result<u64, Error> {
+    let err = |source| Error::NetnsSocket {
+        path: netns.path().into(),
+        source,
+    };
+    let socket = netns
+        .run(|| Socket::new(Domain::IPV4, Type::STREAM, None))?
+        .map_err(err)?;
+    Ok(sys::netns_cookie(&socket)?)
 }

@@ -12,7 +12,7 @@
 //! - On restart, new links are attached before the old pins are removed, so capture never lapses.
 pub mod agents;
 pub mod events;
-mod lookup;
+pub mod lookup;
 pub mod maps;
 pub mod mesh;
 
@@ -24,9 +24,7 @@ use std::sync::Mutex;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps,
-};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
 use aya::Ebpf;
 
 use crate::addr::{ClientAddr, OrigDstAddr};
@@ -122,6 +120,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A socket to read a pod's netns cookie could not be made in it.
+    #[error("cannot make a socket in the network namespace {}", path.display())]
+    NetnsSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A pod's sk_lookup program was loaded for another network namespace than the one it is
+    /// enrolled with (the namespace was replaced in between).
+    #[error("sk_lookup program of pod {pod} was loaded for netns cookie {loaded}, the pod's is {enrolled}")]
+    LookupNetns {
+        pod: String,
+        loaded: u64,
+        enrolled: u64,
+    },
     /// The agent's cgroup could not be registered in the kernel.
     #[error(transparent)]
     AgentCgroup(#[from] agents::Error),
@@ -214,16 +227,18 @@ impl Datapath {
             path: links_dir.clone(),
             source,
         })?;
-        let agent_cgroup_id =
-            crate::cgroups::id(agent_cgroup).map_err(|source| Error::Cgroup {
-                path: agent_cgroup.into(),
-                source,
-            })?;
-        let globals = lookup::Globals::new(cfg);
-        let mut bpf = globals.loader().load(BPF_OBJECT).map_err(|source| Error::Load {
-            pin_dir: pin_dir.clone(),
-            source: Box::new(source),
+        let agent_cgroup_id = crate::cgroups::id(agent_cgroup).map_err(|source| Error::Cgroup {
+            path: agent_cgroup.into(),
+            source,
         })?;
+        let globals = lookup::Globals::new(cfg);
+        let mut bpf = globals
+            .loader()
+            .load(BPF_OBJECT)
+            .map_err(|source| Error::Load {
+                pin_dir: pin_dir.clone(),
+                source: Box::new(source),
+            })?;
         // Before any program is attached: the old agent's programs (if any) already read the
         // pinned map, and this agent's sockets must pass both.
         let agents = agents::AgentCgroups::register(
@@ -337,9 +352,28 @@ impl Datapath {
             })
     }
 
+    /// Loads a pod's own copy of sk_lookup for its namespace `netns` (the slow part of
+    /// enrolling: call it before the pod's listeners exist, which receive connections at once
+    /// during a restart hand-over).
+    pub fn load_lookup(&self, netns: &Netns) -> Result<lookup::LookupProgram, Error> {
+        self.globals.load_lookup(netns)
+    }
+
     /// Enrolls a pod in the kernel (its listeners must already be registered) and attaches
-    /// its own copy of sk_lookup to its network namespace.
-    pub fn enroll(&self, entry: &PodEntry, netns: &Netns) -> Result<(), Error> {
+    /// its copy of sk_lookup (from [`Datapath::load_lookup`]) to its network namespace.
+    pub fn enroll(
+        &self,
+        entry: &PodEntry,
+        netns: &Netns,
+        lookup: lookup::LookupProgram,
+    ) -> Result<(), Error> {
+        if lookup.netns_cookie() != entry.netns_cookie {
+            return Err(Error::LookupNetns {
+                pod: entry.key.clone(),
+                loaded: lookup.netns_cookie(),
+                enrolled: entry.netns_cookie,
+            });
+        }
         let op_err = |map, op| {
             move |source: MapError| Error::MapOp {
                 map,
@@ -371,9 +405,7 @@ impl Datapath {
         let pin = self
             .links_dir
             .join(format!("lookup-{}", entry.netns_cookie));
-        let pinned = self
-            .globals
-            .attach_lookup(entry.netns_cookie, netns, &pin)?;
+        let pinned = lookup.attach(netns, &pin)?;
         lock(&self.lookup_links).insert(entry.netns_cookie, pinned);
         Ok(())
     }

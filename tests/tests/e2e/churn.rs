@@ -26,12 +26,7 @@ const PORT: u16 = 9100;
 /// fds an agent may hold above baseline afterwards (a pooled tunnel connection, timers).
 const FD_SLACK: usize = 8;
 /// The agents' pinned maps that are keyed by, or point to, a pod's netns cookie.
-const MAPS: &[&str] = &[
-    "amb_pods",
-    "amb_pod_stats",
-    "amb_listeners",
-    "amb_conns",
-];
+const MAPS: &[&str] = &["amb_pods", "amb_pod_stats", "amb_listeners", "amb_conns"];
 
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]

@@ -8,78 +8,16 @@
     reason = "test bodies panic with a line number (STYLE.md §7)"
 )]
 use std::net::IpAddr;
-use std::time::Duration;
 
 use ambit_e2e::capture::UNDERLAY;
+use ambit_e2e::forge::{AGENT_MARKS as MARKS, CAP_NET_RAW};
 use ambit_e2e::{testbed, unique_marker, Testbed, ECHO_PORT};
 use serde_json::Value;
 
-/// The agent's outbound and delivery marks (the defaults of `outboundMark` / `deliverMark`).
-const MARKS: [u32; 2] = [0x539, 0x53a];
-/// CAP_NET_RAW as a bit of /proc/self/status `CapEff`.
-const CAP_NET_RAW: u64 = 1 << 13;
-
-/// Sets SO_MARK (if not 0), connects, sends, half-closes and reads to EOF; prints one JSON line
-/// with who it ran as and what it got.
-const PROBE: &str = r#"
-import json, os, socket, sys
-host, port, mark, send = sys.argv[1], int(sys.argv[2]), int(sys.argv[3], 0), sys.argv[4]
-status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\t" in l)
-out = {"uid": os.getuid(), "cap_eff": int(status["CapEff"], 16)}
-s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-s.settimeout(5)
-try:
-    if mark:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
-    out["mark"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
-    s.connect((host, port))
-    s.sendall(send.encode())
-    s.shutdown(socket.SHUT_WR)
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    out["data"] = data.decode(errors="replace")
-except OSError as e:
-    out["error"] = f"{type(e).__name__}: {e}"
-print(json.dumps(out), flush=True)
-"#;
-
-/// Runs [`PROBE`] in `pod` as uid/gid 65534 with CAP_NET_RAW its only capability.
+/// Runs the mark probe in `pod` as nobody with only CAP_NET_RAW, and checks the premise: such a
+/// process can set the agent's mark.
 fn probe(tb: &Testbed, pod: &str, ip: IpAddr, port: u16, mark: u32, send: &str) -> Value {
-    let python = ambit_e2e::servers::python();
-    let argv = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--inh-caps=-all,+net_raw",
-        "--ambient-caps=+net_raw",
-        "--bounding-set=-all,+net_raw",
-        "--",
-        &python.to_string_lossy(),
-        "-c",
-        PROBE,
-        &ip.to_string(),
-        &port.to_string(),
-        &format!("{mark:#x}"),
-        send,
-    ];
-    let out = tb.exec(pod, &argv, Duration::from_secs(30)).unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().rev().find(|l| l.starts_with('{'));
-    let report: Value = line
-        .and_then(|l| serde_json::from_str(l).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "probe printed no report ({}): {stdout} {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    // The premise: an unprivileged process with only CAP_NET_RAW can set the agent's mark.
+    let report = tb.marked_request(pod, ip, port, mark, send).unwrap();
     assert_eq!(report["uid"], 65534, "{report}");
     assert_eq!(report["cap_eff"], CAP_NET_RAW, "{report}");
     assert_eq!(report["mark"], mark, "SO_MARK was not set: {report}");

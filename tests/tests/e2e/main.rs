@@ -5,6 +5,7 @@ mod abuse;
 mod admin;
 mod admin_cli;
 mod admin_metrics;
+mod agent_cgroups;
 mod any_address;
 mod authorization;
 mod ca_faults;
