@@ -1,4 +1,4 @@
-/* lookup.bpf.c: sk_lookup steers every inbound TCP connection in an enrolled pod's netns to the agent. */
+/* lookup.bpf.c: sk_lookup steers all inbound TCP in an enrolled pod's netns to the agent. */
 
 /*
  * Attached to one pod's network namespace, with that namespace's cookie in cfg_netns_cookie (one

@@ -1,4 +1,8 @@
-//! Probing the agent's own-socket exemption: connections made with the agent's socket marks (from a pod as nobody with only CAP_NET_RAW, or from a given cgroup), agents in cgroups of their own, and the kernel's list of agent cgroups.
+//! Probing the agent's own-socket exemption: marked connections, agents in other cgroups.
+//!
+//! Connections made with the agent's socket marks (from a pod as nobody with only CAP_NET_RAW,
+//! or as root from a given cgroup), a second agent started in a cgroup of its own, and the
+//! kernel's list of agent cgroups.
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The agents' cgroups in the kernel (`amb_agent_cgs`): whose sockets may wear the agent's marks and bind its ports.
+//! The agents' cgroups in the kernel (`amb_agent_cgs`): who may use the agent's marks and ports.
 //!
 //! An agent mark (SO_MARK) exempts a socket from capture only when the task connecting it is in
 //! a cgroup listed here: SO_MARK needs only CAP_NET_RAW, which containers have by default, while
@@ -84,7 +84,7 @@ impl AgentCgroups {
     }
 
     /// Every cgroup id in the map.
-    pub fn ids(&self) -> Vec<u64> {
+    fn ids(&self) -> Vec<u64> {
         self.map.keys().filter_map(Result::ok).collect()
     }
 }

@@ -1,4 +1,4 @@
-//! Per-pod copies of `lookup_steer`: each enrolled pod's netns gets its own sk_lookup program, with the pod's netns cookie as a load-time constant.
+//! Per-pod copies of `lookup_steer`, each with its pod's netns cookie as a load-time constant.
 //!
 //! sk_lookup must steer every inbound connection into the pod's namespace, on any local address,
 //! so it has to know the namespace it runs in; but the kernel offers no `bpf_get_netns_cookie`

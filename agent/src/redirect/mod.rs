@@ -495,11 +495,6 @@ impl Datapath {
         }
     }
 
-    /// Cgroup ids the kernel takes for agents' (this agent's and, during a hand-over, others').
-    pub fn agent_cgroups(&self) -> Vec<u64> {
-        lock(&self.agents).ids()
-    }
-
     /// The original destination of a captured connection, from the tuple sockops recorded.
     pub fn orig_dst(&self, netns_cookie: u64, client: ClientAddr) -> Option<OrigDstAddr> {
         let key = AmbConnKey::new(netns_cookie, client.0);
