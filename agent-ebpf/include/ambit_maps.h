@@ -19,10 +19,11 @@
 #define AMB_MAX_SKIP_PORTS 16
 #define AMB_MAX_SKIP_CIDRS 8
 #define AMB_MAX_MESH_DSTS 65536
+#define AMB_MAX_AGENT_CGROUPS 64
 
 /* amb_pod.flags */
 #define AMB_POD_F_CAPTURE_OUT 0x1 /* connect4/6 redirect this pod's outbound TCP */
-#define AMB_POD_F_CAPTURE_IN 0x2  /* sk_lookup steers inbound TCP to this pod's addresses */
+#define AMB_POD_F_CAPTURE_IN 0x2  /* sk_lookup steers inbound TCP in this pod's netns */
 #define AMB_POD_F_MESH_ONLY 0x4   /* connect4/6 redirect only destinations in amb_mesh_dsts */
 
 /* amb_mesh_dsts values (bits): why a destination goes through the agent. The all-zero key
@@ -55,7 +56,8 @@
 #define AMB_STAT_EVENTS_LOST 19
 #define AMB_STAT_BIND_DENIED 20
 #define AMB_STAT_CONNECT_PASSTHROUGH 21
-#define AMB_STAT_MAX 22
+#define AMB_STAT_CONNECT_FORGED_MARK 22 /* a pod socket carried an agent mark: captured anyway */
+#define AMB_STAT_MAX 23
 
 /* amb_event.kind: notable events sent through the amb_events ring buffer. */
 #define AMB_EVENT_MAP_FULL 1    /* an enrolled pod's connect could not be recorded: refused */
@@ -63,6 +65,7 @@
 #define AMB_EVENT_NO_LISTENER 3 /* inbound SYN to an enrolled pod with no agent listener: dropped */
 #define AMB_EVENT_ASSIGN_FAIL 4 /* bpf_sk_assign failed: dropped */
 #define AMB_EVENT_BIND_DENIED 5 /* an enrolled pod tried to bind an agent port: refused */
+#define AMB_EVENT_FORGED_MARK 6 /* a pod socket carried an agent mark: captured like any other */
 
 /* A CIDR in a pod's skip list. */
 struct amb_cidr {
@@ -91,7 +94,7 @@ struct amb_pod_stats {
 	__u64 dropped;    /* refused: map full on connect, or no listener on inbound */
 	__u64 bind_denied; /* binds to an agent port refused (cgroup/bind4+6) */
 	__u64 passthrough; /* mesh-only: outbound connects to non-mesh destinations, left direct */
-	__u64 _reserved[1];
+	__u64 forged_mark; /* outbound connects of pod sockets carrying an agent mark (captured) */
 };
 _Static_assert(sizeof(struct amb_pod_stats) == 64, "amb_pod_stats ABI changed");
 
@@ -118,9 +121,8 @@ struct amb_conn_key {
 };
 _Static_assert(sizeof(struct amb_conn_key) == 32, "amb_conn_key ABI changed");
 
-/* amb_pod_addrs: a pod address -> its netns cookie. Written by the agent; read by sk_lookup.
- * Also the key of amb_mesh_dsts (value: AMB_MESH_DST_* bits), where IPv4 (also v4-mapped IPv6)
- * is AMB_AF_INET with the address in addr[0] and addr[1..3] zero. */
+/* amb_mesh_dsts key (value: AMB_MESH_DST_* bits): a destination address, where IPv4 (also
+ * v4-mapped IPv6) is AMB_AF_INET with the address in addr[0] and addr[1..3] zero. */
 struct amb_addr_key {
 	__be32 addr[4];
 	__u8 family;
@@ -150,7 +152,7 @@ _Static_assert(sizeof(struct amb_bypass_key) == 40, "amb_bypass_key ABI changed"
 
 /* amb_events (RINGBUF) record. */
 struct amb_event {
-	__u64 netns_cookie; /* 0 when unknown (sk_lookup) */
+	__u64 netns_cookie;
 	__be32 addr[4];     /* destination address of the connection */
 	__be16 port;        /* destination port */
 	__u8 family;

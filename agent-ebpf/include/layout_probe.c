@@ -26,6 +26,7 @@ int main(void)
 	F(amb_pod_stats, dropped);
 	F(amb_pod_stats, bind_denied);
 	F(amb_pod_stats, passthrough);
+	F(amb_pod_stats, forged_mark);
 	S(amb_orig_dst);
 	F(amb_orig_dst, addr);
 	F(amb_orig_dst, port);
@@ -58,6 +59,7 @@ int main(void)
 	printf("AMB_MAX_SKIP_PORTS %d\n", AMB_MAX_SKIP_PORTS);
 	printf("AMB_MAX_SKIP_CIDRS %d\n", AMB_MAX_SKIP_CIDRS);
 	printf("AMB_MAX_MESH_DSTS %d\n", AMB_MAX_MESH_DSTS);
+	printf("AMB_MAX_AGENT_CGROUPS %d\n", AMB_MAX_AGENT_CGROUPS);
 	printf("AMB_POD_F_MESH_ONLY %d\n", AMB_POD_F_MESH_ONLY);
 	printf("AMB_MESH_DST_POD %d\n", AMB_MESH_DST_POD);
 	printf("AMB_MESH_DST_VIP %d\n", AMB_MESH_DST_VIP);

@@ -5,8 +5,9 @@
  * pod's network namespace. A pod process that bound one of them first (or while the agent is
  * down) would receive connections meant for the agent: captured app traffic on 15001/15006, or
  * other agents' HBONE on 15008. So a TCP bind to an agent port in an enrolled pod's netns is
- * refused with EPERM, on any address, unless the binding task is in the agent's own cgroup.
- * The link is pinned like the others: the guard stays while the agent restarts.
+ * refused with EPERM, on any address, unless the binding task is in an agent's cgroup
+ * (amb_agent_cgs, shared by the old and the new agent during a restart). The link is pinned like
+ * the others: the guard stays while the agent restarts.
  */
 static __always_inline int bind_guard(struct bpf_sock_addr *ctx, __u8 family, const __be32 a[4])
 {
@@ -20,8 +21,8 @@ static __always_inline int bind_guard(struct bpf_sock_addr *ctx, __u8 family, co
 	pod = bpf_map_lookup_elem(&amb_pods, &ns);
 	if (!pod)
 		return AMB_PROCEED; /* not enrolled: the pod owns every port */
-	/* The agent's own listeners: it joins its cgroup before it opens any socket. */
-	if (cfg_agent_cgroup && bpf_get_current_cgroup_id() == cfg_agent_cgroup)
+	/* The agent's own listeners: it is in its cgroup before it opens any socket. */
+	if (is_agent_task())
 		return AMB_PROCEED;
 	stat_inc(AMB_STAT_BIND_DENIED);
 	ps = pod_stats(ns);

@@ -23,7 +23,10 @@ const volatile __u32 cfg_deliver_mark = 0x53a; /* SO_MARK of the agent's deliver
 const volatile __u16 cfg_outbound_port = 15001;
 const volatile __u16 cfg_inbound_port = 15006;
 const volatile __u16 cfg_tunnel_port = 15008;
-const volatile __u64 cfg_agent_cgroup = 0; /* cgroup id of the agent: its binds are exempt */
+/* sk_lookup only: the netns cookie of the one pod this copy of lookup_steer is attached to. The
+ * kernel has no bpf_get_netns_cookie for sk_lookup (6.1 to 6.18), so the agent loads one copy of
+ * the program per enrolled pod with its cookie set here. */
+const volatile __u64 cfg_netns_cookie = 0;
 
 static __always_inline void stat_inc(__u32 idx)
 {
@@ -63,6 +66,15 @@ static __always_inline void emit_event(__u8 kind, __u64 netns_cookie, __u32 pod_
 	e->kind = kind;
 	e->pod_id = pod_id;
 	bpf_ringbuf_submit(e, 0);
+}
+
+/* Is the calling task one of the agents (its cgroup listed in amb_agent_cgs)? A pod cannot move
+ * its processes into an agent's cgroup, unlike SO_MARK, which needs only CAP_NET_RAW. */
+static __always_inline int is_agent_task(void)
+{
+	__u64 cg = bpf_get_current_cgroup_id();
+
+	return bpf_map_lookup_elem(&amb_agent_cgs, &cg) != 0;
 }
 
 static __always_inline int is_agent_port(__u16 port)

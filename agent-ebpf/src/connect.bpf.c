@@ -76,9 +76,18 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, __u8 family, const
 		return AMB_PROCEED; /* not enrolled: untouched and not counted */
 	ps = pod_stats(ns);
 	if (sk->mark == cfg_out_mark || sk->mark == cfg_deliver_mark) {
-		stat_inc(AMB_STAT_CONNECT_EXEMPT_MARK);
-		POD_STAT_ADD(ps, exempted);
-		return AMB_PROCEED;
+		/* The agent's own sockets in the pod (tunnel dials, passthrough, deliveries). The mark
+		 * alone proves nothing: any process with CAP_NET_RAW (a container default) can set
+		 * it, so the connecting task must be in an agent's cgroup too. */
+		if (is_agent_task()) {
+			stat_inc(AMB_STAT_CONNECT_EXEMPT_MARK);
+			POD_STAT_ADD(ps, exempted);
+			return AMB_PROCEED;
+		}
+		/* A pod socket wearing the agent's mark: captured like any other, and reported. */
+		stat_inc(AMB_STAT_CONNECT_FORGED_MARK);
+		POD_STAT_ADD(ps, forged_mark);
+		emit_event(AMB_EVENT_FORGED_MARK, ns, pod->id, family, dst, dst_port_be);
 	}
 	if (loopback) {
 		stat_inc(AMB_STAT_CONNECT_EXEMPT_LOOPBACK);

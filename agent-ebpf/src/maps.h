@@ -26,14 +26,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } amb_pod_stats SEC(".maps");
 
-/* pod address -> netns cookie. Writer: agent (enroll). Reader: sk_lookup. */
+/* cgroup id -> the pid of the agent that added it (for `bpftool map dump`). The cgroups whose
+ * tasks are the agent: an agent mark (SO_MARK) exempts a socket from capture only when the task
+ * connecting it is in one of them, and only they may bind the agent's ports in a pod. A map, not
+ * a load-time constant: during a restart hand-over the old agent's pinned programs run beside
+ * the new agent's, and in Kubernetes the new agent lives in another cgroup. Writers: each agent
+ * (adds itself at start; removes entries whose cgroup is gone or empty). Readers: connect4/6,
+ * bind4/6. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, AMB_MAX_PODS * 4);
-	__type(key, struct amb_addr_key);
-	__type(value, __u64);
+	__uint(max_entries, AMB_MAX_AGENT_CGROUPS);
+	__type(key, __u64);
+	__type(value, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} amb_pod_addrs SEC(".maps");
+} amb_agent_cgs SEC(".maps");
 
 /* destination address -> AMB_MESH_DST_*: where mesh-only pods' connects must go through the
  * agent. Writer: agent (every inventory change). Readers: connect4/6. */

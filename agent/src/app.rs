@@ -83,7 +83,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let (datapath, ring) = Datapath::load(&cfg, &pods_cgroup, &agent_cgroup)?;
+    let (datapath, ring) = Datapath::load(&cfg, &cg_root, &pods_cgroup, &agent_cgroup)?;
     let datapath = Arc::new(datapath);
     tracing::info!(
         node = %cfg.node,

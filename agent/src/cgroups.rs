@@ -5,8 +5,9 @@
 //! there once (`podsCgroup: auto`, the default) and recognises enrolled pods by netns cookie.
 //! The agent itself is a hostNetwork pod below that root: it stays in the cgroup its runtime
 //! gave it (a private cgroup namespace forbids moving out of it) and is exempt because its
-//! netns is never enrolled and its sockets in pod netns carry its marks. Outside Kubernetes
-//! (`agentCgroup` set) it joins the cgroup it is told to.
+//! netns is never enrolled, and its sockets in pod netns carry its marks *and* are made by a
+//! task in a cgroup listed in the kernel's `amb_agent_cgs` (a mark alone can be forged). Outside
+//! Kubernetes (`agentCgroup` set) it joins the cgroup it is told to.
 use std::path::{Path, PathBuf};
 
 /// The pod roots kubelet creates, in the order they are tried: systemd driver, cgroupfs driver.
@@ -136,6 +137,64 @@ fn search(dir: &Path, pid: u32, depth: usize) -> Option<PathBuf> {
         .find_map(|e| search(&e.path(), pid, depth - 1))
 }
 
+/// The id of the cgroup2 directory `dir`: its inode number, which is what
+/// `bpf_get_current_cgroup_id()` returns for a task in it.
+pub fn id(dir: &Path) -> std::io::Result<u64> {
+    std::fs::metadata(dir).map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+}
+
+/// Whether a cgroup, found by id, still holds processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Liveness {
+    /// It exists and it or a cgroup below it has a process (`cgroup.events`: `populated 1`).
+    Populated(PathBuf),
+    /// It exists and has no process.
+    Empty(PathBuf),
+    /// No cgroup below the root has this id. Cgroup ids are never reused, so it never returns.
+    Gone,
+}
+
+/// How deep [`liveness`] searches below the root (a guard; real trees are under 10 levels).
+const MAX_ID_DEPTH: usize = 32;
+
+/// Finds the cgroup with `id` below `root` (the whole cgroup2 tree the agents live in) and says
+/// whether it still holds processes. An error only if `root` itself cannot be read;
+/// directories vanishing during the walk are skipped.
+pub fn liveness(root: &Path, id: u64) -> std::io::Result<Liveness> {
+    let mut stack = vec![(std::fs::read_dir(root)?, 0usize)];
+    while let Some((mut entries, depth)) = stack.pop() {
+        let Some(entry) = entries.next() else {
+            continue;
+        };
+        stack.push((entries, depth));
+        let Ok(entry) = entry else { continue };
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let path = entry.path();
+        // kernfs reports each directory's id as its inode number, also in readdir.
+        if std::os::unix::fs::DirEntryExt::ino(&entry) == id {
+            return Ok(if populated(&path) {
+                Liveness::Populated(path)
+            } else {
+                Liveness::Empty(path)
+            });
+        }
+        if depth < MAX_ID_DEPTH {
+            if let Ok(below) = std::fs::read_dir(&path) {
+                stack.push((below, depth + 1));
+            }
+        }
+    }
+    Ok(Liveness::Gone)
+}
+
+/// `cgroup.events` of `dir` says `populated 1`.
+fn populated(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("cgroup.events"))
+        .is_ok_and(|text| text.lines().any(|l| l.trim() == "populated 1"))
+}
+
 fn lists_pid(dir: &Path, pid: u32) -> bool {
     std::fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| {
         procs
@@ -243,6 +302,33 @@ mod tests {
         let pods = t.path().join("kubepods.slice");
         let got = locate(t.path(), &pods, "0::/\n", 42).unwrap();
         assert_eq!(got, pods.join("burstable/pod2/c2.scope"));
+    }
+
+    #[test]
+    fn liveness_finds_a_cgroup_by_id_and_reads_whether_it_is_populated() {
+        let t = tree(&[
+            ("a/b/agent.scope", "42\n"),
+            ("a/c/old.scope", ""),
+            ("x", ""),
+        ]);
+        let agent = t.path().join("a/b/agent.scope");
+        let old = t.path().join("a/c/old.scope");
+        fs::write(agent.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        fs::write(old.join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
+        assert_eq!(
+            liveness(t.path(), id(&agent).unwrap()).unwrap(),
+            Liveness::Populated(agent.clone())
+        );
+        assert_eq!(
+            liveness(t.path(), id(&old).unwrap()).unwrap(),
+            Liveness::Empty(old.clone())
+        );
+        // A removed directory's id is gone.
+        let gone = id(&old).unwrap();
+        fs::remove_dir_all(&old).unwrap();
+        assert_eq!(liveness(t.path(), gone).unwrap(), Liveness::Gone);
+        // An unreadable root is an error, not "gone".
+        assert!(liveness(&t.path().join("missing"), 1).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod cmd;
 pub mod cni;
 pub mod config;
 pub mod counters;
+pub mod forge;
 pub mod issuer;
 pub mod kubelet;
 pub mod leaks;

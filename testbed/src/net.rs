@@ -184,6 +184,22 @@ fn delivery_routing(pod: &Pod) -> Result<()> {
             "-n", ns, family, "route", "add", "local", any, "dev", "lo", "table", &table,
         ])?;
     }
+    // Link-local replies are routed with their interface as the required output device (a
+    // strict lookup), which `dev lo` does not match: without this route the app's SYN-ACK to a
+    // link-local client would leave on eth0 instead of reaching the agent's delivery socket.
+    ip(&[
+        "-n",
+        ns,
+        "-6",
+        "route",
+        "add",
+        "local",
+        "fe80::/10",
+        "dev",
+        "eth0",
+        "table",
+        &table,
+    ])?;
     Ok(())
 }
 

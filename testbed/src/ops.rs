@@ -37,6 +37,18 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Takes over `child`, logging to `log`, started in `cgroup` (or below it) of the cgroup2
+    /// `mount`.
+    pub(crate) fn new(child: Child, log: PathBuf, cgroup: PathBuf, mount: PathBuf) -> Result<Self> {
+        Ok(Self {
+            pid: i32::try_from(child.id())?,
+            log,
+            child: Some(child),
+            cgroup,
+            mount,
+        })
+    }
+
     /// Whether it is still running (and ours).
     pub fn running(&self) -> bool {
         crate::cgroup::pid_in(self.pid, &self.cgroup, &self.mount)

@@ -14,6 +14,7 @@ use tracing::Instrument;
 use super::conns::{self, ConnInfo};
 use super::copy::{copy_tcp_h2, until_closed, TcpSide};
 use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
+use crate::addr::ClientAddr;
 use crate::admin::metrics::ReasonLabel;
 use crate::config::Limits;
 use crate::error::error_chain;
@@ -255,7 +256,7 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     }
     stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard::new(&stats.inbound_active);
-    let mut up = match deliver(&pod, client_ip, target).await {
+    let mut up = match deliver(&pod, ClientAddr(SocketAddr::new(client_ip, 0)), target).await {
         Ok(up) => up,
         Err(reason) => {
             stats.inbound_failed.fetch_add(1, Ordering::Relaxed);

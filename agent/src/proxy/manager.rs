@@ -137,6 +137,7 @@ impl Manager {
             let this = self.clone();
             let reconciled = tokio::task::spawn_blocking(move || {
                 this.reconcile(&snap);
+                this.datapath.sweep_agent_cgroups();
                 this.reauthorize(&snap);
                 this.refresh_trust();
                 if first {
@@ -201,9 +202,6 @@ impl Manager {
                 Ok(e) => {
                     tracing::info!(pod = %key, netns.cookie = e.entry.netns_cookie, listeners = ?e.listeners, "pod enrolled");
                     failed.remove(&key);
-                    if let (Some(certs), Some(id)) = (&self.certs, e.ctx.identity()) {
-                        certs.track(&id);
-                    }
                     enrolled.insert(key, e);
                 }
                 Err(err) => {
@@ -288,6 +286,12 @@ impl Manager {
         let sockets =
             SocketFactory::new(netns.clone(), self.cfg.outbound_mark, self.cfg.deliver_mark);
         let p = self.cfg.ports;
+        // The slow part first, while the pod has no listener of ours that could queue
+        // connections (a restart hand-over sends them to new listeners at once).
+        let lookup = self
+            .datapath
+            .load_lookup(&netns)
+            .map_err(|e| error_chain(&e))?;
         let l = sockets
             .listeners(p.outbound, p.inbound_plaintext, p.tunnel)
             .map_err(|e| error_chain(&e))?;
@@ -313,7 +317,6 @@ impl Manager {
                 &w.skip_ports,
                 &w.skip_cidrs,
             ),
-            ips: w.ips.clone(),
         };
         let ctx = Arc::new(PodContext {
             workload: w.clone(),
@@ -353,9 +356,15 @@ impl Manager {
             pending.push((2, add(s)?));
         }
         // Kernel enrollment last before serving: the listeners exist and are registered.
-        if let Err(e) = self.datapath.enroll(&entry, &netns) {
+        if let Err(e) = self.datapath.enroll(&entry, &netns, lookup) {
             let _ = self.datapath.unenroll(&entry);
             return Err(error_chain(&e));
+        }
+        // Before the first accept: connections that queued on the listeners meanwhile (a
+        // restart hand-over sends them at once) wait for the certificate instead of finding no
+        // identity to present.
+        if let (Some(certs), Some(id)) = (&self.certs, ctx.identity()) {
+            certs.track(&id);
         }
         for (kind, listener) in pending {
             let c = ctx.clone();
@@ -450,7 +459,13 @@ impl Manager {
                 .inbound
                 .iter()
                 .try_for_each(|(family, fd)| self.datapath.add_listener(key, cookie, *family, fd))
-                .and_then(|()| self.datapath.enroll(&e.entry, e.ctx.sockets.netns()));
+                .and_then(|()| {
+                    // A new copy of the pod's sk_lookup program: the one it was enrolled with
+                    // went into the link this agent let go of when it stopped being current.
+                    let netns = e.ctx.sockets.netns();
+                    let lookup = self.datapath.load_lookup(netns)?;
+                    self.datapath.enroll(&e.entry, netns, lookup)
+                });
             match r {
                 Ok(()) => done += 1,
                 Err(err) => errors.push(format!("{key}: {}", error_chain(&err))),

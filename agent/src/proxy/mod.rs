@@ -21,6 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::Serialize;
 use tokio::net::TcpStream;
 
+use crate::addr::ClientAddr;
 use crate::admin::metrics::TcpLabels;
 use crate::config::Ports;
 use crate::identity::SpiffeId;
@@ -142,7 +143,16 @@ impl PodContext {
             )
         };
         let (sw, sns) = who(src_ip);
-        let (dw, dns) = who(dst_ip);
+        // Reported by the destination, the destination is this pod (whichever of its addresses
+        // was dialled: an unlisted one, such as its link-local, names no workload).
+        let (dw, dns) = if reporter == "destination" {
+            (
+                workload_name(&self.workload),
+                self.workload.namespace.clone(),
+            )
+        } else {
+            who(dst_ip)
+        };
         let unknown = || "unknown".to_string();
         TcpLabels {
             reporter,
@@ -168,14 +178,16 @@ fn workload_name(w: &crate::inventory::Workload) -> String {
         .unwrap_or_else(|| w.name.clone())
 }
 
-/// Connects to the app at `target` inside the pod from the client's own address `client_ip`
-/// (transparent socket, delivery mark, sk_lookup bypass). Errors are a reason for the log.
+/// Connects to the app at `target` inside the pod from the client's own address (transparent
+/// socket, delivery mark, sk_lookup bypass); `client`'s port is not used, its IPv6 scope is: a
+/// link-local client is bound on the interface it came in on. `target` keeps its scope too (a
+/// connection to the pod's link-local address). Errors are a reason for the log.
 pub(crate) async fn deliver(
     pod: &PodContext,
-    client_ip: IpAddr,
+    client: ClientAddr,
     target: SocketAddr,
 ) -> Result<TcpStream, &'static str> {
-    let (sock, bound) = pod.sockets.delivery_socket(client_ip).map_err(|e| {
+    let (sock, bound) = pod.sockets.delivery_socket(client).map_err(|e| {
         tracing::warn!(dst.orig = %target, error = %e, "cannot create delivery socket");
         "local"
     })?;

@@ -118,7 +118,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
             format!("AuthorizationPolicy: {decision:?}"),
         );
     }
-    let mut up = match deliver(&pod, client.0.ip(), orig.0).await {
+    let mut up = match deliver(&pod, client, orig.0).await {
         Ok(up) => up,
         Err(reason) => {
             stats.inbound_failed.fetch_add(1, Ordering::Relaxed);

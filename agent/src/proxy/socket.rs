@@ -1,11 +1,12 @@
 //! SocketFactory: every socket the proxy uses is created here, inside a pod's netns, with the agent's marks.
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use crate::addr::ClientAddr;
 use crate::sys::{self, Netns};
 
 /// Errors creating sockets in a pod.
@@ -204,11 +205,15 @@ impl SocketFactory {
     }
 
     /// A transparent socket inside the pod bound to the original client's address (port chosen
-    /// by the kernel now, so the caller can register the bypass before connecting).
-    pub fn delivery_socket(&self, client_ip: IpAddr) -> Result<(TcpSocket, SocketAddr), Error> {
+    /// by the kernel now, so the caller can register the bypass before connecting). An IPv6
+    /// client keeps its scope: a link-local address can only be bound on an interface.
+    pub fn delivery_socket(&self, client: ClientAddr) -> Result<(TcpSocket, SocketAddr), Error> {
         let mark = self.deliver_mark;
         let ns_name = self.netns.path().display().to_string();
-        let bind = SocketAddr::new(client_ip, 0);
+        let bind = match client.0 {
+            SocketAddr::V4(v4) => SocketAddr::new(IpAddr::V4(*v4.ip()), 0),
+            SocketAddr::V6(v6) => SocketAddr::V6(SocketAddrV6::new(*v6.ip(), 0, 0, v6.scope_id())),
+        };
         let err = |op| sock_err(op, bind, &ns_name);
         let sock = self.socket(bind)?;
         if bind.is_ipv4() {

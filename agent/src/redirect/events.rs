@@ -50,13 +50,16 @@ fn log(ev: &AmbEvent) {
             tracing::info!(netns.cookie = cookie, pod.id = ev.pod_id, dst.orig = %dst, reason = "agent_port", "pod dialled an agent port directly; not captured")
         }
         EventKind::NoListener => {
-            tracing::warn!(dst.orig = %dst, reason = "no_listener", "inbound connection to an enrolled pod dropped: no agent listener")
+            tracing::warn!(netns.cookie = cookie, dst.orig = %dst, reason = "no_listener", "inbound connection to an enrolled pod dropped: no agent listener")
         }
         EventKind::AssignFail => {
-            tracing::warn!(dst.orig = %dst, reason = "assign_fail", "inbound connection dropped: sk_assign failed")
+            tracing::warn!(netns.cookie = cookie, dst.orig = %dst, reason = "assign_fail", "inbound connection dropped: sk_assign failed")
         }
         EventKind::BindDenied => {
             tracing::warn!(netns.cookie = cookie, pod.id = ev.pod_id, listen.addr = %dst, reason = "bind_denied", "pod tried to bind an agent port; refused")
+        }
+        EventKind::ForgedMark => {
+            tracing::warn!(netns.cookie = cookie, pod.id = ev.pod_id, dst.orig = %dst, reason = "forged_mark", "pod socket carries the agent's mark but is not the agent's; captured")
         }
         EventKind::Unknown(k) => tracing::warn!(kind = k, "unknown kernel event"),
     }

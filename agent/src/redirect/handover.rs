@@ -37,7 +37,6 @@ use nix::fcntl::{Flock, FlockArg};
 
 use aya::programs::links::FdLink;
 
-use super::maps::AmbAddrKey;
 use super::{Datapath, Error as DpError};
 
 /// Errors of the hand-over directory; each names the path.
@@ -382,19 +381,7 @@ impl Datapath {
         pinned.sort_unstable();
         pinned.dedup();
         for cookie in pinned.into_iter().filter(|c| !keep.contains(c)) {
-            let addrs: Vec<AmbAddrKey> = {
-                let m = lock(&self.maps);
-                m.pod_addrs
-                    .iter()
-                    .filter_map(Result::ok)
-                    .filter(|(_, c)| *c == cookie)
-                    .map(|(k, _)| k)
-                    .collect()
-            };
             let mut m = lock(&self.maps);
-            for a in addrs {
-                let _ = m.pod_addrs.remove(&a);
-            }
             let _ = m.pods.remove(&cookie);
             let _ = m.pod_stats.remove(&cookie);
             drop(m);

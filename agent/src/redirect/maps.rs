@@ -21,6 +21,8 @@ pub const POD_F_CAPTURE_IN: u32 = 0x2;
 pub const POD_F_MESH_ONLY: u32 = 0x4;
 /// `AMB_MAX_MESH_DSTS`: capacity of `amb_mesh_dsts`.
 pub const MAX_MESH_DSTS: usize = 65536;
+/// `AMB_MAX_AGENT_CGROUPS`: capacity of `amb_agent_cgs`.
+pub const MAX_AGENT_CGROUPS: usize = 64;
 /// `AMB_MESH_DST_POD`: an enrolled pod's address.
 pub const MESH_DST_POD: u32 = 0x1;
 /// `AMB_MESH_DST_VIP`: a Service virtual IP.
@@ -29,7 +31,7 @@ pub const MESH_DST_VIP: u32 = 0x2;
 pub const MESH_DST_ALL: u32 = 0x4;
 
 /// Names of the `AMB_STAT_*` counters, by index (`AMB_STAT_MAX` entries).
-pub const STAT_NAMES: [&str; 22] = [
+pub const STAT_NAMES: [&str; 23] = [
     "connect4_redirect",
     "connect6_redirect",
     "connect_exempt_mark",
@@ -52,6 +54,7 @@ pub const STAT_NAMES: [&str; 22] = [
     "events_lost",
     "bind_denied",
     "connect_passthrough",
+    "connect_forged_mark",
 ];
 
 /// `AMB_EVENT_*` kinds.
@@ -67,6 +70,8 @@ pub enum EventKind {
     AssignFail,
     /// An enrolled pod tried to bind an agent port; refused.
     BindDenied,
+    /// A pod socket carried an agent mark; captured like any other.
+    ForgedMark,
     /// A kind this agent does not know (newer kernel object).
     Unknown(u8),
 }
@@ -79,6 +84,7 @@ impl From<u8> for EventKind {
             3 => Self::NoListener,
             4 => Self::AssignFail,
             5 => Self::BindDenied,
+            6 => Self::ForgedMark,
             other => Self::Unknown(other),
         }
     }
@@ -115,8 +121,7 @@ pub struct AmbPodStats {
     pub dropped: u64,
     pub bind_denied: u64,
     pub passthrough: u64,
-    #[serde(skip)]
-    pub _reserved: [u64; 1],
+    pub forged_mark: u64,
 }
 
 /// `struct amb_orig_dst`.

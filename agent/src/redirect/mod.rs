@@ -5,12 +5,17 @@
 //!   attached when the agent exits: captured pods then fail closed (connect to a closed
 //!   listener, inbound SYNs dropped by sk_lookup) instead of bypassing the mesh.
 //! - A pod is enrolled in the kernel only after its listeners exist: listener sockets first,
-//!   then addresses, then the capture flags, then the sk_lookup link. Unenrollment reverses it.
+//!   then the capture flags, then the pod's own sk_lookup program and link (`lookup.rs`).
+//!   Unenrollment reverses it.
+//! - A socket is the agent's own only if it carries an agent mark *and* was connected by a task
+//!   in an agent cgroup (`agents.rs`); the agent registers its cgroup before any socket exists.
 //! - On restart, new links are attached before the old pins are replaced, so capture never lapses.
 //! - Of several agents sharing the pin directory only the current one writes shared kernel
 //!   state (map entries, pins); see [`handover`].
+pub mod agents;
 pub mod events;
 pub mod handover;
+pub mod lookup;
 pub mod maps;
 pub mod mesh;
 
@@ -22,19 +27,14 @@ use std::sync::Mutex;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
 use aya::programs::links::FdLink;
-use aya::programs::{
-    CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SkLookup, SockOps,
-};
-use aya::{Ebpf, EbpfLoader};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, SockOps};
+use aya::Ebpf;
 
 use crate::addr::{ClientAddr, OrigDstAddr};
 use crate::config::Config;
 use crate::sys::{self, Netns};
 use handover::{pin_link, remove_pin};
-use maps::{
-    AmbAddrKey, AmbBypassKey, AmbConnKey, AmbListenerKey, AmbOrigDst, AmbPod, AmbPodStats,
-    STAT_NAMES,
-};
+use maps::{AmbBypassKey, AmbConnKey, AmbListenerKey, AmbOrigDst, AmbPod, AmbPodStats, STAT_NAMES};
 
 /// The kernel programs, compiled from agent-ebpf by build.rs.
 pub static BPF_OBJECT: &[u8] =
@@ -127,6 +127,24 @@ pub enum Error {
     /// The hand-over directory (which agent is current) failed.
     #[error(transparent)]
     Handover(#[from] handover::Error),
+    /// A socket to read a pod's netns cookie could not be made in it.
+    #[error("cannot make a socket in the network namespace {}", path.display())]
+    NetnsSocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A pod's sk_lookup program was loaded for another network namespace than the one it is
+    /// enrolled with (the namespace was replaced in between).
+    #[error("sk_lookup program of pod {pod} was loaded for netns cookie {loaded}, the pod's is {enrolled}")]
+    LookupNetns {
+        pod: String,
+        loaded: u64,
+        enrolled: u64,
+    },
+    /// The agent's cgroup could not be registered in the kernel.
+    #[error(transparent)]
+    AgentCgroup(#[from] agents::Error),
 }
 
 /// A pod as the kernel programs know it.
@@ -138,14 +156,11 @@ pub struct PodEntry {
     pub netns_cookie: u64,
     /// The kernel-side pod record (id, flags, skip lists).
     pub pod: AmbPod,
-    /// Pod addresses steered by sk_lookup.
-    pub ips: Vec<std::net::IpAddr>,
 }
 
 struct Maps {
     pods: BpfHashMap<MapData, u64, AmbPod>,
     pod_stats: BpfHashMap<MapData, u64, AmbPodStats>,
-    pod_addrs: BpfHashMap<MapData, AmbAddrKey, u64>,
     listeners: SockHash<MapData, AmbListenerKey>,
     conns: BpfHashMap<MapData, AmbConnKey, AmbOrigDst>,
     stats: PerCpuArray<MapData, u64>,
@@ -153,10 +168,14 @@ struct Maps {
 
 /// The loaded and attached kernel programs of one agent instance.
 pub struct Datapath {
-    bpf: Mutex<Ebpf>,
+    // Held: it owns the programs and getsockopt_orig's (unpinnable) links.
+    _bpf: Ebpf,
     maps: Mutex<Maps>,
     bypass: Mutex<BpfHashMap<MapData, AmbBypassKey, u32>>,
     mesh: Mutex<mesh::MeshDsts>,
+    agents: Mutex<agents::AgentCgroups>,
+    /// The settings every load of the object gets (the per-pod sk_lookup copies too).
+    globals: lookup::Globals,
     /// `capture.meshOnly`: enrolled pods get `POD_F_MESH_ONLY`.
     mesh_only: bool,
     links_dir: PathBuf,
@@ -199,11 +218,14 @@ macro_rules! attach_pinned {
 
 impl Datapath {
     /// Loads the programs with `cfg`'s marks and ports, pins maps under `cfg.bpf_pin_dir`
-    /// (reusing maps pinned by a previous agent), and attaches the cgroup programs at
+    /// (reusing maps pinned by a previous agent), registers `agent_cgroup` as an agent's (its
+    /// tasks' sockets may use the agent's marks and ports), and attaches the cgroup programs at
     /// `pods_cgroup` (and `getsockopt_orig` also at `agent_cgroup` if it is outside it).
-    /// Returns the datapath and the event ring buffer.
+    /// `cgroup_root` is the cgroup2 tree the agents live in. Returns the datapath and the event
+    /// ring buffer.
     pub fn load(
         cfg: &Config,
+        cgroup_root: &Path,
         pods_cgroup: &Path,
         agent_cgroup: &Path,
     ) -> Result<(Self, RingBuf<MapData>), Error> {
@@ -218,33 +240,26 @@ impl Datapath {
             path: links_dir.clone(),
             source,
         })?;
-        let (out_mark, deliver_mark) = (cfg.outbound_mark, cfg.deliver_mark);
-        let (p_out, p_in, p_tun) = (
-            cfg.ports.outbound,
-            cfg.ports.inbound_plaintext,
-            cfg.ports.tunnel,
-        );
-        // Binds by the agent's own threads pass the bind guard; a cgroup2 directory's inode
-        // number is the cgroup id that bpf_get_current_cgroup_id() returns.
-        let agent_cgroup_id = std::fs::metadata(agent_cgroup)
-            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-            .map_err(|source| Error::Cgroup {
-                path: agent_cgroup.into(),
-                source,
-            })?;
-        let mut bpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .override_global("cfg_out_mark", &out_mark, true)
-            .override_global("cfg_deliver_mark", &deliver_mark, true)
-            .override_global("cfg_outbound_port", &p_out, true)
-            .override_global("cfg_inbound_port", &p_in, true)
-            .override_global("cfg_tunnel_port", &p_tun, true)
-            .override_global("cfg_agent_cgroup", &agent_cgroup_id, true)
+        let agent_cgroup_id = crate::cgroups::id(agent_cgroup).map_err(|source| Error::Cgroup {
+            path: agent_cgroup.into(),
+            source,
+        })?;
+        let globals = lookup::Globals::new(cfg);
+        let mut bpf = globals
+            .loader()
             .load(BPF_OBJECT)
             .map_err(|source| Error::Load {
                 pin_dir: pin_dir.clone(),
                 source: Box::new(source),
             })?;
+        // Before any program is attached: the old agent's programs (if any) already read the
+        // pinned map, and this agent's sockets must pass both.
+        let agents = agents::AgentCgroups::register(
+            take_map(&mut bpf, "amb_agent_cgs")?,
+            cgroup_root.to_path_buf(),
+            agent_cgroup.to_path_buf(),
+            agent_cgroup_id,
+        )?;
 
         let pods_cg = File::open(pods_cgroup).map_err(|source| Error::Cgroup {
             path: pods_cgroup.into(),
@@ -303,18 +318,9 @@ impl Datapath {
                     })?;
             }
         }
-        {
-            let name = "lookup_steer";
-            let prog: &mut SkLookup = program(&mut bpf, name)?;
-            prog.load().map_err(|source| Error::ProgramLoad {
-                program: name,
-                source,
-            })?;
-        }
         let maps = Maps {
             pods: take_map(&mut bpf, "amb_pods")?,
             pod_stats: take_map(&mut bpf, "amb_pod_stats")?,
-            pod_addrs: take_map(&mut bpf, "amb_pod_addrs")?,
             listeners: take_map(&mut bpf, "amb_listeners")?,
             conns: take_map(&mut bpf, "amb_conns")?,
             stats: take_map(&mut bpf, "amb_stats")?,
@@ -323,10 +329,12 @@ impl Datapath {
         let mesh = mesh::MeshDsts::new(take_map(&mut bpf, "amb_mesh_dsts")?);
         let events: RingBuf<MapData> = take_map(&mut bpf, "amb_events")?;
         let dp = Self {
-            bpf: Mutex::new(bpf),
+            _bpf: bpf,
             maps: Mutex::new(maps),
             bypass: Mutex::new(bypass),
             mesh: Mutex::new(mesh),
+            agents: Mutex::new(agents),
+            globals,
             mesh_only: cfg.capture.mesh_only,
             links_dir,
             lookup_links: Mutex::new(HashMap::new()),
@@ -366,16 +374,41 @@ impl Datapath {
         }
     }
 
+    /// Loads a pod's own copy of sk_lookup for its namespace `netns` (the slow part of
+    /// enrolling: call it before the pod's listeners exist, which receive connections at once
+    /// during a restart hand-over).
+    pub fn load_lookup(&self, netns: &Netns) -> Result<lookup::LookupProgram, Error> {
+        self.globals.load_lookup(netns)
+    }
+
     /// Enrolls a pod in the kernel (its listeners must already be registered) and attaches
-    /// sk_lookup to its network namespace; only while this agent is current (otherwise the
-    /// current agent does, or this one when it takes the node back).
-    pub fn enroll(&self, entry: &PodEntry, netns: &Netns) -> Result<(), Error> {
+    /// its copy of sk_lookup (from [`Datapath::load_lookup`]) to its network namespace; only
+    /// while this agent is current (otherwise the current agent does, or this one when it
+    /// takes the node back).
+    pub fn enroll(
+        &self,
+        entry: &PodEntry,
+        netns: &Netns,
+        lookup: lookup::LookupProgram,
+    ) -> Result<(), Error> {
         self.handover
-            .with_current(|| self.enroll_now(entry, netns))
+            .with_current(|| self.enroll_now(entry, netns, lookup))
             .unwrap_or(Ok(()))
     }
 
-    fn enroll_now(&self, entry: &PodEntry, netns: &Netns) -> Result<(), Error> {
+    fn enroll_now(
+        &self,
+        entry: &PodEntry,
+        netns: &Netns,
+        lookup: lookup::LookupProgram,
+    ) -> Result<(), Error> {
+        if lookup.netns_cookie() != entry.netns_cookie {
+            return Err(Error::LookupNetns {
+                pod: entry.key.clone(),
+                loaded: lookup.netns_cookie(),
+                enrolled: entry.netns_cookie,
+            });
+        }
         let op_err = |map, op| {
             move |source: MapError| Error::MapOp {
                 map,
@@ -396,11 +429,6 @@ impl Datapath {
                     if e.io_error.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(e) => return Err(op_err("amb_pod_stats", "insert")(e)),
             }
-            for ip in &entry.ips {
-                m.pod_addrs
-                    .insert(AmbAddrKey::new(*ip), entry.netns_cookie, 0)
-                    .map_err(op_err("amb_pod_addrs", "insert"))?;
-            }
             let mut pod = entry.pod;
             if self.mesh_only && pod.flags & maps::POD_F_CAPTURE_OUT != 0 {
                 pod.flags |= maps::POD_F_MESH_ONLY;
@@ -409,26 +437,10 @@ impl Datapath {
                 .insert(entry.netns_cookie, pod, 0)
                 .map_err(op_err("amb_pods", "insert"))?;
         }
-        let name = "lookup_steer";
         let pin = self
             .links_dir
             .join(format!("lookup-{}", entry.netns_cookie));
-        let link = {
-            let mut bpf = lock(&self.bpf);
-            let prog: &mut SkLookup = program(&mut bpf, name)?;
-            let id = prog.attach(netns.file()).map_err(|source| Error::Attach {
-                program: name,
-                target: netns.path().into(),
-                source,
-            })?;
-            let link = prog.take_link(id).map_err(|source| Error::Attach {
-                program: name,
-                target: netns.path().into(),
-                source,
-            })?;
-            FdLink::from(link)
-        };
-        let pinned = pin_link(link, &pin)?;
+        let pinned = lookup.attach(netns, &pin)?;
         lock(&self.lookup_links).insert(entry.netns_cookie, pinned);
         Ok(())
     }
@@ -459,11 +471,6 @@ impl Datapath {
             if let Err(e) = ignore_missing(m.pods.remove(&entry.netns_cookie)) {
                 first_err.get_or_insert(op_err("amb_pods", "remove")(e));
             }
-            for ip in &entry.ips {
-                if let Err(e) = ignore_missing(m.pod_addrs.remove(&AmbAddrKey::new(*ip))) {
-                    first_err.get_or_insert(op_err("amb_pod_addrs", "remove")(e));
-                }
-            }
             for family in [maps::AF_INET, maps::AF_INET6] {
                 let k = AmbListenerKey {
                     netns_cookie: entry.netns_cookie,
@@ -482,6 +489,15 @@ impl Datapath {
         )?;
         drop(link);
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// Removes other agents' cgroups that are gone or empty from the kernel's agent set (see
+    /// `agents.rs`); logs what it removed. A draining agent must not call it.
+    pub fn sweep_agent_cgroups(&self) {
+        let removed = lock(&self.agents).sweep();
+        if !removed.is_empty() {
+            tracing::info!(cgroup.ids = ?removed, "removed cgroups of agents that are gone from the agent set");
+        }
     }
 
     /// The original destination of a captured connection, from the tuple sockops recorded.

@@ -26,13 +26,7 @@ const PORT: u16 = 9100;
 /// fds an agent may hold above baseline afterwards (a pooled tunnel connection, timers).
 const FD_SLACK: usize = 8;
 /// The agents' pinned maps that are keyed by, or point to, a pod's netns cookie.
-const MAPS: &[&str] = &[
-    "amb_pods",
-    "amb_pod_stats",
-    "amb_pod_addrs",
-    "amb_listeners",
-    "amb_conns",
-];
+const MAPS: &[&str] = &["amb_pods", "amb_pod_stats", "amb_listeners", "amb_conns"];
 
 #[test]
 #[ignore = "privileged: run with `cargo xtask test`"]
@@ -229,17 +223,13 @@ fn enrolled_cookies(tb: &Testbed) -> [BTreeSet<u64>; 2] {
 }
 
 /// Entries of our pinned maps that belong to one of `cookies`: the netns cookie is the first
-/// 8 bytes (little-endian) of the raw key of every map here but `amb_pod_addrs`, whose value is
-/// the cookie. Only that field is compared: on kernels that hand out cookies from per-CPU
-/// batches (6.1) cookies are small numbers that also occur as flags, counters or families.
+/// 8 bytes (little-endian) of the raw key of every map here. Only that field is compared: on
+/// kernels that hand out cookies from per-CPU batches (6.1) cookies are small numbers that
+/// also occur as flags, counters or families.
 fn stale_entries(pins: &Path, cookies: &[u64]) -> Vec<String> {
     let mut out = Vec::new();
     for map in MAPS {
-        let field = if *map == "amb_pod_addrs" {
-            "value"
-        } else {
-            "key"
-        };
+        let field = "key";
         let entries = leaks::map_dump(&pins.join(map)).unwrap();
         for e in entries {
             let formatted = &e["formatted"][field];

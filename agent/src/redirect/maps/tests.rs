@@ -52,6 +52,7 @@ fn rust_mirror_matches_c_header() {
         ("AMB_MAX_SKIP_PORTS", MAX_SKIP_PORTS),
         ("AMB_MAX_SKIP_CIDRS", MAX_SKIP_CIDRS),
         ("AMB_MAX_MESH_DSTS", MAX_MESH_DSTS),
+        ("AMB_MAX_AGENT_CGROUPS", MAX_AGENT_CGROUPS),
         ("AMB_POD_F_MESH_ONLY", POD_F_MESH_ONLY as usize),
         ("AMB_MESH_DST_POD", MESH_DST_POD as usize),
         ("AMB_MESH_DST_VIP", MESH_DST_VIP as usize),
@@ -80,6 +81,10 @@ fn rust_mirror_matches_c_header() {
         (
             "amb_pod_stats.passthrough",
             field!(AmbPodStats, passthrough),
+        ),
+        (
+            "amb_pod_stats.forged_mark",
+            field!(AmbPodStats, forged_mark),
         ),
         ("amb_orig_dst.addr", field!(AmbOrigDst, addr)),
         ("amb_orig_dst.port", field!(AmbOrigDst, port)),
@@ -136,7 +141,6 @@ fn embedded_object_has_every_map_with_rust_sizes() {
     let expect: &[(&str, usize, usize)] = &[
         ("amb_pods", 8, size_of::<AmbPod>()),
         ("amb_pod_stats", 8, size_of::<AmbPodStats>()),
-        ("amb_pod_addrs", size_of::<AmbAddrKey>(), 8),
         ("amb_orig_dst", 8, size_of::<AmbOrigDst>()),
         (
             "amb_conns",
@@ -147,6 +151,7 @@ fn embedded_object_has_every_map_with_rust_sizes() {
         ("amb_bypass", size_of::<AmbBypassKey>(), 4),
         ("amb_stats", 4, 8),
         ("amb_mesh_dsts", size_of::<AmbAddrKey>(), 4),
+        ("amb_agent_cgs", 8, 4),
     ];
     for (name, key, value) in expect {
         let map = obj
