@@ -20,7 +20,7 @@ pub enum Command {
     /// Show the agent's status (enrolled pods, listeners, kernel counters).
     Status(AdminArgs),
     /// Run the certificate authority (Istio CA API over gRPC + TLS).
-    Ca(CaArgs),
+    Ca(crate::ca::CaArgs),
     /// Show the local identities' certificates (serial, validity, next renewal, state).
     Certs(AdminArgs),
     /// List the connections the agent is carrying now.
@@ -58,17 +58,6 @@ pub struct RunArgs {
 pub struct CheckInventoryArgs {
     /// The inventory file (Kubernetes-shaped YAML).
     pub path: PathBuf,
-}
-
-/// `ambit ca`.
-#[derive(Debug, Args)]
-pub struct CaArgs {
-    /// CA configuration file (YAML).
-    #[arg(long, short, env = "AMBIT_CA_CONFIG")]
-    pub config: PathBuf,
-    /// Dev/testbed: write a new root to the config's certDir if it holds none.
-    #[arg(long)]
-    pub generate: bool,
 }
 
 /// `ambit explain SRC_POD DST_ADDR:PORT`.

@@ -303,7 +303,7 @@ pub struct Config {
     /// The CA that issues the pods' certificates. Without it the agent only captures:
     /// enrolled pods talk plaintext through the agents (no mTLS).
     #[serde(default)]
-    pub ca: Option<crate::ca::CaClientConfig>,
+    pub ca: Option<crate::identity::CaClientConfig>,
 }
 
 fn default_trust_domain() -> String {

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use ambit::ca::{CaClient, CaClientConfig};
 use ambit::identity::{self, SpiffeId, TrustBundle, TrustDomain, WorkloadCertificate};
+use ambit::identity::{CaClient, CaClientConfig};
 use ambit::tunnel::client::Tunnel;
 use ambit::tunnel::server::{serve_connection, PendingConnect, ServerLimits};
 use anyhow::{anyhow, Context, Result};

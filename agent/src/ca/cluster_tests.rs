@@ -10,10 +10,10 @@ use serde::Deserialize as _;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::ca::client::{CaClient, ClientError};
 use crate::ca::oidc::{self, Discovery, OidcError, DISCOVERY_PATH};
 use crate::ca::testing::{spiffe, Fixture, AGENT_NS, AGENT_SA, INVENTORY, ISSUER};
 use crate::ca::token::TokenError;
+use crate::identity::ca_client::{CaClient, ClientError};
 use crate::inventory::kube::fake_api::FakeApi;
 use crate::inventory::Snapshot;
 use ambit_testbed::issuer::{ServiceAccountClaims, TokenIssuer};

@@ -22,7 +22,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use time::OffsetDateTime;
 
-use crate::identity::{CaError, CertificateAuthority, TrustBundle, TrustDomain};
+use crate::identity::{pem_block, CaError, CertificateAuthority, TrustBundle, TrustDomain};
 
 /// The signing certificate.
 pub const CA_CERT: &str = "ca-cert.pem";
@@ -337,10 +337,4 @@ fn read(path: &Path) -> Result<String, MaterialError> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-/// Encodes one PEM block with LF line endings.
-pub(crate) fn pem_block(label: &str, der: &[u8]) -> String {
-    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
-    ::pem::encode_config(&::pem::Pem::new(label, der), config)
 }

@@ -13,11 +13,9 @@
 //! ([`crate::signals`]): SIGHUP re-reads the config file and logs whether it differs (nothing
 //! is applied: the inventory and the issuer keys are followed anyway, the rest takes a
 //! restart), SIGUSR1 logs the CA's counters, other signals are logged and ignored.
-pub mod client;
 pub mod config;
 pub mod material;
 pub mod oidc;
-pub mod proto;
 pub mod server;
 pub mod service;
 mod status;
@@ -40,12 +38,9 @@ use crate::ca::oidc::{Discovery, OidcError};
 use crate::ca::server::{RunningCa, ServerError};
 use crate::ca::service::CaService;
 use crate::ca::token::{Jwks, JwksError, TokenVerifier};
-use crate::cli::CaArgs;
 use crate::config::{InventorySource, LogFormat};
 use crate::inventory;
 use crate::signals::{Event, Signals};
-
-pub use client::{CaClient, CaClientConfig, ClientError};
 
 /// Why `ambit ca` could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +89,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// `ambit ca`.
+#[derive(Debug, clap::Args)]
+pub struct CaArgs {
+    /// CA configuration file (YAML).
+    #[arg(long, short, env = "AMBIT_CA_CONFIG")]
+    pub config: PathBuf,
+    /// Dev/testbed: write a new root to the config's certDir if it holds none.
+    #[arg(long)]
+    pub generate: bool,
 }
 
 /// `ambit ca`: serve until SIGTERM or SIGINT.

@@ -32,11 +32,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::Status;
 
-use crate::ca::proto::{
+use crate::ca::service::CaService;
+use crate::identity::ca_api::{
     IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService,
     IstioCertificateServiceServer,
 };
-use crate::ca::service::CaService;
 
 /// Default deadline for a client to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -15,11 +15,11 @@ use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Status};
 
-use crate::ca::material::pem_block;
-use crate::ca::proto::{
+use crate::ca::token::{NodeToken, TokenError, TokenVerifier};
+use crate::identity::ca_api::{
     Impersonate as _, Impersonation, IstioCertificateRequest, IstioCertificateResponse,
 };
-use crate::ca::token::{NodeToken, TokenError, TokenVerifier};
+use crate::identity::pem_block;
 use crate::identity::{
     CaError, CertificateAuthority, Csr, CsrError, SpiffeId, SpiffeIdError, TrustBundle, TrustDomain,
 };

@@ -8,11 +8,11 @@ use std::time::{Duration, SystemTime};
 use rustls::sign::CertifiedKey;
 use tokio::sync::watch;
 
-use crate::ca::client::CaClientConfig;
 use crate::ca::material::{Material, ServingNames, ROOT_CERT};
 use crate::ca::server::RunningCa;
 use crate::ca::service::CaService;
 use crate::ca::token::{Jwks, TokenVerifier};
+use crate::identity::ca_client::CaClientConfig;
 use crate::identity::{SpiffeId, TrustBundle};
 use crate::inventory::{self, Snapshot};
 use ambit_testbed::issuer::{ServiceAccountClaims, TokenIssuer};

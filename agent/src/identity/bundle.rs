@@ -83,7 +83,7 @@ impl TrustBundle {
     pub fn to_pem(&self) -> String {
         self.roots
             .iter()
-            .map(|root| to_pem("CERTIFICATE", root))
+            .map(|root| pem_block("CERTIFICATE", root))
             .collect()
     }
 
@@ -102,7 +102,7 @@ impl fmt::Debug for TrustBundle {
 }
 
 /// Encodes `der` as one PEM block with the given label (LF line endings).
-pub(crate) fn to_pem(label: &str, der: &[u8]) -> String {
+pub fn pem_block(label: &str, der: &[u8]) -> String {
     let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
     ::pem::encode_config(&::pem::Pem::new(label, der), config)
 }

@@ -189,9 +189,9 @@ mod tests {
         let chain_pem: String = leaf
             .chain
             .iter()
-            .map(|c| bundle::to_pem("CERTIFICATE", c))
+            .map(|c| bundle::pem_block("CERTIFICATE", c))
             .collect();
-        let key_pem = bundle::to_pem("PRIVATE KEY", leaf.key.secret_der());
+        let key_pem = bundle::pem_block("PRIVATE KEY", leaf.key.secret_der());
         let cert = WorkloadCertificate::from_pem(&chain_pem, &key_pem).unwrap();
         assert_eq!(cert.id().to_string(), ID);
         assert_eq!(cert.chain(), leaf.chain.as_slice());

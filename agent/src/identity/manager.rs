@@ -27,7 +27,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::ca::client::CaClient;
+use crate::identity::ca_client::CaClient;
 use crate::identity::{SpiffeId, Timestamp, TrustBundle, WorkloadCertificate};
 
 /// Requests in flight to the CA at once, over all identities.
@@ -418,7 +418,7 @@ async fn renew(
                 delay
             }
             Err(error) => {
-                let message = crate::ca::service::chain(&error);
+                let message = crate::error::error_chain(&error);
                 let mut delay = jittered(backoff, unit_random());
                 backoff = backoff.saturating_mul(2).min(settings.max_backoff);
                 let valid = slot.borrow().valid_cert(now);

@@ -10,7 +10,6 @@ pub mod plaintext;
 pub mod route;
 pub mod shards;
 pub mod socket;
-pub mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -52,7 +51,7 @@ pub struct PodContext {
     pub cfg: Arc<crate::config::Config>,
     /// Certificates and trust for HBONE; `None` when the agent runs without a CA (capture
     /// only: enrolled pods talk plaintext through the agents).
-    pub tls: Option<Arc<tls::TlsSource>>,
+    pub tls: Option<Arc<crate::identity::source::TlsSource>>,
     /// The agent's HBONE connection pool.
     pub pool: Arc<crate::tunnel::pool::Pool>,
     /// The certificate manager, to wait for a certificate that is still being fetched (a

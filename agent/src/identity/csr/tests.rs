@@ -36,7 +36,7 @@ fn new_csr_debug_hides_the_key() {
 #[test]
 fn parses_pem() {
     let request = new_csr(&spiffe(ID)).unwrap();
-    let pem = crate::identity::bundle::to_pem("CERTIFICATE REQUEST", &request.csr);
+    let pem = crate::identity::pem_block("CERTIFICATE REQUEST", &request.csr);
     Csr::from_pem(&pem)
         .unwrap()
         .check_sans(&spiffe(ID))

@@ -4,11 +4,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::*;
-use crate::ca::client::CaClient;
-use crate::ca::material::{pem_block, Material, ServingNames};
-use crate::ca::proto::IstioCertificateResponse;
+use crate::ca::material::{Material, ServingNames};
 use crate::ca::server::{RunningCa, Tamper};
 use crate::ca::testing::{spiffe, Fixture};
+use crate::identity::ca_api::IstioCertificateResponse;
+use crate::identity::ca_client::CaClient;
+use crate::identity::pem_block;
 use crate::identity::{CertificateAuthority, Csr};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";

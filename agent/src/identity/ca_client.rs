@@ -31,10 +31,10 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_prost::ProstCodec;
 use tower_service::Service;
 
-use crate::ca::material::pem_block;
-use crate::ca::proto::{
+use crate::identity::ca_api::{
     Impersonate as _, IstioCertificateRequest, IstioCertificateResponse, CREATE_CERTIFICATE_PATH,
 };
+use crate::identity::pem_block;
 use crate::identity::{
     new_csr, verify_svid, BundleError, CsrError, PeerRole, SpiffeId, SvidError, TrustBundle,
     TrustDomain, WorkloadCertError, WorkloadCertificate,
