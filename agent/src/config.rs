@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_OUTBOUND_MARK: u32 = 0x539;
 /// Default SO_MARK of the agent's delivery sockets (routed back to the agent in the pod).
 pub const DEFAULT_DELIVER_MARK: u32 = 0x53a;
+/// Default routing table of the pods' `local default dev lo` route for delivery-marked packets.
+pub const DEFAULT_DELIVER_TABLE: u32 = 100;
 
 /// Errors reading or parsing the configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -273,6 +275,15 @@ pub struct Config {
     /// SO_MARK of the agent's delivery sockets.
     #[serde(default = "default_deliver_mark")]
     pub deliver_mark: u32,
+    /// Routing table, inside each enrolled pod, that sends packets carrying `deliver_mark` to
+    /// `lo` (the agent installs it; docs/inbound-delivery.md).
+    #[serde(default = "default_deliver_table")]
+    pub deliver_table: u32,
+    /// Where the agent finds the host's `/proc/sys/net` to set the pods' delivery sysctls (each
+    /// file resolves to the namespace of the thread opening it). A container's own `/proc/sys`
+    /// is read-only: the DaemonSet mounts the host's elsewhere.
+    #[serde(default = "default_proc_sys_net")]
+    pub proc_sys_net: PathBuf,
     /// Agent ports inside each pod.
     #[serde(default)]
     pub ports: Ports,
@@ -329,6 +340,12 @@ fn default_outbound_mark() -> u32 {
 }
 fn default_deliver_mark() -> u32 {
     DEFAULT_DELIVER_MARK
+}
+fn default_deliver_table() -> u32 {
+    DEFAULT_DELIVER_TABLE
+}
+fn default_proc_sys_net() -> PathBuf {
+    PathBuf::from("/proc/sys/net")
 }
 
 impl Config {
@@ -397,6 +414,13 @@ impl Config {
             return Err(invalid(
                 "inventoryGuard.settleMs",
                 "must be 1 to 600000 (10 minutes)",
+            ));
+        }
+        // 0 is "unspecified"; 253, 254 and 255 are the kernel's default, main and local tables.
+        if matches!(cfg.deliver_table, 0 | 253..=255) {
+            return Err(invalid(
+                "deliverTable",
+                "must not be 0 or a kernel table (253 default, 254 main, 255 local)",
             ));
         }
         let p = cfg.ports;
@@ -507,6 +531,33 @@ mod tests {
             .to_string();
             assert!(err.contains(field), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn rejects_a_kernel_routing_table_for_delivery() {
+        for table in [0, 253, 254, 255] {
+            let err = Config::parse(
+                Path::new("a.yaml"),
+                &format!("node: n1\ninventory: /x\ndeliverTable: {table}\n"),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::Invalid {
+                        field: "deliverTable",
+                        ..
+                    }
+                ),
+                "table {table}: {err}"
+            );
+        }
+        let cfg = Config::parse(
+            Path::new("a.yaml"),
+            "node: n1\ninventory: /x\ndeliverTable: 252\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.deliver_table, 252);
     }
 
     #[test]

@@ -464,9 +464,12 @@ fn daemonset_agrees_with_the_agent() {
     assert!(volume(vols, name).config_map.is_some());
     // Kernel programs attach in the host's cgroup2 tree and pin on the host's bpffs; the agent
     // finds kubelet's pod root itself and stays in its own pod's cgroup.
+    // The pods' delivery sysctls are set through the host's /proc/sys/net: the container's
+    // own /proc/sys is read-only.
     for (key, host) in [
         ("cgroupRoot", "/sys/fs/cgroup"),
         ("bpfPinDir", "/sys/fs/bpf"),
+        ("procSysNet", "/proc/sys/net"),
     ] {
         let p = Path::new(cfg[key].as_str().unwrap());
         let (name, _) = mount_of(agent, p);

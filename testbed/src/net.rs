@@ -1,4 +1,4 @@
-//! Network plumbing with `ip`: node and pod namespaces, bridges, the underlay, per-pod routing.
+//! Network plumbing with `ip`: node and pod namespaces, bridges, the underlay, routes.
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::Command;
@@ -7,11 +7,6 @@ use anyhow::{Context, Result};
 
 use crate::cmd::{self, ip, SETUP_TIMEOUT};
 use crate::state::{Node, Pod};
-
-/// SO_MARK of the agent's delivery sockets; pods route it to `lo` (inbound-recipe.md §A).
-pub const DELIVER_MARK: u32 = 0x53a;
-/// Routing table holding the pods' `local default` route for marked replies.
-pub const DELIVER_TABLE: u32 = 100;
 
 /// Node `index`'s bridge address (the pods' IPv4 gateway): `10.<index>.0.1`.
 pub fn gateway_v4(index: u8) -> Ipv4Addr {
@@ -117,8 +112,9 @@ pub fn link_nodes(a: &Node, b: &Node) -> Result<()> {
     Ok(())
 }
 
-/// Builds a pod: namespace, veth `eth0` into its node's bridge, addresses, default routes, and
-/// the routing that returns the app's replies to the agent's transparent delivery sockets.
+/// Builds a pod: namespace, veth `eth0` into its node's bridge, addresses and default routes.
+/// The routing that returns the app's replies to the agent's delivery sockets is the agent's to
+/// install when it enrolls the pod (docs/inbound-delivery.md), as on a Kubernetes node.
 pub fn setup_pod(pod: &Pod, node: &Node, host: u8) -> Result<()> {
     let ns = pod.netns.as_str();
     let node_ns = node.netns.as_str();
@@ -134,8 +130,7 @@ pub fn setup_pod(pod: &Pod, node: &Node, host: u8) -> Result<()> {
         ns,
         ("default", gateway_v4(node.index)),
         ("default", gateway_v6(node.index)),
-    )?;
-    delivery_routing(pod)
+    )
 }
 
 /// Gives `dev` in netns `ns` the addresses `v4` and `v6` (with prefix lengths; no duplicate
@@ -160,47 +155,6 @@ fn routes_via(ns: &str, v4: (&str, Ipv4Addr), v6: (&str, Ipv6Addr)) -> Result<()
         &v6.1.to_string(),
     ])
     .map(drop)
-}
-
-/// inbound-recipe.md §A: marked SYNs make the app's socket inherit the mark, and marked packets
-/// are routed to `lo`, where the agent's transparent socket picks them up.
-fn delivery_routing(pod: &Pod) -> Result<()> {
-    let ns = pod.netns.as_str();
-    sysctl(
-        &pod.netns_path(),
-        &[
-            "net.ipv4.tcp_fwmark_accept=1",
-            "net.ipv4.fwmark_reflect=1",
-            "net.ipv6.fwmark_reflect=1",
-        ],
-    )?;
-    let mark = format!("{DELIVER_MARK:#x}");
-    let table = DELIVER_TABLE.to_string();
-    for (family, any) in [("-4", "0.0.0.0/0"), ("-6", "::/0")] {
-        ip(&[
-            "-n", ns, family, "rule", "add", "fwmark", &mark, "lookup", &table, "pref", "100",
-        ])?;
-        ip(&[
-            "-n", ns, family, "route", "add", "local", any, "dev", "lo", "table", &table,
-        ])?;
-    }
-    // Link-local replies are routed with their interface as the required output device (a
-    // strict lookup), which `dev lo` does not match: without this route the app's SYN-ACK to a
-    // link-local client would leave on eth0 instead of reaching the agent's delivery socket.
-    ip(&[
-        "-n",
-        ns,
-        "-6",
-        "route",
-        "add",
-        "local",
-        "fe80::/10",
-        "dev",
-        "eth0",
-        "table",
-        &table,
-    ])?;
-    Ok(())
 }
 
 /// TCP ports listening in the namespace at `netns_path` (from `ss -Hltn`).

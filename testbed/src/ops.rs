@@ -3,6 +3,7 @@
 //! agent for a node (zero-downtime restart), signals by PID, and a steady-load client.
 mod http;
 mod metrics;
+mod pod_server;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};

@@ -127,6 +127,11 @@ pub fn registry(
         "Connections and streams refused on the tunnel port (15008), by reason",
         crate::tunnel::reject::REJECTIONS.clone(),
     );
+    r.register(
+        "ambit_delivery_routing_failures",
+        "Failures to install (the pod is not enrolled) or remove a pod's delivery routing",
+        crate::proxy::delivery_route::FAILURES.clone(),
+    );
     r.register_collector(Box::new(Runtime { datapath, manager }));
     r.register_collector(Box::new(Inventory(reloads)));
     r

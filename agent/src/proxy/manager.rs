@@ -1,9 +1,10 @@
 //! The pod manager: turns inventory snapshots into enrolled pods (listeners, kernel entries, tasks).
 //!
-//! Enrollment order (see redirect/mod.rs): bind listeners in the pod, register the inbound
-//! listeners, enroll in the kernel, then start the accept tasks. Removal reverses it; open
-//! connections keep running until they end. An agent that takes the node back from a newer
-//! one that left ([`Manager::reassert`]) registers and enrolls its pods again.
+//! Enrollment order (see redirect/mod.rs): install the pod's delivery routing, load the pod's
+//! sk_lookup program, bind listeners in the pod, register the inbound listeners, enroll in the
+//! kernel, then start the accept tasks. Removal reverses it; open connections keep running until
+//! they end (and keep the routing). An agent that takes the node back from a newer one that
+//! left ([`Manager::reassert`]) registers and enrolls its pods again.
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::conns::{ConnRow, ConnTable};
+use super::delivery_route::DeliveryRoutes;
 use super::explain;
 use super::route::RoundRobin;
 use super::shards::Shards;
@@ -86,6 +88,7 @@ pub struct Manager {
     synced: std::sync::atomic::AtomicBool,
     drain: Arc<tokio::sync::Notify>,
     draining: watch::Sender<bool>,
+    routes: DeliveryRoutes,
 }
 
 impl Manager {
@@ -99,6 +102,11 @@ impl Manager {
         certs: Option<Arc<CertManager>>,
     ) -> Self {
         let limits = cfg.limits;
+        let routes = DeliveryRoutes::new(
+            cfg.deliver_mark,
+            cfg.deliver_table,
+            cfg.proc_sys_net.clone(),
+        );
         Self {
             cfg,
             datapath,
@@ -120,6 +128,7 @@ impl Manager {
             synced: std::sync::atomic::AtomicBool::new(false),
             drain: Arc::new(tokio::sync::Notify::new()),
             draining: watch::channel(false).0,
+            routes,
         }
     }
 
@@ -181,6 +190,7 @@ impl Manager {
                     certs.forget(&id);
                 }
                 self.pool.forget_source(e.entry.netns_cookie);
+                self.routes.release(e.ctx.clone());
                 let gone = desired.get(&key).is_some_and(|w| netns_ino(w).is_none());
                 if let Err(err) = self.datapath.unenroll(&e.entry) {
                     tracing::error!(pod = %key, error = %err, "unenroll failed");
@@ -219,6 +229,8 @@ impl Manager {
                 }
             }
         }
+        let cookies: Vec<u64> = enrolled.values().map(|e| e.entry.netns_cookie).collect();
+        self.routes.sweep(|cookie| cookies.contains(&cookie));
     }
 
     /// Trusts the roots the CA sent last (root rotation) on top of the configured ones, and
@@ -283,6 +295,10 @@ impl Manager {
         let ino = netns_ino(w)
             .ok_or_else(|| format!("network namespace {} does not exist", path.display()))?;
         let netns = Arc::new(Netns::open(&path).map_err(|e| error_chain(&e))?);
+        // Before any listener exists: nothing is delivered into a pod without it (fail closed).
+        self.routes
+            .install(&w.key(), &netns)
+            .map_err(|e| error_chain(&e))?;
         let sockets =
             SocketFactory::new(netns.clone(), self.cfg.outbound_mark, self.cfg.deliver_mark);
         let p = self.cfg.ports;

@@ -2,6 +2,7 @@
 pub mod caps;
 pub mod conns;
 pub mod copy;
+pub mod delivery_route;
 pub mod explain;
 pub mod inbound;
 pub mod manager;

@@ -13,6 +13,7 @@ mod ca_faults;
 mod churn;
 mod cni_traffic;
 mod concurrency;
+mod delivery_routing;
 mod destination_rule;
 mod failclosed;
 mod failure_telemetry;
