@@ -366,41 +366,9 @@ async fn apply_family(
     let plan = plan(&rules, want, op);
     let mut changes = Changes::default();
     if op == Op::Install {
-        // The route before the rule: a rule pointing at an empty table would send marked
+        // The routes before the rule: a rule pointing at an empty table would send marked
         // packets on to `main`, which is what it is there to prevent.
-        let route = local_route(
-            family,
-            want.table,
-            lo,
-            RouteProtocol::Static,
-            RouteScope::Host,
-        );
-        handle
-            .route()
-            .add(route)
-            .replace()
-            .execute()
-            .await
-            .map_err(err(format!(
-                "replacing {name} route local default dev lo table {}",
-                want.table
-            )))?;
-        if matches!(family, IpVersion::V6) {
-            for device in other_links(pod, handle, lo).await? {
-                let route =
-                    link_local_route(want.table, device, RouteProtocol::Static, RouteScope::Host);
-                handle
-                    .route()
-                    .add(route)
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(err(format!(
-                        "replacing IPv6 route local fe80::/10 dev #{device} table {}",
-                        want.table
-                    )))?;
-            }
-        }
+        set_routes(pod, handle, want.table, family, lo, op).await?;
     }
     if plan.add {
         let add = handle
@@ -434,47 +402,62 @@ async fn apply_family(
         }
     }
     if op == Op::Remove {
-        // Any protocol and scope, as `ip route del` does: the route may have been added by an
-        // older installer.
-        let route = local_route(
-            family,
-            want.table,
-            lo,
-            RouteProtocol::Unspec,
-            RouteScope::NoWhere,
-        );
-        match handle.route().del(route).execute().await {
-            Ok(()) => {}
-            Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => {}
-            Err(e) => {
-                return Err(err(format!(
-                    "deleting {name} route local default dev lo table {}",
-                    want.table
-                ))(e))
-            }
-        }
-        if matches!(family, IpVersion::V6) {
-            for device in other_links(pod, handle, lo).await? {
-                let route = link_local_route(
-                    want.table,
-                    device,
-                    RouteProtocol::Unspec,
-                    RouteScope::NoWhere,
-                );
-                match handle.route().del(route).execute().await {
-                    Ok(()) => {}
-                    Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => {}
-                    Err(e) => {
-                        return Err(err(format!(
-                            "deleting IPv6 route local fe80::/10 dev #{device} table {}",
-                            want.table
-                        ))(e))
-                    }
-                }
-            }
-        }
+        set_routes(pod, handle, want.table, family, lo, op).await?;
     }
     Ok(changes)
+}
+
+/// Replaces (install) or deletes (remove; one already gone is fine) the `local` routes of
+/// `family` in `table`: the default route via `lo`, and for IPv6 the link-local route of each
+/// other interface.
+async fn set_routes(
+    pod: &str,
+    handle: &Handle,
+    table: u32,
+    family: &IpVersion,
+    lo: u32,
+    op: Op,
+) -> Result<(), Error> {
+    // Deleting matches any protocol and scope, as `ip route del` does: a route may have been
+    // added by an older installer.
+    let (protocol, scope) = match op {
+        Op::Install => (RouteProtocol::Static, RouteScope::Host),
+        Op::Remove => (RouteProtocol::Unspec, RouteScope::NoWhere),
+    };
+    let mut routes = vec![(
+        local_route(family, table, lo, protocol, scope),
+        "local default dev lo".to_string(),
+    )];
+    if matches!(family, IpVersion::V6) {
+        for device in other_links(pod, handle, lo).await? {
+            routes.push((
+                link_local_route(table, device, protocol, scope),
+                format!("local fe80::/10 dev #{device}"),
+            ));
+        }
+    }
+    for (route, what) in routes {
+        let done = match op {
+            Op::Install => handle.route().add(route).replace().execute().await,
+            Op::Remove => match handle.route().del(route).execute().await {
+                Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => Ok(()),
+                r => r,
+            },
+        };
+        done.map_err(|source| Error::Netlink {
+            pod: pod.to_string(),
+            what: format!(
+                "{} route {what} table {table}",
+                if op == Op::Install {
+                    "replacing"
+                } else {
+                    "deleting"
+                }
+            ),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// The indexes of the namespace's links other than `lo` (link-local clients arrive on them).
