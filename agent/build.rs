@@ -18,7 +18,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=AMBIT_BPFTOOL");
 
     // Every `*.bpf.c` is a compilation unit of its own (the maps are `__weak` definitions in
-    // maps.h, the load-time settings `extern` in common.h), so each one also compiles alone.
+    // maps.h, the load-time settings `extern` in common.h) and finds the shared header by a
+    // relative include, so each one also compiles alone, with agent-ebpf/src/compile_flags.txt.
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&src)
         .unwrap_or_else(|e| panic!("cannot list {}: {e}", src.display()))
         .map(|entry| entry.expect("read agent-ebpf/src entry").path())
@@ -35,9 +36,7 @@ fn main() {
         let name = source.file_name().expect("a file").to_string_lossy();
         let unit = units_dir.join(name.replace(".bpf.c", ".bpf.o"));
         let status = Command::new(&clang)
-            .args(["-target", "bpf", "-g", "-O2", "-Wall", "-Werror"])
-            .arg(format!("-I{}", include.display()))
-            .arg("-c")
+            .args(["-target", "bpf", "-g", "-O2", "-Wall", "-Werror", "-c"])
             .arg(source)
             .arg("-o")
             .arg(&unit)

@@ -5,7 +5,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
-#include "ambit_maps.h"
+#include "../include/ambit_maps.h"
 
 /* Every map is pinned by name under the agent's per-instance bpffs directory, so that the
  * programs keep capturing (and fail closed) across an agent restart and the new agent finds
