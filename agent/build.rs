@@ -1,7 +1,8 @@
-//! Compiles the kernel programs (agent-ebpf) with clang and probes the C layout of the shared header.
+//! Compiles each kernel program unit (agent-ebpf/src/*.bpf.c) with clang and links them into one object.
 use std::env;
+use std::io::ErrorKind;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, ExitStatus};
 
 fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
@@ -14,43 +15,79 @@ fn main() {
         println!("cargo:rerun-if-changed={}", dir.display());
     }
     println!("cargo:rerun-if-env-changed=AMBIT_CLANG");
+    println!("cargo:rerun-if-env-changed=AMBIT_BPFTOOL");
+
+    // Every `*.bpf.c` is a compilation unit of its own (the maps are `__weak` definitions in
+    // maps.h, the load-time settings `extern` in common.h) and finds the shared header by a
+    // relative include, so each one also compiles alone, with agent-ebpf/src/compile_flags.txt.
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(&src)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", src.display()))
+        .map(|entry| entry.expect("read agent-ebpf/src entry").path())
+        .filter(|p| p.to_str().is_some_and(|s| s.ends_with(".bpf.c")))
+        .collect();
+    sources.sort();
+    assert!(!sources.is_empty(), "no *.bpf.c in {}", src.display());
 
     let clang = env::var("AMBIT_CLANG").unwrap_or_else(|_| "clang-19".to_string());
-    let obj = out.join("ambit.bpf.o");
-    let status = Command::new(&clang)
-        .args(["-target", "bpf", "-g", "-O2", "-Wall", "-Werror"])
-        .arg(format!("-I{}", include.display()))
-        .arg("-c")
-        .arg(src.join("ambit.bpf.c"))
-        .arg("-o")
-        .arg(&obj)
-        .status()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {clang} to build the kernel programs ({e}); install clang-19 (cargo xtask installs it as root)")
-        });
-    assert!(
-        status.success(),
-        "{clang} failed to compile agent-ebpf/src/ambit.bpf.c"
-    );
+    let units_dir = out.join("units");
+    std::fs::create_dir_all(&units_dir).expect("create OUT_DIR/units");
+    let mut units = Vec::new();
+    for source in &sources {
+        let name = source.file_name().expect("a file").to_string_lossy();
+        let unit = units_dir.join(name.replace(".bpf.c", ".bpf.o"));
+        let status = Command::new(&clang)
+            .args(["-target", "bpf", "-g", "-O2", "-Wall", "-Werror", "-c"])
+            .arg(source)
+            .arg("-o")
+            .arg(&unit)
+            .status()
+            .unwrap_or_else(|e| {
+                panic!("cannot run {clang} to build the kernel programs ({e}); install clang-19 (cargo xtask installs it as root)")
+            });
+        assert!(
+            status.success(),
+            "{clang} failed to compile {}",
+            source.display()
+        );
+        units.push(unit);
+    }
 
-    // Layout probe: the host C compiler prints size and offset of every field of the shared
-    // structs; the `maps` unit test compares them with the Rust mirror.
-    let probe_src = root.join("include/layout_probe.c");
-    let probe_bin = out.join("layout_probe");
-    let cc = env::var("CC").unwrap_or_else(|_| "cc".to_string());
-    let status = Command::new(&cc)
-        .arg(format!("-I{}", include.display()))
-        .arg(&probe_src)
-        .arg("-o")
-        .arg(&probe_bin)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {cc} for the layout probe: {e}"));
+    // libbpf's static linker: one object, one map per name (it refuses weak definitions that
+    // differ), the units' BTF merged and deduplicated. The agent embeds it.
+    let obj = out.join("ambit.bpf.o");
+    let (bpftool, status) = run_bpftool(|cmd| {
+        cmd.args(["gen", "object"]).arg(&obj).args(&units);
+    });
     assert!(
         status.success(),
-        "{cc} failed to compile {}",
-        probe_src.display()
+        "{} gen object failed to link the kernel programs into {}",
+        bpftool.display(),
+        obj.display()
     );
-    let output = Command::new(&probe_bin).output().expect("run layout probe");
-    assert!(output.status.success(), "layout probe failed");
-    std::fs::write(out.join("layout.txt"), output.stdout).expect("write layout.txt");
+}
+
+/// Runs bpftool (`AMBIT_BPFTOOL`, else `bpftool` from PATH, else Debian's `/usr/sbin/bpftool`,
+/// which a non-root user's PATH often lacks) with the arguments `args` adds.
+fn run_bpftool(args: impl Fn(&mut Command)) -> (PathBuf, ExitStatus) {
+    let candidates: Vec<PathBuf> = match env::var_os("AMBIT_BPFTOOL") {
+        Some(path) => vec![path.into()],
+        None => vec!["bpftool".into(), "/usr/sbin/bpftool".into()],
+    };
+    for tool in &candidates {
+        let mut cmd = Command::new(tool);
+        args(&mut cmd);
+        match cmd.status() {
+            Ok(status) => return (tool.clone(), status),
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => panic!("cannot run {}: {e}", tool.display()),
+        }
+    }
+    panic!(
+        "cannot find bpftool (tried {}) to link the kernel programs; install bpftool (cargo xtask installs it as root) or set AMBIT_BPFTOOL",
+        candidates
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }

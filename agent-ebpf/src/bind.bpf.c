@@ -1,4 +1,5 @@
 /* bind.bpf.c: cgroup/bind4+6 keep enrolled pods off the agent's ports inside their netns. */
+#include "common.h"
 
 /*
  * The agent listens on its ports (outbound, inbound plaintext, tunnel) inside every enrolled

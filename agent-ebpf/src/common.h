@@ -17,19 +17,30 @@
 #define AMB_PROCEED 1
 #define AMB_REFUSE 0
 
-/* Load-time settings, rewritten by the agent through aya's EbpfLoader::set_global. */
-const volatile __u32 cfg_out_mark = 0x539;     /* SO_MARK of the agent's outbound sockets */
-const volatile __u32 cfg_deliver_mark = 0x53a; /* SO_MARK of the agent's delivery sockets */
-const volatile __u16 cfg_outbound_port = 15001;
-const volatile __u16 cfg_inbound_port = 15006;
-const volatile __u16 cfg_tunnel_port = 15008;
+/* Load-time settings, rewritten by the agent through aya's EbpfLoader::override_global. Defined
+ * (with their defaults) once, in ambit.bpf.c; the linker resolves these declarations to it. */
+extern const volatile __u32 cfg_out_mark;     /* SO_MARK of the agent's outbound sockets */
+extern const volatile __u32 cfg_deliver_mark; /* SO_MARK of the agent's delivery sockets */
+extern const volatile __u16 cfg_outbound_port;
+extern const volatile __u16 cfg_inbound_port;
+extern const volatile __u16 cfg_tunnel_port;
 /* sk_lookup only: the netns cookie of the one pod this copy of lookup_steer is attached to. The
  * kernel has no bpf_get_netns_cookie for sk_lookup (6.1 to 6.18), so the agent loads one copy of
  * the program per enrolled pod with its cookie set here. */
-const volatile __u64 cfg_netns_cookie = 0;
+extern const volatile __u64 cfg_netns_cookie;
 
-static __always_inline void stat_inc(__u32 idx)
+/* Addresses, host order (compare with bpf_htonl()). Captured connects go to the agent's outbound
+ * listener on 127.0.0.1 (connect4; connect6 as ::ffff:127.0.0.1 for a v4-mapped destination) or
+ * on ::1 (connect6): three zero words, then AMB_IP6_LOOPBACK_LAST. */
+#define AMB_IP4_LOOPBACK 0x7f000001      /* 127.0.0.1 */
+#define AMB_IP4_LOOPBACK_NET 0x7f000000  /* 127.0.0.0/8 ... */
+#define AMB_IP4_LOOPBACK_MASK 0xff000000 /* ... */
+#define AMB_IP6_LOOPBACK_LAST 0x00000001 /* last word of ::1 */
+#define AMB_IP6_V4_MAPPED 0x0000ffff     /* word 2 of ::ffff:a.b.c.d (a.b.c.d in word 3) */
+
+static __always_inline void stat_inc(enum amb_stat stat)
 {
+	__u32 idx = stat;
 	__u64 *v = bpf_map_lookup_elem(&amb_stats, &idx);
 
 	if (v)
@@ -47,8 +58,8 @@ static __always_inline struct amb_pod_stats *pod_stats(__u64 netns_cookie)
 			__sync_fetch_and_add(&(ps)->field, 1);                                     \
 	} while (0)
 
-static __always_inline void emit_event(__u8 kind, __u64 netns_cookie, __u32 pod_id, __u8 family,
-				       const __be32 addr[4], __be16 port)
+static __always_inline void emit_event(enum amb_event_kind kind, __u64 netns_cookie, __u32 pod_id,
+				       __u8 family, const __be32 addr[4], __be16 port)
 {
 	struct amb_event *e = bpf_ringbuf_reserve(&amb_events, sizeof(*e), 0);
 
@@ -84,19 +95,33 @@ static __always_inline int is_agent_port(__u16 port)
 
 static __always_inline int is_v4_mapped(const __be32 a[4])
 {
-	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(AMB_IP6_V4_MAPPED);
 }
 
+/* 127.0.0.0/8. */
 static __always_inline int is_loopback4(__be32 a)
 {
-	return (a & bpf_htonl(0xff000000)) == bpf_htonl(0x7f000000) || a == 0;
+	return (a & bpf_htonl(AMB_IP4_LOOPBACK_MASK)) == bpf_htonl(AMB_IP4_LOOPBACK_NET);
 }
 
+/* ::1, or a v4-mapped 127.0.0.0/8 address. */
 static __always_inline int is_loopback6(const __be32 a[4])
 {
 	if (is_v4_mapped(a))
 		return is_loopback4(a[3]);
-	return a[0] == 0 && a[1] == 0 && a[2] == 0 && (a[3] == bpf_htonl(1) || a[3] == 0);
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == bpf_htonl(AMB_IP6_LOOPBACK_LAST);
+}
+
+/* 0.0.0.0 */
+static __always_inline int is_unspecified4(__be32 a)
+{
+	return a == 0;
+}
+
+/* :: */
+static __always_inline int is_unspecified6(const __be32 a[4])
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == 0 && a[3] == 0;
 }
 
 #endif /* AMB_COMMON_H */

@@ -1,4 +1,5 @@
 /* connect.bpf.c: cgroup/connect4+6 capture enrolled pods' outbound TCP; getpeername4+6 hide it. */
+#include "common.h"
 
 static __always_inline __be32 prefix_mask(int bits)
 {
@@ -9,9 +10,21 @@ static __always_inline __be32 prefix_mask(int bits)
 	return bpf_htonl(0xffffffffu << (32 - bits));
 }
 
+/* A connect that stays in the pod's own stack: to a loopback address, or to the unspecified
+ * address, which Linux connects to the local host (0.0.0.0 as 127.0.0.1, :: as ::1). */
+static __always_inline int stays_local4(__be32 a)
+{
+	return is_loopback4(a) || is_unspecified4(a);
+}
+
+static __always_inline int stays_local6(const __be32 a[4])
+{
+	return is_loopback6(a) || is_unspecified6(a);
+}
+
 /* Is the destination in the pod's skip lists? `a` holds an IPv4 address in a[0] for AF_INET. */
 static __always_inline int skipped(const struct amb_pod *pod, __u8 family, const __be32 a[4],
-				   __u16 port, int *by_cidr)
+				   __be16 port, int *by_cidr)
 {
 	int i, w;
 
@@ -60,7 +73,7 @@ static __always_inline int mesh_dst(__u8 family, const __be32 a[4])
 
 /* Decide for one connect(); on AMB_PROCEED with *redirect set, the caller rewrites the address. */
 static __always_inline int capture(struct bpf_sock_addr *ctx, __u8 family, const __be32 dst[4],
-				   __be16 dst_port_be, int loopback, int *redirect)
+				   __be16 dst_port_be, int local, int *redirect)
 {
 	__u64 ns = bpf_get_netns_cookie(ctx);
 	struct amb_pod *pod = bpf_map_lookup_elem(&amb_pods, &ns);
@@ -89,7 +102,7 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, __u8 family, const
 		POD_STAT_ADD(ps, forged_mark);
 		emit_event(AMB_EVENT_FORGED_MARK, ns, pod->id, family, dst, dst_port_be);
 	}
-	if (loopback) {
+	if (local) {
 		stat_inc(AMB_STAT_CONNECT_EXEMPT_LOOPBACK);
 		POD_STAT_ADD(ps, exempted);
 		return AMB_PROCEED;
@@ -100,7 +113,7 @@ static __always_inline int capture(struct bpf_sock_addr *ctx, __u8 family, const
 		emit_event(AMB_EVENT_AGENT_PORT, ns, pod->id, family, dst, dst_port_be);
 		return AMB_PROCEED;
 	}
-	if (skipped(pod, family, dst, port, &by_cidr)) {
+	if (skipped(pod, family, dst, dst_port_be, &by_cidr)) {
 		stat_inc(by_cidr ? AMB_STAT_CONNECT_EXEMPT_SKIP_CIDR : AMB_STAT_CONNECT_EXEMPT_SKIP_PORT);
 		POD_STAT_ADD(ps, exempted);
 		return AMB_PROCEED;
@@ -139,10 +152,10 @@ int connect4(struct bpf_sock_addr *ctx)
 
 	if (ctx->protocol != IPPROTO_TCP)
 		return AMB_PROCEED;
-	verdict = capture(ctx, AMB_AF_INET, dst, (__be16)ctx->user_port, is_loopback4(dst[0]),
+	verdict = capture(ctx, AMB_AF_INET, dst, (__be16)ctx->user_port, stays_local4(dst[0]),
 			  &redirect);
 	if (redirect) {
-		ctx->user_ip4 = bpf_htonl(0x7f000001);
+		ctx->user_ip4 = bpf_htonl(AMB_IP4_LOOPBACK);
 		ctx->user_port = bpf_htons(cfg_outbound_port);
 		stat_inc(AMB_STAT_CONNECT4_REDIRECT);
 	}
@@ -163,21 +176,21 @@ int connect6(struct bpf_sock_addr *ctx)
 		__be32 dst4[4] = {dst[3], 0, 0, 0};
 
 		verdict = capture(ctx, AMB_AF_INET, dst4, (__be16)ctx->user_port,
-				  is_loopback4(dst4[0]), &redirect);
+				  stays_local4(dst4[0]), &redirect);
 		if (redirect) {
-			ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+			ctx->user_ip6[3] = bpf_htonl(AMB_IP4_LOOPBACK);
 			ctx->user_port = bpf_htons(cfg_outbound_port);
 			stat_inc(AMB_STAT_CONNECT4_REDIRECT);
 		}
 		return verdict;
 	}
-	verdict = capture(ctx, AMB_AF_INET6, dst, (__be16)ctx->user_port, is_loopback6(dst),
+	verdict = capture(ctx, AMB_AF_INET6, dst, (__be16)ctx->user_port, stays_local6(dst),
 			  &redirect);
 	if (redirect) {
 		ctx->user_ip6[0] = 0;
 		ctx->user_ip6[1] = 0;
 		ctx->user_ip6[2] = 0;
-		ctx->user_ip6[3] = bpf_htonl(1);
+		ctx->user_ip6[3] = bpf_htonl(AMB_IP6_LOOPBACK_LAST);
 		ctx->user_port = bpf_htons(cfg_outbound_port);
 		stat_inc(AMB_STAT_CONNECT6_REDIRECT);
 	}
@@ -190,7 +203,8 @@ int getpeername4(struct bpf_sock_addr *ctx)
 	__u64 cookie;
 	struct amb_orig_dst *od;
 
-	if (ctx->user_ip4 != bpf_htonl(0x7f000001) || ctx->user_port != bpf_htons(cfg_outbound_port))
+	if (ctx->user_ip4 != bpf_htonl(AMB_IP4_LOOPBACK) ||
+	    ctx->user_port != bpf_htons(cfg_outbound_port))
 		return 1;
 	cookie = bpf_get_socket_cookie(ctx);
 	od = bpf_map_lookup_elem(&amb_orig_dst, &cookie);
@@ -212,15 +226,15 @@ int getpeername6(struct bpf_sock_addr *ctx)
 
 	if (ctx->user_port != bpf_htons(cfg_outbound_port) || a0 || a1)
 		return 1;
-	if (!((a2 == 0 && a3 == bpf_htonl(1)) ||
-	      (a2 == bpf_htonl(0xffff) && a3 == bpf_htonl(0x7f000001))))
+	if (!((a2 == 0 && a3 == bpf_htonl(AMB_IP6_LOOPBACK_LAST)) ||
+	      (a2 == bpf_htonl(AMB_IP6_V4_MAPPED) && a3 == bpf_htonl(AMB_IP4_LOOPBACK))))
 		return 1;
 	cookie = bpf_get_socket_cookie(ctx);
 	od = bpf_map_lookup_elem(&amb_orig_dst, &cookie);
 	if (!od)
 		return 1;
 	if (od->family == AMB_AF_INET) {
-		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[2] = bpf_htonl(AMB_IP6_V4_MAPPED);
 		ctx->user_ip6[3] = od->addr[0];
 	} else {
 		ctx->user_ip6[0] = od->addr[0];

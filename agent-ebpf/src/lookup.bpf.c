@@ -1,4 +1,5 @@
 /* lookup.bpf.c: sk_lookup steers all inbound TCP in an enrolled pod's netns to the agent. */
+#include "common.h"
 
 /*
  * Attached to one pod's network namespace, with that namespace's cookie in cfg_netns_cookie (one
@@ -20,7 +21,7 @@ int lookup_steer(struct bpf_sk_lookup *ctx)
 	       r6d = ctx->remote_ip6[3];
 	__be32 l6a = ctx->local_ip6[0], l6b = ctx->local_ip6[1], l6c = ctx->local_ip6[2],
 	       l6d = ctx->local_ip6[3];
-	__u16 rport = bpf_ntohs((__u16)ctx->remote_port);
+	__be16 rport = (__be16)ctx->remote_port; /* network order; local_port is host order */
 	__u64 ns = cfg_netns_cookie;
 	__be32 local[4] = {};
 	struct amb_bypass_key bk = {};
@@ -31,6 +32,8 @@ int lookup_steer(struct bpf_sk_lookup *ctx)
 
 	if (protocol != IPPROTO_TCP)
 		return SK_PASS;
+	/* Loopback only: a SYN's local address is never unspecified (a connect to 0.0.0.0 or ::
+	 * leaves as 127.0.0.1 or ::1), and one that were would be steered, not left alone. */
 	if (family == AMB_AF_INET) {
 		if (is_loopback4(l4))
 			return SK_PASS;
@@ -62,7 +65,7 @@ int lookup_steer(struct bpf_sk_lookup *ctx)
 	bk.local[2] = local[2];
 	bk.local[3] = local[3];
 	bk.remote_port = rport;
-	bk.local_port = (__u16)lport;
+	bk.local_port = bpf_htons(lport);
 	bk.family = family;
 	if (bpf_map_lookup_elem(&amb_bypass, &bk)) {
 		stat_inc(AMB_STAT_LOOKUP_BYPASS);

@@ -1,4 +1,5 @@
 /* sockops.bpf.c: re-key a captured socket's original destination by its tuple; clean up on close. */
+#include "common.h"
 
 #define AMB_TCP_CLOSE 7 /* BPF_TCP_CLOSE */
 
@@ -11,7 +12,7 @@ static __always_inline void conn_key(struct bpf_sock_ops *skops, struct amb_conn
 		       skops->local_ip6[3]};
 
 	k->netns_cookie = bpf_get_netns_cookie(skops);
-	k->port = (__u16)skops->local_port;
+	k->port = bpf_htons((__u16)skops->local_port); /* sock_ops has the local port in host order */
 	if (family == AMB_AF_INET || is_v4_mapped(a)) {
 		k->family = AMB_AF_INET;
 		k->addr[0] = family == AMB_AF_INET ? l4 : a[3];

@@ -1,4 +1,5 @@
 /* sockopt.bpf.c: cgroup/getsockopt answers SO_ORIGINAL_DST on the agent's accepted sockets. */
+#include "common.h"
 
 struct amb_sockaddr_in {
 	__u16 family;
@@ -29,7 +30,7 @@ int getsockopt_orig(struct bpf_sockopt *ctx)
 		return 1;
 	family = sk->family;
 	k.netns_cookie = bpf_get_netns_cookie(ctx);
-	k.port = bpf_ntohs((__u16)sk->dst_port);
+	k.port = (__be16)sk->dst_port; /* the peer's port, network order like the key's */
 	if (family == AMB_AF_INET) {
 		k.family = AMB_AF_INET;
 		k.addr[0] = sk->dst_ip4;

@@ -58,6 +58,7 @@ impl Testbed {
             enrolled: spec.enrolled,
             servers: false,
             in_inventory: spec.in_inventory,
+            annotations: spec.annotations.clone(),
         };
         self.state_mut().pods.push(pod.clone());
         self.state().save()?;

@@ -84,6 +84,7 @@ impl Testbed {
             enrolled: true,
             servers: false,
             in_inventory: false,
+            annotations: Vec::new(),
         };
         self.state_mut().pods.push(pod.clone());
         self.state().save()?;

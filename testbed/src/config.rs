@@ -85,12 +85,17 @@ fn pod_yaml(pod: &Pod) -> String {
     }
     let _ = write!(
         y,
-        "  annotations:\n    ambit.io/netns: {netns}\n    ambit.io/cgroup: {cgroup}\n\
+        "  annotations:\n    ambit.io/netns: {netns}\n    ambit.io/cgroup: {cgroup}\n{extra}\
          spec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers:\n  - name: app\n    \
          image: testbed\n\
          status:\n  phase: Running\n  podIP: {v4}\n  podIPs:\n  - ip: {v4}\n  - ip: {v6}\n",
         netns = pod.netns_path().display(),
         cgroup = pod.cgroup.display(),
+        extra = pod
+            .annotations
+            .iter()
+            .map(|(k, v)| format!("    {k}: {v:?}\n"))
+            .collect::<String>(),
         node = pod.node,
         name = pod.name,
         v4 = pod.ipv4,

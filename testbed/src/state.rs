@@ -155,6 +155,9 @@ pub struct Pod {
     /// e.g. a rogue one, is not).
     #[serde(default = "yes")]
     pub in_inventory: bool,
+    /// Extra `metadata.annotations` the inventory gives it (key, value).
+    #[serde(default)]
+    pub annotations: Vec<(String, String)>,
 }
 
 fn yes() -> bool {
@@ -183,6 +186,8 @@ pub struct PodSpec {
     pub servers: bool,
     /// Listed in the inventory (default true).
     pub in_inventory: bool,
+    /// Extra `metadata.annotations` in the inventory (key, value).
+    pub annotations: Vec<(String, String)>,
 }
 
 impl PodSpec {
@@ -194,7 +199,14 @@ impl PodSpec {
             enrolled,
             servers,
             in_inventory: true,
+            annotations: Vec::new(),
         }
+    }
+
+    /// This spec with the inventory annotation `key: value` added.
+    pub fn annotated(mut self, key: &str, value: &str) -> Self {
+        self.annotations.push((key.into(), value.into()));
+        self
     }
 
     /// A pod that exists on `node` but that the inventory does not list (nothing about it is

@@ -6,7 +6,7 @@
 //! and the program context names addresses and an interface index, never the namespace. So the
 //! program is loaded once per pod with `cfg_netns_cookie` set. Each copy is its own load of the
 //! object (the maps are the pinned ones, shared); only `lookup_steer` is verified and loaded.
-//! A copy costs the kernel the program and the object's BTF (~14 KB) per pod.
+//! A copy costs the kernel the program and the object's BTF (~15 KB) per pod.
 use std::path::{Path, PathBuf};
 
 use aya::programs::links::FdLink;

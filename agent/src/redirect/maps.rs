@@ -1,36 +1,120 @@
 //! Rust mirrors of the map layouts in `agent-ebpf/include/ambit_maps.h`, their `Pod` impls and conversions.
+//!
+//! The mirror is written here (with derives, docs and conversions the header cannot carry) and
+//! checked against the header by a unit test (`maps/tests.rs`) that reads the BTF of the object
+//! the agent embeds: every struct declared in `mirror_structs!` must match its C struct member
+//! by member (name, offset, size, and byte order: `__be32`/`__be16` are [`Be32`]/[`Be16`] here),
+//! every constant in `mirror_enums!` its C enumerator, [`STAT_NAMES`] the order of
+//! `enum amb_stat`, and [`EventKind`] `enum amb_event_kind`; and the object may hold no shared
+//! struct or enum that the mirror lacks.
 #![expect(unsafe_code, reason = "aya::Pod impls for the kernel map layouts")]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 
-/// `AF_INET` as stored in map structs.
-pub const AF_INET: u8 = 2;
-/// `AF_INET6` as stored in map structs.
-pub const AF_INET6: u8 = 10;
-/// `AMB_MAX_SKIP_PORTS`.
-pub const MAX_SKIP_PORTS: usize = 16;
-/// `AMB_MAX_SKIP_CIDRS`.
-pub const MAX_SKIP_CIDRS: usize = 8;
-/// `AMB_POD_F_CAPTURE_OUT`.
-pub const POD_F_CAPTURE_OUT: u32 = 0x1;
-/// `AMB_POD_F_CAPTURE_IN`.
-pub const POD_F_CAPTURE_IN: u32 = 0x2;
-/// `AMB_POD_F_MESH_ONLY`: connect4/6 redirect only destinations listed in `amb_mesh_dsts`.
-pub const POD_F_MESH_ONLY: u32 = 0x4;
-/// `AMB_MAX_MESH_DSTS`: capacity of `amb_mesh_dsts`.
-pub const MAX_MESH_DSTS: usize = 65536;
-/// `AMB_MAX_AGENT_CGROUPS`: capacity of `amb_agent_cgs`.
-pub const MAX_AGENT_CGROUPS: usize = 64;
-/// `AMB_MESH_DST_POD`: an enrolled pod's address.
-pub const MESH_DST_POD: u32 = 0x1;
-/// `AMB_MESH_DST_VIP`: a Service virtual IP.
-pub const MESH_DST_VIP: u32 = 0x2;
-/// `AMB_MESH_DST_ALL`: the wildcard entry (all-zero key): every destination is captured.
-pub const MESH_DST_ALL: u32 = 0x4;
+/// A `u32` holding a network-order value (`__be32` in the header).
+pub type Be32 = u32;
+/// A `u16` holding a network-order value (`__be16` in the header).
+pub type Be16 = u16;
 
-/// Names of the `AMB_STAT_*` counters, by index (`AMB_STAT_MAX` entries).
+/// Declares constants that mirror the enumerators of C enums in the header, each named as its
+/// enumerator without the `AMB_` prefix, and (for the test) the table of each enum.
+macro_rules! mirror_enums {
+    ($(
+        $c_enum:literal: $ty:ty {
+            $( $(#[$doc:meta])* $name:ident = $value:expr, )*
+        }
+    )*) => {
+        $( $( $(#[$doc])* pub const $name: $ty = $value; )* )*
+
+        /// The C enums mirrored above: name, then each enumerator's name and value.
+        #[cfg(test)]
+        const MIRROR_ENUMS: &[tests::CEnum] = &[$(
+            tests::CEnum {
+                name: $c_enum,
+                values: &[$( (concat!("AMB_", stringify!($name)), $name as i64), )*],
+            },
+        )*];
+    };
+}
+
+/// Declares `repr(C)` mirrors of C structs in the header and (for the test) the layout of each:
+/// its C name, size, and every field's name, offset, size and declared type, in order.
+macro_rules! mirror_structs {
+    ($(
+        $(#[$meta:meta])*
+        pub struct $name:ident = $c_struct:literal {
+            $( $(#[$field_doc:meta])* pub $field:ident: $ty:ty, )*
+        }
+    )*) => {
+        $(
+            $(#[$meta])*
+            #[repr(C)]
+            pub struct $name {
+                $( $(#[$field_doc])* pub $field: $ty, )*
+            }
+        )*
+
+        /// The C structs mirrored above, as Rust lays them out.
+        #[cfg(test)]
+        const MIRROR_STRUCTS: &[tests::CStruct] = &[$(
+            tests::CStruct {
+                name: $c_struct,
+                rust: stringify!($name),
+                size: size_of::<$name>(),
+                fields: &[$(
+                    tests::CField {
+                        name: stringify!($field),
+                        offset: std::mem::offset_of!($name, $field),
+                        size: size_of::<$ty>(),
+                        ty: stringify!($ty),
+                    },
+                )*],
+            },
+        )*];
+    };
+}
+
+mirror_enums! {
+    // Address families as stored in map structs.
+    "amb_family": u8 {
+        /// `AF_INET`.
+        AF_INET = 2,
+        /// `AF_INET6`.
+        AF_INET6 = 10,
+    }
+    // `AmbPod::flags` bits.
+    "amb_pod_flag": u32 {
+        /// connect4/6 redirect this pod's outbound TCP.
+        POD_F_CAPTURE_OUT = 0x1,
+        /// sk_lookup steers inbound TCP in this pod's netns.
+        POD_F_CAPTURE_IN = 0x2,
+        /// connect4/6 redirect only destinations listed in `amb_mesh_dsts`.
+        POD_F_MESH_ONLY = 0x4,
+    }
+    // `amb_mesh_dsts` values (bits): why a destination goes through the agent.
+    "amb_mesh_dst": u32 {
+        /// An enrolled pod's address.
+        MESH_DST_POD = 0x1,
+        /// A Service virtual IP.
+        MESH_DST_VIP = 0x2,
+        /// The wildcard entry (all-zero key): every destination is captured.
+        MESH_DST_ALL = 0x4,
+    }
+}
+
+/// `AMB_MAX_SKIP_PORTS`: entries of `AmbPod::skip_ports` (checked through the struct's layout).
+pub const MAX_SKIP_PORTS: usize = 16;
+/// `AMB_MAX_SKIP_CIDRS`: entries of `AmbPod::skip_cidrs` (checked through the struct's layout).
+pub const MAX_SKIP_CIDRS: usize = 8;
+/// `AMB_MAX_MESH_DSTS`: capacity of `amb_mesh_dsts` (checked against the object's map).
+pub const MAX_MESH_DSTS: usize = 65536;
+/// `AMB_MAX_AGENT_CGROUPS`: capacity of `amb_agent_cgs` (checked against the object's map).
+pub const MAX_AGENT_CGROUPS: usize = 64;
+
+/// Names of the `amb_stats` counters, by index: `enum amb_stat` in order, each enumerator
+/// `AMB_STAT_<NAME>` (`AMB_STAT_COUNT` entries).
 pub const STAT_NAMES: [&str; 23] = [
     "connect4_redirect",
     "connect6_redirect",
@@ -57,7 +141,8 @@ pub const STAT_NAMES: [&str; 23] = [
     "connect_forged_mark",
 ];
 
-/// `AMB_EVENT_*` kinds.
+/// `enum amb_event_kind`: what an `AmbEvent` reports. Each variant is the enumerator
+/// `AMB_EVENT_<VARIANT>` (in upper snake case) with the value [`From<u8>`] maps from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     /// An enrolled pod's connect could not be recorded and was refused.
@@ -90,102 +175,95 @@ impl From<u8> for EventKind {
     }
 }
 
-/// `struct amb_cidr`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AmbCidr {
-    pub addr: [u32; 4],
-    pub family: u8,
-    pub prefix_len: u8,
-    pub _pad: u16,
-}
+mirror_structs! {
+    /// `struct amb_cidr`: a CIDR in a pod's skip list.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct AmbCidr = "amb_cidr" {
+        pub addr: [Be32; 4],
+        pub family: u8,
+        pub prefix_len: u8,
+        pub _pad: u16,
+    }
 
-/// `struct amb_pod`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AmbPod {
-    pub id: u32,
-    pub flags: u32,
-    pub skip_ports: [u16; MAX_SKIP_PORTS],
-    pub skip_cidrs: [AmbCidr; MAX_SKIP_CIDRS],
-}
+    /// `struct amb_pod`: an enrolled pod, the value of `amb_pods`.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct AmbPod = "amb_pod" {
+        pub id: u32,
+        pub flags: u32,
+        pub skip_ports: [Be16; MAX_SKIP_PORTS],
+        pub skip_cidrs: [AmbCidr; MAX_SKIP_CIDRS],
+    }
 
-/// `struct amb_pod_stats`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct AmbPodStats {
-    pub redirected: u64,
-    pub exempted: u64,
-    pub steered: u64,
-    pub bypassed: u64,
-    pub dropped: u64,
-    pub bind_denied: u64,
-    pub passthrough: u64,
-    pub forged_mark: u64,
-}
+    /// `struct amb_pod_stats`: a pod's counters.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+    pub struct AmbPodStats = "amb_pod_stats" {
+        pub redirected: u64,
+        pub exempted: u64,
+        pub steered: u64,
+        pub bypassed: u64,
+        pub dropped: u64,
+        pub bind_denied: u64,
+        pub passthrough: u64,
+        pub forged_mark: u64,
+    }
 
-/// `struct amb_orig_dst`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AmbOrigDst {
-    pub addr: [u32; 4],
-    pub port: u16,
-    pub family: u8,
-    pub _pad: u8,
-}
+    /// `struct amb_orig_dst`: where a captured app connected.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct AmbOrigDst = "amb_orig_dst" {
+        pub addr: [Be32; 4],
+        pub port: Be16,
+        pub family: u8,
+        pub _pad: u8,
+    }
 
-/// `struct amb_conn_key`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AmbConnKey {
-    pub netns_cookie: u64,
-    pub addr: [u32; 4],
-    pub port: u16,
-    pub family: u8,
-    pub _pad: u8,
-    pub _pad2: u32,
-}
+    /// `struct amb_conn_key`: a captured client socket, the key of `amb_conns`.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct AmbConnKey = "amb_conn_key" {
+        pub netns_cookie: u64,
+        pub addr: [Be32; 4],
+        pub port: Be16,
+        pub family: u8,
+        pub _pad: u8,
+        pub _pad2: u32,
+    }
 
-/// `struct amb_addr_key`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct AmbAddrKey {
-    pub addr: [u32; 4],
-    pub family: u8,
-    pub _pad: [u8; 3],
-}
+    /// `struct amb_addr_key`: a destination address, the key of `amb_mesh_dsts`.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+    pub struct AmbAddrKey = "amb_addr_key" {
+        pub addr: [Be32; 4],
+        pub family: u8,
+        pub _pad: [u8; 3],
+    }
 
-/// `struct amb_listener_key`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AmbListenerKey {
-    pub netns_cookie: u64,
-    pub family: u32,
-    pub _pad: u32,
-}
+    /// `struct amb_listener_key`: a pod's inbound listener, the key of `amb_listeners`.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct AmbListenerKey = "amb_listener_key" {
+        pub netns_cookie: u64,
+        pub family: u32,
+        pub _pad: u32,
+    }
 
-/// `struct amb_bypass_key`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct AmbBypassKey {
-    pub remote: [u32; 4],
-    pub local: [u32; 4],
-    pub remote_port: u16,
-    pub local_port: u16,
-    pub family: u8,
-    pub _pad: [u8; 3],
-}
+    /// `struct amb_bypass_key`: a delivery connection of the agent, the key of `amb_bypass`.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+    pub struct AmbBypassKey = "amb_bypass_key" {
+        pub remote: [Be32; 4],
+        pub local: [Be32; 4],
+        pub remote_port: Be16,
+        pub local_port: Be16,
+        pub family: u8,
+        pub _pad: [u8; 3],
+    }
 
-/// `struct amb_event`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AmbEvent {
-    pub netns_cookie: u64,
-    pub addr: [u32; 4],
-    pub port: u16,
-    pub family: u8,
-    pub kind: u8,
-    pub pod_id: u32,
+    /// `struct amb_event`: a record of the `amb_events` ring buffer.
+    #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+    pub struct AmbEvent = "amb_event" {
+        pub netns_cookie: u64,
+        pub addr: [Be32; 4],
+        pub port: Be16,
+        pub family: u8,
+        pub kind: u8,
+        pub pod_id: u32,
+    }
 }
 
 const _: () = assert!(size_of::<AmbCidr>() == 20);
@@ -217,7 +295,7 @@ unsafe impl aya::Pod for AmbListenerKey {}
 unsafe impl aya::Pod for AmbBypassKey {}
 
 /// An address in the map form: family and four network-order words (IPv4 in word 0).
-pub fn addr_words(ip: IpAddr) -> (u8, [u32; 4]) {
+pub fn addr_words(ip: IpAddr) -> (u8, [Be32; 4]) {
     match ip {
         IpAddr::V4(v4) => (AF_INET, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
         IpAddr::V6(v6) => {
@@ -229,7 +307,7 @@ pub fn addr_words(ip: IpAddr) -> (u8, [u32; 4]) {
 }
 
 /// The inverse of [`addr_words`]; `None` for an unknown family.
-pub fn words_addr(family: u8, words: [u32; 4]) -> Option<IpAddr> {
+pub fn words_addr(family: u8, words: [Be32; 4]) -> Option<IpAddr> {
     match family {
         AF_INET => Some(IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))),
         AF_INET6 => {
@@ -261,7 +339,7 @@ impl AmbConnKey {
         Self {
             netns_cookie,
             addr,
-            port: client.port(),
+            port: client.port().to_be(),
             family,
             ..Default::default()
         }
@@ -312,8 +390,8 @@ impl AmbBypassKey {
         Self {
             remote: remote_words,
             local: local_words,
-            remote_port: remote.port(),
-            local_port: local.port(),
+            remote_port: remote.port().to_be(),
+            local_port: local.port().to_be(),
             family,
             _pad: [0; 3],
         }
@@ -321,7 +399,7 @@ impl AmbBypassKey {
 }
 
 impl AmbPod {
-    /// The kernel view of an enrolled pod.
+    /// The kernel view of an enrolled pod (`skip_ports` in host order).
     pub fn new(id: u32, flags: u32, skip_ports: &[u16], skip_cidrs: &[IpNet]) -> Self {
         let mut pod = Self {
             id,
@@ -329,7 +407,7 @@ impl AmbPod {
             ..Default::default()
         };
         for (slot, port) in pod.skip_ports.iter_mut().zip(skip_ports) {
-            *slot = *port;
+            *slot = port.to_be();
         }
         for (slot, net) in pod.skip_cidrs.iter_mut().zip(skip_cidrs) {
             let (family, addr) = addr_words(net.network());
@@ -347,20 +425,10 @@ impl AmbPod {
 impl AmbEvent {
     /// Decodes a ring-buffer record; `None` if it is too short.
     pub fn from_bytes(b: &[u8]) -> Option<Self> {
-        if b.len() < size_of::<Self>() {
-            return None;
-        }
-        let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        let mut cookie = [0u8; 8];
-        cookie.copy_from_slice(&b[0..8]);
-        Some(Self {
-            netns_cookie: u64::from_ne_bytes(cookie),
-            addr: [u32_at(8), u32_at(12), u32_at(16), u32_at(20)],
-            port: u16::from_ne_bytes([b[24], b[25]]),
-            family: b[26],
-            kind: b[27],
-            pod_id: u32_at(28),
-        })
+        let b = b.get(..size_of::<Self>())?;
+        // SAFETY: `b` holds `size_of::<Self>()` bytes (sliced above), read unaligned; `Self` is
+        // `repr(C)` of fixed-width integers with explicit padding, so any bytes are a valid value.
+        Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Self>()) })
     }
 
     /// The event's destination address, if the family is known.

@@ -66,6 +66,7 @@ impl Testbed {
                 enrolled: spec.enrolled,
                 servers: spec.servers,
                 in_inventory: spec.in_inventory,
+                annotations: spec.annotations.clone(),
             });
         }
         let ca = (opts.ca && opts.agents)

@@ -35,6 +35,7 @@ mod restart;
 mod rogue;
 mod services;
 mod signals;
+mod skip_lists;
 mod teardown;
 mod transfer;
 mod tunnel_input;
