@@ -2,7 +2,8 @@
 //!
 //! Run it with `cargo test -p ambit-agent --release --test decision_cost -- --nocapture`
 //! (debug builds time the same code, only slower). The test binary holds this one test, so
-//! the allocator's counters see nothing but the loops measured.
+//! the allocator's counters see nothing but the loops measured. It fails if a lookup or an
+//! authorization allocates, or a route allocates more than its answer.
 use std::alloc::System;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -13,7 +14,7 @@ use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 use ambit::inventory::services::{Endpoint, Service, ServicePort};
 use ambit::inventory::{Snapshot, Workload};
 use ambit::policy::authz::{self, AuthorizationPolicy, ConnAttrs};
-use ambit::proxy::route::{self, Route, RouteCtx};
+use ambit::proxy::route::{self, Route, RouteCtx, Steps};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -86,11 +87,21 @@ fn inventory() -> Snapshot {
         let ns = format!("ns-{}", i % NAMESPACES);
         let n = i / NAMESPACES;
         let spec = match n % 5 {
-            0 => serde_json::json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": [format!("evil-{n}"), "attic-*"]}}]}]}),
-            1 => serde_json::json!({"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": [format!("192.168.{n}.0/24")], "notIpBlocks": ["192.168.0.7"]}}]}]}),
-            2 => serde_json::json!({"selector": {"matchLabels": {"app": format!("app-{}", n % 20)}}, "action": "DENY", "rules": [{"to": [{"operation": {"ports": ["9999", "9998"]}}]}]}),
-            3 => serde_json::json!({"rules": [{"from": [{"source": {"principals": [format!("{TRUST_DOMAIN}/ns/{ns}/sa/sa-{n}"), "*/sa/admin"]}}], "to": [{"operation": {"ports": ["8080"]}}]}]}),
-            _ => serde_json::json!({"rules": [{"from": [{"source": {"namespaces": [format!("ns-{}", (i + 1) % NAMESPACES)], "serviceAccounts": [format!("ns-{}/sa-1*", (i + 1) % NAMESPACES)]}}], "when": [{"key": "destination.port", "values": ["8080", "8443"]}]}]}),
+            0 => {
+                serde_json::json!({"action": "DENY", "rules": [{"from": [{"source": {"namespaces": [format!("evil-{n}"), "attic-*"]}}]}]})
+            }
+            1 => {
+                serde_json::json!({"action": "DENY", "rules": [{"from": [{"source": {"ipBlocks": [format!("192.168.{n}.0/24")], "notIpBlocks": ["192.168.0.7"]}}]}]})
+            }
+            2 => {
+                serde_json::json!({"selector": {"matchLabels": {"app": format!("app-{}", n % 20)}}, "action": "DENY", "rules": [{"to": [{"operation": {"ports": ["9999", "9998"]}}]}]})
+            }
+            3 => {
+                serde_json::json!({"rules": [{"from": [{"source": {"principals": [format!("{TRUST_DOMAIN}/ns/{ns}/sa/sa-{n}"), "*/sa/admin"]}}], "to": [{"operation": {"ports": ["8080"]}}]}]})
+            }
+            _ => {
+                serde_json::json!({"rules": [{"from": [{"source": {"namespaces": [format!("ns-{}", (i + 1) % NAMESPACES)], "serviceAccounts": [format!("ns-{}/sa-1*", (i + 1) % NAMESPACES)]}}], "when": [{"key": "destination.port", "values": ["8080", "8443"]}]}]})
+            }
         };
         policies.push(policy(&ns, &format!("p-{i}"), spec));
     }
@@ -142,6 +153,16 @@ fn report(what: &str, (allocs, ns): (f64, f64)) {
 #[test]
 fn measure_per_connection_decisions_on_a_large_inventory() {
     let snap = inventory();
+    // What the publisher does once per snapshot, before any connection sees it.
+    let start = Instant::now();
+    let region = Region::new(GLOBAL);
+    snap.index();
+    println!(
+        "index built once per snapshot: {} ms, {} allocations",
+        start.elapsed().as_millis(),
+        region.change().allocations
+    );
+    assert!(snap.authz().failures().is_empty());
     let ctx = RouteCtx {
         snap: &snap,
         trust_domain: TRUST_DOMAIN,
@@ -158,21 +179,28 @@ fn measure_per_connection_decisions_on_a_large_inventory() {
 
     let to_vip = measure(|i| {
         let orig = SocketAddr::new(vip(i % SERVICES), 80);
-        let d = route::decide(&ctx, orig, |_, n| i as usize % n);
+        let d = route::decide(&ctx, orig, Steps::Skip, |_, n| i as usize % n);
         assert!(matches!(d.route, Route::Tunnel { .. }), "{:?}", d.route);
     });
     report("route::decide, Service VIP -> tunnel", to_vip);
 
+    let explained = measure(|i| {
+        let orig = SocketAddr::new(vip(i % SERVICES), 80);
+        let d = route::decide(&ctx, orig, Steps::Record, |_, n| i as usize % n);
+        assert_eq!(d.steps.len(), 6, "{:?}", d.steps);
+    });
+    report("  the same, steps recorded (explain, debug log)", explained);
+
     let to_pod = measure(|i| {
         let orig = SocketAddr::new(pod_ip(i % PODS), 8080);
-        let d = route::decide(&ctx, orig, |_, _| 0);
+        let d = route::decide(&ctx, orig, Steps::Skip, |_, _| 0);
         assert!(matches!(d.route, Route::Tunnel { .. }), "{:?}", d.route);
     });
     report("route::decide, pod address -> tunnel", to_pod);
 
     let outside = measure(|i| {
         let orig = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, (i % 250) as u8)), 443);
-        let d = route::decide(&ctx, orig, |_, _| 0);
+        let d = route::decide(&ctx, orig, Steps::Skip, |_, _| 0);
         assert!(matches!(d.route, Route::Plaintext { .. }), "{:?}", d.route);
     });
     report("route::decide, outside the mesh -> plaintext", outside);
@@ -186,8 +214,11 @@ fn measure_per_connection_decisions_on_a_large_inventory() {
     let labels = BTreeMap::from([("app".to_string(), "app-7".to_string())]);
     let attrs: Vec<ConnAttrs> = (0..50)
         .map(|k| ConnAttrs {
-            principal: Some(format!("{TRUST_DOMAIN}/ns/ns-8/sa/sa-{k}")),
-            namespace: Some("ns-8".into()),
+            peer: Some(
+                format!("spiffe://{TRUST_DOMAIN}/ns/ns-8/sa/sa-{k}")
+                    .parse()
+                    .expect("identity"),
+            ),
             src_ip: pod_ip(8 + k * 100),
             dst_port: 8080,
             dst_ip: pod_ip(7),
@@ -195,13 +226,9 @@ fn measure_per_connection_decisions_on_a_large_inventory() {
         .collect();
     let mut allowed = 0;
     let authorize = measure(|i| {
-        let d = authz::evaluate(
-            &snap.authorization_policies,
-            ROOT,
-            "ns-7",
-            &labels,
-            &attrs[i as usize % attrs.len()],
-        );
+        let d = snap
+            .authz()
+            .evaluate(ROOT, "ns-7", &labels, &attrs[i as usize % attrs.len()]);
         allowed += u32::from(d.allowed());
     });
     report("AuthorizationPolicy evaluation (inbound)", authorize);
@@ -212,9 +239,15 @@ fn measure_per_connection_decisions_on_a_large_inventory() {
     let on_node = measure(|i| {
         let node = format!("node-{}", i % 100);
         let (ns, sa) = (format!("ns-{}", i % 100), format!("sa-{}", i % 50));
-        assert!(snap
-            .on_node(&node)
-            .any(|w| w.namespace == ns && w.service_account == sa));
+        assert!(snap.with_identity(&ns, &sa).any(|w| w.node == node));
     });
     report("CA node authorization (identity on node)", on_node);
+
+    // What the index promises: the lookups and the authorization allocate nothing; a route
+    // allocates only its answer (the tunnel's identity, formatted and parsed once).
+    assert_eq!(by_vip.0, 0.0, "service_by_vip allocates");
+    assert_eq!(authorize.0, 0.0, "authorization allocates");
+    assert_eq!(outside.0, 0.0, "a plaintext route allocates");
+    assert!(to_pod.0 <= 3.0, "a tunnel route allocates {}", to_pod.0);
+    assert!(to_vip.0 <= 3.0, "a VIP route allocates {}", to_vip.0);
 }

@@ -25,7 +25,6 @@ use crate::config::Config;
 use crate::error::error_chain;
 use crate::identity::manager::{CertManager, CertStatus};
 use crate::inventory::{Snapshot, Workload};
-use crate::policy::authz;
 use crate::redirect::maps::{AmbPod, POD_F_CAPTURE_IN, POD_F_CAPTURE_OUT};
 use crate::redirect::{Datapath, PodEntry};
 use crate::sys::Netns;
@@ -247,14 +246,9 @@ impl Manager {
             let Some(w) = snap.workloads.get(&info.pod) else {
                 return true;
             };
-            authz::evaluate(
-                &snap.authorization_policies,
-                root,
-                &w.namespace,
-                &w.labels,
-                attrs,
-            )
-            .allowed()
+            snap.authz()
+                .evaluate(root, &w.namespace, &w.labels, attrs)
+                .allowed()
         });
         if closed > 0 {
             tracing::info!(
