@@ -133,7 +133,8 @@ fn inbound(
     );
     let src_ip = src.ip_like(target.ip()).or(src.ips.first().copied());
     let attrs = ConnAttrs {
-        // A tunnelled connection's source proved its identity (the route needs a valid one).
+        // A tunnelled source proves its identity with its certificate; a pod whose namespace or
+        // service account forms no valid identity has no certificate and proves none.
         peer: tunnelled
             .then(|| src.spiffe_id(trust_domain).parse().ok())
             .flatten(),
