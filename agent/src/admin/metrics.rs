@@ -306,6 +306,12 @@ impl Collector for Inventory {
                 MetricType::Gauge,
                 r.ambiguous_addresses.load(Relaxed),
             ),
+            (
+                "ambit_inventory_failed_closed_policies",
+                "AuthorizationPolicies in force that cannot be compiled: an ALLOW never matches, a DENY matches every connection it selects",
+                MetricType::Gauge,
+                r.failed_closed_policies.load(Relaxed),
+            ),
         ] {
             let e = encoder.encode_descriptor(name, help, None, kind)?;
             match kind {

@@ -283,10 +283,11 @@ impl CaService {
             }
         };
 
-        let on_node =
-            self.inventory.borrow().on_node(&node).any(|w| {
-                w.namespace == id.namespace() && w.service_account == id.service_account()
-            });
+        let on_node = self
+            .inventory
+            .borrow()
+            .with_identity(id.namespace(), id.service_account())
+            .any(|w| w.node == node);
         if !on_node {
             return Err(Refusal::NotOnNode { subject, node, id });
         }

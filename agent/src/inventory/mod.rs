@@ -3,6 +3,7 @@ pub mod addresses;
 pub mod check;
 pub mod file;
 pub mod guard;
+pub mod index;
 pub mod kube;
 pub mod objects;
 pub mod publish;
@@ -11,12 +12,12 @@ pub mod services;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
 use ipnet::IpNet;
 use k8s_openapi::jiff::Timestamp;
 
 use addresses::{AddressIndex, Claim};
+use index::IndexCell;
 
 /// Label (on a pod or its namespace) that enrolls pods: `enabled`; a pod label `disabled` opts out.
 pub const MODE_LABEL: &str = "ambit.io/mode";
@@ -107,38 +108,10 @@ pub struct Snapshot {
     pub nodes: BTreeMap<String, Vec<IpNet>>,
     /// Problems that did not stop the load: ignored kinds, Services without endpoints.
     pub warnings: Vec<String>,
-    /// Who owns each address, built on first use from the fields above. A snapshot is not
-    /// changed once shared (it lives behind an `Arc`); a clone builds its own index.
-    addresses: AddressCell,
-}
-
-/// The lazily built [`AddressIndex`]: derived data, so it never makes two snapshots differ.
-#[derive(Default)]
-struct AddressCell(OnceLock<AddressIndex>);
-
-impl Clone for AddressCell {
-    fn clone(&self) -> Self {
-        // A clone is usually changed before it is published: let it index its own addresses.
-        Self::default()
-    }
-}
-
-impl PartialEq for AddressCell {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for AddressCell {}
-
-impl std::fmt::Debug for AddressCell {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.get().is_some() {
-            "AddressCell(built)"
-        } else {
-            "AddressCell(not built)"
-        })
-    }
+    /// Lookups by address, VIP and identity and the compiled policies, built once from the
+    /// fields above ([`index::Index`]). A snapshot is not changed once shared (it lives behind an
+    /// `Arc`); a clone builds its own index.
+    index: IndexCell,
 }
 
 impl Snapshot {
@@ -147,14 +120,9 @@ impl Snapshot {
         self.workloads.values().filter(move |w| w.node == node)
     }
 
-    /// The Service with virtual IP `ip`, if any.
-    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&services::Service> {
-        self.services.values().find(|s| s.vips.contains(&ip))
-    }
-
-    /// Who owns each address (built once per snapshot, on first use).
+    /// Who owns each address (built once per snapshot, with its [`index::Index`]).
     pub fn addresses(&self) -> &AddressIndex {
-        self.addresses.0.get_or_init(|| AddressIndex::build(self))
+        self.index().addresses()
     }
 
     /// The workload owning `ip`: `None` when no pod claims it, or when the claims cannot be

@@ -1,4 +1,4 @@
-//! Publishing snapshots, for both sources: reload counters and the held reload for `/status` and metrics, and one log line per address conflict.
+//! Publishing snapshots, for both sources: the snapshot's index built before anyone reads it, reload counters and the held reload for `/status` and metrics, one log line per address conflict and per policy that fails closed.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use super::addresses::Conflict;
 use super::guard::{Suspicion, Verdict};
 use super::Snapshot;
+use crate::policy::authz::Failure;
 
 /// Counts of inventory reloads, for status and metrics.
 #[derive(Debug, Default)]
@@ -29,6 +30,8 @@ pub struct ReloadStats {
     pub confirmed: AtomicU64,
     /// Addresses that several pods claim and no rule decides, in the inventory in force.
     pub ambiguous_addresses: AtomicU64,
+    /// AuthorizationPolicies in force that could not be compiled and fail closed.
+    pub failed_closed_policies: AtomicU64,
     /// The reload held back now, if any.
     held: Mutex<Option<HoldStatus>>,
 }
@@ -103,6 +106,8 @@ pub struct Publisher {
     tx: watch::Sender<Arc<Snapshot>>,
     stats: Arc<ReloadStats>,
     reported: BTreeMap<IpAddr, Conflict>,
+    /// Policies that fail closed, as last logged.
+    failed: Vec<Failure>,
 }
 
 impl Publisher {
@@ -112,6 +117,7 @@ impl Publisher {
             tx,
             stats,
             reported: BTreeMap::new(),
+            failed: Vec::new(),
         };
         let current = p.tx.borrow().clone();
         p.report(&current);
@@ -129,7 +135,8 @@ impl Publisher {
     }
 
     /// Publishes `snap` if it differs from the snapshot in force (or `force`); true if sent.
-    /// Its address index is built here, once, before any reader sees it.
+    /// Its index (addresses, VIPs, identities, compiled policies) is built here, once, before
+    /// any reader sees it.
     pub fn publish(&mut self, snap: Snapshot, force: bool) -> bool {
         let snap = Arc::new(snap);
         self.report(&snap);
@@ -153,6 +160,7 @@ impl Publisher {
     }
 
     fn report(&mut self, snap: &Snapshot) {
+        self.report_policies(snap);
         let index = snap.addresses();
         let mut now = BTreeMap::new();
         for c in index.conflicts() {
@@ -172,5 +180,18 @@ impl Publisher {
             .ambiguous_addresses
             .store(index.ambiguous().count() as u64, Ordering::Relaxed);
         self.reported = now;
+    }
+
+    /// Logs each AuthorizationPolicy that fails closed once (when it appears or its reason
+    /// changes) and counts those in force.
+    fn report_policies(&mut self, snap: &Snapshot) {
+        let failures = snap.authz().failures();
+        for f in failures.iter().filter(|f| !self.failed.contains(f)) {
+            tracing::warn!(policy = %f.policy, field = f.error.field(), error = %f.error, "AuthorizationPolicy cannot be compiled; it fails closed (an ALLOW never matches, a DENY matches every connection it selects)");
+        }
+        self.stats
+            .failed_closed_policies
+            .store(failures.len() as u64, Ordering::Relaxed);
+        self.failed = failures.to_vec();
     }
 }

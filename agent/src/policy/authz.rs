@@ -4,13 +4,19 @@
 //! allowed; otherwise some ALLOW policy must match. Fields ambit cannot check at L4 (methods,
 //! paths, hosts, request principals, non-L4 `when` keys) fail safe: an ALLOW rule using them
 //! never matches, a DENY rule using them always does; both are reported by [`unsupported`].
+//! Policies are evaluated compiled ([`Policies`], built once per inventory snapshot).
+pub mod compiled;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
-use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use compiled::{CompileError, Failure, Policies};
+
 use super::peer_auth::Selector;
+use crate::identity::SpiffeId;
 use crate::inventory::objects::ObjectMeta;
 use crate::policy::destination_rule::Ignored;
 
@@ -151,15 +157,18 @@ pub struct AuthorizationPolicy {
     /// Spec.
     #[serde(default)]
     pub spec: AuthorizationPolicySpec,
+    /// Why the object could not be read, when the Kubernetes source keeps it only to fail
+    /// closed (no good version of it was ever seen): `spec` then holds what could be read
+    /// (the selector and action, an unreadable action read as DENY) and no rules.
+    #[serde(skip)]
+    pub unreadable: Option<String>,
 }
 
 /// What is known about a connection when it is authorized.
 #[derive(Debug, Clone)]
 pub struct ConnAttrs {
-    /// Proven peer identity without `spiffe://` (`td/ns/x/sa/y`); `None` for plaintext.
-    pub principal: Option<String>,
-    /// Source namespace, from the proven identity; `None` for plaintext.
-    pub namespace: Option<String>,
+    /// Proven peer identity; `None` for plaintext.
+    pub peer: Option<SpiffeId>,
     /// Source IP.
     pub src_ip: IpAddr,
     /// Destination (target) port.
@@ -168,15 +177,45 @@ pub struct ConnAttrs {
     pub dst_ip: IpAddr,
 }
 
+impl ConnAttrs {
+    /// The proven identity as Istio's `principals` name it: without `spiffe://`
+    /// (`td/ns/NS/sa/SA`).
+    pub fn principal(&self) -> Option<&str> {
+        self.peer
+            .as_ref()
+            .map(|id| id.as_str().strip_prefix("spiffe://").unwrap_or(id.as_str()))
+    }
+}
+
 /// The decision for one connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Decision {
     /// Allowed; names the ALLOW policy that matched, if any.
-    Allow { policy: Option<String> },
+    Allow {
+        /// `namespace/name`, shared with the compiled policy (a decision allocates nothing).
+        #[serde(serialize_with = "name_or_none")]
+        policy: Option<Arc<str>>,
+    },
     /// Denied by a matching DENY policy.
-    Denied { policy: String },
+    Denied {
+        /// `namespace/name`.
+        #[serde(serialize_with = "name")]
+        policy: Arc<str>,
+    },
     /// ALLOW policies exist and none matched.
     NotAllowed,
+}
+
+/// Serializes a policy name as a string (serde's `rc` feature is not enabled).
+fn name<S: serde::Serializer>(policy: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(policy)
+}
+
+fn name_or_none<S: serde::Serializer>(policy: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+    match policy {
+        Some(p) => s.serialize_some(&**p),
+        None => s.serialize_none(),
+    }
 }
 
 impl Decision {
@@ -208,54 +247,14 @@ impl AuthorizationPolicy {
                 .as_ref()
                 .is_none_or(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
     }
-
-    fn matches(&self, c: &ConnAttrs) -> bool {
-        let fail_safe = self.spec.action != Action::Allow; // DENY (and CUSTOM): unsupported ⇒ match
-        self.spec
-            .rules
-            .iter()
-            .any(|r| rule_matches(r, c, fail_safe))
-    }
-}
-
-/// Decides a connection to a workload in `namespace` with `labels`.
-pub fn evaluate(
-    policies: &[AuthorizationPolicy],
-    root_namespace: &str,
-    namespace: &str,
-    labels: &BTreeMap<String, String>,
-    c: &ConnAttrs,
-) -> Decision {
-    let applicable: Vec<&AuthorizationPolicy> = policies
-        .iter()
-        .filter(|p| p.applies_to(root_namespace, namespace, labels))
-        .collect();
-    for p in applicable
-        .iter()
-        .filter(|p| matches!(p.spec.action, Action::Deny | Action::Custom))
-    {
-        if p.spec.action == Action::Custom || p.matches(c) {
-            return Decision::Denied { policy: p.key() };
-        }
-    }
-    let allows: Vec<&&AuthorizationPolicy> = applicable
-        .iter()
-        .filter(|p| p.spec.action == Action::Allow)
-        .collect();
-    if allows.is_empty() {
-        return Decision::Allow { policy: None };
-    }
-    match allows.iter().find(|p| p.matches(c)) {
-        Some(p) => Decision::Allow {
-            policy: Some(p.key()),
-        },
-        None => Decision::NotAllowed,
-    }
 }
 
 /// The fields of a policy ambit cannot enforce at L4, as `rules[i].field` paths.
 pub fn unsupported(p: &AuthorizationPolicy) -> Vec<String> {
     let mut out = Vec::new();
+    if let Some(problem) = &p.unreadable {
+        out.push(format!("spec: unreadable ({problem})"));
+    }
     if p.spec.action == Action::Custom {
         out.push("spec.action: CUSTOM".to_string());
     }
@@ -267,7 +266,7 @@ pub fn unsupported(p: &AuthorizationPolicy) -> Vec<String> {
     out
 }
 
-fn unsupported_fields(r: &Rule) -> Vec<&'static str> {
+pub(crate) fn unsupported_fields(r: &Rule) -> Vec<&'static str> {
     let mut out = Vec::new();
     for f in &r.from {
         let s = &f.source;
@@ -303,120 +302,11 @@ const L4_KEYS: &[&str] = &[
     "destination.port",
 ];
 
-fn rule_matches(r: &Rule, c: &ConnAttrs, fail_safe: bool) -> bool {
-    if !unsupported_fields(r).is_empty() {
-        return fail_safe;
-    }
-    let from = r.from.is_empty() || r.from.iter().any(|f| source_matches(&f.source, c));
-    let to = r.to.is_empty() || r.to.iter().any(|t| operation_matches(&t.operation, c));
-    let when = r.when.iter().all(|w| condition_matches(w, c));
-    from && to && when
-}
-
-fn source_matches(s: &Source, c: &ConnAttrs) -> bool {
-    let principal = c.principal.as_deref();
-    let namespace = c.namespace.as_deref();
-    positive(&s.principals, |p| principal.is_some_and(|v| string_match(p, v)))
-        && negative(&s.not_principals, |p| principal.is_some_and(|v| string_match(p, v)))
-        && positive(&s.namespaces, |p| namespace.is_some_and(|v| string_match(p, v)))
-        && negative(&s.not_namespaces, |p| namespace.is_some_and(|v| string_match(p, v)))
-        && positive(&s.service_accounts, |p| service_account(principal).is_some_and(|v| string_match(p, &v)))
-        && negative(&s.not_service_accounts, |p| service_account(principal).is_some_and(|v| string_match(p, &v)))
-        && positive(&s.ip_blocks, |b| ip_match(b, c.src_ip))
-        && negative(&s.not_ip_blocks, |b| ip_match(b, c.src_ip))
-        // No proxy in front at L4: the remote IP is the source IP.
-        && positive(&s.remote_ip_blocks, |b| ip_match(b, c.src_ip))
-        && negative(&s.not_remote_ip_blocks, |b| ip_match(b, c.src_ip))
-}
-
-fn operation_matches(o: &Operation, c: &ConnAttrs) -> bool {
-    positive(&o.ports, |p| p.parse::<u16>().ok() == Some(c.dst_port))
-        && negative(&o.not_ports, |p| p.parse::<u16>().ok() == Some(c.dst_port))
-}
-
-fn condition_matches(w: &Condition, c: &ConnAttrs) -> bool {
-    let test = |v: &str| match w.key.as_str() {
-        "source.ip" => ip_match(v, c.src_ip),
-        "destination.ip" => ip_match(v, c.dst_ip),
-        "destination.port" => v.parse::<u16>().ok() == Some(c.dst_port),
-        "source.principal" => c.principal.as_deref().is_some_and(|p| string_match(v, p)),
-        "source.namespace" => c.namespace.as_deref().is_some_and(|n| string_match(v, n)),
-        _ => false,
-    };
-    positive(&w.values, |v| test(v)) && negative(&w.not_values, |v| test(v))
-}
-
-/// An empty list places no constraint; otherwise some entry must match.
-fn positive(list: &[String], f: impl Fn(&str) -> bool) -> bool {
-    list.is_empty() || list.iter().any(|v| f(v))
-}
-
-/// No entry may match.
-fn negative(list: &[String], f: impl Fn(&str) -> bool) -> bool {
-    !list.iter().any(|v| f(v))
-}
-
-/// `namespace/name` of a principal `td/ns/NS/sa/SA`.
-fn service_account(principal: Option<&str>) -> Option<String> {
-    let p = principal?;
-    let (_, rest) = p.split_once("/ns/")?;
-    let (ns, sa) = rest.split_once("/sa/")?;
-    Some(format!("{ns}/{sa}"))
-}
-
-/// Istio string match: exact, `*` (any non-empty), `prefix*`, `*suffix`.
-fn string_match(pattern: &str, value: &str) -> bool {
-    if pattern == "*" {
-        return !value.is_empty();
-    }
-    if let Some(prefix) = pattern.strip_suffix('*') {
-        return value.starts_with(prefix);
-    }
-    if let Some(suffix) = pattern.strip_prefix('*') {
-        return value.ends_with(suffix);
-    }
-    pattern == value
-}
-
-fn ip_match(block: &str, ip: IpAddr) -> bool {
-    match block.parse::<IpNet>() {
-        Ok(net) => net.contains(&ip),
-        Err(_) => block.parse::<IpAddr>().is_ok_and(|b| b == ip),
-    }
-}
-
-/// Checks what must be rejected at load; returns (field, message).
+/// Checks what must be rejected at load (the policy must compile); returns (field, message).
 pub fn validate(p: &AuthorizationPolicy) -> Result<(), (String, String)> {
-    for (i, r) in p.spec.rules.iter().enumerate() {
-        for (j, t) in r.to.iter().enumerate() {
-            for port in t.operation.ports.iter().chain(&t.operation.not_ports) {
-                if port.parse::<u16>().map_or(true, |p| p == 0) {
-                    return Err((
-                        format!("spec.rules[{i}].to[{j}].operation.ports"),
-                        format!("`{port}` is not a port"),
-                    ));
-                }
-            }
-        }
-        for (j, f) in r.from.iter().enumerate() {
-            let s = &f.source;
-            for b in s
-                .ip_blocks
-                .iter()
-                .chain(&s.not_ip_blocks)
-                .chain(&s.remote_ip_blocks)
-                .chain(&s.not_remote_ip_blocks)
-            {
-                if b.parse::<IpNet>().is_err() && b.parse::<IpAddr>().is_err() {
-                    return Err((
-                        format!("spec.rules[{i}].from[{j}].source.ipBlocks"),
-                        format!("`{b}` is not an IP or CIDR"),
-                    ));
-                }
-            }
-        }
-    }
-    Ok(())
+    compiled::compile(p)
+        .map(drop)
+        .map_err(|e| (e.field().to_string(), e.to_string()))
 }
 
 #[cfg(test)]

@@ -133,60 +133,67 @@ pub fn resolve(
     labels: &BTreeMap<String, String>,
     port: u16,
 ) -> Resolution {
-    let oldest = |it: &mut dyn Iterator<Item = &PeerAuthentication>| -> Option<PeerAuthentication> {
-        it.min_by(|a, b| a.age_key().cmp(&b.age_key())).cloned()
-    };
+    // By reference: this runs per connection, and a policy is many strings and maps.
+    fn oldest<'a>(
+        it: impl Iterator<Item = &'a PeerAuthentication>,
+    ) -> Option<&'a PeerAuthentication> {
+        it.min_by(|a, b| a.age_key().cmp(&b.age_key()))
+    }
     let mesh = oldest(
-        &mut policies
+        policies
             .iter()
             .filter(|p| p.metadata.namespace == root_namespace && p.spec.selector.is_none()),
     );
     let ns = oldest(
-        &mut policies
+        policies
             .iter()
             .filter(|p| p.metadata.namespace == namespace && p.spec.selector.is_none()),
     );
-    let workload = oldest(&mut policies.iter().filter(|p| {
+    let workload = oldest(policies.iter().filter(|p| {
         p.metadata.namespace == namespace
             && p.spec
                 .selector
                 .as_ref()
                 .is_some_and(|s| s.match_labels.iter().all(|(k, v)| labels.get(k) == Some(v)))
     }));
-    let mut out = Resolution {
-        mode: Effective::Permissive,
-        policy: None,
-        level: "default",
-    };
-    let mut apply = |mode: Mode, p: &PeerAuthentication, level: &'static str| {
+    // The deciding policy is named (formatted) once, at the end.
+    let mut decided: Option<(Effective, &PeerAuthentication, &'static str)> = None;
+    let mut apply = |mode: Mode, p, level: &'static str| {
         let mode = match mode {
             Mode::Unset => return,
             Mode::Permissive => Effective::Permissive,
             Mode::Strict => Effective::Strict,
             Mode::Disable => Effective::Disable,
         };
-        out = Resolution {
-            mode,
-            policy: Some(p.key()),
-            level,
-        };
+        decided = Some((mode, p, level));
     };
-    if let Some(p) = &mesh {
+    if let Some(p) = mesh {
         apply(p.mode(), p, "mesh");
     }
-    if let Some(p) = &ns {
+    if let Some(p) = ns {
         // A selector-less policy in the root namespace is the mesh policy, not a namespace one.
         if namespace != root_namespace {
             apply(p.mode(), p, "namespace");
         }
     }
-    if let Some(p) = &workload {
+    if let Some(p) = workload {
         apply(p.mode(), p, "workload");
         if let Some(pl) = p.spec.port_level_mtls.get(&u32::from(port)) {
             apply(pl.mode, p, "port");
         }
     }
-    out
+    match decided {
+        Some((mode, p, level)) => Resolution {
+            mode,
+            policy: Some(p.key()),
+            level,
+        },
+        None => Resolution {
+            mode: Effective::Permissive,
+            policy: None,
+            level: "default",
+        },
+    }
 }
 
 /// The effective mode of a workload on every port, and the ports that differ.

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use serde::Serialize;
 
 use super::manager::AppliedAuthz;
-use super::route::{self, Decision, Route, RouteCtx};
+use super::route::{self, Decision, Route, RouteCtx, Steps};
 use crate::inventory::addresses::Conflict;
 use crate::inventory::{Snapshot, Workload};
 use crate::policy::authz::{self, ConnAttrs};
@@ -79,7 +79,7 @@ pub fn explain(
             "source {from} is not enrolled: its connections are not captured at all"
         ));
     }
-    let outbound = route::decide(&ctx, to, |_, _| 0);
+    let outbound = route::decide(&ctx, to, Steps::Record, |_, _| 0);
     let (target, tunnelled) = match &outbound.route {
         Route::Tunnel { target, .. } => (Some(*target), true),
         Route::Plaintext { target } => (Some(*target), false),
@@ -133,23 +133,18 @@ fn inbound(
     );
     let src_ip = src.ip_like(target.ip()).or(src.ips.first().copied());
     let attrs = ConnAttrs {
-        principal: tunnelled.then(|| {
-            src.spiffe_id(trust_domain)
-                .trim_start_matches("spiffe://")
-                .to_string()
-        }),
-        namespace: tunnelled.then(|| src.namespace.clone()),
+        // A tunnelled source proves its identity with its certificate; a pod whose namespace or
+        // service account forms no valid identity has no certificate and proves none.
+        peer: tunnelled
+            .then(|| src.spiffe_id(trust_domain).parse().ok())
+            .flatten(),
         src_ip: src_ip.unwrap_or(target.ip()),
         dst_port: target.port(),
         dst_ip: target.ip(),
     };
-    let authorization = authz::evaluate(
-        &snap.authorization_policies,
-        root,
-        &dst.namespace,
-        &dst.labels,
-        &attrs,
-    );
+    let authorization = snap
+        .authz()
+        .evaluate(root, &dst.namespace, &dst.labels, &attrs);
     let authorization_policies = snap
         .authorization_policies
         .iter()

@@ -238,8 +238,7 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
         return refuse(p, StatusCode::BAD_REQUEST, "NR", "agent_port");
     }
     let attrs = ConnAttrs {
-        principal: Some(peer_id.trim_start_matches("spiffe://").to_string()),
-        namespace: Some(p.connect.peer_id.namespace().to_string()),
+        peer: Some(p.connect.peer_id.clone()),
         src_ip: client_ip,
         dst_port: target.port(),
         dst_ip: target.ip(),

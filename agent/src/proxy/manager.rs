@@ -27,7 +27,6 @@ use crate::error::error_chain;
 use crate::identity::manager::{CertManager, CertStatus};
 use crate::identity::source::TlsSource;
 use crate::inventory::{Snapshot, Workload};
-use crate::policy::authz;
 use crate::redirect::maps::{AmbPod, POD_F_CAPTURE_IN, POD_F_CAPTURE_OUT};
 use crate::redirect::{Datapath, PodEntry};
 use crate::sys::Netns;
@@ -259,14 +258,9 @@ impl Manager {
             let Some(w) = snap.workloads.get(&info.pod) else {
                 return true;
             };
-            authz::evaluate(
-                &snap.authorization_policies,
-                root,
-                &w.namespace,
-                &w.labels,
-                attrs,
-            )
-            .allowed()
+            snap.authz()
+                .evaluate(root, &w.namespace, &w.labels, attrs)
+                .allowed()
         });
         if closed > 0 {
             tracing::info!(

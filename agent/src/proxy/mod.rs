@@ -26,7 +26,7 @@ use crate::admin::metrics::TcpLabels;
 use crate::config::Ports;
 use crate::identity::SpiffeId;
 use crate::inventory::Workload;
-use crate::policy::authz::{self, ConnAttrs, Decision};
+use crate::policy::authz::{ConnAttrs, Decision};
 use crate::redirect::maps::AmbBypassKey;
 use crate::redirect::Datapath;
 use socket::SocketFactory;
@@ -108,13 +108,8 @@ impl PodContext {
             .workloads
             .get(&self.workload.key())
             .unwrap_or(&self.workload);
-        authz::evaluate(
-            &snap.authorization_policies,
-            &self.cfg.root_namespace,
-            &w.namespace,
-            &w.labels,
-            attrs,
-        )
+        snap.authz()
+            .evaluate(&self.cfg.root_namespace, &w.namespace, &w.labels, attrs)
     }
 }
 

@@ -9,7 +9,7 @@ use tracing::Instrument;
 use super::caps::{self, Listener};
 use super::conns::{self, ConnInfo};
 use super::copy::{copy_both, copy_tcp_h2, TcpSide};
-use super::route::{self, Route, RouteCtx};
+use super::route::{self, Route, RouteCtx, Steps};
 use super::{accept_loop, reset, PodContext, CONNECT_TIMEOUT};
 use crate::addr::{ClientAddr, OrigDstAddr, PeerAddr};
 use crate::admin::metrics::{ReasonLabel, TcpLabels};
@@ -108,8 +108,14 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         let service = snap
             .service_by_vip(orig.0.ip())
             .map(|s| s.fqdn(route::CLUSTER_DOMAIN));
+        // The steps are formatted only for the debug log that prints them.
+        let steps = if tracing::enabled!(tracing::Level::DEBUG) {
+            Steps::Record
+        } else {
+            Steps::Skip
+        };
         (
-            route::decide(&ctx, orig.0, |svc, n| pod.lb.next(svc, n)),
+            route::decide(&ctx, orig.0, steps, |svc, n| pod.lb.next(svc, n)),
             service,
         )
     };

@@ -96,8 +96,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         );
     }
     let attrs = ConnAttrs {
-        principal: None,
-        namespace: None,
+        peer: None,
         src_ip: client.0.ip(),
         dst_port: orig.0.port(),
         dst_ip: orig.0.ip(),

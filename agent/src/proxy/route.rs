@@ -7,7 +7,6 @@ use serde::Serialize;
 
 use crate::identity::SpiffeId;
 use crate::inventory::addresses::Claim;
-use crate::inventory::services::Endpoint;
 use crate::inventory::Snapshot;
 use crate::policy::destination_rule::{self, TlsMode};
 use crate::policy::peer_auth::{self, Effective};
@@ -106,72 +105,88 @@ impl RoundRobin {
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let slot = m.entry(key.to_string()).or_insert(0);
+        // Looked up before inserting: a Service seen before costs no allocation.
+        if !m.contains_key(key) {
+            m.insert(key.to_string(), 0);
+        }
+        let Some(slot) = m.get_mut(key) else {
+            return 0; // inserted just above
+        };
         let i = *slot % n.max(1);
         *slot = slot.wrapping_add(1);
         i
     }
 }
 
+/// Whether [`decide`] writes down its reasoning: `ambit explain` (and a debug log) reads the
+/// steps; a connection only needs the route, and formats nothing it does not use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steps {
+    /// Record every step.
+    Record,
+    /// Record nothing ([`Decision::steps`] stays empty).
+    Skip,
+}
+
+/// The steps of one decision, formatted only when recorded.
+struct Recorder(Option<Vec<String>>);
+
+impl Recorder {
+    fn note(&mut self, step: impl FnOnce() -> String) {
+        if let Some(steps) = &mut self.0 {
+            steps.push(step());
+        }
+    }
+
+    fn done(self, route: Route) -> Decision {
+        Decision {
+            route,
+            steps: self.0.unwrap_or_default(),
+        }
+    }
+
+    fn refuse(self, reason: String) -> Decision {
+        self.done(Route::Refuse {
+            reason,
+            code: Refusal::Route,
+        })
+    }
+}
+
 /// Decides how a connection to `orig` is carried. `pick(service key, ready count)` chooses
-/// the endpoint index.
+/// the endpoint index; `steps` says whether the reasoning is written down.
 pub fn decide(
     ctx: &RouteCtx<'_>,
     orig: SocketAddr,
+    steps: Steps,
     pick: impl FnOnce(&str, usize) -> usize,
 ) -> Decision {
-    let mut steps = Vec::new();
-    let refuse = |steps: Vec<String>, reason: String| Decision {
-        route: Route::Refuse {
-            reason,
-            code: Refusal::Route,
-        },
-        steps,
-    };
-    let (target, client_tls) = match ctx.snap.service_by_vip(orig.ip()) {
-        Some(svc) => {
-            steps.push(format!(
-                "{} is a virtual IP of Service {}",
-                orig.ip(),
-                svc.key()
-            ));
+    let mut rec = Recorder((steps == Steps::Record).then(Vec::new));
+    let (target, client_tls) = match ctx.snap.vip(orig.ip()) {
+        Some(vip) => {
+            let svc = vip.service;
+            rec.note(|| format!("{} is a virtual IP of Service {}", orig.ip(), svc.key()));
             if !svc.ports.contains_key(&orig.port()) {
-                return refuse(
-                    steps,
-                    format!("Service {} has no port {}", svc.key(), orig.port()),
-                );
+                return rec.refuse(format!("Service {} has no port {}", svc.key(), orig.port()));
             }
-            // A VIP of one family balances over the endpoints of that family (dual stack, as
-            // kube-proxy does): the app's socket family must be preserved end to end.
-            let v4 = orig.ip().is_ipv4();
-            let ready: Vec<&Endpoint> = svc
-                .endpoints
-                .iter()
-                .filter(|e| e.ready && e.ip.is_ipv4() == v4)
-                .collect();
-            if ready.is_empty() {
-                return refuse(
-                    steps,
-                    format!("Service {} has no ready endpoints", svc.key()),
-                );
+            let ready = vip.ready_count();
+            if ready == 0 {
+                return rec.refuse(format!("Service {} has no ready endpoints", svc.key()));
             }
-            let ep = ready[pick(&svc.key(), ready.len()) % ready.len()];
+            // `ready` is not zero and the index is taken modulo it: the endpoint exists.
+            let Some(ep) = vip.ready(pick(vip.name, ready) % ready) else {
+                return rec.refuse(format!("Service {} has no ready endpoints", svc.key()));
+            };
             let Some(port) = svc.target_port(orig.port(), ep) else {
-                return refuse(
-                    steps,
-                    format!(
-                        "Service {} port {} has no target port on endpoint {}",
-                        svc.key(),
-                        orig.port(),
-                        ep.ip
-                    ),
-                );
+                return rec.refuse(format!(
+                    "Service {} port {} has no target port on endpoint {}",
+                    svc.key(),
+                    orig.port(),
+                    ep.ip
+                ));
             };
             let target = SocketAddr::new(ep.ip, port);
-            steps.push(format!(
-                "endpoint {target} chosen from {} ready",
-                ready.len()
-            ));
+            rec.note(|| format!("endpoint {target} chosen from {ready} ready"));
             let tls = destination_rule::client_tls(
                 &ctx.snap.destination_rules,
                 svc,
@@ -179,13 +194,15 @@ pub fn decide(
                 CLUSTER_DOMAIN,
             );
             match &tls {
-                Some(t) => steps.push(format!(
-                    "DestinationRule {} sets tls mode {} for port {}",
-                    t.rule,
-                    t.mode,
-                    orig.port()
-                )),
-                None => steps.push("no DestinationRule applies".to_string()),
+                Some(t) => rec.note(|| {
+                    format!(
+                        "DestinationRule {} sets tls mode {} for port {}",
+                        t.rule,
+                        t.mode,
+                        orig.port()
+                    )
+                }),
+                None => rec.note(|| "no DestinationRule applies".to_string()),
             }
             (target, tls)
         }
@@ -200,12 +217,12 @@ pub fn decide(
     let owner = match ctx.snap.claim(target.ip()) {
         Claim::Owner(w) => {
             if let Some(c) = ctx.snap.addresses().conflict(target.ip()) {
-                steps.push(c.describe());
+                rec.note(|| c.describe());
             }
             Some(w)
         }
         Claim::Ambiguous(c) => {
-            steps.push(c.describe());
+            rec.note(|| c.describe());
             let in_mesh = c
                 .claimants
                 .iter()
@@ -213,49 +230,38 @@ pub fn decide(
             if in_mesh {
                 // Any claimant may be the pod that answers: its identity cannot be decided,
                 // and plaintext to an enrolled pod would be a downgrade.
-                return Decision {
-                    route: Route::Refuse {
-                        reason: format!(
-                            "ambiguous_address: {} is claimed by {}; the identity of the destination cannot be decided",
-                            target.ip(),
-                            c.claimants.join(" and ")
-                        ),
-                        code: Refusal::AmbiguousAddress,
-                    },
-                    steps,
-                };
+                return rec.done(Route::Refuse {
+                    reason: format!(
+                        "ambiguous_address: {} is claimed by {}; the identity of the destination cannot be decided",
+                        target.ip(),
+                        c.claimants.join(" and ")
+                    ),
+                    code: Refusal::AmbiguousAddress,
+                });
             }
-            steps.push("no claimant is in the mesh: plaintext either way".to_string());
+            rec.note(|| "no claimant is in the mesh: plaintext either way".to_string());
             None
         }
         Claim::Unclaimed => None,
     };
     let Some(dst) = owner.filter(|w| w.enrolled) else {
-        steps.push(format!("{} is not an enrolled pod", target.ip()));
+        rec.note(|| format!("{} is not an enrolled pod", target.ip()));
         if requires_mtls {
-            return refuse(
-                steps,
+            return rec.refuse(
                 "DestinationRule requires mTLS but the destination is not in the mesh".into(),
             );
         }
-        return Decision {
-            route: Route::Plaintext { target },
-            steps,
-        };
+        return rec.done(Route::Plaintext { target });
     };
-    steps.push(format!("{} is enrolled pod {}", target.ip(), dst.key()));
+    rec.note(|| format!("{} is enrolled pod {}", target.ip(), dst.key()));
     if !ctx.mtls {
         if requires_mtls {
-            return refuse(
-                steps,
+            return rec.refuse(
                 "DestinationRule requires mTLS but this agent has no CA configured".into(),
             );
         }
-        steps.push("this agent runs without a CA: plaintext".to_string());
-        return Decision {
-            route: Route::Plaintext { target },
-            steps,
-        };
+        rec.note(|| "this agent runs without a CA: plaintext".to_string());
+        return rec.done(Route::Plaintext { target });
     }
     let pa = peer_auth::resolve(
         &ctx.snap.peer_authentications,
@@ -264,51 +270,46 @@ pub fn decide(
         &dst.labels,
         target.port(),
     );
-    let by = pa.policy.clone().unwrap_or_else(|| "nothing set".into());
-    steps.push(format!(
-        "destination PeerAuthentication on port {}: {} ({}, {by})",
-        target.port(),
-        pa.mode,
-        pa.level
-    ));
+    rec.note(|| {
+        let by = pa.policy.as_deref().unwrap_or("nothing set");
+        format!(
+            "destination PeerAuthentication on port {}: {} ({}, {by})",
+            target.port(),
+            pa.mode,
+            pa.level
+        )
+    });
     if disables_mtls {
         if pa.mode == Effective::Strict {
-            steps.push(
-                "warning: the destination is STRICT and will refuse this plaintext".to_string(),
-            );
+            rec.note(|| {
+                "warning: the destination is STRICT and will refuse this plaintext".to_string()
+            });
         }
-        return Decision {
-            route: Route::Plaintext { target },
-            steps,
-        };
+        return rec.done(Route::Plaintext { target });
     }
     if pa.mode == Effective::Disable && !requires_mtls {
-        steps.push("DISABLE: peers send plaintext".to_string());
-        return Decision {
-            route: Route::Plaintext { target },
-            steps,
-        };
+        rec.note(|| "DISABLE: peers send plaintext".to_string());
+        return rec.done(Route::Plaintext { target });
     }
     let raw_id = dst.spiffe_id(ctx.trust_domain);
     if raw_id.parse::<SpiffeId>().is_err() {
-        return refuse(
-            steps,
-            format!("destination {} has no valid identity ({raw_id})", dst.key()),
-        );
+        return rec.refuse(format!(
+            "destination {} has no valid identity ({raw_id})",
+            dst.key()
+        ));
     }
-    steps.push(format!(
-        "HBONE to {}:{} requiring {raw_id}",
-        target.ip(),
-        ctx.tunnel_port
-    ));
-    Decision {
-        route: Route::Tunnel {
-            peer: SocketAddr::new(target.ip(), ctx.tunnel_port),
-            target,
-            dst_id: raw_id,
-        },
-        steps,
-    }
+    rec.note(|| {
+        format!(
+            "HBONE to {}:{} requiring {raw_id}",
+            target.ip(),
+            ctx.tunnel_port
+        )
+    });
+    rec.done(Route::Tunnel {
+        peer: SocketAddr::new(target.ip(), ctx.tunnel_port),
+        target,
+        dst_id: raw_id,
+    })
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::inventory::file::parse;
 use crate::inventory::Snapshot;
 use crate::proxy::explain::explain;
-use crate::proxy::route::{decide, Decision, Route, RouteCtx};
+use crate::proxy::route::{decide, Decision, Route, RouteCtx, Steps};
 
 /// `shop` enrolls its pods; `aaa` does not. The server owns 10.2.0.2 unless a test adds a rival.
 const BASE: &str = r#"
@@ -40,7 +40,7 @@ fn decide_on(s: &Snapshot, to: &str) -> Decision {
         tunnel_port: 15008,
         mtls: true,
     };
-    decide(&ctx, to.parse().unwrap(), |_, _| 0)
+    decide(&ctx, to.parse().unwrap(), Steps::Record, |_, _| 0)
 }
 
 fn tunnel_to_server() -> Route {

@@ -19,7 +19,7 @@ use crate::inventory::services::{
     self, EndpointSliceObject, Service, ServiceObject, SERVICE_NAME_LABEL,
 };
 use crate::inventory::{file, Snapshot, Workload};
-use crate::policy::authz::{self, AuthorizationPolicy};
+use crate::policy::authz::{self, Action, AuthorizationPolicy, AuthorizationPolicySpec};
 use crate::policy::destination_rule::DestinationRule;
 use crate::policy::peer_auth::{self, PeerAuthentication};
 
@@ -173,6 +173,7 @@ impl Builder {
             &self.peer_auth,
             &mut problems,
             |pa: &PeerAuthentication| peer_auth::validate(pa),
+            |_, _| None,
         );
         snap.peer_authentications = list;
         self.peer_auth = cache;
@@ -182,6 +183,9 @@ impl Builder {
             &self.authz,
             &mut problems,
             authz::validate,
+            // Dropping an AuthorizationPolicy never seen good would fail open (a DENY not
+            // enforced, or the only ALLOW gone): it is kept, to fail closed.
+            |o: &DynamicObject, problem| Some(unreadable_policy(o, problem)),
         );
         snap.authorization_policies = list;
         self.authz = cache;
@@ -197,6 +201,7 @@ impl Builder {
                     Ok(())
                 }
             },
+            |_, _| None,
         );
         snap.destination_rules = list;
         self.dest_rules = cache;
@@ -302,12 +307,15 @@ fn shape<T: DeserializeOwned>(obj: &impl Serialize) -> Result<T, (String, String
 }
 
 /// Converts dynamic Istio objects into `T`, sorted by `namespace/name`, keeping last good ones.
+/// An object that does not convert and was never seen good becomes `unreadable(object,
+/// problem)`, if that gives one (it is not remembered as good).
 fn policies<T: DeserializeOwned + Clone>(
     kind: &str,
     objs: &[Arc<DynamicObject>],
     last: &HashMap<String, T>,
     problems: &mut BTreeSet<String>,
     check: impl Fn(&T) -> Result<(), (String, String)>,
+    unreadable: impl Fn(&DynamicObject, &str) -> Option<T>,
 ) -> (Vec<T>, HashMap<String, T>) {
     let mut cache = HashMap::new();
     let mut keyed = BTreeMap::new();
@@ -316,10 +324,38 @@ fn policies<T: DeserializeOwned + Clone>(
         let converted = shape::<T>(o.as_ref())
             .and_then(|t| check(&t).map(|()| t))
             .map_err(|(field, msg)| problem(kind, &key, &field, &msg));
+        let failed = converted.as_ref().err().cloned();
         if let Some(t) = keep_last_good(last, &key, converted, problems) {
             cache.insert(key.clone(), t.clone());
+            keyed.insert(key, t);
+        } else if let Some(t) = failed.and_then(|p| unreadable(o, &p)) {
             keyed.insert(key, t);
         }
     }
     (keyed.into_values().collect(), cache)
+}
+
+/// What can be read of an AuthorizationPolicy that does not convert: its name, namespace,
+/// selector (if readable; else none, selecting the whole namespace) and action (if readable;
+/// else DENY), with no rules, marked unreadable so that it compiles to fail closed.
+fn unreadable_policy(o: &DynamicObject, problem: &str) -> AuthorizationPolicy {
+    let spec = &o.data["spec"];
+    let action = spec
+        .get("action")
+        .map_or(Some(Action::Allow), |a| {
+            serde_json::from_value(a.clone()).ok()
+        })
+        .unwrap_or(Action::Deny);
+    let selector = spec
+        .get("selector")
+        .and_then(|s| serde_json::from_value(s.clone()).ok());
+    AuthorizationPolicy {
+        metadata: meta(&o.metadata),
+        spec: AuthorizationPolicySpec {
+            selector,
+            action,
+            ..AuthorizationPolicySpec::default()
+        },
+        unreadable: Some(problem.to_string()),
+    }
 }

@@ -575,3 +575,4 @@ async fn readiness_waits_for_a_failing_list_to_succeed() {
 }
 
 mod relist;
+mod unreadable;

@@ -12,8 +12,11 @@ fn policy(ns: &str, name: &str, spec: &str) -> AuthorizationPolicy {
 
 fn mtls(sa: &str, ns: &str, port: u16) -> ConnAttrs {
     ConnAttrs {
-        principal: Some(format!("cluster.local/ns/{ns}/sa/{sa}")),
-        namespace: Some(ns.into()),
+        peer: Some(
+            format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
+                .parse()
+                .unwrap(),
+        ),
         src_ip: "10.1.0.2".parse().unwrap(),
         dst_port: port,
         dst_ip: "10.2.0.2".parse().unwrap(),
@@ -22,15 +25,13 @@ fn mtls(sa: &str, ns: &str, port: u16) -> ConnAttrs {
 
 fn plaintext(port: u16) -> ConnAttrs {
     ConnAttrs {
-        principal: None,
-        namespace: None,
+        peer: None,
         ..mtls("x", "x", port)
     }
 }
 
 fn eval(ps: &[AuthorizationPolicy], c: &ConnAttrs) -> Decision {
-    evaluate(
-        ps,
+    Policies::compile(ps).evaluate(
         "istio-system",
         "shop",
         &BTreeMap::from([("app".to_string(), "server".to_string())]),

@@ -65,7 +65,7 @@ fn decide_on(s: &Snapshot, to: &str, mtls: bool) -> Decision {
         tunnel_port: 15008,
         mtls,
     };
-    decide(&ctx, to.parse().unwrap(), |_, _| 0)
+    decide(&ctx, to.parse().unwrap(), Steps::Record, |_, _| 0)
 }
 
 #[test]
@@ -97,7 +97,14 @@ fn round_robin_skips_unready_endpoints() {
     };
     let mut seen = Vec::new();
     for _ in 0..4 {
-        match decide(&ctx, "10.96.0.10:80".parse().unwrap(), |k, n| rr.next(k, n)).route {
+        match decide(
+            &ctx,
+            "10.96.0.10:80".parse().unwrap(),
+            Steps::Record,
+            |k, n| rr.next(k, n),
+        )
+        .route
+        {
             Route::Tunnel { target, .. } => seen.push(target.ip().to_string()),
             other => panic!("{other:?}"),
         }
@@ -182,7 +189,7 @@ fn dual_stack_vip_keeps_the_family() {
         ("[fd00:96::30]:80", "[fd00:2::2]:8080"),
     ] {
         for i in 0..2 {
-            let d = decide(&ctx, vip.parse().unwrap(), |_, n| i % n);
+            let d = decide(&ctx, vip.parse().unwrap(), Steps::Record, |_, n| i % n);
             assert_eq!(
                 d.route,
                 Route::Plaintext {
@@ -190,6 +197,35 @@ fn dual_stack_vip_keeps_the_family() {
                 },
                 "{vip}"
             );
+        }
+    }
+}
+
+#[test]
+fn skipping_the_steps_decides_the_same_routes_and_formats_none() {
+    let s = snap("kind: DestinationRule\napiVersion: networking.istio.io/v1\nmetadata: {name: legacy-plain, namespace: plain}\nspec:\n  host: legacy\n  trafficPolicy: {tls: {mode: DISABLE}}\n");
+    let destinations = [
+        "10.96.0.10:80",   // Service VIP -> tunnel
+        "10.96.0.10:81",   // no such Service port -> refused
+        "10.96.0.20:9000", // Service with a DestinationRule -> plaintext
+        "10.2.0.2:8080",   // enrolled pod -> tunnel
+        "10.2.0.9:80",     // not enrolled -> plaintext
+        "192.0.2.1:443",   // outside the mesh -> plaintext
+    ];
+    for mtls in [true, false] {
+        let ctx = RouteCtx {
+            snap: &s,
+            trust_domain: "cluster.local",
+            root_namespace: "istio-system",
+            tunnel_port: 15008,
+            mtls,
+        };
+        for to in destinations {
+            let recorded = decide(&ctx, to.parse().unwrap(), Steps::Record, |_, _| 0);
+            let skipped = decide(&ctx, to.parse().unwrap(), Steps::Skip, |_, _| 0);
+            assert_eq!(skipped.route, recorded.route, "{to}");
+            assert!(skipped.steps.is_empty(), "{to}: {:?}", skipped.steps);
+            assert!(!recorded.steps.is_empty(), "{to}: nothing recorded");
         }
     }
 }
