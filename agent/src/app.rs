@@ -24,6 +24,7 @@
 //! exit, leaving the pinned programs and maps in place, so enrolled pods fail closed until
 //! the next agent takes over.
 mod handover;
+mod mesh;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,7 +50,7 @@ use crate::inventory::kube as kube_source;
 use crate::inventory::Snapshot;
 use crate::proxy::manager::Manager;
 use crate::proxy::shards::{self, Shards};
-use crate::redirect::{events, mesh, Datapath};
+use crate::redirect::{events, Datapath};
 use crate::signals::{self, Event, Signals};
 use crate::{cgroups, sys};
 
@@ -174,7 +175,7 @@ async fn serve(
             .with_context(|| format!("cannot bind the cni socket {}", cni.socket.display()))?;
         let handler = cni::handler::handler(
             pod_map,
-            rx.clone(),
+            crate::inventory::sandboxes::pod_views(rx.clone()),
             Some(confirm),
             Duration::from_millis(cni.wait_ms),
         );

@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod inventory;
+pub mod meta;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;

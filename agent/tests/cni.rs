@@ -160,7 +160,12 @@ fn plugin_binary_add_check_del_version_against_the_agent() {
     };
     rt.spawn(server::serve(
         listener,
-        handler(map.clone(), rx, None, Duration::from_secs(3)),
+        handler(
+            map.clone(),
+            ambit::inventory::sandboxes::pod_views(rx),
+            None,
+            Duration::from_secs(3),
+        ),
     ));
     let bin = plugin_binary(&dir.0);
 

@@ -187,7 +187,12 @@ fn bridge_then_ambit_cni_on_real_namespaces() {
     let inventory = rx.clone();
     rt.spawn(server::serve(
         listener,
-        handler(map.clone(), inventory, None, Duration::from_secs(5)),
+        handler(
+            map.clone(),
+            ambit::inventory::sandboxes::pod_views(inventory),
+            None,
+            Duration::from_secs(5),
+        ),
     ));
     let ambit = dir.join("ambit-cni");
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_ambit"), &ambit).unwrap();

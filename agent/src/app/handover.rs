@@ -124,7 +124,7 @@ fn mark_ready(o: &Owned) -> bool {
 /// then kernel state of pods this agent does not serve.
 fn take_back_kernel(o: &Owned) {
     let snap = o.inventory.borrow().clone();
-    let mesh = o.datapath.resync_mesh(&snap);
+    let mesh = o.datapath.resync_mesh(&super::mesh::destinations(&snap));
     let links = o.datapath.repin_links();
     let (pods, errors) = o.manager.reassert();
     for e in &errors {

@@ -9,16 +9,30 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use std::path::PathBuf;
 
 use super::pods::PodMap;
 use super::server::Handler;
 use super::{CniCommand, CniEvent, CniReply};
-use crate::inventory::Snapshot;
 
 /// Whether the pod manager has set a pod (`namespace/name`) up: `None` while pending,
 /// `Some(Err(reason))` when it gave up.
 pub type Confirm = Arc<dyn Fn(&str) -> Option<Result<(), String>> + Send + Sync>;
+
+/// What the inventory says now of a pod (`namespace/name`): `None` while it does not list it
+/// (the inventory's side is `inventory::pod_views`).
+pub type Lookup = Arc<dyn Fn(&str) -> Option<PodView> + Send + Sync>;
+
+/// A pod as the inventory shows it, as far as an ADD needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodView {
+    /// Whether the pod is enrolled.
+    pub enrolled: bool,
+    /// Its node.
+    pub node: String,
+    /// The network namespace the inventory took for it.
+    pub netns: Option<PathBuf>,
+}
 
 /// How often a waiting ADD looks at the inventory and the manager again.
 const POLL: Duration = Duration::from_millis(25);
@@ -26,7 +40,7 @@ const POLL: Duration = Duration::from_millis(25);
 /// Builds the handler for [`super::server::serve`].
 pub fn handler(
     map: Arc<PodMap>,
-    inventory: watch::Receiver<Arc<Snapshot>>,
+    inventory: Lookup,
     confirm: Option<Confirm>,
     wait: Duration,
 ) -> Handler {
@@ -35,7 +49,7 @@ pub fn handler(
 
 fn handle(
     map: &PodMap,
-    inventory: &watch::Receiver<Arc<Snapshot>>,
+    inventory: &Lookup,
     confirm: Option<&Confirm>,
     wait: Duration,
     event: &CniEvent,
@@ -56,8 +70,7 @@ fn handle(
         "not in the agent's inventory yet (is the API watch or the inventory file behind?)",
     );
     loop {
-        let snap = inventory.borrow().clone();
-        match snap.workloads.get(&key) {
+        match inventory(&key) {
             Some(w) if !w.enrolled => {
                 tracing::info!("pod not in the mesh");
                 return CniReply::NotInMesh;

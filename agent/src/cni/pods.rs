@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{CniCommand, CniEvent, NetnsId, PodRef};
-use crate::inventory::Workload;
 
 /// Format version of the map file.
 const VERSION: u32 = 1;
@@ -242,45 +241,6 @@ impl PodMap {
     fn lock(&self) -> MutexGuard<'_, BTreeMap<String, CniPod>> {
         self.pods.lock().unwrap_or_else(PoisonError::into_inner)
     }
-}
-
-/// Gives `node`'s workloads that have no netns yet the namespace of their newest sandbox the
-/// plugin reported (and its addresses, while the inventory shows none). `uids` holds the pod
-/// UIDs the inventory knows (`namespace/name` → UID): a report that names another UID is of an
-/// earlier pod with the same name and is not taken. Both inventory sources merge this way.
-pub fn merge_netns<'a>(
-    workloads: impl IntoIterator<Item = (&'a String, &'a mut Workload)>,
-    node: &str,
-    uids: &BTreeMap<String, String>,
-    cni: &[CniPod],
-) {
-    let newest = newest_by_pod(cni);
-    for (key, w) in workloads {
-        if w.node != node || w.netns.is_some() {
-            continue;
-        }
-        let Some(c) = newest.get(key) else { continue };
-        let uid = uids.get(key).map_or("", String::as_str);
-        if !c.pod.uid.is_empty() && !uid.is_empty() && c.pod.uid != uid {
-            continue;
-        }
-        w.netns = Some(c.netns.clone());
-        if w.ips.is_empty() {
-            w.ips = c.ips.clone();
-        }
-    }
-}
-
-/// The newest sandbox of each pod, keyed by `namespace/name`.
-pub fn newest_by_pod(pods: &[CniPod]) -> BTreeMap<String, &CniPod> {
-    let mut out: BTreeMap<String, &CniPod> = BTreeMap::new();
-    for p in pods {
-        let key = p.pod.key();
-        if out.get(&key).is_none_or(|cur| cur.seq < p.seq) {
-            out.insert(key, p);
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -20,7 +20,8 @@ use super::{
     Snapshot, Workload, CGROUP_ANNOTATION, EXCLUDE_CIDRS_ANNOTATION, EXCLUDE_PORTS_ANNOTATION,
     MODE_LABEL, NETNS_ANNOTATION,
 };
-use crate::cni::pods::{merge_netns, CniPod};
+use crate::cni::pods::CniPod;
+use crate::inventory::sandboxes::merge_netns;
 use crate::policy::authz::{self, AuthorizationPolicy};
 use crate::policy::destination_rule::DestinationRule;
 use crate::policy::peer_auth::{self, PeerAuthentication};

@@ -7,6 +7,7 @@ pub mod index;
 pub mod kube;
 pub mod objects;
 pub mod publish;
+pub mod sandboxes;
 pub mod services;
 
 use std::collections::BTreeMap;

@@ -17,7 +17,7 @@ pub use compiled::{CompileError, Failure, Policies};
 
 use super::peer_auth::Selector;
 use crate::identity::SpiffeId;
-use crate::inventory::objects::ObjectMeta;
+use crate::meta::ObjectMeta;
 use crate::policy::destination_rule::Ignored;
 
 /// `spec.action`.

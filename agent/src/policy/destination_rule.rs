@@ -1,11 +1,10 @@
 //! DestinationRule (networking.istio.io v1/v1beta1): the client side's TLS mode per host and port.
 use serde::{Deserialize, Serialize};
 
-use crate::inventory::objects::ObjectMeta;
+use crate::meta::ObjectMeta;
 
 /// An Istio field ambit accepts but does not use.
 pub type Ignored = Option<serde_yaml::Value>;
-use crate::inventory::services::Service;
 
 /// `trafficPolicy.tls.mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -166,15 +165,14 @@ impl DestinationRule {
     }
 
     /// Whether the rule's host names `svc`.
-    pub fn matches(&self, svc: &Service, cluster_domain: &str) -> bool {
+    pub fn matches(&self, svc: ServiceName<'_>, cluster_domain: &str) -> bool {
         let host = self.spec.host.trim_end_matches('.');
-        let fqdn = svc.fqdn(cluster_domain);
         if host.contains('.') {
             // `name.ns`, `name.ns.svc` and the full FQDN all name the service.
             let candidates = [
                 format!("{}.{}", svc.name, svc.namespace),
                 format!("{}.{}.svc", svc.name, svc.namespace),
-                fqdn,
+                format!("{}.{}.svc.{cluster_domain}", svc.name, svc.namespace),
             ];
             candidates.iter().any(|c| c == host)
         } else {
@@ -183,11 +181,20 @@ impl DestinationRule {
     }
 }
 
+/// A Service as a DestinationRule's host names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceName<'a> {
+    /// The Service's namespace.
+    pub namespace: &'a str,
+    /// The Service's name.
+    pub name: &'a str,
+}
+
 /// The client TLS mode for `svc` on service port `port` (oldest matching rule wins, as Istio
 /// merges by creation time); `None` when no rule applies.
 pub fn client_tls(
     rules: &[DestinationRule],
-    svc: &Service,
+    svc: ServiceName<'_>,
     port: u16,
     cluster_domain: &str,
 ) -> Option<ClientTls> {
@@ -220,17 +227,12 @@ pub fn client_tls(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
 
-    fn svc() -> Service {
-        Service {
-            name: "server".into(),
-            namespace: "shop".into(),
-            vips: vec![],
-            ports: BTreeMap::new(),
-            endpoints: vec![],
+    fn svc() -> ServiceName<'static> {
+        ServiceName {
+            name: "server",
+            namespace: "shop",
         }
     }
 
@@ -242,14 +244,14 @@ mod tests {
     #[test]
     fn host_forms_resolve_like_istio() {
         let s = svc();
-        assert!(rule("shop", "server", "").matches(&s, "cluster.local"));
+        assert!(rule("shop", "server", "").matches(s, "cluster.local"));
         assert!(
-            !rule("other", "server", "").matches(&s, "cluster.local"),
+            !rule("other", "server", "").matches(s, "cluster.local"),
             "short names resolve in the rule's namespace"
         );
-        assert!(rule("other", "server.shop.svc.cluster.local", "").matches(&s, "cluster.local"));
-        assert!(rule("other", "server.shop", "").matches(&s, "cluster.local"));
-        assert!(!rule("shop", "client", "").matches(&s, "cluster.local"));
+        assert!(rule("other", "server.shop.svc.cluster.local", "").matches(s, "cluster.local"));
+        assert!(rule("other", "server.shop", "").matches(s, "cluster.local"));
+        assert!(!rule("shop", "client", "").matches(s, "cluster.local"));
     }
 
     #[test]
@@ -257,11 +259,11 @@ mod tests {
         let r = rule("shop", "server", "    portLevelSettings:\n    - port:\n        number: 8080\n      tls:\n        mode: DISABLE\n");
         let s = svc();
         assert_eq!(
-            client_tls(std::slice::from_ref(&r), &s, 8080, "cluster.local").map(|c| c.mode),
+            client_tls(std::slice::from_ref(&r), s, 8080, "cluster.local").map(|c| c.mode),
             Some(TlsMode::Disable)
         );
         assert_eq!(
-            client_tls(&[r], &s, 9000, "cluster.local").map(|c| c.mode),
+            client_tls(&[r], s, 9000, "cluster.local").map(|c| c.mode),
             Some(TlsMode::IstioMutual)
         );
     }

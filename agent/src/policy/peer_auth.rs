@@ -9,7 +9,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::inventory::objects::ObjectMeta;
+use crate::meta::ObjectMeta;
 
 /// The root namespace whose selector-less policy applies mesh-wide, unless configured.
 pub const DEFAULT_ROOT_NAMESPACE: &str = "istio-system";

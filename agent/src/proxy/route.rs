@@ -189,7 +189,10 @@ pub fn decide(
             rec.note(|| format!("endpoint {target} chosen from {ready} ready"));
             let tls = destination_rule::client_tls(
                 &ctx.snap.destination_rules,
-                svc,
+                destination_rule::ServiceName {
+                    namespace: &svc.namespace,
+                    name: &svc.name,
+                },
                 orig.port(),
                 CLUSTER_DOMAIN,
             );

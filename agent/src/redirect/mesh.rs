@@ -1,4 +1,4 @@
-//! Mesh destinations: the addresses that mesh-only pods' connects must take through the agent (`amb_mesh_dsts`), kept in line with the inventory.
+//! Mesh destinations: the addresses that mesh-only pods' connects must take through the agent (`amb_mesh_dsts`), written as the caller lists them.
 //!
 //! With `capture.meshOnly` (the default), connect4/6 redirect an enrolled pod's connect only
 //! when its destination is listed here; anything else goes straight to the destination, from
@@ -10,8 +10,8 @@
 //!   node (tunnel, or PeerAuthentication/DestinationRule decisions) and every Service virtual
 //!   IP (only the agent resolves it; there is no kube-proxy; an empty or unknown port is refused).
 //! - Every snapshot is written to the kernel before the pod manager or the proxies see it
-//!   ([`follow`]): a pod is never enrolled mesh-only against a list that lacks a destination the
-//!   same snapshot puts in the mesh.
+//!   (`app::mesh::follow`, which also computes the list from the inventory): a pod is never
+//!   enrolled mesh-only against a list that lacks a destination the same snapshot puts in the mesh.
 //! - When the list does not fit, the wildcard entry (all-zero key) makes connect4/6 capture
 //!   every destination again: an incomplete list costs speed, never a bypass of the mesh.
 //! - The map is pinned: after the agent dies the last list stays, so mesh destinations fail
@@ -19,30 +19,11 @@
 //! - Only the current agent of the pin directory writes the list ([`super::handover`]); one
 //!   that takes the node back re-reads the map first ([`Datapath::resync_mesh`]).
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
-use tokio::sync::watch;
 
-use super::maps::{AmbAddrKey, MAX_MESH_DSTS, MESH_DST_ALL, MESH_DST_POD, MESH_DST_VIP};
+use super::maps::{AmbAddrKey, MAX_MESH_DSTS, MESH_DST_ALL};
 use super::{ignore_missing, lock, Datapath};
-use crate::inventory::Snapshot;
-
-/// Addresses that must go through the agent, with the `MESH_DST_*` bits saying why.
-pub fn destinations(snap: &Snapshot) -> HashMap<AmbAddrKey, u32> {
-    let mut d: HashMap<AmbAddrKey, u32> = HashMap::new();
-    for w in snap.workloads.values().filter(|w| w.enrolled) {
-        for ip in &w.ips {
-            *d.entry(AmbAddrKey::destination(*ip)).or_default() |= MESH_DST_POD;
-        }
-    }
-    for s in snap.services.values() {
-        for ip in &s.vips {
-            *d.entry(AmbAddrKey::destination(*ip)).or_default() |= MESH_DST_VIP;
-        }
-    }
-    d
-}
 
 /// What one sync changes in the kernel map.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -234,20 +215,20 @@ impl<M: DstMap> MeshDsts<M> {
 }
 
 impl Datapath {
-    /// Brings `amb_mesh_dsts` in line with `snap` while this agent is current (`None`, and
+    /// Brings `amb_mesh_dsts` in line with `desired` while this agent is current (`None`, and
     /// nothing written, otherwise).
-    pub fn sync_mesh(&self, snap: &Snapshot) -> Option<SyncReport> {
+    pub fn sync_mesh(&self, desired: &HashMap<AmbAddrKey, u32>) -> Option<SyncReport> {
         self.handover
-            .with_current(|| lock(&self.mesh).sync(&destinations(snap)))
+            .with_current(|| lock(&self.mesh).sync(desired))
     }
 
     /// Like [`Datapath::sync_mesh`], after reading what the map holds now: for an agent
     /// taking the node back from one that wrote it meanwhile.
-    pub fn resync_mesh(&self, snap: &Snapshot) -> Option<SyncReport> {
+    pub fn resync_mesh(&self, desired: &HashMap<AmbAddrKey, u32>) -> Option<SyncReport> {
         self.handover.with_current(|| {
             let mut m = lock(&self.mesh);
             m.reload();
-            m.sync(&destinations(snap))
+            m.sync(desired)
         })
     }
 
@@ -268,64 +249,6 @@ impl Datapath {
         let mut v: Vec<_> = m.installed.iter().map(|(k, v)| (*k, *v)).collect();
         v.sort_by_key(|(k, _)| (k.family, k.addr.map(u32::from_be)));
         v
-    }
-}
-
-/// Syncs the kernel list with the current snapshot of `raw` and returns that snapshot.
-pub async fn sync_current(
-    dp: &Arc<Datapath>,
-    raw: &mut watch::Receiver<Arc<Snapshot>>,
-    last: Option<SyncReport>,
-) -> (Arc<Snapshot>, SyncReport) {
-    let snap = raw.borrow_and_update().clone();
-    let (d, s) = (dp.clone(), snap.clone());
-    let report = match tokio::task::spawn_blocking(move || d.sync_mesh(&s)).await {
-        Ok(Some(r)) => r,
-        Ok(None) => {
-            tracing::debug!("not the current agent: the mesh list is left to the current one");
-            return (snap, last.unwrap_or_default());
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "mesh destination sync task failed");
-            SyncReport {
-                failed: 1,
-                ..SyncReport::default()
-            }
-        }
-    };
-    let changed =
-        report.put + report.removed > 0 || last.is_none_or(|l| l.wildcard != report.wildcard);
-    if report.failed > 0 {
-        tracing::warn!(
-            listed = report.entries,
-            failed = report.failed,
-            capture_all = report.wildcard,
-            "mesh destination list incomplete"
-        );
-    } else if changed {
-        tracing::info!(
-            listed = report.entries,
-            added = report.put,
-            removed = report.removed,
-            capture_all = report.wildcard,
-            "mesh destinations synced"
-        );
-    }
-    (snap, report)
-}
-
-/// Forwards each snapshot of `raw` to `tx` once the kernel list reflects it, until `raw`'s
-/// sender goes away (then `tx` drops and its receivers see the end).
-pub async fn follow(
-    dp: Arc<Datapath>,
-    mut raw: watch::Receiver<Arc<Snapshot>>,
-    tx: watch::Sender<Arc<Snapshot>>,
-    mut last: SyncReport,
-) {
-    while raw.changed().await.is_ok() {
-        let (snap, report) = sync_current(&dp, &mut raw, Some(last)).await;
-        last = report;
-        tx.send_replace(snap);
     }
 }
 

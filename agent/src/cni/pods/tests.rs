@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{newest_by_pod, Error, PodMap};
+use super::{Error, PodMap};
 use crate::cni::handler::{handler, Confirm};
 use crate::cni::plugin::tests::TempDir;
 use crate::cni::{CniCommand, CniEvent, CniReply, NetnsId, PodRef};
+use crate::inventory::sandboxes::{newest_by_pod, pod_views};
 use crate::inventory::{Snapshot, Workload};
 
 fn event(command: CniCommand, container: &str, name: &str, netns: &Path) -> CniEvent {
@@ -181,7 +182,7 @@ fn handler_answers_from_inventory_and_confirmation() {
     let map = Arc::new(PodMap::load(&dir.0.join("m.json")).unwrap());
     let (tx, rx) = watch::channel(snapshot(vec![workload("outside", false, None)]));
     let wait = Duration::from_millis(300);
-    let h = handler(map.clone(), rx.clone(), None, wait);
+    let h = handler(map.clone(), pod_views(rx.clone()), None, wait);
     assert_eq!(
         h(event(CniCommand::Add, "c0", "outside", &ns)),
         CniReply::NotInMesh
@@ -208,7 +209,12 @@ fn handler_answers_from_inventory_and_confirmation() {
         assert_eq!(key, "shop/client");
         c.swap(true, Ordering::Relaxed).then_some(Ok(()))
     });
-    let h = handler(map.clone(), rx, Some(confirm), Duration::from_secs(5));
+    let h = handler(
+        map.clone(),
+        pod_views(rx),
+        Some(confirm),
+        Duration::from_secs(5),
+    );
     assert_eq!(
         h(event(CniCommand::Add, "c1", "client", &ns)),
         CniReply::Enrolled

@@ -13,8 +13,9 @@ use kube::ResourceExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::cni::pods::{merge_netns, CniPod};
+use crate::cni::pods::CniPod;
 use crate::inventory::objects::{self, ObjectMeta, PodIp};
+use crate::inventory::sandboxes::merge_netns;
 use crate::inventory::services::{
     self, EndpointSliceObject, Service, ServiceObject, SERVICE_NAME_LABEL,
 };
