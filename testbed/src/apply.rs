@@ -33,8 +33,8 @@ pub struct ApplyReport {
 pub fn documents(text: &str) -> Result<Vec<Applied>> {
     let mut out = Vec::new();
     for (i, doc) in split_documents(text).into_iter().enumerate() {
-        let value: serde_yaml::Value =
-            serde_yaml::from_str(&doc).with_context(|| format!("document {}: not YAML", i + 1))?;
+        let value: serde_json::Value = serde_saphyr::from_str(&doc)
+            .with_context(|| format!("document {}: not YAML", i + 1))?;
         if value.is_null() {
             continue;
         }

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use crate::inventory::objects::ObjectMeta;
 
 /// An Istio field ambit accepts but does not use.
-pub type Ignored = Option<serde_yaml::Value>;
+pub type Ignored = Option<serde_json::Value>;
 use crate::inventory::services::Service;
 
 /// `trafficPolicy.tls.mode`.
@@ -236,7 +236,7 @@ mod tests {
 
     fn rule(ns: &str, host: &str, extra: &str) -> DestinationRule {
         let text = format!("metadata:\n  name: r\n  namespace: {ns}\nspec:\n  host: {host}\n  trafficPolicy:\n    tls:\n      mode: ISTIO_MUTUAL\n{extra}");
-        serde_yaml::from_str(&text).unwrap()
+        crate::yaml::from_str(&text).unwrap()
     }
 
     #[test]
