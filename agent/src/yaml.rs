@@ -73,7 +73,17 @@ fn error(text: &str, e: &serde_saphyr::Error, field: String) -> YamlError {
     // The parser says what it wanted (`invalid u16`, `expected mapping start`); say what it got.
     if let Some(found) = offending(text, location) {
         if !message.contains(found) {
-            message = format!("{message}: found `{}`", found.escape_debug());
+            // Control characters escaped: the message ends up in a log line.
+            let shown: String = found
+                .chars()
+                .flat_map(|c| {
+                    let keep = !c.is_control();
+                    c.escape_default()
+                        .filter(move |_| !keep)
+                        .chain(keep.then_some(c))
+                })
+                .collect();
+            message = format!("{message}: found `{shown}`");
         }
     }
     YamlError {

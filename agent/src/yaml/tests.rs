@@ -72,6 +72,11 @@ fn errors_name_field_line_and_column_without_repeating_them() {
     let err = from_str::<Conf>("name: a\nnmae: b\n").unwrap_err();
     assert!(err.message.contains("nmae"), "{err}");
     assert_eq!(err.line, 2, "{err}");
+    let err = from_str::<Conf>("mark: \"1\t2\"\n").unwrap_err();
+    assert_eq!(
+        err.message, "invalid u32: found `\"1\\t2\"`",
+        "control characters escaped"
+    );
     let err = from_str::<Value>("kind: Pod\nmetadata: [\n").unwrap_err();
     assert!(err.line >= 2, "{err}");
 }
