@@ -371,16 +371,12 @@ impl Config {
 
     /// Parses configuration text, with the node name from the environment when given.
     pub fn parse_with_node(path: &Path, text: &str, node: Option<String>) -> Result<Self, Error> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let location = e.inner().location();
-            Error::Parse {
-                path: path.to_path_buf(),
-                field: e.path().to_string(),
-                message: e.inner().to_string(),
-                line: location.as_ref().map_or(0, |l| l.line()),
-                column: location.as_ref().map_or(0, |l| l.column()),
-            }
+        let cfg: Config = crate::yaml::from_str(text).map_err(|e| Error::Parse {
+            path: path.to_path_buf(),
+            field: e.field,
+            message: e.message,
+            line: e.line,
+            column: e.column,
         })?;
         let invalid = |field, message: &str| Error::Invalid {
             path: path.to_path_buf(),

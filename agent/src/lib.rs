@@ -17,3 +17,4 @@ pub mod redirect;
 pub mod signals;
 pub mod sys;
 pub mod tunnel;
+pub mod yaml;

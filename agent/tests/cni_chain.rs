@@ -151,11 +151,7 @@ fn bridge_then_ambit_cni_on_real_namespaces() {
         let mut builder = Builder::new("node1".into());
         let mut pods = Vec::new();
         let mut namespaces = Vec::new();
-        for doc in serde_yaml::Deserializer::from_str(OBJECTS) {
-            let v = serde_json::to_value(
-                <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap(),
-            )
-            .unwrap();
+        for v in ambit::yaml::from_multiple::<serde_json::Value>(OBJECTS).unwrap() {
             match v["kind"].as_str().unwrap() {
                 "Pod" => pods.push(Arc::new(serde_json::from_value::<Pod>(v).unwrap())),
                 _ => namespaces.push(Arc::new(serde_json::from_value::<Namespace>(v).unwrap())),

@@ -51,10 +51,9 @@ fn documents() -> Vec<(String, Value)> {
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
         let name = f.strip_prefix(deploy_dir()).unwrap().display().to_string();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = serde_yaml::Value::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{name}: not YAML: {e}"));
-            let v = serde_json::to_value(v).unwrap();
+        let docs = ambit::yaml::from_multiple::<Value>(&text)
+            .unwrap_or_else(|e| panic!("{name}: not YAML: {e}"));
+        for v in docs {
             if !v.is_null() {
                 out.push((name.clone(), v));
             }
@@ -154,9 +153,9 @@ fn manifests() -> Manifests {
     m
 }
 
-fn config_yaml(m: &Manifests, cm: &str, key: &str) -> serde_yaml::Value {
+fn config_yaml(m: &Manifests, cm: &str, key: &str) -> Value {
     let text = &m.config_maps[cm].data.as_ref().unwrap()[key];
-    serde_yaml::from_str(text).unwrap()
+    ambit::yaml::from_str(text).unwrap()
 }
 
 fn container<'a>(containers: &'a [Container], name: &str) -> &'a Container {

@@ -33,8 +33,8 @@ pub struct ApplyReport {
 pub fn documents(text: &str) -> Result<Vec<Applied>> {
     let mut out = Vec::new();
     for (i, doc) in split_documents(text).into_iter().enumerate() {
-        let value: serde_yaml::Value =
-            serde_yaml::from_str(&doc).with_context(|| format!("document {}: not YAML", i + 1))?;
+        let value: serde_json::Value = serde_saphyr::from_str_with_options(&doc, yaml_options())
+            .with_context(|| format!("document {}: not YAML", i + 1))?;
         if value.is_null() {
             continue;
         }
@@ -252,6 +252,16 @@ pub fn check_inventory(bin: &Path, inventory: &Path, text: &str) -> Result<Resul
     }
 }
 
+/// How the agent reads YAML (`agent/src/yaml.rs`; this crate does not link the agent), so that
+/// `name: yes` or `name: 017` is the same string here as there.
+fn yaml_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        strict_booleans: true,
+        leading_zero_numbers_as_strings: true,
+        underscored_numbers_as_strings: true,
+    }
+}
+
 /// Splits on `---` separator lines (a document may start with one).
 fn split_documents(text: &str) -> Vec<String> {
     let mut docs = vec![String::new()];
@@ -289,6 +299,14 @@ mod tests {
             ]
         );
         assert!(docs[0].yaml.contains("mode: STRICT"));
+    }
+
+    #[test]
+    fn reads_names_as_the_agent_does() {
+        // YAML 1.1 words and leading-zero digits are strings to the agent: the same here.
+        let docs = documents("kind: Pod\nmetadata: {name: yes, namespace: 017}\n").unwrap();
+        assert_eq!(describe(&docs[0]), "Pod 017/yes");
+        assert!(documents("kind: Pod\nmetadata: {name: a, name: b}\n").is_err());
     }
 
     #[test]

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
-use serde::Deserialize as _;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
@@ -23,10 +22,11 @@ const JWKS_PATH: &str = "/openid/v1/jwks";
 
 /// The fixture's pods (web on node1, db on node2) as API objects, with uids.
 fn pods() -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(INVENTORY)
+    crate::yaml::from_multiple::<Value>(INVENTORY)
+        .unwrap()
+        .into_iter()
         .enumerate()
-        .map(|(i, d)| {
-            let mut v = serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap();
+        .map(|(i, mut v)| {
             v["metadata"]["uid"] = json!(format!("uid-{i}"));
             v
         })

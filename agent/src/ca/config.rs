@@ -120,16 +120,12 @@ impl CaConfig {
 
     /// Parses configuration text; `path` is used in error messages only.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let location = e.inner().location();
-            ConfigError::Parse {
-                path: path.to_path_buf(),
-                field: e.path().to_string(),
-                message: e.inner().to_string(),
-                line: location.as_ref().map_or(0, |l| l.line()),
-                column: location.as_ref().map_or(0, |l| l.column()),
-            }
+        let raw: RawConfig = crate::yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            field: e.field,
+            message: e.message,
+            line: e.line,
+            column: e.column,
         })?;
         let invalid = |field, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),

@@ -8,7 +8,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde_json::Value as Json;
-use serde_yaml::Value as Yaml;
 
 use super::fields::{fields, Field, Kind};
 use super::{Config, KubeSource};
@@ -207,10 +206,9 @@ fn differences_name_missing_stale_and_enum_rows() {
 }
 
 /// Every key path of a YAML mapping (lists and scalars end a path).
-fn yaml_paths(v: &Yaml, prefix: &str, out: &mut BTreeSet<String>) {
-    if let Yaml::Mapping(m) = v {
+fn yaml_paths(v: &Json, prefix: &str, out: &mut BTreeSet<String>) {
+    if let Json::Object(m) = v {
         for (k, v) in m {
-            let k = k.as_str().expect("string keys");
             let path = if prefix.is_empty() {
                 k.to_string()
             } else {
@@ -230,7 +228,7 @@ fn check_examples(name: &str, parse: impl Fn(&str) -> Result<(), String>) {
     for which in ["minimal", "full"] {
         let text = example(&doc, &format!("{name}-{which}"));
         parse(&text).unwrap_or_else(|e| panic!("{name}-{which} example: {e}"));
-        let v: Yaml = serde_yaml::from_str(&text).expect("example is YAML");
+        let v: Json = crate::yaml::from_str(&text).expect("example is YAML");
         yaml_paths(&v, "", &mut shown);
     }
     let documented: BTreeSet<String> = rows.iter().map(|r| r.path.clone()).collect();
@@ -277,14 +275,14 @@ fn at<'a>(v: &'a Json, path: &str) -> Option<&'a Json> {
 fn check_defaults(name: &str, wanted: &BTreeMap<String, Field>, parse: impl Fn(&str) -> Json) {
     let doc = doc();
     let rows = table(&doc, name);
-    let mut base: Yaml =
-        serde_yaml::from_str(&example(&doc, &format!("{name}-minimal"))).expect("minimal YAML");
+    let mut base: Json =
+        crate::yaml::from_str(&example(&doc, &format!("{name}-minimal"))).expect("minimal YAML");
     let sections: Vec<&Field> = wanted
         .values()
         .filter(|f| f.kind == Kind::Struct && f.optional)
         .collect();
     for s in &sections {
-        let mut section = serde_yaml::Mapping::new();
+        let mut section = serde_json::Map::new();
         for r in rows.iter().filter(|r| {
             r.path
                 .strip_prefix(&format!("{}.", s.path))
@@ -296,10 +294,10 @@ fn check_defaults(name: &str, wanted: &BTreeMap<String, Field>, parse: impl Fn(&
             let key = r.path.rsplit('.').next().expect("a key");
             section.insert(
                 key.into(),
-                serde_yaml::from_str(value).expect("example is YAML"),
+                crate::yaml::from_str(value).expect("example is YAML"),
             );
         }
-        let Yaml::Mapping(m) = &mut base else {
+        let Json::Object(m) = &mut base else {
             panic!("{name}-minimal is not a mapping")
         };
         assert!(
@@ -307,10 +305,9 @@ fn check_defaults(name: &str, wanted: &BTreeMap<String, Field>, parse: impl Fn(&
             "nested optional section `{}`",
             s.path
         );
-        m.entry(s.path.as_str().into())
-            .or_insert(Yaml::Mapping(section));
+        m.entry(s.path.as_str()).or_insert(Json::Object(section));
     }
-    let text = serde_yaml::to_string(&base).expect("YAML");
+    let text = crate::yaml::to_string(&base).expect("YAML");
     let actual = parse(&text);
     // Fields under an untagged enum's mapping form have no default to compare here.
     let opaque: Vec<&str> = wanted
@@ -336,7 +333,7 @@ fn check_defaults(name: &str, wanted: &BTreeMap<String, Field>, parse: impl Fn(&
                     r.path
                 )
             });
-            serde_yaml::from_str(value).expect("default is YAML")
+            crate::yaml::from_str(value).expect("default is YAML")
         };
         let got = at(&actual, &r.path).unwrap_or(&Json::Null);
         assert_eq!(got, &want, "{name}: default of `{}`", r.path);
@@ -357,7 +354,7 @@ fn agent_defaults_are_documented_truly() {
 #[test]
 fn ca_defaults_are_documented_truly() {
     check_defaults("ca", &ca_wanted(), |t| {
-        let raw: RawConfig = serde_yaml::from_str(t).unwrap_or_else(|e| panic!("{e}\n{t}"));
+        let raw: RawConfig = crate::yaml::from_str(t).unwrap_or_else(|e| panic!("{e}\n{t}"));
         serde_json::to_value(raw).expect("config serializes")
     });
 }

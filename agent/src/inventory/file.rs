@@ -116,10 +116,8 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Error> {
                 line: first_line + line.saturating_sub(1),
             }))
         };
-        let value: serde_yaml::Value = serde_yaml::from_str(&chunk).map_err(|e| {
-            let line = e.location().map_or(1, |l| l.line());
-            err("?", "?", String::new(), e.to_string(), line)
-        })?;
+        let value: serde_json::Value = crate::yaml::from_str(&chunk)
+            .map_err(|e| err("?", "?", e.field, e.message, e.line.max(1)))?;
         if value.is_null() {
             continue;
         }
@@ -334,11 +332,7 @@ fn line_of(chunk: &str, needle: &str) -> usize {
 }
 
 fn typed<T: DeserializeOwned>(chunk: &str) -> Result<T, (String, String, usize)> {
-    let de = serde_yaml::Deserializer::from_str(chunk);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let line = e.inner().location().map_or(1, |l| l.line());
-        (e.path().to_string(), e.inner().to_string(), line)
-    })
+    crate::yaml::from_str(chunk).map_err(|e| (e.field, e.message, e.line.max(1)))
 }
 
 /// A Node's pod ranges (`spec.podCIDRs`, else `spec.podCIDR`).

@@ -45,7 +45,7 @@ pub struct ServicePortSpec {
     pub port: u16,
     /// Target port: a number or a container port name.
     #[serde(default)]
-    pub target_port: Option<serde_yaml::Value>,
+    pub target_port: Option<serde_json::Value>,
     /// Protocol (TCP unless set).
     #[serde(default)]
     pub protocol: Option<String>,
@@ -182,7 +182,7 @@ pub fn service(
         }
         let target_port = match &p.target_port {
             None => Some(p.port),
-            Some(serde_yaml::Value::Number(n)) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+            Some(serde_json::Value::Number(n)) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
             Some(_) => None, // a named port: resolved per endpoint from the slices
         };
         ports.insert(

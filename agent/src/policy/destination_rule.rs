@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use crate::meta::ObjectMeta;
 
 /// An Istio field ambit accepts but does not use.
-pub type Ignored = Option<serde_yaml::Value>;
+pub type Ignored = Option<serde_json::Value>;
 
 /// `trafficPolicy.tls.mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -238,7 +238,7 @@ mod tests {
 
     fn rule(ns: &str, host: &str, extra: &str) -> DestinationRule {
         let text = format!("metadata:\n  name: r\n  namespace: {ns}\nspec:\n  host: {host}\n  trafficPolicy:\n    tls:\n      mode: ISTIO_MUTUAL\n{extra}");
-        serde_yaml::from_str(&text).unwrap()
+        crate::yaml::from_str(&text).unwrap()
     }
 
     #[test]

@@ -1,7 +1,7 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -106,6 +106,62 @@ fn broken_yaml_is_an_error_not_a_panic() {
     ] {
         assert!(parse(Path::new("x"), text).is_err(), "{text:?}");
     }
+}
+
+#[test]
+fn yaml_errors_name_document_object_field_value_and_file_line_once() {
+    let head = "kind: Namespace\nmetadata:\n  name: shop\n---\n";
+    let pa = "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata:\n  name: default\n  namespace: shop\nspec:\n  mtls:\n    mode: SRTICT\n";
+    let err = parse(Path::new("inv.yaml"), &format!("{head}{pa}"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "inventory inv.yaml: document 2 (PeerAuthentication default): field `spec.mtls.mode`: \
+         unknown variant `SRTICT`, expected one of UNSET, PERMISSIVE, STRICT, DISABLE (line 12)"
+    );
+    let pod = "kind: Pod\nmetadata:\n  name: b\nspec:\n  hostNetwork: yes\n";
+    let err = parse(Path::new("inv.yaml"), &format!("{head}{pod}"))
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "inventory inv.yaml: document 2 (Pod b): field `spec.hostNetwork`: \
+         invalid boolean (true or false expected): found `yes` (line 9)"
+    );
+}
+
+#[test]
+fn duplicate_keys_are_refused_not_resolved() {
+    // Which `ambit.io/mode` would win is not for the parser to guess: the file is refused.
+    let text = "kind: Pod\nmetadata:\n  name: a\n  labels:\n    ambit.io/mode: enabled\n    ambit.io/mode: disabled\n";
+    let err = parse(Path::new("inv.yaml"), text).unwrap_err().to_string();
+    assert!(
+        err.contains("duplicate mapping key `ambit.io/mode`"),
+        "{err}"
+    );
+    assert!(err.ends_with("(line 6)"), "{err}");
+    let one = text.replace("    ambit.io/mode: disabled\n", "");
+    assert!(parse(Path::new("inv.yaml"), &one).unwrap().workloads["default/a"].enrolled);
+}
+
+#[test]
+fn hostile_nesting_is_refused_in_bounded_time() {
+    // 256 KB of unclosed flow mappings: a libyaml-based parser (serde_yaml) scans it in time
+    // quadratic in its length (12 s for half of it in a debug build, 23 s for all of it in a
+    // release build); the limits here stop it at depth, in milliseconds.
+    let text = format!(
+        "kind: Pod\nmetadata:\n  name: a\n  labels: {}",
+        "{a: ".repeat(64_000)
+    );
+    let start = Instant::now();
+    let err = parse(Path::new("inv.yaml"), &text).unwrap_err().to_string();
+    let took = start.elapsed();
+    assert!(
+        err.contains("document 1") && err.contains("(line 4)"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
 }
 
 #[test]

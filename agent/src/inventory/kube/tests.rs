@@ -25,13 +25,12 @@ const CLUSTER: &str = include_str!("fixtures/cluster.yaml");
 
 /// Every document of a multi-document YAML text, as JSON values.
 fn documents(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
-        .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
-        .filter(|v: &Value| !v.is_null())
+    crate::yaml::from_multiple::<Value>(text)
+        .unwrap()
+        .into_iter()
+        .filter(|v| !v.is_null())
         .collect()
 }
-
-use serde::Deserialize;
 
 #[derive(Default)]
 struct Loaded {

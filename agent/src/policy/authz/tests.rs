@@ -5,7 +5,7 @@ fn policy(ns: &str, name: &str, spec: &str) -> AuthorizationPolicy {
         "metadata:\n  name: {name}\n  namespace: {ns}\nspec:\n{}",
         spec.lines().map(|l| format!("  {l}\n")).collect::<String>()
     );
-    let p: AuthorizationPolicy = serde_yaml::from_str(&text).unwrap();
+    let p: AuthorizationPolicy = crate::yaml::from_str(&text).unwrap();
     validate(&p).unwrap();
     p
 }
@@ -168,14 +168,14 @@ fn wildcards_in_principals() {
 #[test]
 fn bad_port_is_rejected_at_load() {
     let text = "metadata:\n  name: x\n  namespace: y\nspec:\n  rules:\n  - to:\n    - operation:\n        ports: [\"http\"]\n";
-    let p: AuthorizationPolicy = serde_yaml::from_str(text).unwrap();
+    let p: AuthorizationPolicy = crate::yaml::from_str(text).unwrap();
     assert!(validate(&p).is_err());
 }
 
 #[test]
 fn typo_fields_are_rejected_and_service_accounts_match() {
     let typo = "metadata:\n  name: x\n  namespace: shop\nspec:\n  rules:\n  - from:\n    - source:\n        principal: [\"a\"]\n";
-    let err = serde_yaml::from_str::<AuthorizationPolicy>(typo)
+    let err = crate::yaml::from_str::<AuthorizationPolicy>(typo)
         .unwrap_err()
         .to_string();
     assert!(err.contains("principal"), "{err}");

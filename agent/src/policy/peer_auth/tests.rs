@@ -6,7 +6,7 @@ fn pa(ns: &str, name: &str, ts: &str, yaml_spec: &str) -> PeerAuthentication {
         "metadata:\n  name: {name}\n  namespace: {ns}\n  creationTimestamp: \"{ts}\"\nspec:\n{}",
         yaml_spec.lines().map(|l| format!("  {l}\n")).collect::<String>()
     );
-    serde_yaml::from_str(&text).unwrap()
+    crate::yaml::from_str(&text).unwrap()
 }
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -128,5 +128,5 @@ fn port_level_without_selector_is_invalid() {
 #[test]
 fn unknown_mode_is_a_parse_error() {
     let text = "metadata:\n  name: x\n  namespace: y\nspec:\n  mtls:\n    mode: STRICTER\n";
-    assert!(serde_yaml::from_str::<PeerAuthentication>(text).is_err());
+    assert!(crate::yaml::from_str::<PeerAuthentication>(text).is_err());
 }
