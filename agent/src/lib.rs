@@ -11,6 +11,7 @@ pub mod error;
 pub mod identity;
 pub mod inventory;
 pub mod meta;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;

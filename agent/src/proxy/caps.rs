@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 use super::{reset, ActiveGuard, PodContext};
-use crate::admin::metrics::LimitLabels;
+use crate::metrics::LimitLabels;
 
 /// At most one log line per pod and listener in this period; refusals in between are
 /// counted and reported with the next line.

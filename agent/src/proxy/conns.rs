@@ -10,7 +10,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 
 use super::copy::Transferred;
-use crate::admin::metrics::{ProxyMetrics, TcpLabels};
+use crate::metrics::{ProxyMetrics, TcpLabels};
 use crate::policy::authz::ConnAttrs;
 
 /// What is known about one open connection.

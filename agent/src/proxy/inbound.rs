@@ -15,9 +15,9 @@ use super::conns::{self, ConnInfo};
 use super::copy::{copy_tcp_h2, until_closed, TcpSide};
 use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
 use crate::addr::ClientAddr;
-use crate::admin::metrics::ReasonLabel;
 use crate::config::Limits;
 use crate::error::error_chain;
+use crate::metrics::ReasonLabel;
 use crate::policy::authz::ConnAttrs;
 use crate::tunnel::server::{accept_tls, serve_h2, PendingConnect, ServerLimits};
 

@@ -22,10 +22,10 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::addr::ClientAddr;
-use crate::admin::metrics::TcpLabels;
 use crate::config::Ports;
 use crate::identity::SpiffeId;
 use crate::inventory::Workload;
+use crate::metrics::TcpLabels;
 use crate::policy::authz::{ConnAttrs, Decision};
 use crate::redirect::maps::AmbBypassKey;
 use crate::redirect::Datapath;

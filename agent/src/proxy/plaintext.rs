@@ -10,7 +10,7 @@ use super::conns::{self, ConnInfo};
 use super::copy::copy_until_closed;
 use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
 use crate::addr::{ClientAddr, OrigDstAddr};
-use crate::admin::metrics::ReasonLabel;
+use crate::metrics::ReasonLabel;
 use crate::policy::authz::ConnAttrs;
 use crate::policy::peer_auth::{self, Effective};
 

@@ -12,7 +12,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 use super::Error;
-use crate::admin::metrics::ReasonLabel;
+use crate::metrics::ReasonLabel;
 
 /// The counter family, registered by the admin metrics registry.
 pub static REJECTIONS: LazyLock<Family<ReasonLabel, Counter>> = LazyLock::new(Family::default);

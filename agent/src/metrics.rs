@@ -1,0 +1,76 @@
+//! The data path's Prometheus counters and their labels: Istio's TCP metrics with Istio's
+//! labels, policy denials and connection-cap refusals. The admin module registers and serves
+//! them; the proxy and the tunnel only count.
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+/// Istio's standard labels of the TCP metrics. Every value comes from a bounded set (workloads,
+/// namespaces and identities in the inventory; fixed flags), so cardinality stays bounded.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `source` (outbound side) or `destination` (inbound side).
+    pub reporter: &'static str,
+    /// Source workload name (`app` label, else pod name), or `unknown`.
+    pub source_workload: String,
+    /// Source namespace, or `unknown`.
+    pub source_workload_namespace: String,
+    /// Source SPIFFE ID, or `unknown` (plaintext).
+    pub source_principal: String,
+    /// Destination workload name, or `unknown`.
+    pub destination_workload: String,
+    /// Destination namespace, or `unknown`.
+    pub destination_workload_namespace: String,
+    /// Destination SPIFFE ID, or `unknown`.
+    pub destination_principal: String,
+    /// Destination Service (`name.namespace.svc.cluster.local`), or `unknown`.
+    pub destination_service: String,
+    /// `mutual_tls` or `none`.
+    pub connection_security_policy: &'static str,
+    /// `-`, or `DENY` (policy), `UF` (upstream failure), `NR` (no route).
+    pub response_flags: &'static str,
+}
+
+/// Policy denial reasons (`ambit_policy_denials_total`) and tunnel rejection reasons
+/// (`ambit_tunnel_rejections_total`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `strict_plaintext`, `authorization`, `destination_rule`, ...
+    pub reason: &'static str,
+}
+
+/// Connections refused by a connection cap, per pod and listener.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `namespace/name` of the pod (bounded by the enrolled pods).
+    pub pod: String,
+    /// `outbound` (15001) or `inbound_plaintext` (15006).
+    pub listener: &'static str,
+    /// `pod_connection_limit`.
+    pub reason: &'static str,
+}
+
+/// Counters the data plane updates.
+#[derive(Debug, Default)]
+pub struct ProxyMetrics {
+    /// `istio_tcp_connections_opened_total`.
+    pub opened: Family<TcpLabels, Counter>,
+    /// `istio_tcp_connections_closed_total`.
+    pub closed: Family<TcpLabels, Counter>,
+    /// `istio_tcp_sent_bytes_total` (source to destination).
+    pub sent_bytes: Family<TcpLabels, Counter>,
+    /// `istio_tcp_received_bytes_total` (destination to source).
+    pub received_bytes: Family<TcpLabels, Counter>,
+    /// `ambit_policy_denials_total`.
+    pub denials: Family<ReasonLabel, Counter>,
+    /// `ambit_connection_limit_refusals_total`.
+    pub limit_refusals: Family<LimitLabels, Counter>,
+}
+
+impl ProxyMetrics {
+    /// Counts a connection refused before it was carried (opened and closed at once).
+    pub fn refused(&self, labels: &TcpLabels) {
+        self.opened.get_or_create(labels).inc();
+        self.closed.get_or_create(labels).inc();
+    }
+}
