@@ -3,6 +3,7 @@
 //! agent for a node (zero-downtime restart), signals by PID, and a steady-load client.
 mod http;
 mod metrics;
+mod stall;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -18,6 +19,7 @@ use crate::{agent, cmd, config, process, servers};
 
 pub use http::{parse_response, unix_exchange, HttpReply};
 pub use metrics::{Metrics, Sample};
+pub use stall::Pusher;
 
 /// How long one admin request may take before the test calls it a hang.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);

@@ -12,6 +12,7 @@ mod cni_traffic;
 mod concurrency;
 mod destination_rule;
 mod failclosed;
+mod flow_control;
 mod hardening_failclosed;
 mod hbone;
 mod identity;
