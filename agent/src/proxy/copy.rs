@@ -2,10 +2,11 @@
 use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
@@ -141,8 +142,29 @@ pub enum TcpSide {
 
 /// [`copy_both`] between a TCP socket and an HBONE stream without the copy into h2: what the
 /// TCP side read goes to h2 as owned `Bytes` (its buffer is freed once h2 wrote it), and what
-/// h2 received is written to the socket from h2's own buffers.
+/// h2 received is written to the socket from h2's own buffers, its window given back once
+/// written (a socket that is not read stops the peer after one stream window).
+///
+/// A copy that breaks (the socket or the stream reset, the tunnel failed) resets both: the
+/// stream (RST_STREAM, so the peer agent drops what it holds and resets its side) and the
+/// socket (RST, so the app does not take a FIN for a complete answer). Both are watched while
+/// the copy waits on the other one, so a reset ends a stalled copy too.
 pub async fn copy_tcp_h2(
+    tcp: &mut TcpStream,
+    h2: &mut H2Stream,
+    tcp_side: TcpSide,
+    counts: &ByteCounts,
+) -> io::Result<Transferred> {
+    let result = pipe_tcp_h2(tcp, h2, tcp_side, counts).await;
+    if result.is_err() {
+        h2.reset();
+        // Best effort: without it the socket closes with a FIN.
+        let _ = tcp.set_zero_linger();
+    }
+    result
+}
+
+async fn pipe_tcp_h2(
     tcp: &mut TcpStream,
     h2: &mut H2Stream,
     tcp_side: TcpSide,
@@ -153,27 +175,51 @@ pub async fn copy_tcp_h2(
         TcpSide::Destination => (&counts.received, &counts.sent),
     };
     let (mut tcp_r, mut tcp_w) = tcp.split();
-    let (mut h2_send, mut h2_recv) = h2.halves();
+    let (h2_send, mut h2_recv) = h2.halves();
+    // Shared by the two directions: one sends on it, both watch it for a reset. Locked only
+    // inside a poll, never across an await (so never contended: both run on this task).
+    let h2_send = Mutex::new(h2_send);
+    let send_half = || h2_send.lock().unwrap_or_else(PoisonError::into_inner);
+    let reset = || std::future::poll_fn(|cx| send_half().poll_reset(cx));
     let to_h2 = async {
         let mut reader = Reader::new();
         let mut total = 0u64;
         loop {
-            let buf = reader.next(&mut tcp_r).await?;
+            let buf = tokio::select! {
+                biased;
+                buf = reader.next(&mut tcp_r) => buf?,
+                e = reset() => return Err(e),
+            };
             if buf.is_empty() {
-                h2_send.finish()?;
+                send_half().finish()?;
                 return Ok::<_, io::Error>(total);
             }
             total += buf.len() as u64;
             from_tcp.fetch_add(buf.len() as u64, Ordering::Relaxed);
-            h2_send.send(buf.freeze()).await?;
+            let mut chunk = buf.freeze();
+            tokio::select! {
+                biased;
+                r = std::future::poll_fn(|cx| send_half().poll_send(cx, &mut chunk)) => r?,
+                e = socket_error(tcp_r.as_ref()) => return Err(e),
+            }
         }
     };
     let to_tcp = async {
         let mut total = 0u64;
-        while let Some(chunk) = h2_recv.recv().await? {
+        loop {
+            let chunk = tokio::select! {
+                biased;
+                c = h2_recv.recv() => c?,
+                e = socket_error(tcp_w.as_ref()) => return Err(e),
+            };
+            let Some(chunk) = chunk else { break };
             total += chunk.len() as u64;
             from_h2.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            tcp_w.write_all(&chunk).await?;
+            tokio::select! {
+                biased;
+                r = tcp_w.write_all(&chunk) => r?,
+                e = reset() => return Err(e),
+            }
         }
         tcp_w.shutdown().await?;
         Ok(total)
@@ -189,6 +235,19 @@ pub async fn copy_tcp_h2(
             received: t,
         },
     })
+}
+
+/// The error of `tcp` once it has one (the peer reset it, a keepalive or user timeout), while
+/// the copy is not reading or writing it; pending while it is healthy.
+async fn socket_error(tcp: &TcpStream) -> io::Error {
+    match tcp.ready(Interest::ERROR).await {
+        Ok(_) => match tcp.take_error() {
+            Ok(Some(e)) => e,
+            Ok(None) => io::Error::new(io::ErrorKind::ConnectionReset, "socket error"),
+            Err(e) => e,
+        },
+        Err(e) => e,
+    }
 }
 
 /// Runs a copy until it ends or `closer` is notified (then with an error).
@@ -213,200 +272,4 @@ pub async fn copy_until_closed(
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use bytes::Bytes;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpSocket};
-
-    use super::*;
-
-    /// A connected loopback pair (client, server); the server side gets `rcvbuf` when set.
-    async fn pair(rcvbuf: Option<u32>) -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let s = TcpSocket::new_v4().unwrap();
-        if let Some(n) = rcvbuf {
-            s.set_recv_buffer_size(n).unwrap();
-        }
-        let (c, a) = tokio::join!(s.connect(l.local_addr().unwrap()), l.accept());
-        (c.unwrap(), a.unwrap().0)
-    }
-
-    #[tokio::test]
-    async fn copies_both_ways_with_half_close_and_counts() {
-        let (mut client, mut a) = pair(None).await;
-        let (mut b, mut server) = pair(None).await;
-        let counts = ByteCounts::default();
-        let proxy = async { copy_both(&mut a, &mut b, &counts).await.unwrap() };
-        let peer = async {
-            client.write_all(&[7u8; 300_000]).await.unwrap();
-            client.shutdown().await.unwrap(); // half-close: the server still answers
-            let mut got = Vec::new();
-            client.read_to_end(&mut got).await.unwrap();
-            got.len()
-        };
-        let srv = async {
-            let mut got = Vec::new();
-            server.read_to_end(&mut got).await.unwrap();
-            server.write_all(&got[..1000]).await.unwrap();
-            server.shutdown().await.unwrap();
-            got.len()
-        };
-        let (t, echoed, got) = tokio::join!(proxy, peer, srv);
-        assert_eq!(
-            (t.sent, t.received, got, echoed),
-            (300_000, 1000, 300_000, 1000)
-        );
-        assert_eq!(counts.sent.load(Ordering::Relaxed), 300_000);
-        assert_eq!(counts.received.load(Ordering::Relaxed), 1000);
-    }
-
-    #[tokio::test]
-    async fn echo_both_ways_at_once_does_not_stall() {
-        // The client writes while the echo comes back: both directions move at the same time.
-        let (client, mut a) = pair(None).await;
-        let (mut b, server) = pair(None).await;
-        let counts = ByteCounts::default();
-        let total = 20_000_000usize;
-        let proxy = async { copy_both(&mut a, &mut b, &counts).await.unwrap() };
-        let echo = async {
-            let (mut r, mut w) = tokio::io::split(server);
-            tokio::io::copy(&mut r, &mut w).await.unwrap();
-            w.shutdown().await.unwrap();
-        };
-        let (mut cr, mut cw) = tokio::io::split(client);
-        let send = async {
-            let chunk = vec![5u8; 100_000];
-            for _ in 0..total / chunk.len() {
-                cw.write_all(&chunk).await.unwrap();
-            }
-            cw.shutdown().await.unwrap();
-        };
-        let recv = async {
-            let mut got = 0usize;
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let n = cr.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    return got;
-                }
-                got += n;
-            }
-        };
-        let all = async { tokio::join!(proxy, echo, send, recv) };
-        let (t, (), (), got) = tokio::time::timeout(Duration::from_secs(60), all)
-            .await
-            .expect("echo stalled");
-        assert_eq!(
-            (t.sent, t.received, got),
-            (total as u64, total as u64, total)
-        );
-    }
-
-    #[tokio::test]
-    async fn reader_starts_small_grows_while_reads_fill_and_idles_without_a_buffer() {
-        // Everything is queued on the reading socket before the first read (loopback delivers
-        // within the writer's send; the receive buffer holds it all).
-        let (mut w, mut r) = pair(Some(4 << 20)).await;
-        let (mut rh, _) = r.split();
-        {
-            let total = MIN_READ + 4 * MIN_READ + MAX_READ + MAX_READ + 10;
-            w.write_all(&vec![1u8; total]).await.unwrap();
-            let mut reader = Reader::new();
-            let mut seen = Vec::new();
-            let mut got = 0;
-            while got < total {
-                let buf = reader.next(&mut rh).await.unwrap();
-                got += buf.len();
-                seen.push((buf.len(), buf.capacity()));
-                reader.recycle(buf);
-            }
-            assert_eq!(
-                seen,
-                [
-                    (MIN_READ, MIN_READ),
-                    (4 * MIN_READ, 4 * MIN_READ),
-                    (MAX_READ, MAX_READ),
-                    (MAX_READ, MAX_READ),
-                    (10, MAX_READ)
-                ],
-                "(bytes, buffer) of each read"
-            );
-            assert_eq!(reader.held(), 0, "a short read frees its buffer");
-
-            // A buffer kept after a read that filled it is freed once the socket is drained.
-            w.write_all(&vec![2u8; MAX_READ]).await.unwrap();
-            let buf = reader.next(&mut rh).await.unwrap();
-            assert_eq!(buf.len(), MAX_READ);
-            reader.recycle(buf);
-            assert_eq!(reader.held(), MAX_READ, "kept while reads fill it");
-            let idle = tokio::time::timeout(Duration::from_millis(100), reader.next(&mut rh)).await;
-            assert!(idle.is_err(), "no bytes: the read waits");
-            assert_eq!(reader.held(), 0, "an idle connection holds no buffer");
-            w.write_all(b"x").await.unwrap();
-            assert_eq!(&reader.next(&mut rh).await.unwrap()[..], b"x");
-            drop(w);
-            assert!(reader.next(&mut rh).await.unwrap().is_empty(), "EOF");
-        }
-    }
-
-    /// Both ends of one HTTP/2 CONNECT stream over an in-memory pipe: (client, server).
-    async fn h2_pair() -> (H2Stream, H2Stream) {
-        let (c_io, s_io) = tokio::io::duplex(1 << 20);
-        let (client, server) =
-            tokio::join!(h2::client::handshake(c_io), h2::server::handshake(s_io));
-        let ((client, c_conn), mut server) = (client.unwrap(), server.unwrap());
-        tokio::spawn(c_conn);
-        let mut client = client.ready().await.unwrap();
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri("10.0.0.1:80")
-            .body(())
-            .unwrap();
-        let (resp, c_send) = client.send_request(req, false).unwrap();
-        let (req, mut respond) = server.accept().await.unwrap().unwrap();
-        let s_send = respond
-            .send_response(http::Response::new(()), false)
-            .unwrap();
-        tokio::spawn(async move { while server.accept().await.is_some() {} });
-        let c_recv = resp.await.unwrap().into_body();
-        (
-            H2Stream::new(c_send, c_recv),
-            H2Stream::new(s_send, req.into_body()),
-        )
-    }
-
-    #[tokio::test]
-    async fn tcp_h2_copies_both_ways_with_half_close_and_counts() {
-        let (mut app, mut down) = pair(None).await;
-        let (mut up, mut remote) = h2_pair().await;
-        let counts = ByteCounts::default();
-        let data: Bytes = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let proxy = async {
-            copy_tcp_h2(&mut down, &mut up, TcpSide::Source, &counts)
-                .await
-                .unwrap()
-        };
-        let client = async {
-            app.write_all(&data).await.unwrap();
-            app.shutdown().await.unwrap(); // half-close: the remote still answers
-            let mut got = Vec::new();
-            app.read_to_end(&mut got).await.unwrap();
-            got
-        };
-        let srv = async {
-            let mut got = Vec::new();
-            remote.read_to_end(&mut got).await.unwrap();
-            remote.write_all(&got[..1000]).await.unwrap();
-            remote.shutdown().await.unwrap();
-            got
-        };
-        let (t, echoed, got) = tokio::join!(proxy, client, srv);
-        assert!(got == data, "the remote got every byte in order");
-        assert_eq!(echoed, data[..1000]);
-        assert_eq!((t.sent, t.received), (300_000, 1000));
-        assert_eq!(counts.sent.load(Ordering::Relaxed), 300_000);
-        assert_eq!(counts.received.load(Ordering::Relaxed), 1000);
-    }
-}
+mod tests;
