@@ -1,7 +1,7 @@
 //! Bidirectional copy with half-close and live byte counts, holding no buffer while a connection idles.
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
@@ -96,6 +96,8 @@ impl Reader {
 
 /// Copies both ways until both directions are closed; a FIN in one direction is passed on as
 /// a shutdown of the other side's write half (half-close). `counts` is updated as bytes move.
+/// A copy that breaks (either socket reset, or timed out) resets both sockets, also while it
+/// waits on the other one (see [`copy_tcp_h2`]).
 pub async fn copy_both(
     a: &mut TcpStream,
     b: &mut TcpStream,
@@ -103,18 +105,31 @@ pub async fn copy_both(
 ) -> io::Result<Transferred> {
     let (mut a_r, mut a_w) = a.split();
     let (mut b_r, mut b_w) = b.split();
-    let (sent, received) = tokio::try_join!(
-        one_way(&mut a_r, &mut b_w, &counts.sent),
-        one_way(&mut b_r, &mut a_w, &counts.received)
-    )?;
-    Ok(Transferred { sent, received })
+    let (a_done, b_done) = (AtomicBool::new(false), AtomicBool::new(false));
+    let result = tokio::try_join!(
+        one_way(&mut a_r, &mut b_w, &counts.sent, (&a_done, &b_done)),
+        one_way(&mut b_r, &mut a_w, &counts.received, (&b_done, &a_done))
+    );
+    match result {
+        Ok((sent, received)) => Ok(Transferred { sent, received }),
+        Err(e) => {
+            // Best effort: without it a socket closes with a FIN.
+            let _ = a.set_zero_linger();
+            let _ = b.set_zero_linger();
+            Err(e)
+        }
+    }
 }
 
-/// Copies `r` to `w` until EOF, then shuts `w` down; returns the bytes copied.
+/// Copies `r` to `w` until EOF, then shuts `w` down; returns the bytes copied. It watches `r`
+/// for an error while it waits to write, and once it is done until the other direction is
+/// (`done`: this direction's flag, the other's): with the other direction doing the same, a
+/// reset of either socket ends the copy whatever the two directions wait for.
 async fn one_way(
     r: &mut ReadHalf<'_>,
     w: &mut WriteHalf<'_>,
     count: &AtomicU64,
+    done: (&AtomicBool, &AtomicBool),
 ) -> io::Result<u64> {
     let mut reader = Reader::new();
     let mut total = 0u64;
@@ -122,11 +137,17 @@ async fn one_way(
         let buf = reader.next(r).await?;
         if buf.is_empty() {
             w.shutdown().await?;
+            mark_done(done.0).await;
+            watch_until(done.1, r.as_ref()).await?;
             return Ok(total);
         }
         total += buf.len() as u64;
         count.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        w.write_all(&buf).await?;
+        tokio::select! {
+            biased;
+            written = w.write_all(&buf) => written?,
+            e = r.as_ref().ready(Interest::ERROR) => return Err(socket_error(r.as_ref(), e)),
+        }
         reader.recycle(buf);
     }
 }
@@ -147,24 +168,9 @@ pub enum TcpSide {
 ///
 /// A copy that breaks (the socket or the stream reset, the tunnel failed) resets both: the
 /// stream (RST_STREAM, so the peer agent drops what it holds and resets its side) and the
-/// socket (RST, so the app does not take a FIN for a complete answer). Both are watched while
-/// the copy waits on the other one, so a reset ends a stalled copy too.
+/// socket (RST, so the app does not take a FIN for a complete answer). Each is watched while
+/// the copy waits on the other, so a reset ends a stalled copy too.
 pub async fn copy_tcp_h2(
-    tcp: &mut TcpStream,
-    h2: &mut H2Stream,
-    tcp_side: TcpSide,
-    counts: &ByteCounts,
-) -> io::Result<Transferred> {
-    let result = pipe_tcp_h2(tcp, h2, tcp_side, counts).await;
-    if result.is_err() {
-        h2.reset();
-        // Best effort: without it the socket closes with a FIN.
-        let _ = tcp.set_zero_linger();
-    }
-    result
-}
-
-async fn pipe_tcp_h2(
     tcp: &mut TcpStream,
     h2: &mut H2Stream,
     tcp_side: TcpSide,
@@ -181,10 +187,12 @@ async fn pipe_tcp_h2(
     let h2_send = Mutex::new(h2_send);
     let send_half = || h2_send.lock().unwrap_or_else(PoisonError::into_inner);
     let reset = || std::future::poll_fn(|cx| send_half().poll_reset(cx));
+    let answered = AtomicBool::new(false);
     let to_h2 = async {
         let mut reader = Reader::new();
         let mut total = 0u64;
         loop {
+            // Reading the socket sees its errors; the stream may be reset meanwhile.
             let buf = tokio::select! {
                 biased;
                 buf = reader.next(&mut tcp_r) => buf?,
@@ -192,6 +200,8 @@ async fn pipe_tcp_h2(
             };
             if buf.is_empty() {
                 send_half().finish()?;
+                // The app half-closed; it may still reset while the answer is on its way.
+                watch_until(&answered, tcp_r.as_ref()).await?;
                 return Ok::<_, io::Error>(total);
             }
             total += buf.len() as u64;
@@ -199,65 +209,93 @@ async fn pipe_tcp_h2(
             let mut chunk = buf.freeze();
             tokio::select! {
                 biased;
-                r = std::future::poll_fn(|cx| send_half().poll_send(cx, &mut chunk)) => r?,
-                e = socket_error(tcp_r.as_ref()) => return Err(e),
+                sent = std::future::poll_fn(|cx| send_half().poll_send(cx, &mut chunk)) => sent?,
+                e = tcp_r.as_ref().ready(Interest::ERROR) => return Err(socket_error(tcp_r.as_ref(), e)),
             }
         }
     };
     let to_tcp = async {
         let mut total = 0u64;
-        loop {
-            let chunk = tokio::select! {
-                biased;
-                c = h2_recv.recv() => c?,
-                e = socket_error(tcp_w.as_ref()) => return Err(e),
-            };
-            let Some(chunk) = chunk else { break };
+        // Receiving sees the stream's resets; the socket's errors are `to_h2`'s to watch.
+        while let Some(chunk) = h2_recv.recv().await? {
             total += chunk.len() as u64;
             from_h2.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             tokio::select! {
                 biased;
-                r = tcp_w.write_all(&chunk) => r?,
+                written = tcp_w.write_all(&chunk) => written?,
                 e = reset() => return Err(e),
             }
         }
         tcp_w.shutdown().await?;
+        mark_done(&answered).await;
         Ok(total)
     };
-    let (t, h) = tokio::try_join!(to_h2, to_tcp)?;
-    Ok(match tcp_side {
-        TcpSide::Source => Transferred {
-            sent: t,
-            received: h,
-        },
-        TcpSide::Destination => Transferred {
-            sent: h,
-            received: t,
-        },
-    })
+    match tokio::try_join!(to_h2, to_tcp) {
+        Ok((t, h)) => Ok(match tcp_side {
+            TcpSide::Source => Transferred {
+                sent: t,
+                received: h,
+            },
+            TcpSide::Destination => Transferred {
+                sent: h,
+                received: t,
+            },
+        }),
+        Err(e) => {
+            h2.reset();
+            // Best effort: without it the socket closes with a FIN.
+            let _ = tcp.set_zero_linger();
+            Err(e)
+        }
+    }
 }
 
-/// The error of `tcp` once it has one (the peer reset it, a keepalive or user timeout), while
-/// the copy is not reading or writing it; pending while it is healthy.
-async fn socket_error(tcp: &TcpStream) -> io::Error {
-    match tcp.ready(Interest::ERROR).await {
-        Ok(_) => match tcp.take_error() {
-            Ok(Some(e)) => e,
-            Ok(None) => io::Error::new(io::ErrorKind::ConnectionReset, "socket error"),
-            Err(e) => e,
-        },
+/// The error `tcp` reports, once [`TcpStream::ready`] for [`Interest::ERROR`] returned `ready`
+/// (the peer reset it, a keepalive or user timeout).
+fn socket_error(tcp: &TcpStream, ready: io::Result<tokio::io::Ready>) -> io::Error {
+    match ready.and_then(|_| tcp.take_error()) {
+        Ok(Some(e)) => e,
+        Ok(None) => io::Error::new(io::ErrorKind::ConnectionReset, "socket error"),
         Err(e) => e,
     }
 }
 
-/// Runs a copy until it ends or `closer` is notified (then with an error).
-pub async fn until_closed(
-    copy: impl std::future::Future<Output = io::Result<Transferred>>,
+/// One direction of a copy is done: flags it in `done` and has the task polled again, so
+/// that the other direction's [`watch_until`] sees the flag.
+async fn mark_done(done: &AtomicBool) {
+    done.store(true, Ordering::Relaxed);
+    std::future::poll_fn(|cx| {
+        cx.waker().wake_by_ref();
+        std::task::Poll::Ready(())
+    })
+    .await;
+}
+
+/// Waits until the other direction of the copy is done (`other`), failing with `tcp`'s error
+/// if it reports one first (a direction that is done no longer reads its socket).
+async fn watch_until(other: &AtomicBool, tcp: &TcpStream) -> io::Result<()> {
+    let mut error = std::pin::pin!(tcp.ready(Interest::ERROR));
+    std::future::poll_fn(|cx| {
+        if other.load(Ordering::Relaxed) {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        error.as_mut().poll(cx).map(|e| Err(socket_error(tcp, e)))
+    })
+    .await
+}
+
+/// [`copy_tcp_h2`] that stops early (with an error) when `closer` is notified.
+pub async fn copy_tcp_h2_until_closed(
+    tcp: &mut TcpStream,
+    h2: &mut H2Stream,
+    tcp_side: TcpSide,
+    counts: &ByteCounts,
     closer: &tokio::sync::Notify,
 ) -> io::Result<Transferred> {
+    // Not a copy future passed to a combinator: a future passed by value is stored twice.
     tokio::select! {
-        r = copy => r,
-        () = closer.notified() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed: no longer allowed by policy")),
+        r = copy_tcp_h2(tcp, h2, tcp_side, counts) => r,
+        () = closer.notified() => Err(closed_by_policy()),
     }
 }
 
@@ -268,7 +306,18 @@ pub async fn copy_until_closed(
     counts: &ByteCounts,
     closer: &tokio::sync::Notify,
 ) -> io::Result<Transferred> {
-    until_closed(copy_both(a, b, counts), closer).await
+    // Not `until_closed(copy_both(..))`: a future passed by value is stored twice.
+    tokio::select! {
+        r = copy_both(a, b, counts) => r,
+        () = closer.notified() => Err(closed_by_policy()),
+    }
+}
+
+fn closed_by_policy() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "closed: no longer allowed by policy",
+    )
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use crate::testbed::Testbed;
 use crate::{process, servers};
 
 /// The script (see its docstring), written to `<dir>/stall.py`.
-pub const STALL_PY: &str = include_str!("../scripts/stall.py");
+const STALL_PY: &str = include_str!("../scripts/stall.py");
 
 /// A `stall.py push` process: connections blocked on an application that does not read.
 #[derive(Debug)]

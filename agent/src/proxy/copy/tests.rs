@@ -273,3 +273,37 @@ async fn a_clean_copy_ends_with_fins_not_resets() {
     let t = copy.await.unwrap().unwrap();
     assert_eq!((t.sent, t.received), (7, 6));
 }
+
+#[tokio::test]
+async fn a_reset_ends_a_tcp_copy_stalled_on_the_other_socket_and_resets_it() {
+    // The server never reads (small receive buffer): the copy waits on it, not on the client.
+    let (mut client, mut a) = pair(None).await;
+    let (mut server, mut b) = pair(Some(4096)).await;
+    let counts = ByteCounts::default();
+    let copy = tokio::spawn(async move {
+        let r = copy_both(&mut a, &mut b, &counts).await;
+        (r, b)
+    });
+    assert!(
+        fill(&mut client).await > 64 * 1024,
+        "bytes went in until stalled"
+    );
+    assert!(!copy.is_finished(), "the copy waits for the server");
+    abort(client);
+    let (r, b) = tokio::time::timeout(Duration::from_secs(5), copy)
+        .await
+        .expect("the copy noticed the reset")
+        .unwrap();
+    assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+    drop(b);
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut got))
+        .await
+        .expect("the socket ended");
+    assert_eq!(
+        read.map_err(|e| e.kind()).err(),
+        Some(io::ErrorKind::ConnectionReset),
+        "after {} bytes",
+        got.len()
+    );
+}
