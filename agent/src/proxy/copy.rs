@@ -96,8 +96,9 @@ impl Reader {
 
 /// Copies both ways until both directions are closed; a FIN in one direction is passed on as
 /// a shutdown of the other side's write half (half-close). `counts` is updated as bytes move.
-/// A copy that breaks (either socket reset, or timed out) resets both sockets, also while it
-/// waits on the other one (see [`copy_tcp_h2`]).
+/// A reset (or timeout) of either socket ends the copy also while it waits on the other one;
+/// a socket then left with bytes it did not take (its app stopped reading) is closed with a
+/// reset, so that the cut stream does not pass for a complete one (see [`copy_tcp_h2`]).
 pub async fn copy_both(
     a: &mut TcpStream,
     b: &mut TcpStream,
@@ -106,30 +107,43 @@ pub async fn copy_both(
     let (mut a_r, mut a_w) = a.split();
     let (mut b_r, mut b_w) = b.split();
     let (a_done, b_done) = (AtomicBool::new(false), AtomicBool::new(false));
+    let (a_writing, b_writing) = (AtomicBool::new(false), AtomicBool::new(false));
     let result = tokio::try_join!(
-        one_way(&mut a_r, &mut b_w, &counts.sent, (&a_done, &b_done)),
-        one_way(&mut b_r, &mut a_w, &counts.received, (&b_done, &a_done))
+        one_way(
+            &mut a_r,
+            &mut b_w,
+            &counts.sent,
+            (&a_done, &b_done),
+            &b_writing
+        ),
+        one_way(
+            &mut b_r,
+            &mut a_w,
+            &counts.received,
+            (&b_done, &a_done),
+            &a_writing
+        )
     );
-    match result {
-        Ok((sent, received)) => Ok(Transferred { sent, received }),
-        Err(e) => {
-            // Best effort: without it a socket closes with a FIN.
-            let _ = a.set_zero_linger();
-            let _ = b.set_zero_linger();
-            Err(e)
+    for (writing, tcp) in [(&a_writing, &*a), (&b_writing, &*b)] {
+        if result.is_err() && writing.load(Ordering::Relaxed) {
+            // Best effort: without it the socket closes with a FIN.
+            let _ = tcp.set_zero_linger();
         }
     }
+    let (sent, received) = result?;
+    Ok(Transferred { sent, received })
 }
 
 /// Copies `r` to `w` until EOF, then shuts `w` down; returns the bytes copied. It watches `r`
-/// for an error while it waits to write, and once it is done until the other direction is
-/// (`done`: this direction's flag, the other's): with the other direction doing the same, a
-/// reset of either socket ends the copy whatever the two directions wait for.
+/// for an error while it waits to write (`writing` says when), and once it is done until the
+/// other direction is (`done`: this direction's flag, the other's): with the other direction
+/// doing the same, a reset of either socket ends the copy whatever the two directions wait for.
 async fn one_way(
     r: &mut ReadHalf<'_>,
     w: &mut WriteHalf<'_>,
     count: &AtomicU64,
     done: (&AtomicBool, &AtomicBool),
+    writing: &AtomicBool,
 ) -> io::Result<u64> {
     let mut reader = Reader::new();
     let mut total = 0u64;
@@ -143,11 +157,13 @@ async fn one_way(
         }
         total += buf.len() as u64;
         count.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        writing.store(true, Ordering::Relaxed);
         tokio::select! {
             biased;
             written = w.write_all(&buf) => written?,
             e = r.as_ref().ready(Interest::ERROR) => return Err(socket_error(r.as_ref(), e)),
         }
+        writing.store(false, Ordering::Relaxed);
         reader.recycle(buf);
     }
 }
@@ -166,10 +182,12 @@ pub enum TcpSide {
 /// h2 received is written to the socket from h2's own buffers, its window given back once
 /// written (a socket that is not read stops the peer after one stream window).
 ///
-/// A copy that breaks (the socket or the stream reset, the tunnel failed) resets both: the
-/// stream (RST_STREAM, so the peer agent drops what it holds and resets its side) and the
-/// socket (RST, so the app does not take a FIN for a complete answer). Each is watched while
-/// the copy waits on the other, so a reset ends a stalled copy too.
+/// A reset of the socket or of the stream ends the copy, also while it waits on the other one
+/// (an app or a peer that stopped reading). The stream, once the caller drops it, ends with a
+/// reset after what was queued (RST_STREAM: the peer agent frees its window and passes the
+/// reset on). The socket closes as usual (a FIN, or a reset when bytes from the app were left
+/// unread), except when the stream was reset while bytes for the app were still waiting to be
+/// written: then with a reset, so that the cut stream does not pass for a complete one.
 pub async fn copy_tcp_h2(
     tcp: &mut TcpStream,
     h2: &mut H2Stream,
@@ -187,7 +205,7 @@ pub async fn copy_tcp_h2(
     let h2_send = Mutex::new(h2_send);
     let send_half = || h2_send.lock().unwrap_or_else(PoisonError::into_inner);
     let reset = || std::future::poll_fn(|cx| send_half().poll_reset(cx));
-    let answered = AtomicBool::new(false);
+    let (answered, writing) = (AtomicBool::new(false), AtomicBool::new(false));
     let to_h2 = async {
         let mut reader = Reader::new();
         let mut total = 0u64;
@@ -220,34 +238,34 @@ pub async fn copy_tcp_h2(
         while let Some(chunk) = h2_recv.recv().await? {
             total += chunk.len() as u64;
             from_h2.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            writing.store(true, Ordering::Relaxed);
             tokio::select! {
                 biased;
                 written = tcp_w.write_all(&chunk) => written?,
                 e = reset() => return Err(e),
             }
+            writing.store(false, Ordering::Relaxed);
         }
         tcp_w.shutdown().await?;
         mark_done(&answered).await;
         Ok(total)
     };
-    match tokio::try_join!(to_h2, to_tcp) {
-        Ok((t, h)) => Ok(match tcp_side {
-            TcpSide::Source => Transferred {
-                sent: t,
-                received: h,
-            },
-            TcpSide::Destination => Transferred {
-                sent: h,
-                received: t,
-            },
-        }),
-        Err(e) => {
-            h2.reset();
-            // Best effort: without it the socket closes with a FIN.
-            let _ = tcp.set_zero_linger();
-            Err(e)
-        }
+    let result = tokio::try_join!(to_h2, to_tcp);
+    if result.is_err() && writing.load(Ordering::Relaxed) {
+        // Best effort: without it the socket closes with a FIN.
+        let _ = tcp.set_zero_linger();
     }
+    let (t, h) = result?;
+    Ok(match tcp_side {
+        TcpSide::Source => Transferred {
+            sent: t,
+            received: h,
+        },
+        TcpSide::Destination => Transferred {
+            sent: h,
+            received: t,
+        },
+    })
 }
 
 /// The error `tcp` reports, once [`TcpStream::ready`] for [`Interest::ERROR`] returned `ready`

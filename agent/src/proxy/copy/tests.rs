@@ -202,12 +202,14 @@ async fn an_app_reset_ends_a_copy_stalled_on_the_stream_and_resets_the_stream() 
     );
     assert!(!copy.is_finished(), "the copy waits for the stalled stream");
     abort(app);
-    let (r, _up) = tokio::time::timeout(Duration::from_secs(5), copy)
+    let (r, up) = tokio::time::timeout(Duration::from_secs(5), copy)
         .await
         .expect("the copy noticed the reset")
         .unwrap();
     assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
-    // The peer sees the stream reset, not a clean end.
+    // Dropped (as the proxy does once the copy returned): the peer sees the stream reset,
+    // not a clean end.
+    drop(up);
     let mut sink = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), remote.read_to_end(&mut sink))
         .await
