@@ -12,9 +12,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// HTTP/2 stream receive window: the most a peer may send on one stream before the agent has
-/// written it on, so also the most one stalled stream holds in the agent. 1 MiB covers a
-/// window round trip of 1 ms at 8 Gbit/s (measured in ARCHITECTURE.md "Flow control").
-pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// written it on, so also the most one stalled stream holds in the agent. It bounds one
+/// stream's throughput to a window per window round trip: 2 MiB covers 2 ms at 8 Gbit/s; on
+/// the testbed 1 MiB cost 10-15 % of the one-stream figure and 4 MiB gained nothing over 2
+/// (ARCHITECTURE.md, "Flow control").
+pub const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 /// HTTP/2 max frame size (as ztunnel).
 pub const MAX_FRAME: u32 = 1024 * 1024;
 /// The largest window HTTP/2 can express (RFC 9113 §6.9.1).

@@ -13,10 +13,10 @@ use nix::sys::signal::Signal;
 const SINK_PORT: u16 = 9100;
 /// Connections the client pushes into it (half over IPv4, half over IPv6).
 const K: usize = 32;
-/// What one stalled stream may cost the receiving agent: its HTTP/2 stream window (1 MiB,
-/// the most the peer may send before we read) plus the buffers around it; the window sum
-/// (K windows) would be 32 MiB per agent.
-const MAX_BYTES_PER_STALLED_STREAM: u64 = 1536 * 1024;
+/// What one stalled stream may cost an agent: the receiving one holds its HTTP/2 stream
+/// window (2 MiB, what the peer may send before the app reads), plus the buffers around it.
+/// Unbounded, it would be what the client pushed (several MiB each).
+const MAX_BYTES_PER_STALLED_STREAM: u64 = 2560 * 1024;
 /// How much slower than before the stall a request may be while it lasts.
 const SLACK: Duration = Duration::from_millis(1500);
 
