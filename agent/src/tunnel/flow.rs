@@ -1,4 +1,4 @@
-//! HTTP/2 flow control of HBONE connections: window sizes chosen so that stalled streams cannot starve the others, and the client's view of a connection that has no send window left.
+//! HTTP/2 flow control of HBONE: windows that stalled streams cannot use up, and the client's view of a connection without send window.
 //!
 //! A receiver holds at most one stream window of unwritten bytes per stream: the window of a
 //! chunk is given back only once the chunk is written on (`stream.rs`). The connection window

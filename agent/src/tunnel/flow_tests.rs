@@ -1,4 +1,4 @@
-//! Loopback tests of flow control on pooled tunnels (real TLS, HTTP/2, TCP): streams whose reader stopped hold one window each and leave the connection to the others; a connection a peer left without window gets no new streams.
+//! Loopback tests of flow control on pooled tunnels (real TLS, HTTP/2, TCP): stalled streams, and peers that run out of window.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -13,10 +13,10 @@
 //!   `reap`; the lock is never held across an await.
 //! - A connection whose certificates (the peer's or ours) have expired carries no new stream:
 //!   checkout evicts it (its open streams go on) and a fresh connection is dialed.
-//! - A connection out of send window (a new stream there waited [`super::flow::STARVED_AFTER`] for its
-//!   first bytes while nothing moved: a peer whose connection window stalled streams used up)
-//!   is taken last: while every connection with room is out of window, another one is dialed,
-//!   up to `STARVED_EXTRA` past `spread`.
+//! - A connection out of send window (a new stream there waited
+//!   [`super::flow::STARVED_AFTER`] for its first bytes while nothing moved: a peer whose
+//!   connection window stalled streams used up) is taken last: while every connection with
+//!   room is out of window, another one is dialed, up to `STARVED_EXTRA` past `spread`.
 //! - At most `MAX_DIALS_PER_KEY` connections are dialed at once for a key; other new streams
 //!   wait for them and share them.
 use std::collections::HashMap;

@@ -143,14 +143,9 @@ pub struct SendHalf<'a> {
 }
 
 impl SendHalf<'_> {
-    /// Queues `chunk` as DATA frames without copying it, waiting for flow-control capacity
-    /// (h2 bounds what it buffers per stream, so this is the back-pressure).
-    pub async fn send(&mut self, mut chunk: Bytes) -> io::Result<()> {
-        poll_fn(|cx| self.poll_send(cx, &mut chunk)).await
-    }
-
-    /// [`SendHalf::send`] as a poll: queues what the window allows and splits it off `chunk`;
-    /// ready once `chunk` is empty.
+    /// Queues `chunk` as DATA frames without copying it, as far as the flow-control window
+    /// allows, splitting off what went; ready once `chunk` is empty (h2 bounds what it buffers
+    /// per stream, so this is the back-pressure).
     pub fn poll_send(&mut self, cx: &mut Context<'_>, chunk: &mut Bytes) -> Poll<io::Result<()>> {
         while !chunk.is_empty() {
             let n = ready!(self.out.poll_capacity(self.send, cx, chunk.len()))?;

@@ -1,4 +1,4 @@
-//! An application that stops reading (`stall.py sink`) and a client that pushes into it until every connection is blocked (`stall.py push`), for the flow-control tests.
+//! An app that stops reading (`stall.py sink`) and a client pushing into it until blocked (`stall.py push`).
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! One application that stops reading must not stall anything else between two pods: HBONE flow control, stream resets, the memory a stalled stream holds.
+//! An app that stops reading stalls nothing else between two pods: HBONE flow control, resets, memory.
 #![allow(
     clippy::unwrap_used,
     reason = "test bodies panic with a line number (STYLE.md §7)"
