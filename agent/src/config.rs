@@ -78,7 +78,8 @@ pub struct Limits {
     pub max_handshakes_per_source: usize,
     /// Open tunnel connections from one source address, agent-wide.
     pub max_connections_per_source: usize,
-    /// CONNECT streams at once on one tunnel connection.
+    /// CONNECT streams at once on one tunnel connection (at most 1022: the connection's
+    /// HTTP/2 window holds a stream window for each, see `tunnel::flow`).
     pub max_streams_per_connection: u32,
     /// Deadline of a TLS handshake.
     pub handshake_timeout_ms: u64,

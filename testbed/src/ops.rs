@@ -4,6 +4,7 @@
 mod http;
 mod metrics;
 mod pod_server;
+mod stall;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -19,6 +20,7 @@ use crate::{agent, cmd, config, process, servers};
 
 pub use http::{parse_response, unix_exchange, HttpReply};
 pub use metrics::{Metrics, Sample};
+pub use stall::Pusher;
 
 /// How long one admin request may take before the test calls it a hang.
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);

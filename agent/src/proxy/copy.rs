@@ -1,11 +1,12 @@
 //! Bidirectional copy with half-close and live byte counts, holding no buffer while a connection idles.
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
@@ -95,6 +96,9 @@ impl Reader {
 
 /// Copies both ways until both directions are closed; a FIN in one direction is passed on as
 /// a shutdown of the other side's write half (half-close). `counts` is updated as bytes move.
+/// A reset (or timeout) of either socket ends the copy also while it waits on the other one;
+/// a socket then left with bytes it did not take (its app stopped reading) is closed with a
+/// reset, so that the cut stream does not pass for a complete one (see [`copy_tcp_h2`]).
 pub async fn copy_both(
     a: &mut TcpStream,
     b: &mut TcpStream,
@@ -102,18 +106,44 @@ pub async fn copy_both(
 ) -> io::Result<Transferred> {
     let (mut a_r, mut a_w) = a.split();
     let (mut b_r, mut b_w) = b.split();
-    let (sent, received) = tokio::try_join!(
-        one_way(&mut a_r, &mut b_w, &counts.sent),
-        one_way(&mut b_r, &mut a_w, &counts.received)
-    )?;
+    let (a_done, b_done) = (AtomicBool::new(false), AtomicBool::new(false));
+    let (a_writing, b_writing) = (AtomicBool::new(false), AtomicBool::new(false));
+    let result = tokio::try_join!(
+        one_way(
+            &mut a_r,
+            &mut b_w,
+            &counts.sent,
+            (&a_done, &b_done),
+            &b_writing
+        ),
+        one_way(
+            &mut b_r,
+            &mut a_w,
+            &counts.received,
+            (&b_done, &a_done),
+            &a_writing
+        )
+    );
+    for (writing, tcp) in [(&a_writing, &*a), (&b_writing, &*b)] {
+        if result.is_err() && writing.load(Ordering::Relaxed) {
+            // Best effort: without it the socket closes with a FIN.
+            let _ = tcp.set_zero_linger();
+        }
+    }
+    let (sent, received) = result?;
     Ok(Transferred { sent, received })
 }
 
-/// Copies `r` to `w` until EOF, then shuts `w` down; returns the bytes copied.
+/// Copies `r` to `w` until EOF, then shuts `w` down; returns the bytes copied. It watches `r`
+/// for an error while it waits to write (`writing` says when), and once it is done until the
+/// other direction is (`done`: this direction's flag, the other's): with the other direction
+/// doing the same, a reset of either socket ends the copy whatever the two directions wait for.
 async fn one_way(
     r: &mut ReadHalf<'_>,
     w: &mut WriteHalf<'_>,
     count: &AtomicU64,
+    done: (&AtomicBool, &AtomicBool),
+    writing: &AtomicBool,
 ) -> io::Result<u64> {
     let mut reader = Reader::new();
     let mut total = 0u64;
@@ -121,11 +151,19 @@ async fn one_way(
         let buf = reader.next(r).await?;
         if buf.is_empty() {
             w.shutdown().await?;
+            mark_done(done.0).await;
+            watch_until(done.1, r.as_ref()).await?;
             return Ok(total);
         }
         total += buf.len() as u64;
         count.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        w.write_all(&buf).await?;
+        writing.store(true, Ordering::Relaxed);
+        tokio::select! {
+            biased;
+            written = w.write_all(&buf) => written?,
+            e = r.as_ref().ready(Interest::ERROR) => return Err(socket_error(r.as_ref(), e)),
+        }
+        writing.store(false, Ordering::Relaxed);
         reader.recycle(buf);
     }
 }
@@ -141,7 +179,15 @@ pub enum TcpSide {
 
 /// [`copy_both`] between a TCP socket and an HBONE stream without the copy into h2: what the
 /// TCP side read goes to h2 as owned `Bytes` (its buffer is freed once h2 wrote it), and what
-/// h2 received is written to the socket from h2's own buffers.
+/// h2 received is written to the socket from h2's own buffers, its window given back once
+/// written (a socket that is not read stops the peer after one stream window).
+///
+/// A reset of the socket or of the stream ends the copy, also while it waits on the other one
+/// (an app or a peer that stopped reading). The stream, once the caller drops it, ends with a
+/// reset after what was queued (RST_STREAM: the peer agent frees its window and passes the
+/// reset on). The socket closes as usual (a FIN, or a reset when bytes from the app were left
+/// unread), except when the stream was reset while bytes for the app were still waiting to be
+/// written: then with a reset, so that the cut stream does not pass for a complete one.
 pub async fn copy_tcp_h2(
     tcp: &mut TcpStream,
     h2: &mut H2Stream,
@@ -153,32 +199,63 @@ pub async fn copy_tcp_h2(
         TcpSide::Destination => (&counts.received, &counts.sent),
     };
     let (mut tcp_r, mut tcp_w) = tcp.split();
-    let (mut h2_send, mut h2_recv) = h2.halves();
+    let (h2_send, mut h2_recv) = h2.halves();
+    // Shared by the two directions: one sends on it, both watch it for a reset. Locked only
+    // inside a poll, never across an await (so never contended: both run on this task).
+    let h2_send = Mutex::new(h2_send);
+    let send_half = || h2_send.lock().unwrap_or_else(PoisonError::into_inner);
+    let reset = || std::future::poll_fn(|cx| send_half().poll_reset(cx));
+    let (answered, writing) = (AtomicBool::new(false), AtomicBool::new(false));
     let to_h2 = async {
         let mut reader = Reader::new();
         let mut total = 0u64;
         loop {
-            let buf = reader.next(&mut tcp_r).await?;
+            // Reading the socket sees its errors; the stream may be reset meanwhile.
+            let buf = tokio::select! {
+                biased;
+                buf = reader.next(&mut tcp_r) => buf?,
+                e = reset() => return Err(e),
+            };
             if buf.is_empty() {
-                h2_send.finish()?;
+                send_half().finish()?;
+                // The app half-closed; it may still reset while the answer is on its way.
+                watch_until(&answered, tcp_r.as_ref()).await?;
                 return Ok::<_, io::Error>(total);
             }
             total += buf.len() as u64;
             from_tcp.fetch_add(buf.len() as u64, Ordering::Relaxed);
-            h2_send.send(buf.freeze()).await?;
+            let mut chunk = buf.freeze();
+            tokio::select! {
+                biased;
+                sent = std::future::poll_fn(|cx| send_half().poll_send(cx, &mut chunk)) => sent?,
+                e = tcp_r.as_ref().ready(Interest::ERROR) => return Err(socket_error(tcp_r.as_ref(), e)),
+            }
         }
     };
     let to_tcp = async {
         let mut total = 0u64;
+        // Receiving sees the stream's resets; the socket's errors are `to_h2`'s to watch.
         while let Some(chunk) = h2_recv.recv().await? {
             total += chunk.len() as u64;
             from_h2.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            tcp_w.write_all(&chunk).await?;
+            writing.store(true, Ordering::Relaxed);
+            tokio::select! {
+                biased;
+                written = tcp_w.write_all(&chunk) => written?,
+                e = reset() => return Err(e),
+            }
+            writing.store(false, Ordering::Relaxed);
         }
         tcp_w.shutdown().await?;
+        mark_done(&answered).await;
         Ok(total)
     };
-    let (t, h) = tokio::try_join!(to_h2, to_tcp)?;
+    let result = tokio::try_join!(to_h2, to_tcp);
+    if result.is_err() && writing.load(Ordering::Relaxed) {
+        // Best effort: without it the socket closes with a FIN.
+        let _ = tcp.set_zero_linger();
+    }
+    let (t, h) = result?;
     Ok(match tcp_side {
         TcpSide::Source => Transferred {
             sent: t,
@@ -191,14 +268,52 @@ pub async fn copy_tcp_h2(
     })
 }
 
-/// Runs a copy until it ends or `closer` is notified (then with an error).
-pub async fn until_closed(
-    copy: impl std::future::Future<Output = io::Result<Transferred>>,
+/// The error `tcp` reports, once [`TcpStream::ready`] for [`Interest::ERROR`] returned `ready`
+/// (the peer reset it, a keepalive or user timeout).
+fn socket_error(tcp: &TcpStream, ready: io::Result<tokio::io::Ready>) -> io::Error {
+    match ready.and_then(|_| tcp.take_error()) {
+        Ok(Some(e)) => e,
+        Ok(None) => io::Error::new(io::ErrorKind::ConnectionReset, "socket error"),
+        Err(e) => e,
+    }
+}
+
+/// One direction of a copy is done: flags it in `done` and has the task polled again, so
+/// that the other direction's [`watch_until`] sees the flag.
+async fn mark_done(done: &AtomicBool) {
+    done.store(true, Ordering::Relaxed);
+    std::future::poll_fn(|cx| {
+        cx.waker().wake_by_ref();
+        std::task::Poll::Ready(())
+    })
+    .await;
+}
+
+/// Waits until the other direction of the copy is done (`other`), failing with `tcp`'s error
+/// if it reports one first (a direction that is done no longer reads its socket).
+async fn watch_until(other: &AtomicBool, tcp: &TcpStream) -> io::Result<()> {
+    let mut error = std::pin::pin!(tcp.ready(Interest::ERROR));
+    std::future::poll_fn(|cx| {
+        if other.load(Ordering::Relaxed) {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        error.as_mut().poll(cx).map(|e| Err(socket_error(tcp, e)))
+    })
+    .await
+}
+
+/// [`copy_tcp_h2`] that stops early (with an error) when `closer` is notified.
+pub async fn copy_tcp_h2_until_closed(
+    tcp: &mut TcpStream,
+    h2: &mut H2Stream,
+    tcp_side: TcpSide,
+    counts: &ByteCounts,
     closer: &tokio::sync::Notify,
 ) -> io::Result<Transferred> {
+    // Not a copy future passed to a combinator: a future passed by value is stored twice.
     tokio::select! {
-        r = copy => r,
-        () = closer.notified() => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "closed: no longer allowed by policy")),
+        r = copy_tcp_h2(tcp, h2, tcp_side, counts) => r,
+        () = closer.notified() => Err(closed_by_policy()),
     }
 }
 
@@ -209,204 +324,19 @@ pub async fn copy_until_closed(
     counts: &ByteCounts,
     closer: &tokio::sync::Notify,
 ) -> io::Result<Transferred> {
-    until_closed(copy_both(a, b, counts), closer).await
+    // Not `until_closed(copy_both(..))`: a future passed by value is stored twice.
+    tokio::select! {
+        r = copy_both(a, b, counts) => r,
+        () = closer.notified() => Err(closed_by_policy()),
+    }
+}
+
+fn closed_by_policy() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "closed: no longer allowed by policy",
+    )
 }
 
 #[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use bytes::Bytes;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::{TcpListener, TcpSocket};
-
-    use super::*;
-
-    /// A connected loopback pair (client, server); the server side gets `rcvbuf` when set.
-    async fn pair(rcvbuf: Option<u32>) -> (TcpStream, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let s = TcpSocket::new_v4().unwrap();
-        if let Some(n) = rcvbuf {
-            s.set_recv_buffer_size(n).unwrap();
-        }
-        let (c, a) = tokio::join!(s.connect(l.local_addr().unwrap()), l.accept());
-        (c.unwrap(), a.unwrap().0)
-    }
-
-    #[tokio::test]
-    async fn copies_both_ways_with_half_close_and_counts() {
-        let (mut client, mut a) = pair(None).await;
-        let (mut b, mut server) = pair(None).await;
-        let counts = ByteCounts::default();
-        let proxy = async { copy_both(&mut a, &mut b, &counts).await.unwrap() };
-        let peer = async {
-            client.write_all(&[7u8; 300_000]).await.unwrap();
-            client.shutdown().await.unwrap(); // half-close: the server still answers
-            let mut got = Vec::new();
-            client.read_to_end(&mut got).await.unwrap();
-            got.len()
-        };
-        let srv = async {
-            let mut got = Vec::new();
-            server.read_to_end(&mut got).await.unwrap();
-            server.write_all(&got[..1000]).await.unwrap();
-            server.shutdown().await.unwrap();
-            got.len()
-        };
-        let (t, echoed, got) = tokio::join!(proxy, peer, srv);
-        assert_eq!(
-            (t.sent, t.received, got, echoed),
-            (300_000, 1000, 300_000, 1000)
-        );
-        assert_eq!(counts.sent.load(Ordering::Relaxed), 300_000);
-        assert_eq!(counts.received.load(Ordering::Relaxed), 1000);
-    }
-
-    #[tokio::test]
-    async fn echo_both_ways_at_once_does_not_stall() {
-        // The client writes while the echo comes back: both directions move at the same time.
-        let (client, mut a) = pair(None).await;
-        let (mut b, server) = pair(None).await;
-        let counts = ByteCounts::default();
-        let total = 20_000_000usize;
-        let proxy = async { copy_both(&mut a, &mut b, &counts).await.unwrap() };
-        let echo = async {
-            let (mut r, mut w) = tokio::io::split(server);
-            tokio::io::copy(&mut r, &mut w).await.unwrap();
-            w.shutdown().await.unwrap();
-        };
-        let (mut cr, mut cw) = tokio::io::split(client);
-        let send = async {
-            let chunk = vec![5u8; 100_000];
-            for _ in 0..total / chunk.len() {
-                cw.write_all(&chunk).await.unwrap();
-            }
-            cw.shutdown().await.unwrap();
-        };
-        let recv = async {
-            let mut got = 0usize;
-            let mut buf = vec![0u8; 65536];
-            loop {
-                let n = cr.read(&mut buf).await.unwrap();
-                if n == 0 {
-                    return got;
-                }
-                got += n;
-            }
-        };
-        let all = async { tokio::join!(proxy, echo, send, recv) };
-        let (t, (), (), got) = tokio::time::timeout(Duration::from_secs(60), all)
-            .await
-            .expect("echo stalled");
-        assert_eq!(
-            (t.sent, t.received, got),
-            (total as u64, total as u64, total)
-        );
-    }
-
-    #[tokio::test]
-    async fn reader_starts_small_grows_while_reads_fill_and_idles_without_a_buffer() {
-        // Everything is queued on the reading socket before the first read (loopback delivers
-        // within the writer's send; the receive buffer holds it all).
-        let (mut w, mut r) = pair(Some(4 << 20)).await;
-        let (mut rh, _) = r.split();
-        {
-            let total = MIN_READ + 4 * MIN_READ + MAX_READ + MAX_READ + 10;
-            w.write_all(&vec![1u8; total]).await.unwrap();
-            let mut reader = Reader::new();
-            let mut seen = Vec::new();
-            let mut got = 0;
-            while got < total {
-                let buf = reader.next(&mut rh).await.unwrap();
-                got += buf.len();
-                seen.push((buf.len(), buf.capacity()));
-                reader.recycle(buf);
-            }
-            assert_eq!(
-                seen,
-                [
-                    (MIN_READ, MIN_READ),
-                    (4 * MIN_READ, 4 * MIN_READ),
-                    (MAX_READ, MAX_READ),
-                    (MAX_READ, MAX_READ),
-                    (10, MAX_READ)
-                ],
-                "(bytes, buffer) of each read"
-            );
-            assert_eq!(reader.held(), 0, "a short read frees its buffer");
-
-            // A buffer kept after a read that filled it is freed once the socket is drained.
-            w.write_all(&vec![2u8; MAX_READ]).await.unwrap();
-            let buf = reader.next(&mut rh).await.unwrap();
-            assert_eq!(buf.len(), MAX_READ);
-            reader.recycle(buf);
-            assert_eq!(reader.held(), MAX_READ, "kept while reads fill it");
-            let idle = tokio::time::timeout(Duration::from_millis(100), reader.next(&mut rh)).await;
-            assert!(idle.is_err(), "no bytes: the read waits");
-            assert_eq!(reader.held(), 0, "an idle connection holds no buffer");
-            w.write_all(b"x").await.unwrap();
-            assert_eq!(&reader.next(&mut rh).await.unwrap()[..], b"x");
-            drop(w);
-            assert!(reader.next(&mut rh).await.unwrap().is_empty(), "EOF");
-        }
-    }
-
-    /// Both ends of one HTTP/2 CONNECT stream over an in-memory pipe: (client, server).
-    async fn h2_pair() -> (H2Stream, H2Stream) {
-        let (c_io, s_io) = tokio::io::duplex(1 << 20);
-        let (client, server) =
-            tokio::join!(h2::client::handshake(c_io), h2::server::handshake(s_io));
-        let ((client, c_conn), mut server) = (client.unwrap(), server.unwrap());
-        tokio::spawn(c_conn);
-        let mut client = client.ready().await.unwrap();
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri("10.0.0.1:80")
-            .body(())
-            .unwrap();
-        let (resp, c_send) = client.send_request(req, false).unwrap();
-        let (req, mut respond) = server.accept().await.unwrap().unwrap();
-        let s_send = respond
-            .send_response(http::Response::new(()), false)
-            .unwrap();
-        tokio::spawn(async move { while server.accept().await.is_some() {} });
-        let c_recv = resp.await.unwrap().into_body();
-        (
-            H2Stream::new(c_send, c_recv),
-            H2Stream::new(s_send, req.into_body()),
-        )
-    }
-
-    #[tokio::test]
-    async fn tcp_h2_copies_both_ways_with_half_close_and_counts() {
-        let (mut app, mut down) = pair(None).await;
-        let (mut up, mut remote) = h2_pair().await;
-        let counts = ByteCounts::default();
-        let data: Bytes = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let proxy = async {
-            copy_tcp_h2(&mut down, &mut up, TcpSide::Source, &counts)
-                .await
-                .unwrap()
-        };
-        let client = async {
-            app.write_all(&data).await.unwrap();
-            app.shutdown().await.unwrap(); // half-close: the remote still answers
-            let mut got = Vec::new();
-            app.read_to_end(&mut got).await.unwrap();
-            got
-        };
-        let srv = async {
-            let mut got = Vec::new();
-            remote.read_to_end(&mut got).await.unwrap();
-            remote.write_all(&got[..1000]).await.unwrap();
-            remote.shutdown().await.unwrap();
-            got
-        };
-        let (t, echoed, got) = tokio::join!(proxy, client, srv);
-        assert!(got == data, "the remote got every byte in order");
-        assert_eq!(echoed, data[..1000]);
-        assert_eq!((t.sent, t.received), (300_000, 1000));
-        assert_eq!(counts.sent.load(Ordering::Relaxed), 300_000);
-        assert_eq!(counts.received.load(Ordering::Relaxed), 1000);
-    }
-}
+mod tests;

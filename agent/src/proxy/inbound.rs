@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use super::conns::{self, ConnInfo};
-use super::copy::{copy_tcp_h2, until_closed, TcpSide};
+use super::copy::{copy_tcp_h2_until_closed, TcpSide};
 use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
 use crate::addr::ClientAddr;
 use crate::config::Limits;
@@ -278,8 +278,14 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
         authz: Some(attrs),
         labels: labels("-"),
     });
-    let copy = copy_tcp_h2(&mut up, &mut down, TcpSide::Destination, guard.bytes());
-    let result = until_closed(copy, guard.closer()).await;
+    let result = copy_tcp_h2_until_closed(
+        &mut up,
+        &mut down,
+        TcpSide::Destination,
+        guard.bytes(),
+        guard.closer(),
+    )
+    .await;
     let t = result.as_ref().copied().unwrap_or_default();
     stats.bytes_sent.fetch_add(t.sent, Ordering::Relaxed);
     stats

@@ -11,8 +11,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::expiry::{self, Presented};
+use super::flow::{self, Flow, MAX_FRAME, STREAM_WINDOW};
+use super::pool::DEFAULT_MAX_STREAMS;
 use super::stream::H2Stream;
-use super::{Error, ALPN_H2, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
+use super::{Error, ALPN_H2, HANDSHAKE_TIMEOUT};
 use crate::identity as tls;
 
 /// An established HBONE connection to one peer, able to carry many CONNECT streams.
@@ -24,6 +26,8 @@ pub struct Tunnel {
     /// The server refused a stream because a certificate of the connection expired (by its
     /// clock): shared by the clones, so that the pool stops using the connection.
     stale: Arc<AtomicBool>,
+    /// Whether new streams find send window (shared with the connection's streams).
+    flow: Arc<Flow>,
 }
 
 impl Tunnel {
@@ -57,9 +61,11 @@ impl Tunnel {
             return Err(Error::Alpn { peer: name() });
         }
         let not_after = expiry::connection_not_after(session, presented.not_after());
+        // The pool puts at most DEFAULT_MAX_STREAMS streams on a connection.
+        let max_streams = u32::try_from(DEFAULT_MAX_STREAMS).unwrap_or(u32::MAX);
         let (send, conn) = h2::client::Builder::new()
             .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
+            .initial_connection_window_size(flow::connection_window(max_streams))
             .max_frame_size(MAX_FRAME)
             .handshake(tls_stream)
             .await
@@ -78,7 +84,13 @@ impl Tunnel {
             send,
             not_after,
             stale: Arc::new(AtomicBool::new(false)),
+            flow: Arc::new(Flow::default()),
         })
+    }
+
+    /// What the connection's streams saw of its send window.
+    pub fn flow(&self) -> &Flow {
+        &self.flow
     }
 
     /// When the connection stops being backed by valid certificates: the earliest `notAfter`
@@ -152,7 +164,7 @@ impl Tunnel {
                 status: response.status(),
             });
         }
-        Ok(H2Stream::new(stream, response.into_body()))
+        Ok(H2Stream::new(stream, response.into_body()).with_flow(self.flow.clone()))
     }
 }
 

@@ -1,6 +1,7 @@
 //! HBONE: HTTP/2 CONNECT over mutual TLS 1.3 on port 15008, wire-compatible with Istio ztunnel.
 pub mod client;
 mod expiry;
+pub mod flow;
 pub mod pool;
 mod refusals;
 pub mod reject;
@@ -11,12 +12,6 @@ use std::time::Duration;
 
 /// ALPN protocol of HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
-/// HTTP/2 stream receive window (as ztunnel).
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-/// HTTP/2 connection receive window (as ztunnel).
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-/// HTTP/2 max frame size (as ztunnel).
-pub const MAX_FRAME: u32 = 1024 * 1024;
 /// TLS handshake deadline, both sides.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -66,5 +61,9 @@ pub enum Error {
 mod alert_tests;
 #[cfg(test)]
 mod expiry_tests;
+#[cfg(test)]
+mod flow_tests;
+#[cfg(test)]
+pub(crate) mod stream_tests;
 #[cfg(test)]
 mod tests;

@@ -13,6 +13,10 @@
 //!   `reap`; the lock is never held across an await.
 //! - A connection whose certificates (the peer's or ours) have expired carries no new stream:
 //!   checkout evicts it (its open streams go on) and a fresh connection is dialed.
+//! - A connection out of send window (a new stream there waited
+//!   [`super::flow::STARVED_AFTER`] for its first bytes while nothing moved: a peer whose
+//!   connection window stalled streams used up) is taken last: while every connection with
+//!   room is out of window, another one is dialed, up to `STARVED_EXTRA` past `spread`.
 //! - At most `MAX_DIALS_PER_KEY` connections are dialed at once for a key; other new streams
 //!   wait for them and share them.
 use std::collections::HashMap;
@@ -27,8 +31,12 @@ use super::stream::H2Stream;
 use super::Error;
 use crate::identity::SpiffeId;
 
-/// Streams per connection before another connection opens (as ztunnel).
+/// Streams per connection before another connection opens (as ztunnel); also the most a
+/// connection carries (the client's connection window is sized for that many, see
+/// [`super::flow::connection_window`]).
 pub const DEFAULT_MAX_STREAMS: usize = 100;
+/// Connections a key may dial past its spread while every one it has is out of send window.
+pub const STARVED_EXTRA: usize = 4;
 /// How long an unused connection is kept.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(300);
 /// Connections being dialed at once for one key. A burst of new streams waits for these
@@ -101,7 +109,7 @@ impl Pool {
         Self {
             conns: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
-            max_streams: max_streams.max(1),
+            max_streams: max_streams.clamp(1, DEFAULT_MAX_STREAMS),
             spread: default_spread(),
             idle_timeout,
         }
@@ -197,9 +205,11 @@ impl Pool {
         }
     }
 
-    /// The least-loaded usable connection of `key` with room, counted for one more stream;
-    /// `None` (dial) when there is none, or when every one carries a stream and the key has
-    /// fewer than `spread` connections counting the `dialing` ones.
+    /// The least-loaded usable connection of `key` with room, counted for one more stream,
+    /// preferring those with send window; `None` (dial) when there is none, when every one
+    /// carries a stream and the key has fewer than `spread` connections counting the
+    /// `dialing` ones, or when every one is out of window and the key has fewer than `spread +
+    /// STARVED_EXTRA`.
     fn checkout(
         &self,
         key: &PoolKey,
@@ -215,13 +225,28 @@ impl Pool {
             }
             !expired && e.tunnel.is_open()
         });
-        let (e, load) = entries
+        let at = Instant::now();
+        let (e, (starved, load)) = entries
             .iter()
-            .map(|e| (e, e.active.load(Ordering::Relaxed)))
-            .filter(|(_, n)| *n < self.max_streams)
-            .min_by_key(|(_, n)| *n)?;
+            .map(|e| {
+                (
+                    e,
+                    (
+                        e.tunnel.flow().starved(at),
+                        e.active.load(Ordering::Relaxed),
+                    ),
+                )
+            })
+            .filter(|(_, (_, n))| *n < self.max_streams)
+            .min_by_key(|(_, rank)| *rank)?;
         // The dial count is looked up only when it matters (its lock stays off the common path).
-        if load > 0 && entries.len() < self.spread && entries.len() + dialing() < self.spread {
+        if starved {
+            if entries.len() + dialing() < self.spread + STARVED_EXTRA {
+                tracing::debug!(peer.addr = %key.peer, "pooled connections out of send window; dialing another");
+                return None;
+            }
+        } else if load > 0 && entries.len() < self.spread && entries.len() + dialing() < self.spread
+        {
             return None;
         }
         e.active.fetch_add(1, Ordering::Relaxed);

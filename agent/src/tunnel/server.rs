@@ -11,9 +11,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::expiry::{self, Presented};
+use super::flow::{self, MAX_FRAME, MAX_STREAMS_FOR_WINDOW, STREAM_WINDOW};
 use super::stream::H2Stream;
 use super::{refusals, reject};
-use super::{Error, ALPN_H2, CONNECTION_WINDOW, HANDSHAKE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
+use super::{Error, ALPN_H2, HANDSHAKE_TIMEOUT};
 use crate::identity::{self as tls, SpiffeId};
 
 /// Per-connection limits of the tunnel server.
@@ -21,7 +22,8 @@ use crate::identity::{self as tls, SpiffeId};
 pub struct ServerLimits {
     /// Deadline of the TLS handshake.
     pub handshake_timeout: std::time::Duration,
-    /// Concurrent CONNECT streams one connection may hold.
+    /// Concurrent CONNECT streams one connection may hold (at most
+    /// [`MAX_STREAMS_FOR_WINDOW`]: the connection window holds a stream window for each).
     pub max_streams: u32,
     /// A connection without streams for this long gets GOAWAY.
     pub idle_timeout: std::time::Duration,
@@ -192,11 +194,14 @@ where
         reject::count_n(reject::STREAM_LIMIT, n);
         tracing::debug!(peer.addr = %peer, refused = n, "tunnel streams past the per-connection cap refused");
     });
+    // A window for every stream the connection may carry: streams whose app stopped reading
+    // cannot starve the others (tunnel/flow.rs).
+    let max_streams = limits.max_streams.clamp(1, MAX_STREAMS_FOR_WINDOW);
     let mut conn = h2::server::Builder::new()
         .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(flow::connection_window(max_streams))
         .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(limits.max_streams)
+        .max_concurrent_streams(max_streams)
         .max_header_list_size(MAX_HEADER_LIST)
         .handshake(io)
         .await

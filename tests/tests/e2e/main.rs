@@ -17,6 +17,7 @@ mod delivery_routing;
 mod destination_rule;
 mod failclosed;
 mod failure_telemetry;
+mod flow_control;
 mod forged_mark;
 mod handover;
 mod hardening_failclosed;
