@@ -303,6 +303,10 @@ pub struct Config {
     /// Other trust domains whose identities are accepted as ours.
     #[serde(default)]
     pub trust_domain_aliases: Vec<String>,
+    /// The cluster's name (Istio's `CLUSTER_ID`): sent in every CONNECT's `baggage` as
+    /// `k8s.cluster.name`.
+    #[serde(default = "default_cluster_id")]
+    pub cluster_id: String,
     /// Optional TCP listener for `GET /metrics` (e.g. `0.0.0.0:15020`).
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -320,6 +324,9 @@ pub struct Config {
 
 fn default_trust_domain() -> String {
     "cluster.local".to_string()
+}
+fn default_cluster_id() -> String {
+    "Kubernetes".to_string()
 }
 fn default_drain_ms() -> u64 {
     5000

@@ -16,6 +16,7 @@ use std::time::Duration;
 use ambit::identity::{self, SpiffeId, TrustBundle, TrustDomain, WorkloadCertificate};
 use ambit::identity::{CaClient, CaClientConfig};
 use ambit::tunnel::client::Tunnel;
+use ambit::tunnel::headers::Received;
 use ambit::tunnel::server::{serve_connection, PendingConnect, ServerLimits};
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
@@ -174,9 +175,21 @@ pub async fn hbone_request(
     authority: SocketAddr,
     send: &[u8],
 ) -> (Outcome, Vec<u8>) {
+    hbone_request_with(peer, tls, method, authority, &[], send).await
+}
+
+/// [`hbone_request`] with extra request `headers` (name, value).
+pub async fn hbone_request_with(
+    peer: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    method: Method,
+    authority: SocketAddr,
+    headers: &[(&'static str, &str)],
+    send: &[u8],
+) -> (Outcome, Vec<u8>) {
     match tokio::time::timeout(
         IO_TIMEOUT,
-        request_inner(peer, tls, method, authority, send),
+        request_inner(peer, tls, method, authority, headers, send),
     )
     .await
     {
@@ -193,6 +206,7 @@ async fn request_inner(
     tls: Arc<rustls::ClientConfig>,
     method: Method,
     authority: SocketAddr,
+    headers: &[(&'static str, &str)],
     send: &[u8],
 ) -> (Outcome, Vec<u8>) {
     let failed = |stage: &str, e: &dyn std::error::Error| {
@@ -234,11 +248,20 @@ async fn request_inner(
             .path_and_query("/")
             .build()
     };
-    let req = Request::builder()
+    let mut req = Request::builder()
         .method(method)
         .uri(uri.expect("a socket address is a valid authority"))
         .body(())
         .expect("a request with a valid uri builds");
+    for (name, value) in headers {
+        match http::HeaderValue::from_str(value) {
+            Ok(v) => {
+                req.headers_mut()
+                    .append(http::HeaderName::from_static(name), v);
+            }
+            Err(e) => return failed("header value", &e),
+        }
+    }
     let (response, mut body_tx) = match send_req.send_request(req, false) {
         Ok(x) => x,
         Err(e) => return failed("send request", &e),
@@ -307,6 +330,8 @@ pub struct FakeHbone {
     pub connections: Arc<AtomicU64>,
     /// CONNECT requests that got through TLS (each is answered 200 and echoed).
     pub connects: Arc<AtomicU64>,
+    /// What each CONNECT's `baggage`, `traceparent` and `forwarded` said, in order.
+    pub received: Arc<std::sync::Mutex<Vec<Received>>>,
 }
 
 impl FakeHbone {
@@ -320,7 +345,8 @@ impl FakeHbone {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let connections = Arc::new(AtomicU64::new(0));
         let connects = Arc::new(AtomicU64::new(0));
-        let (conns, reqs) = (connections.clone(), connects.clone());
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (conns, reqs, seen) = (connections.clone(), connects.clone(), received.clone());
         let thread = std::thread::spawn(move || {
             let ready = ready_tx.clone();
             let run = move || -> Result<()> {
@@ -340,7 +366,7 @@ impl FakeHbone {
                                 continue;
                             };
                             conns.fetch_add(1, Ordering::Relaxed);
-                            let (server, reqs) = (server.clone(), reqs.clone());
+                            let (server, reqs, seen) = (server.clone(), reqs.clone(), seen.clone());
                             let drain = drain_rx.clone();
                             tokio::spawn(async move {
                                 let _ = serve_connection(
@@ -350,9 +376,12 @@ impl FakeHbone {
                                     ServerLimits::default(),
                                     drain,
                                     move |p: PendingConnect| {
-                                        let reqs = reqs.clone();
+                                        let (reqs, seen) = (reqs.clone(), seen.clone());
                                         async move {
                                             reqs.fetch_add(1, Ordering::Relaxed);
+                                            seen.lock()
+                                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                                .push(p.connect.received.clone());
                                             if let Some(stream) = p.accept() {
                                                 let (mut r, mut w) = tokio::io::split(stream);
                                                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -382,6 +411,7 @@ impl FakeHbone {
                 thread: Some(thread),
                 connections,
                 connects,
+                received,
             }),
             Ok(Err(e)) => Err(e.context("fake HBONE server")),
             Err(_) => Err(anyhow!("fake HBONE server did not start")),
@@ -396,6 +426,14 @@ impl FakeHbone {
     /// CONNECT requests received so far.
     pub fn connects(&self) -> u64 {
         self.connects.load(Ordering::Relaxed)
+    }
+
+    /// The headers of every CONNECT received so far.
+    pub fn received(&self) -> Vec<Received> {
+        self.received
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 

@@ -34,6 +34,10 @@ pub struct ConnInfo {
     pub dst_identity: Option<String>,
     /// `mutual_tls` or `plaintext`.
     pub security: &'static str,
+    /// The W3C trace id of the CONNECT (sent outbound, received inbound), to correlate the
+    /// two agents' log lines and a waypoint's trace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     /// What inbound authorization decided on; re-checked when policies change.
     #[serde(skip)]
     pub authz: Option<ConnAttrs>,
@@ -195,6 +199,7 @@ impl ConnGuard {
             dst.target = %i.target.unwrap_or(i.dst),
             dst.id = i.dst_identity.as_deref().unwrap_or("-"),
             security = i.security,
+            trace_id = i.trace_id.as_deref().unwrap_or("-"),
             bytes.sent = sent,
             bytes.recv = received,
             dur_ms,

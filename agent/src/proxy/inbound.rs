@@ -201,6 +201,10 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     let target = p.connect.authority;
     let peer_id = p.connect.peer_id.to_string();
     let src = p.connect.peer;
+    // Only the trace id of what the peer's headers say is kept (for the access log): the
+    // source is the TCP peer and the identity is the certificate's, whatever `forwarded` or
+    // `baggage` claim.
+    let trace_id = p.connect.received.trace.map(|t| t.trace_id());
     // The source agent dials from inside the source pod, so the TCP peer is the client pod.
     let client_ip = src.ip();
     let dst_id = pod.workload.spiffe_id(&pod.cfg.trust_domain);
@@ -275,6 +279,7 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
         src_identity: Some(peer_id.clone()),
         dst_identity: Some(dst_id.clone()),
         security: "mutual_tls",
+        trace_id,
         authz: Some(attrs),
         labels: labels("-"),
     });

@@ -29,6 +29,7 @@ use crate::metrics::TcpLabels;
 use crate::policy::authz::{ConnAttrs, Decision};
 use crate::redirect::maps::AmbBypassKey;
 use crate::redirect::Datapath;
+use crate::tunnel::headers::Baggage;
 use socket::SocketFactory;
 
 /// How long the agent waits for a TCP handshake to a destination or app.
@@ -160,6 +161,32 @@ impl PodContext {
             destination_service: service.map_or_else(unknown, str::to_string),
             connection_security_policy: if mtls { "mutual_tls" } else { "none" },
             response_flags,
+        }
+    }
+}
+
+impl PodContext {
+    /// This pod as the `baggage` of its CONNECTs names it.
+    pub(crate) fn baggage(&self) -> Baggage {
+        let w = &self.workload;
+        let label = |keys: &[&str]| keys.iter().find_map(|k| w.labels.get(*k)).cloned();
+        Baggage {
+            cluster: self.cfg.cluster_id.clone(),
+            namespace: w.namespace.clone(),
+            pod: w.name.clone(),
+            // Istio's canonical service and revision, from the same labels in the same order.
+            service: label(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| w.name.clone()),
+            version: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "latest".to_string()),
         }
     }
 }

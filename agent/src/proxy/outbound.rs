@@ -16,6 +16,7 @@ use crate::error::error_chain;
 use crate::identity::SpiffeId;
 use crate::metrics::{ReasonLabel, TcpLabels};
 use crate::tunnel::client::Tunnel;
+use crate::tunnel::headers::ConnectHeaders;
 use crate::tunnel::pool::{PoolKey, StreamGuard};
 use crate::tunnel::stream::H2Stream;
 
@@ -181,6 +182,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                 target,
                 dst_identity: None,
                 security: "plaintext",
+                trace_id: None,
                 labels,
             };
             carry(&pod, conn, &mut down, Upstream::Plain(&mut up)).await;
@@ -208,7 +210,8 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
             };
             // Boxed: the dial (TLS and h2 handshakes) would otherwise size this task's future
             // for as long as the connection stays open.
-            let dial = Box::pin(tunnel(&pod, target, PeerAddr(peer), &id));
+            let headers = ConnectHeaders::new(&pod.baggage(), src, service.as_deref());
+            let dial = Box::pin(tunnel(&pod, target, PeerAddr(peer), &id, &headers));
             let (mut up, _guard) = match dial.await {
                 Ok(s) => s,
                 Err(e) => {
@@ -239,6 +242,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                 target,
                 dst_identity: Some(d),
                 security: "mutual_tls",
+                trace_id: headers.traceparent.map(|t| t.trace_id()),
                 labels,
             };
             carry(&pod, conn, &mut down, Upstream::Tunnel(&mut up)).await;
@@ -263,6 +267,8 @@ struct Carried {
     target: SocketAddr,
     dst_identity: Option<String>,
     security: &'static str,
+    /// The trace id the CONNECT carried (tunnelled connections).
+    trace_id: Option<String>,
     labels: TcpLabels,
 }
 
@@ -283,6 +289,7 @@ async fn carry(pod: &PodContext, c: Carried, down: &mut TcpStream, up: Upstream<
             .then(|| pod.workload.spiffe_id(&pod.cfg.trust_domain)),
         dst_identity: c.dst_identity,
         security: c.security,
+        trace_id: c.trace_id,
         authz: None,
         labels: c.labels,
     });
@@ -303,6 +310,7 @@ async fn tunnel(
     target: SocketAddr,
     peer: PeerAddr,
     dst_id: &SpiffeId,
+    headers: &ConnectHeaders,
 ) -> Result<(H2Stream, StreamGuard), String> {
     let src_id = pod.identity().ok_or("source pod has no valid identity")?;
     let tls = pod.tls.as_ref().ok_or("agent has no identities")?;
@@ -336,7 +344,7 @@ async fn tunnel(
         Tunnel::handshake(tcp, peer.0, Arc::new(config)).await
     };
     pod.pool
-        .stream(&key, target, dial)
+        .stream_with(&key, target, headers, dial)
         .await
         .map_err(|e| error_chain(&e))
 }

@@ -134,6 +134,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         src_identity: None,
         dst_identity: None,
         security: "plaintext",
+        trace_id: None,
         authz: Some(attrs),
         labels: labels("-"),
     });

@@ -12,6 +12,7 @@ use tokio_rustls::TlsConnector;
 
 use super::expiry::{self, Presented};
 use super::flow::{self, Flow, MAX_FRAME, STREAM_WINDOW};
+use super::headers::ConnectHeaders;
 use super::pool::DEFAULT_MAX_STREAMS;
 use super::stream::H2Stream;
 use super::{Error, ALPN_H2, HANDSHAKE_TIMEOUT};
@@ -115,8 +116,20 @@ impl Tunnel {
         futures_ready(&mut self.send)
     }
 
-    /// Opens a CONNECT stream to `authority` (`ip:port`; IPv6 in brackets).
+    /// Opens a CONNECT stream to `authority` (`ip:port`; IPv6 in brackets) with no headers
+    /// besides the authority.
     pub async fn connect(&mut self, authority: SocketAddr) -> Result<H2Stream, Error> {
+        self.connect_with(authority, &ConnectHeaders::default())
+            .await
+    }
+
+    /// Opens a CONNECT stream to `authority` carrying `headers` (ztunnel's `baggage`,
+    /// `traceparent`, `forwarded`).
+    pub async fn connect_with(
+        &mut self,
+        authority: SocketAddr,
+        headers: &ConnectHeaders,
+    ) -> Result<H2Stream, Error> {
         let peer = self.peer.to_string();
         let auth = authority.to_string();
         let uri = Uri::builder()
@@ -125,7 +138,7 @@ impl Tunnel {
             .map_err(|_| Error::Authority {
                 authority: auth.clone(),
             })?;
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(uri)
             .version(http::Version::HTTP_2)
@@ -133,6 +146,7 @@ impl Tunnel {
             .map_err(|_| Error::Authority {
                 authority: auth.clone(),
             })?;
+        headers.apply(req.headers_mut());
         let mut send = self
             .send
             .clone()

@@ -2,6 +2,7 @@
 pub mod client;
 mod expiry;
 pub mod flow;
+pub mod headers;
 pub mod pool;
 mod refusals;
 pub mod reject;

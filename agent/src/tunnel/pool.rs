@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::client::Tunnel;
+use super::headers::ConnectHeaders;
 use super::stream::H2Stream;
 use super::Error;
 use crate::identity::SpiffeId;
@@ -139,8 +140,24 @@ impl Pool {
         D: FnOnce() -> Fut,
         Fut: Future<Output = Result<Tunnel, Error>>,
     {
+        self.stream_with(key, authority, &ConnectHeaders::default(), dial)
+            .await
+    }
+
+    /// [`Pool::stream`], the CONNECT carrying `headers`.
+    pub async fn stream_with<D, Fut>(
+        &self,
+        key: &PoolKey,
+        authority: SocketAddr,
+        headers: &ConnectHeaders,
+        dial: D,
+    ) -> Result<(H2Stream, StreamGuard), Error>
+    where
+        D: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Tunnel, Error>>,
+    {
         if let Some(c) = self.checkout(key, || self.dialing(key)) {
-            if let Some(r) = Self::on_pooled(c, key, authority).await {
+            if let Some(r) = Self::on_pooled(c, key, authority, headers).await {
                 return r;
             }
         }
@@ -154,7 +171,7 @@ impl Pool {
         // across its CONNECT round trip). Other dials in flight count towards the spread.
         if let Some(c) = self.checkout(key, || in_flight(&gate) - 1) {
             dialing = None;
-            if let Some(r) = Self::on_pooled(c, key, authority).await {
+            if let Some(r) = Self::on_pooled(c, key, authority, headers).await {
                 return r;
             }
         }
@@ -175,7 +192,7 @@ impl Pool {
             });
         drop(dialing);
         let mut tunnel = tunnel;
-        let stream = tunnel.connect(authority).await?;
+        let stream = tunnel.connect_with(authority, headers).await?;
         Ok((stream, guard))
     }
 
@@ -184,9 +201,10 @@ impl Pool {
         c: (Tunnel, StreamGuard),
         key: &PoolKey,
         authority: SocketAddr,
+        headers: &ConnectHeaders,
     ) -> Option<Result<(H2Stream, StreamGuard), Error>> {
         let (mut tunnel, guard) = c;
-        match tunnel.connect(authority).await {
+        match tunnel.connect_with(authority, headers).await {
             Ok(s) => Some(Ok((s, guard))),
             // The peer refused the stream because a certificate of the connection expired (by
             // its clock, which ours may lag): dial with fresh certificates.

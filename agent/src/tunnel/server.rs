@@ -12,6 +12,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::expiry::{self, Presented};
 use super::flow::{self, MAX_FRAME, MAX_STREAMS_FOR_WINDOW, STREAM_WINDOW};
+use super::headers::Received;
 use super::stream::H2Stream;
 use super::{refusals, reject};
 use super::{Error, ALPN_H2, HANDSHAKE_TIMEOUT};
@@ -76,6 +77,9 @@ pub struct Connect {
     pub authority: SocketAddr,
     /// The client's identity, proved by its verified certificate.
     pub peer_id: SpiffeId,
+    /// What the request's `traceparent`, `baggage` and `forwarded` said: for the access log
+    /// only, never for policy or delivery (a peer can write anything there).
+    pub received: Received,
 }
 
 /// A CONNECT stream waiting for the handler's answer.
@@ -342,6 +346,7 @@ fn check_request(
             peer,
             authority,
             peer_id,
+            received: Received::parse(req.headers()),
         },
         respond,
         recv: req.into_body(),

@@ -288,3 +288,65 @@ async fn idle_connection_gets_goaway() {
     );
     assert!(t.connect("10.0.0.1:80".parse().unwrap()).await.is_err());
 }
+
+#[tokio::test]
+async fn connect_headers_reach_the_server_and_a_pooled_stream_sends_its_own() {
+    use super::headers::{Baggage, ConnectHeaders, Received};
+    let ca = TestCa::new("cluster.local");
+    let cert = ca.svid(SERVER);
+    let tls = Arc::new(server_config(&cert, Arc::new(ca.bundle()), tds()).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Received>();
+    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _keep = drain_tx;
+        let (tcp, peer) = listener.accept().await.unwrap();
+        serve_connection(
+            tcp,
+            peer,
+            tls,
+            ServerLimits::default(),
+            drain_rx,
+            move |p| {
+                let seen = seen_tx.clone();
+                async move {
+                    seen.send(p.connect.received.clone()).unwrap();
+                    drop(p.accept());
+                }
+            },
+        )
+        .await
+        .unwrap();
+    });
+    let source = Baggage {
+        cluster: "Kubernetes".into(),
+        namespace: "default".into(),
+        pod: "client".into(),
+        service: "client".into(),
+        version: "latest".into(),
+    };
+    let client: SocketAddr = "10.0.0.9:41000".parse().unwrap();
+    let pool = Pool::new(8, std::time::Duration::from_secs(60));
+    let key = pool_key(addr);
+    let mut traces = Vec::new();
+    for _ in 0..2 {
+        let h = ConnectHeaders::new(&source, client, Some("echo.default.svc.cluster.local"));
+        let (_s, _g) = pool
+            .stream_with(&key, "10.0.0.1:80".parse().unwrap(), &h, || {
+                tunnel(&ca, addr, SERVER)
+            })
+            .await
+            .unwrap();
+        let got = seen.recv().await.unwrap();
+        assert_eq!(got.baggage, source);
+        assert_eq!(got.trace, h.traceparent);
+        assert_eq!(
+            got.forwarded.as_deref(),
+            Some("for=\"10.0.0.9:41000\";host=echo.default.svc.cluster.local")
+        );
+        traces.push(got.trace.unwrap().trace_id);
+    }
+    assert_eq!(pool.stats().connections, 1, "the second stream was pooled");
+    assert_ne!(traces[0], traces[1], "each connection is its own trace");
+}

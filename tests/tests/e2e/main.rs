@@ -22,6 +22,7 @@ mod forged_mark;
 mod handover;
 mod hardening_failclosed;
 mod hbone;
+mod hbone_headers;
 mod identity;
 mod inbound;
 mod inventory_hold;

@@ -1,0 +1,240 @@
+//! The request headers of an HBONE CONNECT as ztunnel sends them: `baggage`, `traceparent`, `forwarded`.
+//!
+//! Outbound, every CONNECT carries the source workload in W3C `baggage` (cluster, namespace,
+//! pod, canonical service and revision), a fresh W3C `traceparent`, and RFC 7239 `forwarded`
+//! with the client's own address (and the Service host it dialled), so that a ztunnel or a
+//! waypoint on the other end gets its telemetry and trace context. Inbound they are accepted
+//! and only read for the access log: the source that policy and the app see is always the
+//! TCP peer and the identity its certificate proves, never what a header claims.
+use std::fmt;
+use std::net::SocketAddr;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, FORWARDED};
+
+/// W3C baggage.
+pub const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
+/// W3C trace context.
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// The source workload as `baggage` names it (ztunnel's keys).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Baggage {
+    /// `k8s.cluster.name`.
+    pub cluster: String,
+    /// `k8s.namespace.name`.
+    pub namespace: String,
+    /// `k8s.pod.name` (ambit knows the pod, not its controller).
+    pub pod: String,
+    /// `service.name`: the canonical service.
+    pub service: String,
+    /// `service.version`: the canonical revision.
+    pub version: String,
+}
+
+impl Baggage {
+    /// The header value; empty fields are left out. `None` when nothing is left or a value
+    /// cannot be a header (Kubernetes names and label values always can).
+    pub fn value(&self) -> Option<HeaderValue> {
+        let parts = [
+            ("k8s.cluster.name", &self.cluster),
+            ("k8s.namespace.name", &self.namespace),
+            ("k8s.pod.name", &self.pod),
+            ("service.name", &self.service),
+            ("service.version", &self.version),
+        ];
+        let text = parts
+            .iter()
+            .filter(|(_, v)| !v.is_empty() && !v.contains([',', '=', ';']))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        if text.is_empty() {
+            return None;
+        }
+        HeaderValue::from_str(&text).ok()
+    }
+
+    /// Reads every `baggage` header of `headers`; unknown keys and malformed members are
+    /// skipped (the header is telemetry, never a reason to refuse).
+    pub fn parse(headers: &HeaderMap) -> Self {
+        let mut out = Self::default();
+        let members = headers
+            .get_all(BAGGAGE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','));
+        for member in members {
+            // A member may carry properties after `;`.
+            let kv = member.split(';').next().unwrap_or_default();
+            let Some((k, v)) = kv.split_once('=') else {
+                continue;
+            };
+            let v = v.trim().to_string();
+            match k.trim() {
+                "k8s.cluster.name" => out.cluster = v,
+                "k8s.namespace.name" => out.namespace = v,
+                "k8s.pod.name"
+                | "k8s.deployment.name"
+                | "k8s.replicaset.name"
+                | "k8s.statefulset.name"
+                | "k8s.daemonset.name"
+                | "k8s.job.name"
+                | "k8s.cronjob.name" => out.pod = v,
+                "service.name" => out.service = v,
+                "service.version" => out.version = v,
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// A W3C `traceparent` (version 00).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    /// The trace.
+    pub trace_id: u128,
+    /// The span that sent the request.
+    pub parent_id: u64,
+    /// Trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// A new trace with random ids, not sampled (ambit records no spans).
+    pub fn random() -> Self {
+        let mut bytes = [0u8; 24];
+        // An all-zero id is invalid; the system RNG failing is not a reason to drop a
+        // connection, so fall back to a fixed non-zero id.
+        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
+            bytes = [1; 24];
+        }
+        let (t, p) = bytes.split_at(16);
+        Self {
+            trace_id: u128::from_be_bytes(t.try_into().unwrap_or([1; 16])).max(1),
+            parent_id: u64::from_be_bytes(p.try_into().unwrap_or([1; 8])).max(1),
+            flags: 0,
+        }
+    }
+
+    /// Parses a version-00 value; `None` for anything malformed (all-zero ids included).
+    pub fn parse(v: &str) -> Option<Self> {
+        let mut parts = v.trim().split('-');
+        let (version, trace, parent, flags) =
+            (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        fn hex(s: &str, len: usize) -> Option<&str> {
+            (s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+                .then_some(s)
+        }
+        if parts.next().is_some() || hex(version, 2)? != "00" {
+            return None;
+        }
+        let tp = Self {
+            trace_id: u128::from_str_radix(hex(trace, 32)?, 16).ok()?,
+            parent_id: u64::from_str_radix(hex(parent, 16)?, 16).ok()?,
+            flags: u8::from_str_radix(hex(flags, 2)?, 16).ok()?,
+        };
+        (tp.trace_id != 0 && tp.parent_id != 0).then_some(tp)
+    }
+
+    /// The trace id as the access log shows it (32 hex digits).
+    pub fn trace_id(&self) -> String {
+        format!("{:032x}", self.trace_id)
+    }
+}
+
+impl fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.parent_id, self.flags
+        )
+    }
+}
+
+impl fmt::Debug for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The headers one outbound CONNECT carries besides `:authority`.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectHeaders {
+    /// The source workload (`None`: not sent).
+    pub baggage: Option<HeaderValue>,
+    /// The trace (`None`: not sent).
+    pub traceparent: Option<TraceParent>,
+    /// The client's own address and the Service host it dialled (`None`: not sent).
+    pub forwarded: Option<HeaderValue>,
+}
+
+impl ConnectHeaders {
+    /// ztunnel's set: `baggage` of `source`, a new trace, `forwarded` for `client` (and
+    /// `host=` the Service it dialled, when it dialled one).
+    pub fn new(source: &Baggage, client: SocketAddr, service: Option<&str>) -> Self {
+        Self {
+            baggage: source.value(),
+            traceparent: Some(TraceParent::random()),
+            forwarded: forwarded(client, service),
+        }
+    }
+
+    /// Adds the headers to a request's `headers`.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        if let Some(b) = &self.baggage {
+            headers.insert(BAGGAGE, b.clone());
+        }
+        if let Some(v) = self
+            .traceparent
+            .and_then(|t| HeaderValue::from_str(&t.to_string()).ok())
+        {
+            headers.insert(TRACEPARENT, v);
+        }
+        if let Some(f) = &self.forwarded {
+            headers.insert(FORWARDED, f.clone());
+        }
+    }
+}
+
+/// RFC 7239 `for="<client>"` (quoted: an IPv6 address has brackets and colons), with
+/// `;host=<service>` when the client dialled a Service.
+fn forwarded(client: SocketAddr, service: Option<&str>) -> Option<HeaderValue> {
+    let text = match service {
+        Some(host) if !host.is_empty() => format!("for=\"{client}\";host={host}"),
+        _ => format!("for=\"{client}\""),
+    };
+    HeaderValue::from_str(&text).ok()
+}
+
+/// What an inbound CONNECT said about itself, for the access log only.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Received {
+    /// The trace, when a well-formed `traceparent` came.
+    pub trace: Option<TraceParent>,
+    /// The source workload as its `baggage` claims it (not verified: never used for policy).
+    pub baggage: Baggage,
+    /// The `forwarded` header as sent (not verified: never used for policy or delivery).
+    pub forwarded: Option<String>,
+}
+
+impl Received {
+    /// Reads the headers of an inbound CONNECT; malformed ones are left out.
+    pub fn parse(headers: &HeaderMap) -> Self {
+        Self {
+            trace: headers
+                .get(TRACEPARENT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(TraceParent::parse),
+            baggage: Baggage::parse(headers),
+            forwarded: headers
+                .get(FORWARDED)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,120 @@
+//! Tests of the CONNECT headers: what is sent, and that malformed ones are read as absent.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test bodies panic with a line number (STYLE.md §7)"
+)]
+use super::*;
+
+fn client() -> Baggage {
+    Baggage {
+        cluster: "Kubernetes".into(),
+        namespace: "default".into(),
+        pod: "client-7d9f".into(),
+        service: "client".into(),
+        version: "v1".into(),
+    }
+}
+
+#[test]
+fn baggage_names_the_source_workload_with_ztunnels_keys() {
+    let v = client().value().unwrap();
+    assert_eq!(
+        v,
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.pod.name=client-7d9f,\
+         service.name=client,service.version=v1"
+    );
+    let mut h = HeaderMap::new();
+    h.insert(BAGGAGE, v);
+    assert_eq!(Baggage::parse(&h), client());
+}
+
+#[test]
+fn baggage_leaves_out_empty_and_unsafe_values() {
+    let b = Baggage {
+        cluster: String::new(),
+        version: "a,b=c".into(),
+        ..client()
+    };
+    assert_eq!(
+        b.value().unwrap(),
+        "k8s.namespace.name=default,k8s.pod.name=client-7d9f,service.name=client"
+    );
+    assert_eq!(Baggage::default().value(), None);
+}
+
+#[test]
+fn baggage_from_ztunnel_reads_its_workload_keys_and_skips_junk() {
+    let mut h = HeaderMap::new();
+    h.append(
+        BAGGAGE,
+        HeaderValue::from_static("k8s.cluster.name=K1,k8s.deployment.name=web;prop=1,junk"),
+    );
+    h.append(
+        BAGGAGE,
+        HeaderValue::from_static("service.version=v2, other=x"),
+    );
+    let b = Baggage::parse(&h);
+    assert_eq!(b.cluster, "K1");
+    assert_eq!(b.pod, "web");
+    assert_eq!(b.version, "v2");
+    assert_eq!(b.namespace, "");
+}
+
+#[test]
+fn traceparent_round_trips_and_is_random() {
+    let a = TraceParent::random();
+    let b = TraceParent::random();
+    assert_ne!(a.trace_id, b.trace_id);
+    let text = a.to_string();
+    assert_eq!(text.len(), 55, "{text}");
+    assert!(text.starts_with("00-") && text.ends_with("-00"), "{text}");
+    assert_eq!(TraceParent::parse(&text), Some(a));
+    assert_eq!(a.trace_id().len(), 32);
+}
+
+#[test]
+fn malformed_traceparents_are_absent() {
+    for bad in [
+        "",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+        "00-+af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    ] {
+        assert_eq!(TraceParent::parse(bad), None, "{bad:?}");
+    }
+    let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let tp = TraceParent::parse(good).unwrap();
+    assert_eq!(tp.to_string(), good);
+    assert_eq!(tp.flags, 1);
+}
+
+#[test]
+fn forwarded_quotes_the_client_and_names_the_service_host() {
+    let h = ConnectHeaders::new(&client(), "10.1.0.5:40000".parse().unwrap(), None);
+    assert_eq!(h.forwarded.unwrap(), "for=\"10.1.0.5:40000\"");
+    let h = ConnectHeaders::new(
+        &client(),
+        "[fd00::5]:40000".parse().unwrap(),
+        Some("echo.default.svc.cluster.local"),
+    );
+    assert_eq!(
+        h.forwarded.unwrap(),
+        "for=\"[fd00::5]:40000\";host=echo.default.svc.cluster.local"
+    );
+}
+
+#[test]
+fn applied_headers_are_read_back() {
+    let h = ConnectHeaders::new(&client(), "10.1.0.5:40000".parse().unwrap(), None);
+    let mut map = HeaderMap::new();
+    h.apply(&mut map);
+    let r = Received::parse(&map);
+    assert_eq!(r.trace, h.traceparent);
+    assert_eq!(r.baggage, client());
+    assert_eq!(r.forwarded.as_deref(), Some("for=\"10.1.0.5:40000\""));
+    assert_eq!(Received::parse(&HeaderMap::new()), Received::default());
+}
