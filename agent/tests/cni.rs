@@ -14,6 +14,7 @@ use std::time::Duration;
 use ambit::cni::handler::handler;
 use ambit::cni::pods::PodMap;
 use ambit::cni::server;
+use ambit::inventory::enrollment::Enrollment;
 use ambit::inventory::{Snapshot, Workload};
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -118,6 +119,7 @@ fn workload(netns: Option<PathBuf>) -> Workload {
         ips: vec!["10.88.0.9".parse().unwrap()],
         labels: Default::default(),
         enrolled: true,
+        enrollment: Enrollment::by_mode_label(true),
         netns,
         cgroup: None,
         skip_ports: Vec::new(),

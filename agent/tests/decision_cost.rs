@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
+use ambit::inventory::enrollment::Enrollment;
 use ambit::inventory::services::{Endpoint, Service, ServicePort};
 use ambit::inventory::{Snapshot, Workload};
 use ambit::policy::authz::{self, AuthorizationPolicy, ConnAttrs};
@@ -50,6 +51,7 @@ fn inventory() -> Snapshot {
             ips: vec![pod_ip(i)],
             labels: BTreeMap::from([("app".to_string(), format!("app-{}", i % 20))]),
             enrolled: true,
+            enrollment: Enrollment::by_mode_label(true),
             netns: None,
             cgroup: None,
             skip_ports: Vec::new(),

@@ -49,7 +49,7 @@ impl Testbed {
         let id = self.state().id.clone();
         let pod = Pod {
             name: spec.name.clone(),
-            namespace: "default".into(),
+            namespace: spec.namespace.clone(),
             node: spec.node.clone(),
             netns: format!("ambit-{id}-{}", spec.name),
             cgroup: node.cgroup.join(&spec.name),
@@ -59,6 +59,7 @@ impl Testbed {
             servers: false,
             in_inventory: spec.in_inventory,
             annotations: spec.annotations.clone(),
+            labels: spec.labels.clone(),
         };
         self.state_mut().pods.push(pod.clone());
         self.state().save()?;

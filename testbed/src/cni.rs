@@ -85,6 +85,7 @@ impl Testbed {
             servers: false,
             in_inventory: false,
             annotations: Vec::new(),
+            labels: Vec::new(),
         };
         self.state_mut().pods.push(pod.clone());
         self.state().save()?;

@@ -83,6 +83,9 @@ fn pod_yaml(pod: &Pod) -> String {
     if pod.enrolled {
         y.push_str("    ambit.io/mode: enabled\n");
     }
+    for (k, v) in &pod.labels {
+        let _ = writeln!(y, "    {k}: {v:?}");
+    }
     let _ = write!(
         y,
         "  annotations:\n    ambit.io/netns: {netns}\n    ambit.io/cgroup: {cgroup}\n{extra}\

@@ -158,6 +158,10 @@ pub struct Pod {
     /// Extra `metadata.annotations` the inventory gives it (key, value).
     #[serde(default)]
     pub annotations: Vec<(String, String)>,
+    /// Extra `metadata.labels` the inventory gives it (key, value), besides `app` and
+    /// `ambit.io/mode`.
+    #[serde(default)]
+    pub labels: Vec<(String, String)>,
 }
 
 fn yes() -> bool {
@@ -178,9 +182,11 @@ pub struct Process {
 pub struct PodSpec {
     /// Pod name (≤ 12 characters).
     pub name: String,
+    /// Kubernetes namespace (default `default`).
+    pub namespace: String,
     /// Node name (`node1`, `node2`).
     pub node: String,
-    /// Enrolled in ambit.
+    /// Labelled `ambit.io/mode: enabled` (and waited for by [`crate::Testbed::up`]).
     pub enrolled: bool,
     /// Runs the test servers.
     pub servers: bool,
@@ -188,6 +194,8 @@ pub struct PodSpec {
     pub in_inventory: bool,
     /// Extra `metadata.annotations` in the inventory (key, value).
     pub annotations: Vec<(String, String)>,
+    /// Extra `metadata.labels` in the inventory (key, value).
+    pub labels: Vec<(String, String)>,
 }
 
 impl PodSpec {
@@ -195,12 +203,27 @@ impl PodSpec {
     pub fn new(name: &str, node: &str, enrolled: bool, servers: bool) -> Self {
         Self {
             name: name.into(),
+            namespace: "default".into(),
             node: node.into(),
             enrolled,
             servers,
             in_inventory: true,
             annotations: Vec::new(),
+            labels: Vec::new(),
         }
+    }
+
+    /// This spec in Kubernetes namespace `namespace` (the testbed lists no Namespace object
+    /// for it: apply one to label it).
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// This spec with the inventory label `key: value` added.
+    pub fn labelled(mut self, key: &str, value: &str) -> Self {
+        self.labels.push((key.into(), value.into()));
+        self
     }
 
     /// This spec with the inventory annotation `key: value` added.

@@ -381,6 +381,23 @@ impl Testbed {
         self.write_inventory()
     }
 
+    /// Replaces `pod`'s extra inventory labels (not `app`, not `ambit.io/mode`) by `labels`,
+    /// rewriting the inventory (agents poll it).
+    pub fn set_pod_labels(&mut self, pod: &str, labels: &[(&str, &str)]) -> Result<()> {
+        let p = self
+            .state
+            .pods
+            .iter_mut()
+            .find(|p| p.name == pod)
+            .with_context(|| format!("no pod `{pod}`"))?;
+        p.labels = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
+        self.state.save()?;
+        self.write_inventory()
+    }
+
     /// Log tails of every agent and the CA, for failure messages.
     pub fn agent_logs(&self, lines: usize) -> String {
         let mut out = String::new();

@@ -242,8 +242,8 @@ pub fn policy(v: &Value) -> String {
     out
 }
 
-/// `ambit explain`: the verdict, the source agent's steps, the destination agent's checks in
-/// words, and warnings.
+/// `ambit explain`: the verdict, which label enrolled (or did not enroll) each pod, the source
+/// agent's steps, the destination agent's checks in words, and warnings.
 pub fn explain(v: &Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -253,6 +253,14 @@ pub fn explain(v: &Value) -> String {
         s(&v["to"]),
         s(&v["verdict"])
     );
+    let enrollment = items(&v["enrollment"]);
+    if !enrollment.is_empty() {
+        let _ = writeln!(out, "\nenrollment:");
+        for e in enrollment {
+            let (role, pod, reason) = (s(&e["role"]), s(&e["pod"]), s(&e["reason"]));
+            let _ = writeln!(out, "  - {role} {pod}: {reason}");
+        }
+    }
     let _ = writeln!(out, "\nsource agent:");
     for step in items(&v["outbound"]["steps"]) {
         let _ = writeln!(out, "  - {}", s(step));

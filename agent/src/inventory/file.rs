@@ -14,11 +14,12 @@ use tokio::sync::watch as channel;
 pub use self::watch::{watch_file, watch_with_cni, WatchSettings};
 pub use super::publish::ReloadStats;
 
+use super::enrollment;
 use super::objects::{Namespace, Node, Pod};
 use super::services::{self, EndpointSliceObject, ServiceObject, SERVICE_NAME_LABEL};
 use super::{
     Snapshot, Workload, CGROUP_ANNOTATION, EXCLUDE_CIDRS_ANNOTATION, EXCLUDE_PORTS_ANNOTATION,
-    MODE_LABEL, NETNS_ANNOTATION,
+    NETNS_ANNOTATION,
 };
 use crate::cni::pods::CniPod;
 use crate::inventory::sandboxes::merge_netns;
@@ -402,18 +403,14 @@ pub(crate) fn workload(
             ips.push(ip);
         }
     }
-    let ns_mode = namespaces
-        .get(&namespace)
-        .and_then(|l| l.get(MODE_LABEL))
-        .map(String::as_str);
-    let pod_mode = meta.labels.get(MODE_LABEL).map(String::as_str);
-    // A host-network pod's namespace is the node's: capturing it would capture the node.
-    let enrolled = !pod.spec.host_network
-        && match pod_mode {
-            Some("enabled") => true,
-            Some("disabled") => false,
-            _ => ns_mode == Some("enabled"),
-        };
+    // The labels of the pod and its namespace (a host-network pod never: that would capture the
+    // node; a pod with an Istio sidecar never: the sidecar holds the same ports).
+    let enrollment = enrollment::decide(
+        &meta.labels,
+        &meta.annotations,
+        namespaces.get(&namespace),
+        pod.spec.host_network,
+    );
     let created = timestamp(
         meta.creation_timestamp.as_deref(),
         "metadata.creationTimestamp",
@@ -468,7 +465,8 @@ pub(crate) fn workload(
         service_account,
         node: pod.spec.node_name,
         ips,
-        enrolled,
+        enrolled: enrollment.enrolled(),
+        enrollment,
         netns: annotation(NETNS_ANNOTATION).map(PathBuf::from),
         cgroup: annotation(CGROUP_ANNOTATION).map(PathBuf::from),
         labels: meta.labels,

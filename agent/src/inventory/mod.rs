@@ -1,6 +1,7 @@
 //! The inventory: workloads (pods) and namespaces known to the agent, from a file or Kubernetes.
 pub mod addresses;
 pub mod check;
+pub mod enrollment;
 pub mod file;
 pub mod guard;
 pub mod index;
@@ -20,8 +21,7 @@ use k8s_openapi::jiff::Timestamp;
 use addresses::{AddressIndex, Claim};
 use index::IndexCell;
 
-/// Label (on a pod or its namespace) that enrolls pods: `enabled`; a pod label `disabled` opts out.
-pub const MODE_LABEL: &str = "ambit.io/mode";
+pub use enrollment::{DATAPLANE_MODE_LABEL, MODE_LABEL};
 /// Annotation with the pod's network namespace path (file inventory; the CNI plugin supplies it in Kubernetes).
 pub const NETNS_ANNOTATION: &str = "ambit.io/netns";
 /// Annotation with the pod's cgroup v2 directory (file inventory, informational).
@@ -48,6 +48,8 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// Whether ambit captures this pod's traffic.
     pub enrolled: bool,
+    /// Which label (or rule) decided `enrolled` ([`enrollment::decide`]).
+    pub enrollment: enrollment::Enrollment,
     /// Network namespace path, when known on this node.
     pub netns: Option<PathBuf>,
     /// Cgroup v2 directory, when known.

@@ -6,6 +6,7 @@ use serde::Serialize;
 use super::manager::AppliedAuthz;
 use super::route::{self, Decision, Route, RouteCtx, Steps};
 use crate::inventory::addresses::Conflict;
+use crate::inventory::enrollment::Enrollment;
 use crate::inventory::{Snapshot, Workload};
 use crate::policy::authz::{self, ConnAttrs};
 use crate::policy::peer_auth::{self, Effective, Resolution};
@@ -23,6 +24,9 @@ pub struct Explanation {
     pub inbound: Option<Inbound>,
     /// One line: tunnelled, plaintext or refused, and by whom.
     pub verdict: String,
+    /// Whether the source pod and the destination pod (when the destination is one) are
+    /// enrolled, and which label decided.
+    pub enrollment: Vec<PodEnrollment>,
     /// Likely mistakes found in the policies that concern this connection.
     pub warnings: Vec<String>,
     /// Addresses of this connection (the one dialled, a Service's endpoints) that several
@@ -42,6 +46,33 @@ pub struct Inbound {
     /// The AuthorizationPolicies that select the destination pod (whether or not they match),
     /// so that the decision can be told in words.
     pub authorization_policies: Vec<AppliedAuthz>,
+}
+
+/// One pod's enrollment, as `explain` tells it.
+#[derive(Debug, Serialize)]
+pub struct PodEnrollment {
+    /// `source` or `destination`.
+    pub role: &'static str,
+    /// The pod (`namespace/name`).
+    pub pod: String,
+    /// Whether it is enrolled.
+    pub enrolled: bool,
+    /// The rule or label that decided.
+    pub decision: Enrollment,
+    /// The decision in words (`enrolled by namespace label istio.io/dataplane-mode=ambient`).
+    pub reason: String,
+}
+
+impl PodEnrollment {
+    fn of(role: &'static str, w: &Workload) -> Self {
+        Self {
+            role,
+            pod: w.key(),
+            enrolled: w.enrolled,
+            decision: w.enrollment,
+            reason: w.enrollment.to_string(),
+        }
+    }
 }
 
 /// Errors in the question itself.
@@ -96,6 +127,9 @@ pub fn explain(
         warnings.extend(policy_warnings(snap, root_namespace, w, t.port()));
     }
     let verdict = verdict(&outbound, inbound.as_ref(), tunnelled, src.enrolled);
+    let enrollment = std::iter::once(PodEnrollment::of("source", src))
+        .chain(dst.map(|(_, w)| PodEnrollment::of("destination", w)))
+        .collect();
     let endpoints: std::collections::BTreeSet<std::net::IpAddr> = snap
         .service_by_vip(to.ip())
         .map(|s| s.endpoints.iter().map(|e| e.ip).collect())
@@ -110,6 +144,7 @@ pub fn explain(
         outbound,
         inbound,
         verdict,
+        enrollment,
         warnings,
         address_conflicts,
     })

@@ -54,7 +54,7 @@ impl Testbed {
                 2 + u8::try_from(pods.iter().filter(|p: &&Pod| p.node == spec.node).count())?;
             pods.push(Pod {
                 name: spec.name.clone(),
-                namespace: "default".into(),
+                namespace: spec.namespace.clone(),
                 node: spec.node.clone(),
                 netns: format!("ambit-{id}-{}", spec.name),
                 cgroup: match opts.kubelet_cgroups {
@@ -67,6 +67,7 @@ impl Testbed {
                 servers: spec.servers,
                 in_inventory: spec.in_inventory,
                 annotations: spec.annotations.clone(),
+                labels: spec.labels.clone(),
             });
         }
         let ca = (opts.ca && opts.agents)

@@ -159,6 +159,10 @@ fn the_cli_says_what_happens_in_words() {
         format!(
             "default/client -> {to}: tunnelled over mTLS (HBONE)\n\
              \n\
+             enrollment:\n  \
+             - source default/client: enrolled by pod label ambit.io/mode=enabled\n  \
+             - destination default/server: enrolled by pod label ambit.io/mode=enabled\n\
+             \n\
              source agent:\n  \
              - {s_ip} is enrolled pod default/server\n  \
              - destination PeerAuthentication on port {ECHO_PORT}: PERMISSIVE (default, nothing set)\n  \

@@ -26,6 +26,7 @@ mod hbone_headers;
 mod identity;
 mod inbound;
 mod inventory_hold;
+mod istio_labels;
 mod kubelet_cgroups;
 mod load;
 mod loops;

@@ -65,6 +65,10 @@ fn explain_tells_a_tunnelled_connection_without_policies_in_words() {
         out,
         "shop/client -> 10.2.0.2:8080: tunnelled over mTLS (HBONE)\n\
          \n\
+         enrollment:\n  \
+         - source shop/client: enrolled by namespace label ambit.io/mode=enabled\n  \
+         - destination shop/server: enrolled by namespace label ambit.io/mode=enabled\n\
+         \n\
          source agent:\n  \
          - 10.2.0.2 is enrolled pod shop/server\n  \
          - destination PeerAuthentication on port 8080: PERMISSIVE (default, nothing set)\n  \
@@ -87,6 +91,10 @@ fn explain_tells_a_denied_connection_and_the_policy_that_denies_it() {
     assert_eq!(
         explain(&v),
         "shop/client -> 10.2.0.2:8080: refused by the destination: AuthorizationPolicy shop/deny-client denies it\n\
+         \n\
+         enrollment:\n  \
+         - source shop/client: enrolled by namespace label ambit.io/mode=enabled\n  \
+         - destination shop/server: enrolled by namespace label ambit.io/mode=enabled\n\
          \n\
          source agent:\n  \
          - 10.2.0.2 is enrolled pod shop/server\n  \
@@ -162,10 +170,15 @@ fn explain_of_a_refused_route_names_the_reason() {
         "outbound": {"route": "refuse", "reason": "Service shop/web has no port 81",
                      "steps": ["10.96.0.9 is a virtual IP of Service shop/web"]},
         "inbound": null, "warnings": [],
+        "enrollment": [{"role": "source", "pod": "shop/client", "enrolled": true,
+                        "reason": "enrolled by namespace label ambit.io/mode=enabled"}],
     });
     assert_eq!(
         explain(&v),
         "shop/client -> 10.96.0.9:81: refused by the source agent: Service shop/web has no port 81\n\
+         \n\
+         enrollment:\n  \
+         - source shop/client: enrolled by namespace label ambit.io/mode=enabled\n\
          \n\
          source agent:\n  \
          - 10.96.0.9 is a virtual IP of Service shop/web\n  \

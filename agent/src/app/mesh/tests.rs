@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use super::*;
+use crate::inventory::enrollment::Enrollment;
 use crate::inventory::services::{Endpoint, Service};
 use crate::inventory::Workload;
 
@@ -22,6 +23,7 @@ fn pod(name: &str, node: &str, enrolled: bool, ips: &[&str]) -> Workload {
         ips: ips.iter().map(|i| ip(i)).collect(),
         labels: BTreeMap::new(),
         enrolled,
+        enrollment: Enrollment::by_mode_label(enrolled),
         netns: None,
         cgroup: None,
         skip_ports: vec![],

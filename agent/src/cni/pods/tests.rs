@@ -11,6 +11,7 @@ use super::{Error, PodMap};
 use crate::cni::handler::{handler, Confirm};
 use crate::cni::plugin::tests::TempDir;
 use crate::cni::{CniCommand, CniEvent, CniReply, NetnsId, PodRef};
+use crate::inventory::enrollment::Enrollment;
 use crate::inventory::sandboxes::{newest_by_pod, pod_views};
 use crate::inventory::{Snapshot, Workload};
 
@@ -157,6 +158,7 @@ fn workload(name: &str, enrolled: bool, netns: Option<&Path>) -> Workload {
         ips: Vec::new(),
         labels: Default::default(),
         enrolled,
+        enrollment: Enrollment::by_mode_label(enrolled),
         netns: netns.map(Path::to_path_buf),
         cgroup: None,
         skip_ports: Vec::new(),

@@ -573,5 +573,6 @@ async fn readiness_waits_for_a_failing_list_to_succeed() {
     until(&mut r.rx, "all pods", |s| s.workloads.len() == 4).await;
 }
 
+mod istio_labels;
 mod relist;
 mod unreadable;
