@@ -34,6 +34,7 @@ mod peer_auth;
 mod privilege;
 mod restart;
 mod rogue;
+mod root_rotation;
 mod services;
 mod signals;
 mod skip_lists;
