@@ -25,6 +25,7 @@ mod hbone;
 mod identity;
 mod inbound;
 mod inventory_hold;
+mod istiod_ca;
 mod kubelet_cgroups;
 mod load;
 mod loops;
