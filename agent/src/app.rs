@@ -42,6 +42,7 @@ use crate::cni;
 use crate::config::{Config, InventorySource};
 use crate::identity::manager::{CertManager, ManagerSettings};
 use crate::identity::source::TlsSource;
+use crate::identity::trust::{self, RootFile};
 use crate::identity::CaClient;
 use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
 use crate::inventory::file::{self, ReloadStats};
@@ -376,7 +377,8 @@ fn open_pod_map(path: &Path) -> anyhow::Result<Arc<cni::pods::PodMap>> {
     Ok(pod_map)
 }
 
-/// The certificate manager and the TLS source built on it, when a CA is configured.
+/// The certificate manager and the TLS source built on it, when a CA is configured; the TLS
+/// source's trust follows the root file and the CA's roots from then on.
 fn identities(cfg: &Config) -> anyhow::Result<Option<(Arc<TlsSource>, Arc<CertManager>)>> {
     let Some(ca) = cfg.ca.clone() else {
         return Ok(None);
@@ -400,6 +402,8 @@ fn identities(cfg: &Config) -> anyhow::Result<Option<(Arc<TlsSource>, Arc<CertMa
                 .with_context(|| format!("trustDomainAliases: {alias}"))?,
         );
     }
+    let root_file = RootFile::new(ca.root_cert.clone(), root_pem);
+    let poll = Duration::from_millis(ca.root_cert_poll_ms.max(50));
     let client = CaClient::new(ca).context("cannot set up the ca client")?;
     let certs = Arc::new(CertManager::new(
         client,
@@ -411,6 +415,12 @@ fn identities(cfg: &Config) -> anyhow::Result<Option<(Arc<TlsSource>, Arc<CertMa
         Arc::new(move |id: &SpiffeId| lookup.get(id)),
         roots,
         domains,
+    ));
+    tokio::spawn(trust::follow(
+        root_file,
+        poll,
+        tls.clone(),
+        certs.watch_roots(),
     ));
     Ok(Some((tls, certs)))
 }

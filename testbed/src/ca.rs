@@ -21,7 +21,8 @@ use crate::state::{write_atomic, Ca, Node, State, CA_PORT, TRUST_DOMAIN};
 
 /// `iss` of the testbed's tokens (what a cluster's API server would use).
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-/// Audience the agents' tokens carry and the CA requires.
+/// Audience the agents' tokens carry and the CA requires, unless the testbed says otherwise
+/// (`Options::ca_audience`).
 pub const AUDIENCE: &str = "ambit-ca";
 /// Namespace of the node agents' service account (as `deploy/`).
 pub const AGENT_NAMESPACE: &str = "ambit-system";
@@ -48,6 +49,8 @@ pub fn plan(dir: &Path, cgroup_root: &Path, node: &Node, cert_ttl_secs: u64) -> 
         issuer_key: dir.join("issuer.pk8"),
         jwks: dir.join("issuer-jwks.json"),
         cert_ttl_secs,
+        audience: AUDIENCE.to_string(),
+        cluster_id: None,
     }
 }
 
@@ -59,7 +62,7 @@ pub fn prepare(state: &State) -> Result<()> {
     write_private(&ca.issuer_key, issuer.pkcs8())?;
     write_atomic(&ca.jwks, issuer.jwks().as_bytes())?;
     for node in &state.nodes {
-        let token = node_token(&issuer, &node.name, TOKEN_TTL)?;
+        let token = node_token_for(&issuer, &node.name, &ca.audience, TOKEN_TTL)?;
         write_private(&node.token_file, token.as_bytes())?;
     }
     write_atomic(&ca.config, config_yaml(state, ca).as_bytes())
@@ -72,14 +75,24 @@ pub fn issuer(ca: &Ca) -> Result<TokenIssuer> {
     TokenIssuer::from_pkcs8(&ca.issuer, &key).context("loading the token issuer key")
 }
 
-/// A node agent's projected token for `node`, valid for `ttl`.
+/// A node agent's projected token for `node`, valid for `ttl`, with the default audience.
 pub fn node_token(issuer: &TokenIssuer, node: &str, ttl: Duration) -> Result<String> {
+    node_token_for(issuer, node, AUDIENCE, ttl)
+}
+
+/// A node agent's projected token for `node` with `audience`, valid for `ttl`.
+pub fn node_token_for(
+    issuer: &TokenIssuer,
+    node: &str,
+    audience: &str,
+    ttl: Duration,
+) -> Result<String> {
     issuer
         .token(&ServiceAccountClaims {
             namespace: AGENT_NAMESPACE.to_string(),
             service_account: AGENT_SERVICE_ACCOUNT.to_string(),
             node: node.to_string(),
-            audiences: vec![AUDIENCE.to_string()],
+            audiences: vec![audience.to_string()],
             issued_at: SystemTime::now(),
             ttl,
         })
@@ -89,6 +102,10 @@ pub fn node_token(issuer: &TokenIssuer, node: &str, ttl: Duration) -> Result<Str
 /// The `ambit ca --config` YAML.
 pub fn config_yaml(state: &State, ca: &Ca) -> String {
     let max_ttl = ca.cert_ttl_secs.max(24 * 3600);
+    let cluster = match &ca.cluster_id {
+        Some(id) => format!("  clusterId: {id}\n  requireClusterId: true\n"),
+        None => String::new(),
+    };
     format!(
         "# ambit testbed {id}: the CA, in {node}'s network namespace\n\
          listen: {addr}\n\
@@ -102,8 +119,9 @@ pub fn config_yaml(state: &State, ca: &Ca) -> String {
          tokens:\n  \
            issuer: {issuer}\n  \
            jwksFile: {jwks}\n  \
-           audiences: [{AUDIENCE}]\n  \
-           nodeAgents: [\"system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}\"]\n",
+           audiences: [{audience}]\n  \
+           nodeAgents: [\"system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}\"]\n\
+         {cluster}",
         id = state.id,
         node = ca.node,
         addr = ca.addr,
@@ -112,18 +130,27 @@ pub fn config_yaml(state: &State, ca: &Ca) -> String {
         ttl = ca.cert_ttl_secs,
         issuer = ca.issuer,
         jwks = ca.jwks.display(),
+        audience = ca.audience,
     )
 }
 
+/// How often the agents check the CA's root file for changes, in milliseconds.
+pub const ROOT_POLL_MS: u64 = 200;
+
 /// The `ca:` section of an agent's config.
 pub fn agent_section(ca: &Ca, node: &Node) -> String {
-    format!(
-        "ca:\n  address: {addr}\n  rootCert: {root}\n  tokenFile: {token}\n  ttlSecs: {ttl}\n",
+    let mut out = format!(
+        "ca:\n  address: {addr}\n  rootCert: {root}\n  rootCertPollMs: {ROOT_POLL_MS}\n  \
+         tokenFile: {token}\n  ttlSecs: {ttl}\n",
         addr = ca.addr,
         root = ca.cert_dir.join("root-cert.pem").display(),
         token = node.token_file.display(),
         ttl = ca.cert_ttl_secs,
-    )
+    );
+    if let Some(id) = &ca.cluster_id {
+        out.push_str(&format!("  clusterId: {id}\n"));
+    }
+    out
 }
 
 /// Starts `ambit ca` in its node's namespace, in its own cgroup.

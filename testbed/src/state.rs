@@ -84,6 +84,18 @@ pub struct Ca {
     pub jwks: PathBuf,
     /// Certificate lifetime the agents ask for, in seconds.
     pub cert_ttl_secs: u64,
+    /// Audience of the node agents' tokens, which the CA requires (`ambit-ca`; `istio-ca`
+    /// where the testbed's CA plays istiod).
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    /// The cluster ID the CA serves and requires, which the agents send (`ClusterID`
+    /// metadata); `None`: neither.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
+}
+
+fn default_audience() -> String {
+    crate::ca::AUDIENCE.to_string()
 }
 
 /// An object added with `apply`; a later object with the same key replaces it.

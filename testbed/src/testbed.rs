@@ -51,6 +51,12 @@ pub struct Options {
     pub ca: bool,
     /// Certificate lifetime the agents ask the CA for, in seconds.
     pub cert_ttl_secs: u64,
+    /// Audience of the agents' tokens, required by the CA (default [`ca::AUDIENCE`]; istiod
+    /// requires `istio-ca`).
+    pub ca_audience: String,
+    /// A cluster ID the CA serves and requires, and the agents send as `ClusterID` metadata
+    /// (as with a multi-cluster istiod); `None`: neither.
+    pub cluster_id: Option<String>,
     /// Lay the pods' and agents' cgroups out as kubelet does with this driver, below each
     /// node's cgroup (which the agent then takes as its `cgroupRoot`): the agents find the
     /// pods' root themselves (`podsCgroup: auto`) and stay in their own pod's cgroup.
@@ -70,6 +76,8 @@ impl Default for Options {
             progress: true,
             ca: true,
             cert_ttl_secs: DEFAULT_CERT_TTL_SECS,
+            ca_audience: ca::AUDIENCE.to_string(),
+            cluster_id: None,
             kubelet_cgroups: None,
             cni: false,
         }

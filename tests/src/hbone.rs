@@ -107,7 +107,9 @@ impl Issue for Testbed {
         let cfg = CaClientConfig {
             address: ca.addr.to_string(),
             root_cert: ca.cert_dir.join("root-cert.pem"),
+            root_cert_poll_ms: 2_000,
             token_file: token_file.to_path_buf(),
+            cluster_id: ca.cluster_id.clone(),
             server_name: None,
             ttl_secs: 3600,
             timeout_ms: 5000,

@@ -63,6 +63,11 @@ pub fn registry(
         "Failures to install (the pod is not enrolled) or remove a pod's delivery routing",
         crate::proxy::delivery_route::FAILURES.clone(),
     );
+    r.register(
+        "ambit_trust_reloads",
+        "Reloads of the CA root file (ca.rootCert) by outcome; rejected and unreadable keep the last good roots",
+        crate::identity::trust::RELOADS.clone(),
+    );
     r.register_collector(Box::new(Runtime { datapath, manager }));
     r.register_collector(Box::new(Inventory(reloads)));
     r

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::ca::server::CaLimits;
+use crate::ca::service::{ClusterPolicy, DEFAULT_CLUSTER_ID};
 use crate::config::{InventorySource, LogFormat};
 use crate::identity::TrustDomain;
 
@@ -37,7 +38,7 @@ pub struct CaConfig {
     pub serving_ips: Vec<IpAddr>,
     /// Inventory source (a file, or the Kubernetes API): which pod (identity) runs on which node.
     pub inventory: InventorySource,
-    /// How often the inventory and JWKS files are checked for changes.
+    /// How often the inventory and JWKS files and the root material are checked for changes.
     pub poll: Duration,
     /// Lifetime of a certificate when the request asks for none.
     pub default_ttl: Duration,
@@ -68,6 +69,9 @@ pub struct TokenConfig {
     pub leeway: Duration,
     /// How often keys from OIDC discovery are fetched again.
     pub jwks_refresh: Duration,
+    /// The cluster whose tokens these are (istiod's `CLUSTER_ID`): a request naming another
+    /// cluster in its `ClusterID` metadata is refused.
+    pub cluster: ClusterPolicy,
 }
 
 /// Source of the token issuer's keys.
@@ -199,6 +203,13 @@ impl CaConfig {
                 "must name at least one service account".into(),
             ));
         }
+        let cluster_id = raw.tokens.cluster_id;
+        if cluster_id.is_empty() || !cluster_id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                "tokens.clusterId",
+                format!("{cluster_id:?} is empty or not visible ascii"),
+            ));
+        }
         let limits = raw
             .limits
             .check()
@@ -222,6 +233,10 @@ impl CaConfig {
                 node_agents: raw.tokens.node_agents,
                 leeway: Duration::from_secs(raw.tokens.leeway_secs),
                 jwks_refresh,
+                cluster: ClusterPolicy {
+                    id: cluster_id,
+                    required: raw.tokens.require_cluster_id,
+                },
             },
             status_listen: raw.status_listen,
             log_format: raw.log_format,
@@ -338,6 +353,10 @@ struct RawTokens {
     leeway_secs: u64,
     #[serde(default = "default_jwks_refresh_secs")]
     jwks_refresh_secs: u64,
+    #[serde(default = "default_cluster_id")]
+    cluster_id: String,
+    #[serde(default)]
+    require_cluster_id: bool,
 }
 
 fn default_listen() -> SocketAddr {
@@ -370,6 +389,9 @@ fn default_leeway_secs() -> u64 {
 fn default_jwks_refresh_secs() -> u64 {
     300
 }
+fn default_cluster_id() -> String {
+    DEFAULT_CLUSTER_ID.to_owned()
+}
 
 #[cfg(test)]
 mod tests {
@@ -387,6 +409,43 @@ mod tests {
         assert_eq!(cfg.tokens.keys, KeySource::JwksFile("/jwks.json".into()));
         assert_eq!(cfg.default_ttl, Duration::from_secs(86400));
         assert!(!cfg.generate);
+        assert_eq!(
+            cfg.tokens.cluster,
+            ClusterPolicy {
+                id: "Kubernetes".into(),
+                required: false
+            }
+        );
+    }
+
+    #[test]
+    fn cluster_id_can_be_required_and_must_be_ascii() {
+        let text = MINIMAL.replace(
+            "  jwksFile",
+            "  clusterId: east\n  requireClusterId: true\n  jwksFile",
+        );
+        let cfg = CaConfig::parse(Path::new("ca.yaml"), &text).unwrap();
+        assert_eq!(
+            cfg.tokens.cluster,
+            ClusterPolicy {
+                id: "east".into(),
+                required: true
+            }
+        );
+        for bad in ["\"\"", "\"two words\""] {
+            let text = MINIMAL.replace("  jwksFile", &format!("  clusterId: {bad}\n  jwksFile"));
+            let err = CaConfig::parse(Path::new("ca.yaml"), &text).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    ConfigError::Invalid {
+                        field: "tokens.clusterId",
+                        ..
+                    }
+                ),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

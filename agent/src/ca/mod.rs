@@ -1,21 +1,23 @@
 //! `ambit ca`: the certificate authority, speaking Istio's CA API, and the agent's client of it.
 //!
-//! Server side: [`config`] (YAML), [`material`] (root material, serving certificate),
-//! [`token`] (node authentication), [`service`] (authorization and signing), [`server`] (TLS
-//! and gRPC). Client side: [`client`]. Where no API server mints service-account tokens (the
+//! Server side: [`config`] (YAML), [`material`] (root material, serving certificate; followed
+//! by [`reload`]), [`token`] (node authentication), [`service`] (authorization and signing),
+//! [`server`] (TLS and gRPC). Client side: [`client`]. Where no API server mints service-account tokens (the
 //! testbed, tests), the `ambit-testbed` crate's `issuer` does.
 //!
 //! Startup order in [`run`]: config → logging → root material (generated if asked) → issuer
 //! keys (a JWKS file, or OIDC discovery from the API server) → first inventory load from a file
 //! (must succeed: a CA that cannot authorize anyone is useless), or the Kubernetes reflectors
-//! (`/status` answers 503 until their first full sync) → listener → watchers (inventory, keys)
+//! (`/status` answers 503 until their first full sync) → listener → watchers (inventory, keys,
+//! root material)
 //! → serve until SIGTERM/SIGINT/SIGQUIT. Signals are taken over first, as in the agent
 //! ([`crate::signals`]): SIGHUP re-reads the config file and logs whether it differs (nothing
-//! is applied: the inventory and the issuer keys are followed anyway, the rest takes a
-//! restart), SIGUSR1 logs the CA's counters, other signals are logged and ignored.
+//! is applied: the inventory, the issuer keys and the root material are followed anyway, the
+//! rest takes a restart), SIGUSR1 logs the CA's counters, other signals are logged and ignored.
 pub mod config;
 pub mod material;
 pub mod oidc;
+pub mod reload;
 pub mod server;
 pub mod service;
 mod status;
@@ -126,7 +128,14 @@ async fn serve(cfg: CaConfig, args: CaArgs, mut signals: Signals) -> Result<(), 
         dns: cfg.serving_names.clone(),
         ips,
     };
+    let reloader = reload::Reload {
+        dir: cfg.cert_dir.clone(),
+        trust_domain: cfg.trust_domain.clone(),
+        names: names.clone(),
+    };
     let generate = cfg.generate.then_some(cfg.root_ttl);
+    // Read before loading: a change made meanwhile is then seen as one and loaded.
+    let files = reload::Files::read(&cfg.cert_dir);
     let material = Material::load(
         &cfg.cert_dir,
         generate,
@@ -156,14 +165,17 @@ async fn serve(cfg: CaConfig, args: CaArgs, mut signals: Signals) -> Result<(), 
     );
 
     let (inventory_rx, ready, inventory_task) = start_inventory(&cfg.inventory, cfg.poll).await?;
-    let service = Arc::new(CaService::new(
-        material.authority,
-        &material.roots,
-        tokens,
-        inventory_rx,
-        cfg.default_ttl,
-        cfg.max_ttl,
-    ));
+    let service = Arc::new(
+        CaService::new(
+            material.authority,
+            &material.roots,
+            tokens,
+            inventory_rx,
+            cfg.default_ttl,
+            cfg.max_ttl,
+        )
+        .with_cluster(cfg.tokens.cluster.clone()),
+    );
     let jwks_watch = match (&cfg.tokens.keys, discovery) {
         (_, Some(discovery)) => tokio::spawn(oidc::refresh(
             discovery,
@@ -182,6 +194,8 @@ async fn serve(cfg: CaConfig, args: CaArgs, mut signals: Signals) -> Result<(), 
             source,
         })?;
     let mut running = RunningCa::spawn(listener, service.clone(), material.serving, cfg.limits)?;
+    let material_watch =
+        tokio::spawn(reloader.follow(files, cfg.poll, service.clone(), running.serving()));
     let status = match cfg.status_listen {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -204,6 +218,8 @@ async fn serve(cfg: CaConfig, args: CaArgs, mut signals: Signals) -> Result<(), 
         serving.not_after = %material.serving_not_after,
         default_ttl.secs = cfg.default_ttl.as_secs(),
         issuer = %cfg.tokens.issuer,
+        cluster_id = %cfg.tokens.cluster.id,
+        cluster_id.required = cfg.tokens.cluster.required,
         "ca serving"
     );
 
@@ -225,6 +241,7 @@ async fn serve(cfg: CaConfig, args: CaArgs, mut signals: Signals) -> Result<(), 
     running.stop().await;
     inventory_task.abort();
     jwks_watch.abort();
+    material_watch.abort();
     if let Some(status) = status {
         status.abort();
     }
@@ -352,7 +369,7 @@ fn reload_check(running: &CaConfig, args: &CaArgs) {
             if format!("{read:?}") == format!("{running:?}") {
                 tracing::info!(signal = "SIGHUP", config = %path, "SIGHUP: configuration unchanged");
             } else {
-                tracing::warn!(signal = "SIGHUP", config = %path, "SIGHUP: the config file differs from the running configuration; nothing is applied: a restart takes the new settings (the inventory and the issuer keys are followed without one)");
+                tracing::warn!(signal = "SIGHUP", config = %path, "SIGHUP: the config file differs from the running configuration; nothing is applied: a restart takes the new settings (the inventory, the issuer keys and the root material are followed without one)");
             }
         }
     }

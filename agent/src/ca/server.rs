@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -81,9 +81,28 @@ impl Default for CaLimits {
 #[derive(Debug)]
 pub struct RunningCa {
     addr: SocketAddr,
+    /// The serving certificate, replaced when the root material is reloaded.
+    serving: Arc<Serving>,
     stop: watch::Sender<bool>,
     /// `None` only after [`RunningCa::stop`] took it.
     task: Option<JoinHandle<()>>,
+}
+
+/// Replaces the certificate a [`RunningCa`] presents.
+#[derive(Debug, Clone)]
+pub struct ServingCert(Arc<Serving>);
+
+impl ServingCert {
+    /// Presents `serving` to every new connection from now on (connections already open keep
+    /// the certificate they were shown).
+    pub fn set(&self, serving: Arc<CertifiedKey>) {
+        // A poisoned lock only means a holder panicked; the value is replaced whole.
+        *self
+            .0
+             .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = serving;
+    }
 }
 
 /// Why the server stopped serving.
@@ -139,11 +158,13 @@ impl RunningCa {
             addr: SocketAddr::from(([0, 0, 0, 0], 0)),
             source,
         })?;
-        let tls = tls_config(serving)?;
+        let serving = Arc::new(Serving(RwLock::new(serving)));
+        let tls = tls_config(serving.clone())?;
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(serve(listener, grpc, tls, limits, stopped));
         Ok(Self {
             addr,
+            serving,
             stop,
             task: Some(task),
         })
@@ -152,6 +173,11 @@ impl RunningCa {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// A handle to replace the serving certificate (root material reloads).
+    pub fn serving(&self) -> ServingCert {
+        ServingCert(self.serving.clone())
     }
 
     /// Stops accepting, tells connected clients to go away (HTTP/2 GOAWAY), waits for open
@@ -183,13 +209,13 @@ impl Drop for RunningCa {
 }
 
 /// The rustls server config: the ring provider, TLS 1.3 and 1.2 (istiod offers both), ALPN h2.
-fn tls_config(serving: Arc<CertifiedKey>) -> Result<Arc<ServerConfig>, ServerError> {
+fn tls_config(serving: Arc<Serving>) -> Result<Arc<ServerConfig>, ServerError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|source| ServerError::Tls { source })?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(Serving(serving)));
+        .with_cert_resolver(serving);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
@@ -300,11 +326,16 @@ async fn accept_loop(
 
 /// The server's one certificate, handed to every client (no SNI-based choice).
 #[derive(Debug)]
-struct Serving(Arc<CertifiedKey>);
+struct Serving(RwLock<Arc<CertifiedKey>>);
 
 impl ResolvesServerCert for Serving {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
+        Some(
+            self.0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        )
     }
 }
 

@@ -1,13 +1,15 @@
 //! `CreateCertificate`: authenticate the node agent, authorize the identity, sign the CSR.
 //!
 //! Order of checks: the bearer token (who asks, from which node) before anything in the
-//! request is looked at, so unauthenticated callers learn nothing; then the requested identity
+//! request is looked at, so unauthenticated callers learn nothing; then the `ClusterID`
+//! metadata, as istiod checks it (absent or this CA's cluster: accepted, unless configured to
+//! require it; another cluster: refused, istiod has no token reviewer for it); then the requested identity
 //! and CSR (well-formed, no extra SANs or CA bits); then node authorization (a pod with that
 //! identity runs on the token's node, per the inventory); then signing. Every refusal becomes
 //! a gRPC status whose message says why, is logged at warn and counted.
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -17,7 +19,7 @@ use tonic::{Code, Status};
 
 use crate::ca::token::{NodeToken, TokenError, TokenVerifier};
 use crate::identity::ca_api::{
-    Impersonate as _, Impersonation, IstioCertificateRequest, IstioCertificateResponse,
+    Impersonate as _, Impersonation, IstioCertificateRequest, IstioCertificateResponse, CLUSTER_ID,
 };
 use crate::identity::pem_block;
 use crate::identity::{
@@ -27,14 +29,41 @@ use crate::inventory::Snapshot;
 
 /// The CA's request handler: signing authority, token verifier, inventory and counters.
 pub struct CaService {
-    authority: CertificateAuthority,
-    /// PEM of every trusted root, concatenated: the last entry of each response.
-    roots_pem: String,
+    /// Replaced whole when the root material is reloaded; a request signs with one version.
+    signing: RwLock<Arc<Signing>>,
     tokens: TokenVerifier,
+    cluster: ClusterPolicy,
     inventory: watch::Receiver<Arc<Snapshot>>,
     default_ttl: Duration,
     max_ttl: Duration,
     stats: Stats,
+}
+
+/// The signing authority and the roots every response ends with.
+struct Signing {
+    authority: CertificateAuthority,
+    /// PEM of every trusted root, concatenated: the last entry of each response.
+    roots_pem: String,
+}
+
+/// The cluster this CA serves (istiod's `CLUSTER_ID`) and whether callers must name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterPolicy {
+    /// This CA's cluster ID.
+    pub id: String,
+    /// Refuse requests without `ClusterID` metadata (istiod takes them as its own cluster).
+    pub required: bool,
+}
+
+/// A request's `ClusterID` metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterHeader<'a> {
+    /// Not sent.
+    Absent,
+    /// Sent once, as text.
+    Value(&'a str),
+    /// Sent several times, or not as visible ASCII.
+    Unreadable,
 }
 
 /// Why a request was refused.
@@ -49,6 +78,26 @@ pub enum Refusal {
         #[source]
         source: TokenError,
     },
+    /// No `ClusterID` metadata, and this CA requires it.
+    #[error("node {node} ({subject}): request has no ClusterID metadata; this ca requires cluster id {cluster:?}")]
+    MissingClusterId {
+        subject: String,
+        node: String,
+        cluster: String,
+    },
+    /// `ClusterID` names another cluster: its tokens cannot be checked here.
+    #[error(
+        "node {node} ({subject}) sent ClusterID {got:?}: this ca serves cluster {cluster:?} only"
+    )]
+    ForeignCluster {
+        subject: String,
+        node: String,
+        got: String,
+        cluster: String,
+    },
+    /// `ClusterID` sent several times or not as text.
+    #[error("node {node} ({subject}): ClusterID metadata is not one ascii value")]
+    BadClusterId { subject: String, node: String },
     /// The request has no `ImpersonatedIdentity`: node agents always name the identity.
     #[error("node {node} ({subject}): request has no ImpersonatedIdentity metadata; node agents must name the identity they ask for")]
     NoImpersonation { subject: String, node: String },
@@ -116,6 +165,10 @@ pub struct Stats {
 pub struct StatsSnapshot {
     /// Certificates issued.
     pub issued: u64,
+    /// Root material reloaded from `certDir` after a change.
+    pub material_reloaded: u64,
+    /// Changes of `certDir` whose material did not load (the previous material stays).
+    pub material_rejected: u64,
     /// Refusals by reason (`missing_token`, `bad_token`, `not_on_node`, `bad_csr`, ...).
     pub refused: BTreeMap<&'static str, u64>,
 }
@@ -134,7 +187,9 @@ pub struct Signed {
 }
 
 impl CaService {
-    /// Builds the handler; `roots` are sent as the last entry of every response.
+    /// Builds the handler; `roots` are sent as the last entry of every response. It serves
+    /// the cluster istiod calls `Kubernetes` by default, without requiring its name
+    /// ([`CaService::with_cluster`]).
     pub fn new(
         authority: CertificateAuthority,
         roots: &TrustBundle,
@@ -143,20 +198,42 @@ impl CaService {
         default_ttl: Duration,
         max_ttl: Duration,
     ) -> Self {
-        let roots_pem = roots
-            .roots()
-            .iter()
-            .map(|der| pem_block("CERTIFICATE", der))
-            .collect();
         Self {
-            authority,
-            roots_pem,
+            signing: RwLock::new(Arc::new(Signing::new(authority, roots))),
             tokens,
+            cluster: ClusterPolicy {
+                id: DEFAULT_CLUSTER_ID.to_owned(),
+                required: false,
+            },
             inventory,
             default_ttl,
             max_ttl,
             stats: Stats::default(),
         }
+    }
+
+    /// The same handler serving `cluster`.
+    pub fn with_cluster(mut self, cluster: ClusterPolicy) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Signs with `authority` and answers with `roots` from now on (the root material was
+    /// reloaded); requests in flight finish with the previous material.
+    pub fn set_material(&self, authority: CertificateAuthority, roots: &TrustBundle) {
+        let signing = Arc::new(Signing::new(authority, roots));
+        // A poisoned lock only means a holder panicked; the value is replaced whole.
+        *self
+            .signing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = signing;
+    }
+
+    fn signing(&self) -> Arc<Signing> {
+        self.signing
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The token verifier (to swap the issuer's keys when the JWKS file changes).
@@ -177,7 +254,8 @@ impl CaService {
         request: &IstioCertificateRequest,
     ) -> Result<IstioCertificateResponse, Status> {
         let authorization = metadata.get("authorization").and_then(|v| v.to_str().ok());
-        self.create_certificate(peer, authorization, request, SystemTime::now())
+        let cluster = ClusterHeader::from_metadata(metadata);
+        self.create_certificate(peer, authorization, cluster, request, SystemTime::now())
             .map(|issued| issued.response)
             .map_err(|refusal| Status::new(refusal.code(), chain(&refusal)))
     }
@@ -187,11 +265,12 @@ impl CaService {
         &self,
         peer: Option<SocketAddr>,
         authorization: Option<&str>,
+        cluster: ClusterHeader<'_>,
         request: &IstioCertificateRequest,
         now: SystemTime,
     ) -> Result<Signed, Refusal> {
         let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
-        let outcome = self.decide(authorization, request, now);
+        let outcome = self.decide(authorization, cluster, request, now);
         match &outcome {
             Ok(issued) => {
                 self.stats.count("issued");
@@ -221,6 +300,7 @@ impl CaService {
     fn decide(
         &self,
         authorization: Option<&str>,
+        cluster: ClusterHeader<'_>,
         request: &IstioCertificateRequest,
         now: SystemTime,
     ) -> Result<Signed, Refusal> {
@@ -233,7 +313,9 @@ impl CaService {
             .tokens
             .verify(token, now)
             .map_err(|source| Refusal::Token { source })?;
+        self.check_cluster(cluster, &subject, &node)?;
 
+        let signing = self.signing();
         let id = match request.impersonated_identity() {
             Impersonation::Identity(id) => {
                 id.parse::<SpiffeId>()
@@ -248,8 +330,8 @@ impl CaService {
                 return Err(Refusal::ImpersonationNotAString { subject, node })
             }
         };
-        if id.trust_domain() != self.authority.trust_domain().as_str() {
-            let trust_domain = self.authority.trust_domain().clone();
+        if id.trust_domain() != signing.authority.trust_domain().as_str() {
+            let trust_domain = signing.authority.trust_domain().clone();
             return Err(Refusal::ForeignTrustDomain {
                 subject,
                 node,
@@ -292,7 +374,7 @@ impl CaService {
             return Err(Refusal::NotOnNode { subject, node, id });
         }
 
-        let chain = self
+        let chain = signing
             .authority
             .sign(&csr, &id, ttl, now)
             .map_err(|source| Refusal::Sign {
@@ -304,7 +386,7 @@ impl CaService {
             .iter()
             .map(|der| pem_block("CERTIFICATE", der))
             .collect();
-        cert_chain.push(self.roots_pem.clone());
+        cert_chain.push(signing.roots_pem.clone());
         Ok(Signed {
             response: IstioCertificateResponse { cert_chain },
             id,
@@ -312,13 +394,75 @@ impl CaService {
             ttl,
         })
     }
+
+    /// The `ClusterID` check (see the module doc).
+    fn check_cluster(
+        &self,
+        cluster: ClusterHeader<'_>,
+        subject: &str,
+        node: &str,
+    ) -> Result<(), Refusal> {
+        let (subject, node) = (subject.to_owned(), node.to_owned());
+        match cluster {
+            ClusterHeader::Value(got) if got == self.cluster.id => Ok(()),
+            ClusterHeader::Absent if !self.cluster.required => Ok(()),
+            ClusterHeader::Absent => Err(Refusal::MissingClusterId {
+                subject,
+                node,
+                cluster: self.cluster.id.clone(),
+            }),
+            ClusterHeader::Value(got) => Err(Refusal::ForeignCluster {
+                subject,
+                node,
+                got: got.to_owned(),
+                cluster: self.cluster.id.clone(),
+            }),
+            ClusterHeader::Unreadable => Err(Refusal::BadClusterId { subject, node }),
+        }
+    }
+}
+
+/// istiod's cluster ID when none is configured (`CLUSTER_ID`).
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
+impl Signing {
+    fn new(authority: CertificateAuthority, roots: &TrustBundle) -> Self {
+        let roots_pem = roots
+            .roots()
+            .iter()
+            .map(|der| pem_block("CERTIFICATE", der))
+            .collect();
+        Self {
+            authority,
+            roots_pem,
+        }
+    }
+}
+
+impl<'a> ClusterHeader<'a> {
+    /// The `ClusterID` entry of `metadata` (gRPC metadata keys are lowercase on the wire).
+    pub fn from_metadata(metadata: &'a MetadataMap) -> Self {
+        let mut values = metadata.get_all(CLUSTER_ID).iter();
+        match (values.next(), values.next()) {
+            (None, _) => Self::Absent,
+            (Some(value), None) => value
+                .to_str()
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map_or(Self::Unreadable, Self::Value),
+            (Some(_), Some(_)) => Self::Unreadable,
+        }
+    }
 }
 
 impl Refusal {
     /// The gRPC status code: who is at fault, and how.
     pub fn code(&self) -> Code {
         match self {
-            Self::MissingToken => Code::Unauthenticated,
+            Self::MissingToken
+            | Self::MissingClusterId { .. }
+            | Self::ForeignCluster { .. }
+            | Self::BadClusterId { .. } => Code::Unauthenticated,
             Self::Token {
                 source: TokenError::SubjectNotAllowed { .. },
             } => Code::PermissionDenied,
@@ -341,6 +485,9 @@ impl Refusal {
                 source: TokenError::SubjectNotAllowed { .. },
             } => "not_a_node_agent",
             Self::Token { .. } => "bad_token",
+            Self::MissingClusterId { .. } => "missing_cluster_id",
+            Self::ForeignCluster { .. } => "foreign_cluster",
+            Self::BadClusterId { .. } => "bad_cluster_id",
             Self::NoImpersonation { .. } | Self::ImpersonationNotAString { .. } => {
                 "no_impersonation"
             }
@@ -355,7 +502,8 @@ impl Refusal {
 }
 
 impl Stats {
-    /// Adds one to the counter `what` (`issued` or a refusal reason).
+    /// Adds one to the counter `what` (`issued`, `material_reloaded`, `material_rejected` or a
+    /// refusal reason).
     pub fn count(&self, what: &'static str) {
         // A poisoned lock only means a holder panicked mid-increment; the map is still whole.
         let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
@@ -369,6 +517,8 @@ impl Stats {
         for (what, count) in counts.iter() {
             match *what {
                 "issued" => snapshot.issued = *count,
+                "material_reloaded" => snapshot.material_reloaded = *count,
+                "material_rejected" => snapshot.material_rejected = *count,
                 reason => {
                     snapshot.refused.insert(reason, *count);
                 }

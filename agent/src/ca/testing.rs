@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::ca::material::{Material, ServingNames, ROOT_CERT};
 use crate::ca::server::RunningCa;
-use crate::ca::service::CaService;
+use crate::ca::service::{CaService, ClusterPolicy};
 use crate::ca::token::{Jwks, TokenVerifier};
 use crate::identity::ca_client::CaClientConfig;
 use crate::identity::{SpiffeId, TrustBundle};
@@ -79,6 +79,15 @@ pub(crate) struct Fixture {
 impl Fixture {
     /// A CA for `cluster.local` granting at most `max_ttl`, with [`INVENTORY`].
     pub(crate) fn new(max_ttl: Duration) -> Self {
+        Self::build(max_ttl, None)
+    }
+
+    /// Like [`Fixture::new`], serving the cluster of `policy`.
+    pub(crate) fn in_cluster(max_ttl: Duration, policy: ClusterPolicy) -> Self {
+        Self::build(max_ttl, Some(policy))
+    }
+
+    fn build(max_ttl: Duration, cluster: Option<ClusterPolicy>) -> Self {
         let dir = TestDir::new("ca");
         let trust_domain = "cluster.local".parse().unwrap();
         let names = ServingNames {
@@ -104,14 +113,18 @@ impl Fixture {
         );
         let snapshot = inventory::file::parse(Path::new("inventory.yaml"), INVENTORY).unwrap();
         let (inventory, rx) = watch::channel(Arc::new(snapshot));
-        let service = Arc::new(CaService::new(
+        let mut service = CaService::new(
             material.authority,
             &material.roots,
             tokens,
             rx,
             max_ttl,
             max_ttl,
-        ));
+        );
+        if let Some(cluster) = cluster {
+            service = service.with_cluster(cluster);
+        }
+        let service = Arc::new(service);
         Self {
             dir,
             issuer,
@@ -159,7 +172,9 @@ impl Fixture {
         CaClientConfig {
             address: format!("https://{addr}"),
             root_cert: self.dir.path().join("certs").join(ROOT_CERT),
+            root_cert_poll_ms: 2_000,
             token_file,
+            cluster_id: None,
             server_name: None,
             ttl_secs: 0,
             timeout_ms: 5_000,

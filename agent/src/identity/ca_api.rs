@@ -13,6 +13,9 @@ pub const CREATE_CERTIFICATE_PATH: &str =
     "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 /// Metadata key naming the identity a node agent asks for on behalf of a pod.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+/// gRPC metadata (header) naming the caller's cluster, for a multi-cluster istiod: ztunnel
+/// sends `ClusterID`, istiod reads `clusterid` (header names are lowercase on the wire).
+pub const CLUSTER_ID: &str = "clusterid";
 
 /// What `metadata.ImpersonatedIdentity` holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

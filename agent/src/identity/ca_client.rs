@@ -1,11 +1,13 @@
 //! The agent's CA client: `CreateCertificate` over TLS, on behalf of a pod's identity.
 //!
 //! Each call makes a fresh key and CSR, reads the service-account token file anew (kubelet
-//! rotates projected tokens), asks for the identity with `ImpersonatedIdentity`, and checks
+//! rotates projected tokens), asks for the identity with `ImpersonatedIdentity` (and names its
+//! cluster with `ClusterID` metadata when configured, for a multi-cluster istiod), and checks
 //! the answer as ztunnel does: the chain must be an X.509-SVID that verifies against the roots
 //! the CA sent, and its identity must be exactly the one asked for. The TLS channel verifies
 //! the CA's serving certificate against the configured root file, and is rebuilt when that
-//! file changes.
+//! file changes. The same client serves `ambit ca` and istiod (see [`answer`] for the two
+//! shapes of their answers).
 use std::error::Error as StdError;
 use std::future::Future;
 use std::io;
@@ -20,25 +22,26 @@ use http::uri::PathAndQuery;
 use http::Uri;
 use hyper_util::rt::TokioIo;
 use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{ServerName, UnixTime};
 use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{AsciiMetadataValue, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic_prost::ProstCodec;
 use tower_service::Service;
 
 use crate::identity::ca_api::{
-    Impersonate as _, IstioCertificateRequest, IstioCertificateResponse, CREATE_CERTIFICATE_PATH,
+    Impersonate as _, IstioCertificateRequest, IstioCertificateResponse, CLUSTER_ID,
+    CREATE_CERTIFICATE_PATH,
 };
 use crate::identity::pem_block;
 use crate::identity::{
     new_csr, verify_svid, BundleError, CsrError, PeerRole, SpiffeId, SvidError, TrustBundle,
     TrustDomain, WorkloadCertError, WorkloadCertificate,
 };
+use answer::Split;
 
 /// Default CA port (istiod's).
 const DEFAULT_PORT: u16 = 15012;
@@ -49,10 +52,19 @@ const DEFAULT_PORT: u16 = 15012;
 pub struct CaClientConfig {
     /// The CA: `host:port` or `https://host:port` (port 15012 when omitted).
     pub address: String,
-    /// PEM root(s) the CA's serving certificate must chain to (the CA's `root-cert.pem`).
+    /// PEM root(s) the CA's serving certificate must chain to (the CA's `root-cert.pem`, or
+    /// istiod's `istio-ca-root-cert` ConfigMap); also trusted for peers, and followed as it
+    /// changes.
     pub root_cert: PathBuf,
-    /// The node agent's service-account token (audience `ambit-ca`), read for every request.
+    /// How often `root_cert` is checked for changes.
+    #[serde(default = "default_root_cert_poll_ms")]
+    pub root_cert_poll_ms: u64,
+    /// The node agent's service-account token (audience `ambit-ca`, or `istio-ca` for istiod),
+    /// read for every request.
     pub token_file: PathBuf,
+    /// `ClusterID` metadata sent with every request (istiod's `CLUSTER_ID`); none when unset.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
     /// Name to verify in the CA's certificate; defaults to the host of `address`.
     #[serde(default)]
     pub server_name: Option<String>,
@@ -72,6 +84,8 @@ pub struct CaClient {
     host: String,
     port: u16,
     server_name: ServerName<'static>,
+    /// `cluster_id`, checked.
+    cluster_id: Option<AsciiMetadataValue>,
     /// The channel, the root file text it was built with, and that file's roots.
     channel: Mutex<Option<(String, Channel, TrustBundle)>>,
 }
@@ -94,6 +108,9 @@ pub enum ClientError {
         address: String,
         reason: &'static str,
     },
+    /// `clusterId` cannot be sent as gRPC metadata.
+    #[error("ca clusterId {value:?} is empty or not visible ascii")]
+    ClusterId { value: String },
     /// `serverName` (or the host) is not a DNS name or IP address.
     #[error("ca server name {name:?} is not a dns name or ip address")]
     ServerName { name: String },
@@ -275,12 +292,24 @@ impl CaClient {
         let name = cfg.server_name.clone().unwrap_or_else(|| host.clone());
         let server_name =
             ServerName::try_from(name.clone()).map_err(|_| ClientError::ServerName { name })?;
+        let cluster_id = match &cfg.cluster_id {
+            None => None,
+            Some(value) => Some(
+                AsciiMetadataValue::try_from(value.as_str())
+                    .ok()
+                    .filter(|_| !value.is_empty() && value.bytes().all(|b| b.is_ascii_graphic()))
+                    .ok_or_else(|| ClientError::ClusterId {
+                        value: value.clone(),
+                    })?,
+            ),
+        };
         Ok(Self {
             cfg,
             endpoint,
             host,
             port,
             server_name,
+            cluster_id,
             channel: Mutex::new(None),
         })
     }
@@ -328,6 +357,9 @@ impl CaClient {
             &id.to_string(),
         ));
         request.metadata_mut().insert("authorization", bearer);
+        if let Some(cluster) = &self.cluster_id {
+            request.metadata_mut().insert(CLUSTER_ID, cluster.clone());
+        }
         request.set_timeout(Duration::from_millis(self.cfg.timeout_ms.max(1)));
 
         let address = || self.cfg.address.clone();
@@ -377,31 +409,23 @@ impl CaClient {
         trusted: &TrustBundle,
     ) -> Result<Issued, ClientError> {
         let address = || self.cfg.address.clone();
-        let entries = response.cert_chain;
-        let Some((roots_pem, chain_pems)) = entries.split_last().filter(|(_, c)| !c.is_empty())
-        else {
-            return Err(ClientError::ShortChain {
+        let Split { chain, roots } = answer::split(&response.cert_chain).map_err(|e| match e {
+            answer::Error::Short { entries } => ClientError::ShortChain {
                 address: address(),
                 id: id.clone(),
-                entries: entries.len(),
-            });
-        };
-        let mut chain = Vec::new();
-        for pem in chain_pems {
-            for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                chain.push(der.map_err(|source| ClientError::ResponsePem {
-                    address: address(),
-                    id: id.clone(),
-                    source,
-                })?);
-            }
-        }
-        let roots =
-            TrustBundle::from_pem(roots_pem).map_err(|source| ClientError::ResponseRoots {
+                entries,
+            },
+            answer::Error::Pem(source) => ClientError::ResponsePem {
                 address: address(),
                 id: id.clone(),
                 source,
-            })?;
+            },
+            answer::Error::Roots(source) => ClientError::ResponseRoots {
+                address: address(),
+                id: id.clone(),
+                source,
+            },
+        })?;
         if !roots.roots().iter().any(|r| trusted.roots().contains(r)) {
             return Err(ClientError::UntrustedRoots {
                 address: address(),
@@ -530,6 +554,9 @@ impl Service<Uri> for Connector {
     }
 }
 
+fn default_root_cert_poll_ms() -> u64 {
+    2_000
+}
 fn default_ttl_secs() -> u64 {
     24 * 3600
 }
@@ -537,5 +564,6 @@ fn default_timeout_ms() -> u64 {
     10_000
 }
 
+mod answer;
 #[cfg(test)]
 mod tests;

@@ -40,6 +40,8 @@ pub struct CertManager {
     runtime: Handle,
     permits: Arc<Semaphore>,
     entries: Mutex<HashMap<SpiffeId, Entry>>,
+    /// The roots the CA sent with its latest certificate, of any identity.
+    roots: Arc<watch::Sender<Option<TrustBundle>>>,
 }
 
 /// Retry and renewal timing.
@@ -134,7 +136,6 @@ struct Entry {
 struct Slot {
     state: CertState,
     cert: Option<Arc<WorkloadCertificate>>,
-    roots: Option<TrustBundle>,
     next_renewal: Option<SystemTime>,
     last_error: Option<String>,
     renewals: u64,
@@ -152,6 +153,7 @@ impl CertManager {
             runtime,
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT_FETCHES)),
             entries: Mutex::new(HashMap::new()),
+            roots: Arc::new(watch::Sender::new(None)),
         }
     }
 
@@ -169,6 +171,7 @@ impl CertManager {
             slot.clone(),
             self.settings,
             self.permits.clone(),
+            self.roots.clone(),
         ));
         tracing::debug!(identity = %id, "identity tracked; fetching its certificate");
         entries.insert(
@@ -272,18 +275,9 @@ impl CertManager {
         result
     }
 
-    /// The roots the CA sent with the most recent certificate of any identity.
-    pub fn roots(&self) -> Option<TrustBundle> {
-        let entries = self.entries();
-        entries
-            .values()
-            .filter_map(|entry| {
-                let slot = entry.slot.borrow();
-                let issued = slot.cert.as_ref()?.not_before();
-                Some((issued, slot.roots.clone()?))
-            })
-            .max_by_key(|(issued, _)| *issued)
-            .map(|(_, roots)| roots)
+    /// The roots the CA sent with its latest certificate (of any identity), as they change.
+    pub fn watch_roots(&self) -> watch::Receiver<Option<TrustBundle>> {
+        self.roots.subscribe()
     }
 
     /// Every tracked identity's status, sorted by identity.
@@ -326,7 +320,6 @@ impl Slot {
         Self {
             state: CertState::Initializing,
             cert: None,
-            roots: None,
             next_renewal: None,
             last_error: None,
             renewals: 0,
@@ -381,6 +374,7 @@ async fn renew(
     slot: Arc<watch::Sender<Slot>>,
     settings: ManagerSettings,
     permits: Arc<Semaphore>,
+    latest_roots: Arc<watch::Sender<Option<TrustBundle>>>,
 ) {
     let mut backoff = settings.initial_backoff;
     loop {
@@ -404,10 +398,18 @@ async fn renew(
                 } else {
                     tracing::info!(identity = %id, serial, %not_after, %next_renewal, "certificate issued");
                 }
+                latest_roots.send_if_modified(|latest| {
+                    let same = latest
+                        .as_ref()
+                        .is_some_and(|r| r.roots() == issued.roots.roots());
+                    if !same {
+                        *latest = Some(issued.roots.clone());
+                    }
+                    !same
+                });
                 slot.send_modify(|s| {
                     s.state = CertState::Available;
                     s.cert = Some(cert);
-                    s.roots = Some(issued.roots);
                     s.next_renewal = Some(now + delay);
                     s.last_error = None;
                     s.failures = 0;

@@ -4,7 +4,8 @@
 //! - [`new_csr`] (agent) and [`Csr`] + [`CertificateAuthority`] (CA): issuance.
 //! - [`verify_svid`] and [`TrustBundle`]: peer verification by the X.509-SVID rules.
 //! - [`WorkloadCertificate`], [`server_config`], [`client_config`]: the rustls side;
-//!   [`source::TlsSource`]: the certificates and trust the data path's tunnels use.
+//!   [`source::TlsSource`]: the certificates and trust the data path's tunnels use, with
+//!   [`trust`] following the CA root file and the CA's roots into it (root rotation).
 //! - [`ca_client`] (the agent's client of Istio's CA API, [`ca_api`]) and [`manager`]
 //!   (certificate cache and rotation): where the agent's certificates come from.
 mod authority;
@@ -17,6 +18,7 @@ pub mod manager;
 pub mod source;
 mod spiffe;
 mod tls;
+pub mod trust;
 mod verify;
 
 #[cfg(test)]

@@ -9,10 +9,23 @@ use crate::identity::{
 pub type CertLookup = dyn Fn(&SpiffeId) -> Option<Arc<WorkloadCertificate>> + Send + Sync;
 
 /// Certificates and trust for the tunnel paths.
+///
+/// The trust bundle is the union of two sources, each replaced as a whole when it changes: the
+/// roots of the CA root file (`ca.rootCert`, followed by [`crate::identity::trust`]) and the
+/// roots the CA sent with its latest certificate. Dropping a root from both (the last step of a
+/// root rotation) stops trusting it; connections already open are not affected, new handshakes
+/// are verified against the bundle current when they start.
 pub struct TlsSource {
     certs: Arc<CertLookup>,
-    roots: RwLock<Arc<TrustBundle>>,
+    trust: RwLock<Trust>,
     trust_domains: Arc<[TrustDomain]>,
+}
+
+/// Both sources of trust and their union.
+struct Trust {
+    file: TrustBundle,
+    ca: Option<TrustBundle>,
+    merged: Arc<TrustBundle>,
 }
 
 /// Why a tunnel could not get its TLS settings.
@@ -27,7 +40,7 @@ pub enum Error {
 }
 
 impl TlsSource {
-    /// A source backed by `certs`, trusting `roots` for `trust_domains`.
+    /// A source backed by `certs`, trusting the root file's `roots` for `trust_domains`.
     pub fn new(
         certs: Arc<CertLookup>,
         roots: TrustBundle,
@@ -35,37 +48,51 @@ impl TlsSource {
     ) -> Self {
         Self {
             certs,
-            roots: RwLock::new(Arc::new(roots)),
+            trust: RwLock::new(Trust {
+                merged: Arc::new(roots.clone()),
+                file: roots,
+                ca: None,
+            }),
             trust_domains: Arc::from(trust_domains),
         }
     }
 
-    /// Replaces the trust bundle (root rotation).
-    pub fn set_roots(&self, roots: TrustBundle) {
-        *self
-            .roots
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(roots);
+    /// Replaces the roots of the CA root file (it changed); returns whether the bundle changed.
+    pub fn set_file_roots(&self, roots: TrustBundle) -> bool {
+        self.update(|t| t.file = roots)
     }
 
-    /// Adds roots (from CA responses) to the configured ones; a no-op when all are known.
-    pub fn add_roots(&self, extra: &TrustBundle) {
-        let mut cur = self
-            .roots
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let known = |r: &rustls::pki_types::CertificateDer<'_>| cur.roots().iter().any(|c| c == r);
-        if extra.roots().iter().all(known) {
-            return;
-        }
-        *cur = Arc::new(cur.merged(extra));
+    /// Replaces the roots the CA sent last (`None`: no certificate yet); returns whether the
+    /// bundle changed.
+    pub fn set_ca_roots(&self, roots: Option<TrustBundle>) -> bool {
+        self.update(|t| t.ca = roots)
     }
 
-    fn roots(&self) -> Arc<TrustBundle> {
-        self.roots
+    /// The trust bundle new handshakes verify peers against.
+    pub fn roots(&self) -> Arc<TrustBundle> {
+        self.trust
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .merged
             .clone()
+    }
+
+    fn update(&self, edit: impl FnOnce(&mut Trust)) -> bool {
+        // A poisoned lock only means a holder panicked; every field is replaced whole.
+        let mut trust = self
+            .trust
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        edit(&mut trust);
+        let merged = match &trust.ca {
+            Some(ca) => trust.file.merged(ca),
+            None => trust.file.clone(),
+        };
+        let changed = merged.roots() != trust.merged.roots();
+        if changed {
+            trust.merged = Arc::new(merged);
+        }
+        changed
     }
 
     /// Client settings presenting `src`'s certificate and requiring the server to prove `dst`.

@@ -232,15 +232,9 @@ impl Manager {
         self.routes.sweep(|cookie| cookies.contains(&cookie));
     }
 
-    /// Trusts the roots the CA sent last (root rotation) on top of the configured ones, and
-    /// drops idle tunnel connections.
+    /// Drops idle tunnel connections (trust follows the CA by itself: `identity::trust`).
     fn refresh_trust(&self) {
         self.pool.reap();
-        if let (Some(tls), Some(certs)) = (&self.tls, &self.certs) {
-            if let Some(roots) = certs.roots() {
-                tls.add_roots(&roots);
-            }
-        }
     }
 
     /// Certificate status of the local identities (empty without a CA).

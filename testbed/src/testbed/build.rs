@@ -70,8 +70,11 @@ impl Testbed {
                 labels: spec.labels.clone(),
             });
         }
-        let ca = (opts.ca && opts.agents)
-            .then(|| ca::plan(&dir, &cgroup_root, &nodes[0], opts.cert_ttl_secs));
+        let ca = (opts.ca && opts.agents).then(|| state::Ca {
+            audience: opts.ca_audience.clone(),
+            cluster_id: opts.cluster_id.clone(),
+            ..ca::plan(&dir, &cgroup_root, &nodes[0], opts.cert_ttl_secs)
+        });
         let agent_bin = match &opts.agent_bin {
             Some(b) => Some(b.clone()),
             None => default_agent_bin(),

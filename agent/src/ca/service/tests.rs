@@ -39,8 +39,13 @@ fn request(csr: String, id: &str) -> IstioCertificateRequest {
 
 fn ask(f: &Fixture, node: &str, request: &IstioCertificateRequest) -> Result<Signed, Refusal> {
     let bearer = format!("Bearer {}", f.token(node));
-    f.service
-        .create_certificate(None, Some(&bearer), request, SystemTime::now())
+    f.service.create_certificate(
+        None,
+        Some(&bearer),
+        ClusterHeader::Absent,
+        request,
+        SystemTime::now(),
+    )
 }
 
 fn unix_now() -> UnixTime {
@@ -118,7 +123,7 @@ fn refuses_missing_or_bad_token_as_unauthenticated() {
     ] {
         let err = f
             .service
-            .create_certificate(None, header, &req, SystemTime::now())
+            .create_certificate(None, header, ClusterHeader::Absent, &req, SystemTime::now())
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated, "{header:?}: {err}");
     }
@@ -148,6 +153,7 @@ fn refuses_token_of_another_service_account_as_permission_denied() {
         .create_certificate(
             None,
             Some(&bearer),
+            ClusterHeader::Absent,
             &request(csr_pem(WEB), WEB),
             SystemTime::now(),
         )
@@ -274,4 +280,121 @@ fn caps_ttl_and_refuses_negative_ttl() {
     let negative = IstioCertificateRequest::impersonating(csr_pem(WEB), -5, WEB);
     let err = ask(&f, "node1", &negative).unwrap_err();
     assert!(matches!(err, Refusal::NegativeTtl { .. }), "{err}");
+}
+
+#[test]
+fn checks_cluster_id_as_istiod_does() {
+    let ask_in = |f: &Fixture, cluster: ClusterHeader<'_>| {
+        let bearer = format!("Bearer {}", f.token("node1"));
+        f.service.create_certificate(
+            None,
+            Some(&bearer),
+            cluster,
+            &request(csr_pem(WEB), WEB),
+            SystemTime::now(),
+        )
+    };
+    // Default, as istiod: its own cluster (`Kubernetes`) or none at all.
+    let f = fixture();
+    ask_in(&f, ClusterHeader::Absent).unwrap();
+    ask_in(&f, ClusterHeader::Value(DEFAULT_CLUSTER_ID)).unwrap();
+    let err = ask_in(&f, ClusterHeader::Value("west")).unwrap_err();
+    assert!(matches!(err, Refusal::ForeignCluster { .. }), "{err}");
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // Configured to require it.
+    let f = Fixture::in_cluster(
+        Duration::from_secs(3600),
+        ClusterPolicy {
+            id: "east".into(),
+            required: true,
+        },
+    );
+    ask_in(&f, ClusterHeader::Value("east")).unwrap();
+    let err = ask_in(&f, ClusterHeader::Absent).unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(
+        chain(&err),
+        "node node1 (system:serviceaccount:ambit-system:ambit): request has no ClusterID \
+         metadata; this ca requires cluster id \"east\""
+    );
+    let err = ask_in(&f, ClusterHeader::Value("west")).unwrap_err();
+    assert!(
+        chain(&err).contains("sent ClusterID \"west\": this ca serves cluster \"east\" only"),
+        "{}",
+        chain(&err)
+    );
+    let err = ask_in(&f, ClusterHeader::Unreadable).unwrap_err();
+    assert!(matches!(err, Refusal::BadClusterId { .. }), "{err}");
+    // An unauthenticated caller learns nothing about clusters.
+    let err = f
+        .service
+        .create_certificate(
+            None,
+            None,
+            ClusterHeader::Value("west"),
+            &request(csr_pem(WEB), WEB),
+            SystemTime::now(),
+        )
+        .unwrap_err();
+    assert!(matches!(err, Refusal::MissingToken), "{err}");
+    let stats = f.service.stats().snapshot();
+    for reason in ["missing_cluster_id", "foreign_cluster", "bad_cluster_id"] {
+        assert_eq!(stats.refused.get(reason), Some(&1), "{reason}: {stats:?}");
+    }
+    assert_eq!(stats.issued, 1);
+}
+
+#[test]
+fn reads_cluster_id_from_grpc_metadata_like_istiod() {
+    let mut metadata = MetadataMap::new();
+    assert_eq!(
+        ClusterHeader::from_metadata(&metadata),
+        ClusterHeader::Absent
+    );
+    // ztunnel writes `ClusterID`; header names travel lowercase.
+    let key = tonic::metadata::MetadataKey::from_bytes(b"ClusterID").unwrap();
+    metadata.insert(key.clone(), "east".parse().unwrap());
+    assert_eq!(
+        ClusterHeader::from_metadata(&metadata),
+        ClusterHeader::Value("east")
+    );
+    metadata.append(key, "west".parse().unwrap());
+    assert_eq!(
+        ClusterHeader::from_metadata(&metadata),
+        ClusterHeader::Unreadable
+    );
+}
+
+#[test]
+fn new_material_signs_the_next_request_and_its_roots_are_sent() {
+    let f = fixture();
+    let before = ask(&f, "node1", &request(csr_pem(WEB), WEB)).unwrap();
+    let new_root = CertificateAuthority::generate_root(
+        "cluster.local".parse().unwrap(),
+        Duration::from_secs(3600),
+        SystemTime::now(),
+    )
+    .unwrap();
+    // Both roots sent, the new one signs.
+    let both = new_root.roots().merged(&f.roots);
+    let new_roots = new_root.roots().clone();
+    f.service.set_material(new_root, &both);
+    let after = ask(&f, "node1", &request(csr_pem(WEB), WEB)).unwrap();
+    let leaf =
+        |s: &Signed| CertificateDer::from_pem_slice(s.response.cert_chain[0].as_bytes()).unwrap();
+    let verifies = |s: &Signed, roots: &TrustBundle| {
+        verify_svid(
+            &[leaf(s)],
+            roots,
+            unix_now(),
+            &["cluster.local".parse().unwrap()],
+            PeerRole::Client,
+        )
+        .is_ok()
+    };
+    assert!(verifies(&before, &f.roots) && !verifies(&before, &new_roots));
+    assert!(verifies(&after, &new_roots) && !verifies(&after, &f.roots));
+    let sent = TrustBundle::from_pem(after.response.cert_chain.last().unwrap()).unwrap();
+    assert_eq!(sent.roots(), both.roots());
 }

@@ -202,7 +202,9 @@ fn parses_addresses() {
     let cfg = |address: &str| CaClientConfig {
         address: address.into(),
         root_cert: "/r".into(),
+        root_cert_poll_ms: 2_000,
         token_file: "/t".into(),
+        cluster_id: None,
         server_name: None,
         ttl_secs: 60,
         timeout_ms: 1000,
@@ -216,4 +218,50 @@ fn parses_addresses() {
     assert_eq!((client.host.as_str(), client.port), ("::1", 9000));
     assert!(CaClient::new(cfg("http://ca:15012")).is_err());
     assert!(CaClient::new(cfg("https://ca:15012/path")).is_err());
+}
+
+#[tokio::test]
+async fn sends_the_configured_cluster_id_and_the_ca_checks_it() {
+    use crate::ca::service::ClusterPolicy;
+    let f = Fixture::in_cluster(
+        Duration::from_secs(3600),
+        ClusterPolicy {
+            id: "east".into(),
+            required: true,
+        },
+    );
+    let ca = f.start(SocketAddr::from(([127, 0, 0, 1], 0))).await;
+    let with = |cluster: Option<&str>| {
+        let mut cfg = f.client_config(ca.local_addr(), "node1");
+        cfg.cluster_id = cluster.map(str::to_owned);
+        CaClient::new(cfg).unwrap()
+    };
+    with(Some("east")).fetch(&spiffe(WEB)).await.unwrap();
+    for (cluster, want) in [
+        (
+            None,
+            "request has no ClusterID metadata; this ca requires cluster id \"east\"",
+        ),
+        (
+            Some("west"),
+            "sent ClusterID \"west\": this ca serves cluster \"east\" only",
+        ),
+    ] {
+        let err = with(cluster).fetch(&spiffe(WEB)).await.unwrap_err();
+        let ClientError::Refused { source, .. } = &err else {
+            panic!("{cluster:?}: {err}")
+        };
+        assert_eq!(source.code(), tonic::Code::Unauthenticated);
+        assert!(source.message().contains(want), "{}", source.message());
+    }
+    assert_eq!(f.service.stats().snapshot().issued, 1);
+
+    for bad in ["", "two words", "caf\u{e9}"] {
+        let mut cfg = f.client_config(ca.local_addr(), "node1");
+        cfg.cluster_id = Some(bad.into());
+        assert!(
+            matches!(CaClient::new(cfg), Err(ClientError::ClusterId { .. })),
+            "{bad:?} accepted"
+        );
+    }
 }

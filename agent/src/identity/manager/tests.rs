@@ -67,7 +67,14 @@ async fn prefetches_on_track_and_shares_one_certificate_per_identity() {
     let cert = m.wait(&web, Duration::from_secs(10)).await.unwrap();
     assert_eq!(cert.id(), &web);
     assert_eq!(m.get(&web).unwrap().serial(), cert.serial());
-    assert!(m.roots().is_some());
+    assert_eq!(
+        m.watch_roots()
+            .borrow()
+            .as_ref()
+            .map(|r| r.roots().to_vec()),
+        Some(f.roots.roots().to_vec()),
+        "the ca's roots are published"
+    );
     let s = status(&m, WEB);
     assert_eq!((s.state, s.pods, s.failures), (CertState::Available, 2, 0));
     assert_eq!(s.serial.as_deref(), Some(cert.serial()));
