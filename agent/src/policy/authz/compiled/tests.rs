@@ -24,21 +24,24 @@ fn from(sa: &str, ns: &str, src: &str, port: u16) -> ConnAttrs {
     }
 }
 
+/// The mesh of these tests: `cluster.local`, no aliases.
+const MESH: Mesh<'static> = Mesh::new("istio-system", "cluster.local");
+
 fn eval(ps: &[AuthorizationPolicy], c: &ConnAttrs) -> Decision {
     let labels = BTreeMap::from([("app".to_string(), "server".to_string())]);
-    Policies::compile(ps).evaluate("istio-system", "shop", &labels, c)
+    Policies::compile(ps).evaluate(&MESH, "shop", &labels, c)
 }
 
-/// The string match the evaluator used before it was compiled, on the joined value.
+/// Istio's string match on the joined value, read as istiod reads it (a leading `*` first).
 fn reference_match(pattern: &str, value: &str) -> bool {
     if pattern == "*" {
         return !value.is_empty();
     }
-    if let Some(prefix) = pattern.strip_suffix('*') {
-        return value.starts_with(prefix);
-    }
     if let Some(suffix) = pattern.strip_prefix('*') {
         return value.ends_with(suffix);
+    }
+    if let Some(prefix) = pattern.strip_suffix('*') {
+        return value.starts_with(prefix);
     }
     pattern == value
 }
@@ -67,6 +70,8 @@ fn patterns_match_pairs_as_istio_matches_the_joined_string() {
         "xshop/client",
         "é*",
         "*é",
+        "*p/*",
+        "*/*",
     ];
     let pairs = [
         ("shop", "client"),
@@ -75,6 +80,8 @@ fn patterns_match_pairs_as_istio_matches_the_joined_string() {
         ("shop", ""),
         ("sh", "op/client"),
         ("é", "é"),
+        // Tells a leading `*` read first from a trailing one: `*p/*` matches `shop/*`.
+        ("shop", "*"),
     ];
     for p in patterns {
         let compiled = Pattern::new(p);
@@ -288,7 +295,7 @@ fn the_first_matching_policy_in_snapshot_order_is_named_across_namespaces() {
     // A workload in the root namespace sees its policies once.
     let labels = BTreeMap::new();
     let root = Policies::compile(&list).evaluate(
-        "istio-system",
+        &MESH,
         "istio-system",
         &labels,
         &from("x", "shop", "10.1.0.2", 80),
