@@ -55,6 +55,8 @@ fn a_deny_all_with_target_refs_leaves_traffic_flowing_and_the_same_with_a_select
         "  targetRefs:\n  - kind: Service\n    group: \"\"\n    name: server\n",
     ))
     .unwrap();
+    assert!(reaches(&tb), "a targeted DENY-all must not block the pod");
+    assert_eq!(tb.proxy_counter("node2", "server", "authz_denied"), denied);
     let table = policy_table(&tb);
     assert!(
         table.lines().any(|l| l.contains("default/server")
@@ -62,8 +64,6 @@ fn a_deny_all_with_target_refs_leaves_traffic_flowing_and_the_same_with_a_select
             && l.contains("not for the node proxy (targetRefs: Service/server)")),
         "`ambit policy` lists the policy as not for the node proxy:\n{table}"
     );
-    assert!(reaches(&tb), "a targeted DENY-all must not block the pod");
-    assert_eq!(tb.proxy_counter("node2", "server", "authz_denied"), denied);
     let (json, text) = explained(&tb);
     assert_eq!(
         json["inbound"]["authorization"],
