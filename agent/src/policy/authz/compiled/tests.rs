@@ -323,3 +323,54 @@ fn merged_walk_is_ascending_and_complete() {
         assert_eq!(walked, want);
     }
 }
+
+#[test]
+fn principals_not_principals_and_when_source_principal_follow_trust_domain_aliases() {
+    // The mesh migrated from old.example to cluster.local: a policy still written with the old
+    // trust domain names the same workloads, and one written with the new names old certificates.
+    let aliases = ["old.example".to_string()];
+    let migrated = Mesh {
+        trust_domain_aliases: &aliases,
+        ..MESH
+    };
+    let labels = BTreeMap::from([("app".to_string(), "server".to_string())]);
+    let old_cert = ConnAttrs {
+        peer: Some("spiffe://old.example/ns/shop/sa/client".parse().unwrap()),
+        ..from("client", "shop", "10.1.0.2", 80)
+    };
+    let new_cert = from("client", "shop", "10.1.0.2", 80);
+    let foreign = ConnAttrs {
+        peer: Some("spiffe://other.example/ns/shop/sa/client".parse().unwrap()),
+        ..new_cert.clone()
+    };
+    let allow_old = policy(
+        "shop",
+        "allow-old",
+        serde_json::json!({"rules": [{"from": [{"source": {"principals": ["old.example/ns/shop/sa/client"]}}]}]}),
+    );
+    let deny_not_new = policy(
+        "shop",
+        "deny-others",
+        serde_json::json!({"action": "DENY", "rules": [{"from": [{"source": {"notPrincipals": ["cluster.local/ns/shop/sa/client"]}}]}]}),
+    );
+    let allow_when = policy(
+        "shop",
+        "allow-when",
+        serde_json::json!({"rules": [{"when": [{"key": "source.principal", "values": ["old.example/ns/shop/sa/client"]}]}]}),
+    );
+    for p in [&allow_old, &deny_not_new, &allow_when] {
+        validate(p).unwrap();
+        let ps = Policies::compile(std::slice::from_ref(p));
+        let decide =
+            |mesh: &Mesh<'_>, c: &ConnAttrs| ps.evaluate(mesh, "shop", &labels, c).allowed();
+        let name = p.key();
+        // With the alias, both certificates are the client; a foreign trust domain is not.
+        assert!(decide(&migrated, &old_cert), "{name}: old certificate");
+        assert!(decide(&migrated, &new_cert), "{name}: new certificate");
+        assert!(!decide(&migrated, &foreign), "{name}: foreign trust domain");
+        // Without it, only the trust domain as written is (the test can see a refusal).
+        let written_allows_old = name != "shop/deny-others";
+        assert_eq!(decide(&MESH, &old_cert), written_allows_old, "{name}");
+        assert_eq!(decide(&MESH, &new_cert), !written_allows_old, "{name}");
+    }
+}

@@ -181,3 +181,18 @@ fn scopes_istio_refuses_are_refused_at_load_with_the_field() {
     // The check can pass: one target with a kind and a name loads.
     validate(&policy("good", "targetRefs:\n- {kind: Service, name: a}")).unwrap();
 }
+
+#[test]
+fn the_mesh_of_a_decision_is_the_configs_trust_domain_aliases_and_root_namespace() {
+    let cfg = crate::config::Config::parse(
+        std::path::Path::new("a.yaml"),
+        "node: n1\ninventory: /x\ntrustDomain: new.example\ntrustDomainAliases: [old.example]\nrootNamespace: mesh-root\n",
+    )
+    .unwrap();
+    let mesh = cfg.authz_mesh();
+    assert_eq!(mesh.root_namespace, "mesh-root");
+    assert_eq!(
+        mesh.trust_domains().collect::<Vec<_>>(),
+        ["new.example", "old.example"]
+    );
+}
