@@ -128,3 +128,50 @@ fn a_deny_all_with_target_refs_leaves_traffic_flowing_and_the_same_with_a_select
     .unwrap();
     assert!(reaches(&tb));
 }
+
+#[test]
+#[ignore = "privileged: run with `cargo xtask test`"]
+fn audit_and_custom_are_not_applied_by_the_node_proxy_and_explain_says_so() {
+    let mut tb = testbed();
+    let denied = tb.proxy_counter("node2", "server", "authz_denied");
+    let selected = "  selector:\n    matchLabels:\n      app: server\n";
+    for (action, extra) in [
+        ("AUDIT", ""),
+        ("CUSTOM", "  provider:\n    name: ext-authz\n"),
+    ] {
+        tb.apply(&format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata:\n  \
+             name: side\n  namespace: default\nspec:\n{selected}{extra}  action: {action}\n  \
+             rules:\n  - {{}}\n"
+        ))
+        .unwrap();
+        assert!(reaches(&tb), "{action} must not block the pod");
+        assert_eq!(
+            tb.proxy_counter("node2", "server", "authz_denied"),
+            denied,
+            "{action}"
+        );
+        let (json, text) = explained(&tb);
+        assert_eq!(
+            json["inbound"]["authorization"],
+            json!({"Allow": {"policy": null}}),
+            "{action}"
+        );
+        assert!(
+            text.contains(&format!(
+                "not for the node proxy: default/side (action {action}: ztunnel does not apply it"
+            )),
+            "{text}"
+        );
+        let table = policy_table(&tb);
+        assert!(
+            table
+                .lines()
+                .any(|l| l.contains("default/side") && l.contains(&format!("(action {action}:"))),
+            "{table}"
+        );
+    }
+    // The same rule as a DENY is applied: the checks above can see a block.
+    tb.apply(&deny_all(selected)).unwrap();
+    assert!(!reaches(&tb));
+}

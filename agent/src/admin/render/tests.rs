@@ -159,9 +159,9 @@ fn explain_lists_the_policies_the_node_proxy_leaves_to_others_and_why() {
         authz_line(&v),
         "  - AuthorizationPolicy: ALLOW (no AuthorizationPolicy for the node proxy selects \
          shop/server); not for the node proxy: shop/deny-all (targetRefs: Service/server), \
-         shop/audit (action AUDIT: audited by sidecars and waypoints; istiod sends ztunnel none), \
-         shop/ext (action CUSTOM: external authorization runs in sidecars and waypoints; istiod \
-         sends ztunnel none)"
+         shop/audit (action AUDIT: ztunnel does not apply it either; sidecars and waypoints \
+         audit), shop/ext (action CUSTOM: ztunnel does not apply it either; sidecars and \
+         waypoints call the external authorizer)"
     );
     // Beside a DENY the node proxy applies, that DENY decides and the others are still named.
     let v = explained(&format!(

@@ -65,11 +65,11 @@ impl fmt::Display for NotForNodeProxy {
                 Ok(())
             }
             Self::Audit => f.write_str(
-                "action AUDIT: audited by sidecars and waypoints; istiod sends ztunnel none",
+                "action AUDIT: ztunnel does not apply it either; sidecars and waypoints audit",
             ),
             Self::Custom => f.write_str(
-                "action CUSTOM: external authorization runs in sidecars and waypoints; istiod \
-                 sends ztunnel none",
+                "action CUSTOM: ztunnel does not apply it either; sidecars and waypoints call \
+                 the external authorizer",
             ),
         }
     }
