@@ -300,7 +300,8 @@ pub struct Config {
     /// Source addresses admitted in plaintext even under STRICT (kubelet health probes).
     #[serde(default)]
     pub probe_sources: Vec<std::net::IpAddr>,
-    /// Other trust domains whose identities are accepted as ours.
+    /// Other trust domains whose identities are accepted as ours (in handshakes, and in
+    /// AuthorizationPolicy principals as Istio matches them).
     #[serde(default)]
     pub trust_domain_aliases: Vec<String>,
     /// The cluster's name (Istio's `CLUSTER_ID`): sent in every CONNECT's `baggage` as
@@ -357,6 +358,16 @@ fn default_proc_sys_net() -> PathBuf {
 }
 
 impl Config {
+    /// What an AuthorizationPolicy decision needs from this config: the root namespace, the
+    /// trust domain and its aliases.
+    pub fn authz_mesh(&self) -> crate::policy::authz::Mesh<'_> {
+        crate::policy::authz::Mesh {
+            root_namespace: &self.root_namespace,
+            trust_domain: &self.trust_domain,
+            trust_domain_aliases: &self.trust_domain_aliases,
+        }
+    }
+
     /// Reads and parses the configuration file.
     pub fn load(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path).map_err(|source| Error::Read {

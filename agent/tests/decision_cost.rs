@@ -228,9 +228,12 @@ fn measure_per_connection_decisions_on_a_large_inventory() {
         .collect();
     let mut allowed = 0;
     let authorize = measure(|i| {
-        let d = snap
-            .authz()
-            .evaluate(ROOT, "ns-7", &labels, &attrs[i as usize % attrs.len()]);
+        let d = snap.authz().evaluate(
+            &authz::Mesh::new(ROOT, TRUST_DOMAIN),
+            "ns-7",
+            &labels,
+            &attrs[i as usize % attrs.len()],
+        );
         allowed += u32::from(d.allowed());
     });
     report("AuthorizationPolicy evaluation (inbound)", authorize);

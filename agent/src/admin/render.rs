@@ -221,25 +221,34 @@ pub fn policy(v: &Value) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<28} {:<36} {:<7} NOT CHECKED AT L4 (fails safe)",
+        "{:<28} {:<36} {:<7} NOTES",
         "POD", "AUTHORIZATIONPOLICY", "ACTION"
     );
     for (p, a) in selected {
-        let unsupported = list(&a["unsupported"]);
         let _ = writeln!(
             out,
             "{:<28} {:<36} {:<7} {}",
             s(&p["pod"]),
             s(&a["policy"]),
             s(&a["action"]),
-            if unsupported.is_empty() {
-                "-"
-            } else {
-                &unsupported
-            }
+            authz_note(a)
         );
     }
     out
+}
+
+/// What an operator must know about one policy of a pod (an `AppliedAuthz`): that the node
+/// proxy does not apply it and why, or the fields it cannot check at L4, or `-`.
+fn authz_note(a: &Value) -> String {
+    if let Some(why) = a["not_for_node_proxy"].as_str() {
+        return format!("not for the node proxy ({why})");
+    }
+    let unsupported = list(&a["unsupported"]);
+    if unsupported.is_empty() {
+        "-".to_string()
+    } else {
+        format!("not checked at L4, fails safe: {unsupported}")
+    }
 }
 
 /// `ambit explain`: the verdict, which label enrolled (or did not enroll) each pod, the source
@@ -311,7 +320,10 @@ fn peer_authentication(r: &Value) -> String {
 fn authorization(inbound: &Value) -> String {
     let pod = s(&inbound["pod"]);
     let d = &inbound["authorization"];
-    let selecting = items(&inbound["authorization_policies"]);
+    let listed = items(&inbound["authorization_policies"]);
+    let (skipped, selecting): (Vec<&Value>, Vec<&Value>) = listed
+        .into_iter()
+        .partition(|a| a["not_for_node_proxy"].is_string());
     let named = |action: &str| -> Vec<String> {
         selecting
             .iter()
@@ -319,13 +331,33 @@ fn authorization(inbound: &Value) -> String {
             .map(|a| s(&a["policy"]))
             .collect()
     };
+    // Policies the node proxy leaves to others do not count as "selecting" the pod here.
+    let none = if skipped.is_empty() {
+        "no AuthorizationPolicy"
+    } else {
+        "no AuthorizationPolicy for the node proxy"
+    };
+    let decided = decision(&pod, d, none, &named);
+    if skipped.is_empty() {
+        return decided;
+    }
+    let skipped: Vec<String> = skipped
+        .iter()
+        .map(|a| format!("{} ({})", s(&a["policy"]), s(&a["not_for_node_proxy"])))
+        .collect();
+    format!("{decided}; not for the node proxy: {}", skipped.join(", "))
+}
+
+/// The decision `d` in words; `named(action)` names the node proxy's policies of that
+/// action that select `pod`, `none` says there are none.
+fn decision(pod: &str, d: &Value, none: &str, named: &dyn Fn(&str) -> Vec<String>) -> String {
     if let Some(allow) = d.get("Allow") {
         if let Some(p) = allow["policy"].as_str() {
             return format!("ALLOW (by {p})");
         }
         let denies = named("DENY");
         return if denies.is_empty() {
-            format!("ALLOW (no AuthorizationPolicy selects {pod})")
+            format!("ALLOW ({none} selects {pod})")
         } else {
             format!(
                 "ALLOW (no ALLOW policy selects {pod}; no DENY policy matches: {})",

@@ -4,8 +4,11 @@
 //! allowed; otherwise some ALLOW policy must match. Fields ambit cannot check at L4 (methods,
 //! paths, hosts, request principals, non-L4 `when` keys) fail safe: an ALLOW rule using them
 //! never matches, a DENY rule using them always does; both are reported by [`unsupported`].
-//! Policies are evaluated compiled ([`Policies`], built once per inventory snapshot).
+//! A policy with `targetRef(s)`, or with action AUDIT or CUSTOM, is not the node proxy's
+//! ([`NotForNodeProxy`], as istiod decides for ztunnel). Policies are evaluated compiled
+//! ([`Policies`], built once per inventory snapshot).
 pub mod compiled;
+pub mod scope;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -14,6 +17,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 pub use compiled::{CompileError, Failure, Policies};
+pub use scope::{Mesh, NotForNodeProxy, TargetRef};
 
 use super::peer_auth::Selector;
 use crate::identity::SpiffeId;
@@ -29,9 +33,9 @@ pub enum Action {
     Allow,
     /// Deny matching connections.
     Deny,
-    /// Log only: no effect on the decision.
+    /// Audit logging: not the node proxy's (see [`NotForNodeProxy::Audit`]).
     Audit,
-    /// External authorizer: not supported at L4; treated as a DENY that always matches.
+    /// External authorizer: not the node proxy's (see [`NotForNodeProxy::Custom`]).
     Custom,
 }
 
@@ -132,12 +136,12 @@ pub struct Rule {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
-    /// Istio field ambit does not use; accepted so valid objects load.
+    /// The one object whose proxy enforces the policy: then the node proxy does not.
     #[serde(default)]
-    pub target_ref: Ignored,
-    /// Istio field ambit does not use; accepted so valid objects load.
+    pub target_ref: Option<TargetRef>,
+    /// The objects whose proxies enforce the policy: then the node proxy does not.
     #[serde(default)]
-    pub target_refs: Ignored,
+    pub target_refs: Vec<TargetRef>,
     /// Istio field ambit does not use; accepted so valid objects load.
     #[serde(default)]
     pub provider: Ignored,
@@ -255,9 +259,6 @@ pub fn unsupported(p: &AuthorizationPolicy) -> Vec<String> {
     if let Some(problem) = &p.unreadable {
         out.push(format!("spec: unreadable ({problem})"));
     }
-    if p.spec.action == Action::Custom {
-        out.push("spec.action: CUSTOM".to_string());
-    }
     for (i, r) in p.spec.rules.iter().enumerate() {
         for f in unsupported_fields(r) {
             out.push(format!("spec.rules[{i}].{f}"));
@@ -302,7 +303,8 @@ const L4_KEYS: &[&str] = &[
     "destination.port",
 ];
 
-/// Checks what must be rejected at load (the policy must compile); returns (field, message).
+/// Checks what must be rejected at load (the policy must compile, its scope be one Istio
+/// accepts); returns (field, message).
 pub fn validate(p: &AuthorizationPolicy) -> Result<(), (String, String)> {
     compiled::compile(p)
         .map(drop)

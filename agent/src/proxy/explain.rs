@@ -8,7 +8,7 @@ use super::route::{self, Decision, Route, RouteCtx, Steps};
 use crate::inventory::addresses::Conflict;
 use crate::inventory::enrollment::Enrollment;
 use crate::inventory::{Snapshot, Workload};
-use crate::policy::authz::{self, ConnAttrs};
+use crate::policy::authz::{self, ConnAttrs, Mesh};
 use crate::policy::peer_auth::{self, Effective, Resolution};
 
 /// The whole answer.
@@ -44,7 +44,8 @@ pub struct Inbound {
     /// The AuthorizationPolicy decision for this source.
     pub authorization: authz::Decision,
     /// The AuthorizationPolicies that select the destination pod (whether or not they match),
-    /// so that the decision can be told in words.
+    /// so that the decision can be told in words, and those in its scope that the node proxy
+    /// does not apply (targeted at a waypoint or gateway, AUDIT, CUSTOM), saying why.
     pub authorization_policies: Vec<AppliedAuthz>,
 }
 
@@ -86,8 +87,7 @@ pub enum Error {
 /// Explains a connection from pod `from` (`namespace/name`) to `to`.
 pub fn explain(
     snap: &Snapshot,
-    trust_domain: &str,
-    root_namespace: &str,
+    mesh: &Mesh<'_>,
     tunnel_port: u16,
     mtls: bool,
     from: &str,
@@ -97,9 +97,10 @@ pub fn explain(
         .workloads
         .get(from)
         .ok_or_else(|| Error::UnknownSource(from.to_string()))?;
+    let root_namespace = mesh.root_namespace;
     let ctx = RouteCtx {
         snap,
-        trust_domain,
+        trust_domain: mesh.trust_domain,
         root_namespace,
         tunnel_port,
         mtls,
@@ -119,7 +120,7 @@ pub fn explain(
     let dst = target.and_then(|t| snap.by_ip(t.ip()).map(|w| (t, w)));
     let inbound = dst
         .filter(|(_, w)| w.enrolled)
-        .map(|(t, w)| inbound(snap, root_namespace, trust_domain, src, w, t, tunnelled));
+        .map(|(t, w)| inbound(snap, mesh, src, w, t, tunnelled));
     if let Some((t, w)) = dst {
         if !w.enrolled {
             warnings.push(format!("destination {} is not enrolled: PeerAuthentication and AuthorizationPolicy do not apply to it", w.key()));
@@ -152,13 +153,13 @@ pub fn explain(
 
 fn inbound(
     snap: &Snapshot,
-    root: &str,
-    trust_domain: &str,
+    mesh: &Mesh<'_>,
     src: &Workload,
     dst: &Workload,
     target: SocketAddr,
     tunnelled: bool,
 ) -> Inbound {
+    let root = mesh.root_namespace;
     let pa = peer_auth::resolve(
         &snap.peer_authentications,
         root,
@@ -171,7 +172,7 @@ fn inbound(
         // A tunnelled source proves its identity with its certificate; a pod whose namespace or
         // service account forms no valid identity has no certificate and proves none.
         peer: tunnelled
-            .then(|| src.spiffe_id(trust_domain).parse().ok())
+            .then(|| src.spiffe_id(mesh.trust_domain).parse().ok())
             .flatten(),
         src_ip: src_ip.unwrap_or(target.ip()),
         dst_port: target.port(),
@@ -179,7 +180,7 @@ fn inbound(
     };
     let authorization = snap
         .authz()
-        .evaluate(root, &dst.namespace, &dst.labels, &attrs);
+        .evaluate(mesh, &dst.namespace, &dst.labels, &attrs);
     let authorization_policies = snap
         .authorization_policies
         .iter()
@@ -285,7 +286,11 @@ fn policy_warnings(snap: &Snapshot, root: &str, dst: &Workload, port: u16) -> Ve
             }
         }
     }
-    for a in &snap.authorization_policies {
+    for a in snap
+        .authorization_policies
+        .iter()
+        .filter(|a| a.not_for_node_proxy().is_none())
+    {
         let unsupported = authz::unsupported(a);
         if !unsupported.is_empty() && a.applies_to(root, &dst.namespace, &dst.labels) {
             out.push(format!(
@@ -335,8 +340,7 @@ spec: {mtls: {mode: STRICT}}
         let s = parse(Path::new("x"), INV).unwrap();
         let e = explain(
             &s,
-            "cluster.local",
-            "istio-system",
+            &Mesh::new("istio-system", "cluster.local"),
             15008,
             true,
             "shop/client",
@@ -360,8 +364,7 @@ spec: {mtls: {mode: STRICT}}
         // The outsider is not enrolled: not captured, so its plaintext reaches the server's agent.
         let e = explain(
             &s,
-            "cluster.local",
-            "istio-system",
+            &Mesh::new("istio-system", "cluster.local"),
             15008,
             false,
             "shop/client",
@@ -371,8 +374,7 @@ spec: {mtls: {mode: STRICT}}
         assert!(e.verdict.contains("STRICT"), "{}", e.verdict);
         let unknown = explain(
             &s,
-            "cluster.local",
-            "istio-system",
+            &Mesh::new("istio-system", "cluster.local"),
             15008,
             true,
             "nope/x",

@@ -247,13 +247,13 @@ impl Manager {
 
     /// Closes open inbound connections that the current AuthorizationPolicies no longer allow.
     fn reauthorize(&self, snap: &Snapshot) {
-        let root = &self.cfg.root_namespace;
+        let mesh = self.cfg.authz_mesh();
         let closed = self.conns.reevaluate(|info, attrs| {
             let Some(w) = snap.workloads.get(&info.pod) else {
                 return true;
             };
             snap.authz()
-                .evaluate(root, &w.namespace, &w.labels, attrs)
+                .evaluate(&mesh, &w.namespace, &w.labels, attrs)
                 .allowed()
         });
         if closed > 0 {
@@ -399,8 +399,7 @@ impl Manager {
         let c = &self.cfg;
         explain::explain(
             &snap,
-            &c.trust_domain,
-            &c.root_namespace,
+            &c.authz_mesh(),
             c.ports.tunnel,
             self.tls.is_some(),
             from,

@@ -110,7 +110,7 @@ impl PodContext {
             .get(&self.workload.key())
             .unwrap_or(&self.workload);
         snap.authz()
-            .evaluate(&self.cfg.root_namespace, &w.namespace, &w.labels, attrs)
+            .evaluate(&self.cfg.authz_mesh(), &w.namespace, &w.labels, attrs)
     }
 }
 

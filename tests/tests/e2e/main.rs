@@ -34,6 +34,7 @@ mod loops;
 mod outbound;
 mod passthrough;
 mod peer_auth;
+mod policy_scope;
 mod privilege;
 mod restart;
 mod rogue;

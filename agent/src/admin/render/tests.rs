@@ -28,8 +28,7 @@ fn explained(extra: &str) -> Value {
     let snap = parse(Path::new("x"), &format!("{INV}{extra}")).unwrap();
     let e = explain::explain(
         &snap,
-        "cluster.local",
-        "istio-system",
+        &crate::policy::authz::Mesh::new("istio-system", "cluster.local"),
         15008,
         true,
         "shop/client",
@@ -142,6 +141,45 @@ fn every_authorization_decision_is_told_in_words_with_the_policies_that_select_t
     assert_eq!(
         v["verdict"],
         "refused by the destination: no ALLOW AuthorizationPolicy matches it"
+    );
+}
+
+#[test]
+fn explain_lists_the_policies_the_node_proxy_leaves_to_others_and_why() {
+    let doc = |name: &str, spec: &str| {
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: {name}, namespace: shop}}\nspec:\n{spec}"
+        )
+    };
+    let targeted = doc(
+        "deny-all",
+        "  targetRefs: [{kind: Service, name: server}]\n  action: DENY\n  rules: [{}]\n",
+    );
+    let audit = doc("audit", "  action: AUDIT\n  rules: [{}]\n");
+    let custom = doc(
+        "ext",
+        "  action: CUSTOM\n  provider: {name: ext}\n  rules: [{}]\n",
+    );
+    let v = explained(&format!("{targeted}{audit}{custom}"));
+    assert_eq!(v["verdict"], "tunnelled over mTLS (HBONE)");
+    assert_eq!(
+        authz_line(&v),
+        "  - AuthorizationPolicy: ALLOW (no AuthorizationPolicy for the node proxy selects \
+         shop/server); not for the node proxy: shop/deny-all (targetRefs: Service/server), \
+         shop/audit (action AUDIT: ztunnel does not apply it either; sidecars and waypoints \
+         audit), shop/ext (action CUSTOM: ztunnel does not apply it either; sidecars and \
+         waypoints call the external authorizer)"
+    );
+    // Beside a DENY the node proxy applies, that DENY decides and the others are still named.
+    let v = explained(&format!(
+        "{targeted}{}",
+        authz("deny-client", "DENY", CLIENT_PRINCIPAL)
+    ));
+    assert_eq!(
+        authz_line(&v),
+        "  - AuthorizationPolicy: DENY (by shop/deny-client); not for the node proxy: \
+         shop/deny-all (targetRefs: Service/server)"
     );
 }
 
@@ -304,8 +342,9 @@ fn policy_lists_peer_authentication_then_the_authorization_policies_of_each_pod(
             "ports": {"9000": {"mode": "PERMISSIVE", "policy": "shop/metrics", "level": "port"}},
         },
         "authorization": [
-            {"policy": "shop/deny-client", "action": "DENY", "unsupported": []},
-            {"policy": "shop/paths", "action": "ALLOW", "unsupported": ["spec.rules[0].to.operation.paths"]},
+            {"policy": "shop/deny-client", "action": "DENY", "unsupported": [], "not_for_node_proxy": null},
+            {"policy": "shop/paths", "action": "ALLOW", "unsupported": ["spec.rules[0].to.operation.paths"], "not_for_node_proxy": null},
+            {"policy": "shop/waypoint-only", "action": "ALLOW", "unsupported": [], "not_for_node_proxy": "targetRefs: Gateway/waypoint"},
         ],
     }]});
     assert_eq!(
@@ -314,9 +353,10 @@ fn policy_lists_peer_authentication_then_the_authorization_policies_of_each_pod(
          shop/server                  *        STRICT       namespace  shop/strict\n\
          shop/server                  9000     PERMISSIVE   port       shop/metrics\n\
          \n\
-         POD                          AUTHORIZATIONPOLICY                  ACTION  NOT CHECKED AT L4 (fails safe)\n\
+         POD                          AUTHORIZATIONPOLICY                  ACTION  NOTES\n\
          shop/server                  shop/deny-client                     DENY    -\n\
-         shop/server                  shop/paths                           ALLOW   spec.rules[0].to.operation.paths\n"
+         shop/server                  shop/paths                           ALLOW   not checked at L4, fails safe: spec.rules[0].to.operation.paths\n\
+         shop/server                  shop/waypoint-only                   ALLOW   not for the node proxy (targetRefs: Gateway/waypoint)\n"
     );
     let none = json!({"policies": [{
         "pod": "shop/server",

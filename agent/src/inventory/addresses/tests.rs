@@ -200,8 +200,7 @@ fn an_undecidable_address_is_refused_never_sent_plaintext() {
         );
         let e = explain(
             &s,
-            "cluster.local",
-            "istio-system",
+            &crate::policy::authz::Mesh::new("istio-system", "cluster.local"),
             15008,
             true,
             "shop/client",

@@ -4,13 +4,17 @@
 //! load with [`super::validate`], which is this compiler), except as a placeholder for an
 //! object the Kubernetes source could not read at all ([`AuthorizationPolicy::unreadable`]).
 //! Either way it is compiled to fail closed: an ALLOW that cannot be understood never matches,
-//! a DENY (or CUSTOM, or an action that cannot be read) always does.
+//! a DENY (or an action that cannot be read) always does. Policies that are not the node
+//! proxy's ([`super::NotForNodeProxy`]) are left out: they decide nothing here.
+mod pattern;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::{Action, AuthorizationPolicy, ConnAttrs, Decision};
+use super::{scope, Action, AuthorizationPolicy, ConnAttrs, Decision, Mesh};
+use pattern::{Pattern, Principal};
 
 /// Why a policy does not compile: the field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -31,6 +35,15 @@ pub enum CompileError {
         /// The value as written.
         value: String,
     },
+    /// A scope Istio refuses: `selector`, `targetRef` and `targetRefs` together, or a target
+    /// without a kind or name.
+    #[error("{problem}")]
+    Scope {
+        /// Path of the field (`spec`, `spec.targetRefs[0].name`).
+        field: String,
+        /// What is wrong.
+        problem: &'static str,
+    },
     /// The object could not be read at all (the Kubernetes source keeps it to fail closed).
     #[error("the object could not be read: {problem}")]
     Unreadable {
@@ -43,7 +56,9 @@ impl CompileError {
     /// Path of the field at fault (`spec` when the object could not be read).
     pub fn field(&self) -> &str {
         match self {
-            Self::Port { field, .. } | Self::Address { field, .. } => field,
+            Self::Port { field, .. } | Self::Address { field, .. } | Self::Scope { field, .. } => {
+                field
+            }
             Self::Unreadable { .. } => "spec",
         }
     }
@@ -70,11 +85,11 @@ pub struct Policies {
 }
 
 impl Policies {
-    /// Compiles `list`; a policy that does not compile fails closed and is listed in
-    /// [`Policies::failures`].
+    /// Compiles the node proxy's policies of `list`; a policy that does not compile fails
+    /// closed and is listed in [`Policies::failures`].
     pub fn compile(list: &[AuthorizationPolicy]) -> Self {
         let mut out = Self::default();
-        for (i, p) in list.iter().enumerate() {
+        for p in list.iter().filter(|p| p.not_for_node_proxy().is_none()) {
             let compiled = compile(p).unwrap_or_else(|error| {
                 out.failures.push(Failure {
                     policy: p.key(),
@@ -85,7 +100,7 @@ impl Policies {
             out.by_namespace
                 .entry(p.metadata.namespace.as_str().into())
                 .or_default()
-                .push(i);
+                .push(out.policies.len());
             out.policies.push(compiled);
         }
         out
@@ -97,28 +112,28 @@ impl Policies {
     }
 
     /// Decides a connection to a workload in `namespace` with `labels`, as Istio does: any
-    /// matching DENY (or CUSTOM) policy denies; with no ALLOW policy the connection is allowed;
-    /// otherwise some ALLOW policy must match.
+    /// matching DENY policy denies; with no ALLOW policy the connection is allowed; otherwise
+    /// some ALLOW policy must match.
     pub fn evaluate(
         &self,
-        root_namespace: &str,
+        mesh: &Mesh<'_>,
         namespace: &str,
         labels: &BTreeMap<String, String>,
         c: &ConnAttrs,
     ) -> Decision {
         let own = self.in_namespace(namespace);
-        let mesh = if root_namespace == namespace {
+        let root = if mesh.root_namespace == namespace {
             &[][..]
         } else {
-            self.in_namespace(root_namespace)
+            self.in_namespace(mesh.root_namespace)
         };
         let applicable = || {
-            Merged { a: own, b: mesh }
+            Merged { a: own, b: root }
                 .map(|i| &self.policies[i])
                 .filter(|p| p.selects(labels))
         };
-        for p in applicable().filter(|p| matches!(p.action, Action::Deny | Action::Custom)) {
-            if p.action == Action::Custom || p.matches(c) {
+        for p in applicable().filter(|p| p.action != Action::Allow) {
+            if p.matches(mesh, c) {
                 return Decision::Denied {
                     policy: p.key.clone(),
                 };
@@ -126,7 +141,7 @@ impl Policies {
         }
         let mut any_allow = false;
         for p in applicable().filter(|p| p.action == Action::Allow) {
-            if p.matches(c) {
+            if p.matches(mesh, c) {
                 return Decision::Allow {
                     policy: Some(p.key.clone()),
                 };
@@ -145,13 +160,14 @@ impl Policies {
     }
 }
 
-/// Compiles one policy.
+/// Compiles one policy (its scope checked as Istio's validation checks it).
 pub(super) fn compile(p: &AuthorizationPolicy) -> Result<Compiled, CompileError> {
     if let Some(problem) = &p.unreadable {
         return Err(CompileError::Unreadable {
             problem: problem.clone(),
         });
     }
+    scope::check(p).map_err(|(field, problem)| CompileError::Scope { field, problem })?;
     let mut rules = Vec::with_capacity(p.spec.rules.len());
     for (i, r) in p.spec.rules.iter().enumerate() {
         // Compiled even when it cannot be checked: a bad value is rejected at load either way.
@@ -177,7 +193,8 @@ pub(super) struct Compiled {
 }
 
 impl Compiled {
-    /// `p` with one rule that fails safe: never matches for ALLOW, always for DENY.
+    /// `p` with one rule that fails safe: never matches for ALLOW, always for any other
+    /// action (DENY, or one that could not be read and was taken as DENY).
     fn fail_closed(p: &AuthorizationPolicy) -> Self {
         Self {
             key: p.key().into(),
@@ -199,11 +216,11 @@ impl Compiled {
             .all(|(k, v)| labels.get(k).is_some_and(|l| l == v))
     }
 
-    fn matches(&self, c: &ConnAttrs) -> bool {
-        // DENY (and CUSTOM): what cannot be checked matches.
+    fn matches(&self, mesh: &Mesh<'_>, c: &ConnAttrs) -> bool {
+        // DENY: what cannot be checked matches.
         let fail_safe = self.action != Action::Allow;
         self.rules.iter().any(|r| match r {
-            RuleMatch::L4(rule) => rule.matches(c),
+            RuleMatch::L4(rule) => rule.matches(mesh, c),
             RuleMatch::Unsupported => fail_safe,
         })
     }
@@ -253,17 +270,17 @@ impl L4Rule {
         Ok(when.map(|when| Self { from, to, when }))
     }
 
-    fn matches(&self, c: &ConnAttrs) -> bool {
-        (self.from.is_empty() || self.from.iter().any(|s| s.matches(c)))
+    fn matches(&self, mesh: &Mesh<'_>, c: &ConnAttrs) -> bool {
+        (self.from.is_empty() || self.from.iter().any(|s| s.matches(mesh, c)))
             && (self.to.is_empty() || self.to.iter().any(|p| p.check(|p| *p == c.dst_port)))
-            && self.when.iter().all(|w| w.matches(c))
+            && self.when.iter().all(|w| w.matches(mesh, c))
     }
 }
 
 /// `rules[].from[].source`, compiled.
 #[derive(Debug, Clone)]
 struct SourceMatch {
-    principals: Values<Pattern>,
+    principals: Values<Principal>,
     namespaces: Values<Pattern>,
     service_accounts: Values<Pattern>,
     ip_blocks: Values<IpNet>,
@@ -282,7 +299,9 @@ impl SourceMatch {
             })
         };
         Ok(Self {
-            principals: patterns(&s.principals, &s.not_principals)?,
+            principals: Values::compile(&s.principals, &s.not_principals, |v, _| {
+                Ok::<_, CompileError>(Principal::new(v))
+            })?,
             namespaces: patterns(&s.namespaces, &s.not_namespaces)?,
             service_accounts: patterns(&s.service_accounts, &s.not_service_accounts)?,
             ip_blocks: blocks(&s.ip_blocks, &s.not_ip_blocks, "ipBlocks", "notIpBlocks")?,
@@ -295,11 +314,11 @@ impl SourceMatch {
         })
     }
 
-    fn matches(&self, c: &ConnAttrs) -> bool {
+    fn matches(&self, mesh: &Mesh<'_>, c: &ConnAttrs) -> bool {
         let principal = c.principal();
         let peer = c.peer.as_ref();
         self.principals
-            .check(|p| principal.is_some_and(|v| p.matches(v)))
+            .check(|p| principal.is_some_and(|v| p.matches(mesh, v)))
             && self
                 .namespaces
                 .check(|p| peer.is_some_and(|id| p.matches(id.namespace())))
@@ -317,7 +336,7 @@ enum ConditionMatch {
     SourceIp(Values<IpNet>),
     DestinationIp(Values<IpNet>),
     DestinationPort(Values<u16>),
-    SourcePrincipal(Values<Pattern>),
+    SourcePrincipal(Values<Principal>),
     SourceNamespace(Values<Pattern>),
 }
 
@@ -337,7 +356,7 @@ impl ConditionMatch {
                 Self::DestinationPort(Values::compile(yes, no, |v, not| port(v, at, name(not)))?)
             }
             "source.principal" => Self::SourcePrincipal(Values::compile(yes, no, |v, _| {
-                Ok::<_, CompileError>(Pattern::new(v))
+                Ok::<_, CompileError>(Principal::new(v))
             })?),
             "source.namespace" => Self::SourceNamespace(Values::compile(yes, no, |v, _| {
                 Ok::<_, CompileError>(Pattern::new(v))
@@ -346,12 +365,14 @@ impl ConditionMatch {
         }))
     }
 
-    fn matches(&self, c: &ConnAttrs) -> bool {
+    fn matches(&self, mesh: &Mesh<'_>, c: &ConnAttrs) -> bool {
         match self {
             Self::SourceIp(v) => v.check(|b| b.contains(&c.src_ip)),
             Self::DestinationIp(v) => v.check(|b| b.contains(&c.dst_ip)),
             Self::DestinationPort(v) => v.check(|p| *p == c.dst_port),
-            Self::SourcePrincipal(v) => v.check(|p| c.principal().is_some_and(|v| p.matches(v))),
+            Self::SourcePrincipal(v) => {
+                v.check(|p| c.principal().is_some_and(|v| p.matches(mesh, v)))
+            }
             Self::SourceNamespace(v) => {
                 v.check(|p| c.peer.as_ref().is_some_and(|id| p.matches(id.namespace())))
             }
@@ -384,79 +405,6 @@ impl<T> Values<T> {
     fn check(&self, f: impl Fn(&T) -> bool) -> bool {
         (self.any.is_empty() || self.any.iter().any(&f)) && !self.none.iter().any(f)
     }
-}
-
-/// Istio's string match: exact, `prefix*`, `*suffix`, or `*` (any non-empty value).
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Pattern {
-    Exact(Box<str>),
-    Prefix(Box<str>),
-    Suffix(Box<str>),
-    Present,
-}
-
-impl Pattern {
-    fn new(p: &str) -> Self {
-        if p == "*" {
-            Self::Present
-        } else if let Some(prefix) = p.strip_suffix('*') {
-            Self::Prefix(prefix.into())
-        } else if let Some(suffix) = p.strip_prefix('*') {
-            Self::Suffix(suffix.into())
-        } else {
-            Self::Exact(p.into())
-        }
-    }
-
-    fn matches(&self, v: &str) -> bool {
-        self.matches_parts(&[v])
-    }
-
-    /// Matches `a/b` without building it (a service account is `namespace/name`).
-    fn matches_pair(&self, a: &str, b: &str) -> bool {
-        self.matches_parts(&[a, "/", b])
-    }
-
-    /// Matches the concatenation of `parts`.
-    fn matches_parts(&self, parts: &[&str]) -> bool {
-        let len: usize = parts.iter().map(|p| p.len()).sum();
-        match self {
-            Self::Present => len > 0,
-            Self::Exact(s) => s.len() == len && starts_with(parts, s.as_bytes()),
-            Self::Prefix(s) => starts_with(parts, s.as_bytes()),
-            Self::Suffix(s) => ends_with(parts, s.as_bytes()),
-        }
-    }
-}
-
-/// Whether the concatenation of `parts` starts with `prefix`.
-fn starts_with(parts: &[&str], mut prefix: &[u8]) -> bool {
-    for p in parts.iter().map(|p| p.as_bytes()) {
-        if prefix.len() <= p.len() {
-            return p.starts_with(prefix);
-        }
-        let (head, rest) = prefix.split_at(p.len());
-        if head != p {
-            return false;
-        }
-        prefix = rest;
-    }
-    prefix.is_empty()
-}
-
-/// Whether the concatenation of `parts` ends with `suffix`.
-fn ends_with(parts: &[&str], mut suffix: &[u8]) -> bool {
-    for p in parts.iter().rev().map(|p| p.as_bytes()) {
-        if suffix.len() <= p.len() {
-            return p.ends_with(suffix);
-        }
-        let (rest, tail) = suffix.split_at(suffix.len() - p.len());
-        if tail != p {
-            return false;
-        }
-        suffix = rest;
-    }
-    suffix.is_empty()
 }
 
 /// A port of `field` (`<at>.<name>`): 1-65535.

@@ -32,7 +32,7 @@ fn plaintext(port: u16) -> ConnAttrs {
 
 fn eval(ps: &[AuthorizationPolicy], c: &ConnAttrs) -> Decision {
     Policies::compile(ps).evaluate(
-        "istio-system",
+        &Mesh::new("istio-system", "cluster.local"),
         "shop",
         &BTreeMap::from([("app".to_string(), "server".to_string())]),
         c,

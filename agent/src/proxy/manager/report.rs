@@ -19,24 +19,33 @@ pub struct PodPolicy {
     pub peer_authentication: peer_auth::Explained,
 }
 
-/// An AuthorizationPolicy that applies to a pod.
+/// An AuthorizationPolicy in a pod's scope (its namespace or the root namespace, its selector
+/// matching), applied by the node proxy or not.
 #[derive(Debug, Serialize)]
 pub struct AppliedAuthz {
     /// `namespace/name`.
     pub policy: String,
     /// ALLOW, DENY, AUDIT or CUSTOM.
     pub action: authz::Action,
-    /// Fields ambit cannot check at L4 (the rule fails safe).
+    /// Fields ambit cannot check at L4 (the rule fails safe); empty when not applied.
     pub unsupported: Vec<String>,
+    /// Why the node proxy does not apply it (`targetRefs: Gateway/waypoint`), if it does not.
+    pub not_for_node_proxy: Option<String>,
 }
 
 impl AppliedAuthz {
     /// How `p` is reported.
     pub fn of(p: &authz::AuthorizationPolicy) -> Self {
+        let not_for_node_proxy = p.not_for_node_proxy();
         Self {
             policy: p.key(),
             action: p.spec.action,
-            unsupported: authz::unsupported(p),
+            unsupported: if not_for_node_proxy.is_none() {
+                authz::unsupported(p)
+            } else {
+                Vec::new()
+            },
+            not_for_node_proxy: not_for_node_proxy.map(|n| n.to_string()),
         }
     }
 }

@@ -25,7 +25,12 @@ fn to_server(snap: &crate::inventory::Snapshot) -> Decision {
         dst_port: 8080,
         dst_ip: "10.244.2.9".parse().unwrap(),
     };
-    snap.authz().evaluate("istio-system", "shop", &labels, &c)
+    snap.authz().evaluate(
+        &crate::policy::authz::Mesh::new("istio-system", "cluster.local"),
+        "shop",
+        &labels,
+        &c,
+    )
 }
 
 #[test]

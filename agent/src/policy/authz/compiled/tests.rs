@@ -24,21 +24,24 @@ fn from(sa: &str, ns: &str, src: &str, port: u16) -> ConnAttrs {
     }
 }
 
+/// The mesh of these tests: `cluster.local`, no aliases.
+const MESH: Mesh<'static> = Mesh::new("istio-system", "cluster.local");
+
 fn eval(ps: &[AuthorizationPolicy], c: &ConnAttrs) -> Decision {
     let labels = BTreeMap::from([("app".to_string(), "server".to_string())]);
-    Policies::compile(ps).evaluate("istio-system", "shop", &labels, c)
+    Policies::compile(ps).evaluate(&MESH, "shop", &labels, c)
 }
 
-/// The string match the evaluator used before it was compiled, on the joined value.
+/// Istio's string match on the joined value, read as istiod reads it (a leading `*` first).
 fn reference_match(pattern: &str, value: &str) -> bool {
     if pattern == "*" {
         return !value.is_empty();
     }
-    if let Some(prefix) = pattern.strip_suffix('*') {
-        return value.starts_with(prefix);
-    }
     if let Some(suffix) = pattern.strip_prefix('*') {
         return value.ends_with(suffix);
+    }
+    if let Some(prefix) = pattern.strip_suffix('*') {
+        return value.starts_with(prefix);
     }
     pattern == value
 }
@@ -67,6 +70,8 @@ fn patterns_match_pairs_as_istio_matches_the_joined_string() {
         "xshop/client",
         "é*",
         "*é",
+        "*p/*",
+        "*/*",
     ];
     let pairs = [
         ("shop", "client"),
@@ -75,6 +80,8 @@ fn patterns_match_pairs_as_istio_matches_the_joined_string() {
         ("shop", ""),
         ("sh", "op/client"),
         ("é", "é"),
+        // Tells a leading `*` read first from a trailing one: `*p/*` matches `shop/*`.
+        ("shop", "*"),
     ];
     for p in patterns {
         let compiled = Pattern::new(p);
@@ -288,7 +295,7 @@ fn the_first_matching_policy_in_snapshot_order_is_named_across_namespaces() {
     // A workload in the root namespace sees its policies once.
     let labels = BTreeMap::new();
     let root = Policies::compile(&list).evaluate(
-        "istio-system",
+        &MESH,
         "istio-system",
         &labels,
         &from("x", "shop", "10.1.0.2", 80),
@@ -314,5 +321,56 @@ fn merged_walk_is_ascending_and_complete() {
         let mut want: Vec<usize> = a.iter().chain(b).copied().collect();
         want.sort_unstable();
         assert_eq!(walked, want);
+    }
+}
+
+#[test]
+fn principals_not_principals_and_when_source_principal_follow_trust_domain_aliases() {
+    // The mesh migrated from old.example to cluster.local: a policy still written with the old
+    // trust domain names the same workloads, and one written with the new names old certificates.
+    let aliases = ["old.example".to_string()];
+    let migrated = Mesh {
+        trust_domain_aliases: &aliases,
+        ..MESH
+    };
+    let labels = BTreeMap::from([("app".to_string(), "server".to_string())]);
+    let old_cert = ConnAttrs {
+        peer: Some("spiffe://old.example/ns/shop/sa/client".parse().unwrap()),
+        ..from("client", "shop", "10.1.0.2", 80)
+    };
+    let new_cert = from("client", "shop", "10.1.0.2", 80);
+    let foreign = ConnAttrs {
+        peer: Some("spiffe://other.example/ns/shop/sa/client".parse().unwrap()),
+        ..new_cert.clone()
+    };
+    let allow_old = policy(
+        "shop",
+        "allow-old",
+        serde_json::json!({"rules": [{"from": [{"source": {"principals": ["old.example/ns/shop/sa/client"]}}]}]}),
+    );
+    let deny_not_new = policy(
+        "shop",
+        "deny-others",
+        serde_json::json!({"action": "DENY", "rules": [{"from": [{"source": {"notPrincipals": ["cluster.local/ns/shop/sa/client"]}}]}]}),
+    );
+    let allow_when = policy(
+        "shop",
+        "allow-when",
+        serde_json::json!({"rules": [{"when": [{"key": "source.principal", "values": ["old.example/ns/shop/sa/client"]}]}]}),
+    );
+    for p in [&allow_old, &deny_not_new, &allow_when] {
+        validate(p).unwrap();
+        let ps = Policies::compile(std::slice::from_ref(p));
+        let decide =
+            |mesh: &Mesh<'_>, c: &ConnAttrs| ps.evaluate(mesh, "shop", &labels, c).allowed();
+        let name = p.key();
+        // With the alias, both certificates are the client; a foreign trust domain is not.
+        assert!(decide(&migrated, &old_cert), "{name}: old certificate");
+        assert!(decide(&migrated, &new_cert), "{name}: new certificate");
+        assert!(!decide(&migrated, &foreign), "{name}: foreign trust domain");
+        // Without it, only the trust domain as written is (the test can see a refusal).
+        let written_allows_old = name != "shop/deny-others";
+        assert_eq!(decide(&MESH, &old_cert), written_allows_old, "{name}");
+        assert_eq!(decide(&MESH, &new_cert), !written_allows_old, "{name}");
     }
 }
