@@ -252,7 +252,8 @@ fn explain_names_the_waypoint_in_its_steps_and_verdict() {
         d.steps
     );
     assert!(
-        d.steps.iter().any(|s| s == &format!(
+        d.steps.iter().any(|s| s
+            == &format!(
             "HBONE to waypoint shop/wp at 10.3.0.5:15008 requiring {WP_ID}, CONNECT 10.2.0.2:8080"
         )),
         "{:?}",
