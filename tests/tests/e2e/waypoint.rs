@@ -3,7 +3,7 @@
 //! (here a fake HBONE server with a genuine certificate), CONNECT to the pod's own address;
 //! while the waypoint cannot be resolved it refuses them and counts them, never going around
 //! it; and the pod's agent accepts mesh traffic only from the waypoint's identity (401 for
-//! any other).
+//! any other). A Service labelled so is reached the same way, CONNECT to its own address.
 #![allow(
     clippy::unwrap_used,
     reason = "test bodies panic with a line number (STYLE.md §7)"
@@ -18,6 +18,10 @@ use http::{Method, StatusCode};
 
 /// The waypoint's name (its Service) and service account.
 const WAYPOINT: &str = "waypoint";
+/// Virtual IPs and port of Service `web`, which uses the waypoint.
+const VIP4: &str = "10.96.0.81";
+const VIP6: &str = "fd00:96::81";
+const SERVICE_PORT: u16 = 80;
 
 /// An unenrolled pod `waypoint` on node2 (as Istio's waypoints are: not captured) with the
 /// addresses of the unlisted pod `wp`, and its Service `waypoint` with one EndpointSlice per
@@ -42,6 +46,29 @@ fn waypoint_objects(tb: &Testbed) -> String {
              - name: mesh\n  port: {TUNNEL_PORT}\nendpoints:\n- addresses: [\"{}\"]\n",
             family.to_lowercase(),
             wp.ip(v6)
+        );
+    }
+    y
+}
+
+/// Service `web` (dual stack, port 80 -> echo) over `legacy`, labelled to use the waypoint.
+fn web_service(tb: &Testbed) -> String {
+    let legacy = tb.pod("legacy");
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: default\n  labels:\n    \
+         istio.io/use-waypoint: {WAYPOINT}\n\
+         spec:\n  clusterIP: {VIP4}\n  clusterIPs: [{VIP4}, \"{VIP6}\"]\n  ports:\n  \
+         - name: echo\n    port: {SERVICE_PORT}\n    targetPort: {ECHO_PORT}\n"
+    );
+    for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+        let _ = write!(
+            y,
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  \
+             name: web-{}\n  namespace: default\n  labels:\n    kubernetes.io/service-name: web\n\
+             addressType: {family}\nports:\n- name: echo\n  port: {ECHO_PORT}\n\
+             endpoints:\n- addresses: [\"{}\"]\n",
+            family.to_lowercase(),
+            legacy.ip(v6)
         );
     }
     y
@@ -152,6 +179,21 @@ fn a_pod_behind_a_waypoint_is_reached_only_through_it() {
         accepted(&tb),
         before,
         "the client's agent went around the waypoint"
+    );
+
+    // A Service labelled to use the waypoint: its address is what the waypoint is asked for.
+    tb.apply(&web_service(&tb)).unwrap();
+    for vip in [VIP4, VIP6] {
+        let vip: IpAddr = vip.parse().unwrap();
+        let r = tb
+            .request("client", vip, SERVICE_PORT, Some("to the Service"))
+            .unwrap();
+        assert_eq!(r.data(), "to the Service", "{r:?}");
+    }
+    assert_eq!(
+        fake.authorities()[2..],
+        [VIP4, VIP6].map(|v| SocketAddr::new(v.parse().unwrap(), SERVICE_PORT)),
+        "the waypoint was not asked for the Service's address"
     );
 
     // 3. Inbound on node2: a genuine mesh identity that is not the waypoint's is refused 401
