@@ -66,6 +66,7 @@ fn inventory() -> Snapshot {
         let s = Service {
             name: format!("svc-{i}"),
             namespace: format!("ns-{}", i % NAMESPACES),
+            labels: BTreeMap::new(),
             vips: vec![vip(i)],
             ports: BTreeMap::from([(
                 80,

@@ -334,6 +334,8 @@ pub struct FakeHbone {
     pub connects: Arc<AtomicU64>,
     /// What each CONNECT's `baggage`, `traceparent` and `forwarded` said, in order.
     pub received: Arc<std::sync::Mutex<Vec<Received>>>,
+    /// Each CONNECT's `:authority` (the destination it asked for), in order.
+    pub authorities: Arc<std::sync::Mutex<Vec<SocketAddr>>>,
 }
 
 impl FakeHbone {
@@ -348,7 +350,9 @@ impl FakeHbone {
         let connections = Arc::new(AtomicU64::new(0));
         let connects = Arc::new(AtomicU64::new(0));
         let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let authorities = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (conns, reqs, seen) = (connections.clone(), connects.clone(), received.clone());
+        let asked = authorities.clone();
         let thread = std::thread::spawn(move || {
             let ready = ready_tx.clone();
             let run = move || -> Result<()> {
@@ -369,6 +373,7 @@ impl FakeHbone {
                             };
                             conns.fetch_add(1, Ordering::Relaxed);
                             let (server, reqs, seen) = (server.clone(), reqs.clone(), seen.clone());
+                            let asked = asked.clone();
                             let drain = drain_rx.clone();
                             tokio::spawn(async move {
                                 let _ = serve_connection(
@@ -379,8 +384,13 @@ impl FakeHbone {
                                     drain,
                                     move |p: PendingConnect| {
                                         let (reqs, seen) = (reqs.clone(), seen.clone());
+                                        let asked = asked.clone();
                                         async move {
                                             reqs.fetch_add(1, Ordering::Relaxed);
+                                            asked
+                                                .lock()
+                                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                                .push(p.connect.authority);
                                             seen.lock()
                                                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                                                 .push(p.connect.received.clone());
@@ -414,6 +424,7 @@ impl FakeHbone {
                 connections,
                 connects,
                 received,
+                authorities,
             }),
             Ok(Err(e)) => Err(e.context("fake HBONE server")),
             Err(_) => Err(anyhow!("fake HBONE server did not start")),
@@ -428,6 +439,14 @@ impl FakeHbone {
     /// CONNECT requests received so far.
     pub fn connects(&self) -> u64 {
         self.connects.load(Ordering::Relaxed)
+    }
+
+    /// The `:authority` of every CONNECT received so far.
+    pub fn authorities(&self) -> Vec<SocketAddr> {
+        self.authorities
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The headers of every CONNECT received so far.

@@ -10,6 +10,7 @@ pub mod objects;
 pub mod publish;
 pub mod sandboxes;
 pub mod services;
+pub mod waypoints;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -104,6 +104,8 @@ pub struct Service {
     pub name: String,
     /// Namespace.
     pub namespace: String,
+    /// Labels (`istio.io/use-waypoint`).
+    pub labels: BTreeMap<String, String>,
     /// Virtual IPs.
     pub vips: Vec<IpAddr>,
     /// Ports: service port -> (port name, numeric target port when known).
@@ -227,6 +229,7 @@ pub fn service(
     Ok(Service {
         name: obj.metadata.name.clone(),
         namespace,
+        labels: obj.metadata.labels.clone(),
         vips,
         ports,
         endpoints,

@@ -118,8 +118,10 @@ pub fn explain(
         Route::Refuse { .. } => (None, false),
     };
     let dst = target.and_then(|t| snap.by_ip(t.ip()).map(|w| (t, w)));
+    // Through a waypoint the destination's agent sees the waypoint, not this source: its
+    // policy is the waypoint's to apply.
     let inbound = dst
-        .filter(|(_, w)| w.enrolled)
+        .filter(|(_, w)| w.enrolled && outbound.waypoint.is_none())
         .map(|(t, w)| inbound(snap, mesh, src, w, t, tunnelled));
     if let Some((t, w)) = dst {
         if !w.enrolled {
@@ -206,6 +208,13 @@ fn verdict(
     }
     if let Route::Refuse { reason, .. } = &outbound.route {
         return format!("refused by the source agent: {reason}");
+    }
+    if let (Some(wp), Route::Tunnel { peer, target, .. }) = (&outbound.waypoint, &outbound.route) {
+        return format!(
+            "tunnelled over mTLS (HBONE) through waypoint {} ({peer}, CONNECT {target}): the \
+             waypoint applies the destination's policy",
+            wp.key()
+        );
     }
     let Some(inb) = inbound else {
         // With `capture.meshOnly` (the default) the kernel does not redirect a connect to an

@@ -19,6 +19,7 @@ use crate::config::Limits;
 use crate::error::error_chain;
 use crate::metrics::ReasonLabel;
 use crate::policy::authz::ConnAttrs;
+use crate::tunnel::reject;
 use crate::tunnel::server::{accept_tls, serve_h2, PendingConnect, ServerLimits};
 
 /// Serves one tunnel listener of a pod until the task is aborted.
@@ -117,6 +118,32 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     if let Err(e) = served.await {
         failed(e);
     }
+}
+
+/// Why a CONNECT from `peer_id` would bypass the waypoint `pod` is behind (only the
+/// waypoint's pods may send it mesh traffic, as ztunnel enforces), or `None` when `pod` uses
+/// no waypoint or `peer_id` is the waypoint's.
+fn bypassed_waypoint(pod: &PodContext, peer_id: &str) -> Option<String> {
+    let snap = pod.inventory.borrow().clone();
+    let w = snap
+        .workloads
+        .get(&pod.workload.key())
+        .unwrap_or(&pod.workload);
+    let wp = snap.waypoint_of_workload(w)?;
+    let ids = snap.waypoint_identities(&wp, &pod.cfg.trust_domain);
+    if ids.iter().any(|id| id == peer_id) {
+        return None;
+    }
+    let accepted = if ids.is_empty() {
+        "none: the waypoint has no known pod".to_string()
+    } else {
+        ids.join(", ")
+    };
+    Some(format!(
+        "pod {} is behind waypoint {} and accepts mesh traffic only from it (accepted: {accepted})",
+        w.key(),
+        wp.key()
+    ))
 }
 
 /// Agent-wide caps of the tunnel ports.
@@ -240,6 +267,20 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     }
     if pod.ports.is_agent_port(target.port()) {
         return refuse(p, StatusCode::BAD_REQUEST, "NR", "agent_port");
+    }
+    if let Some(why) = bypassed_waypoint(&pod, &peer_id) {
+        stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
+        stats.authz_denied.fetch_add(1, Ordering::Relaxed);
+        conns::refused(
+            metrics,
+            &labels("DENY"),
+            "inbound",
+            &src.to_string(),
+            &target.to_string(),
+            reject::NOT_FROM_WAYPOINT,
+            &format!("answered 401 to {peer_id}: {why}"),
+        );
+        return p.refuse_as(StatusCode::UNAUTHORIZED, reject::NOT_FROM_WAYPOINT);
     }
     let attrs = ConnAttrs {
         peer: Some(p.connect.peer_id.clone()),

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use crate::identity::SpiffeId;
 use crate::inventory::addresses::Claim;
+use crate::inventory::waypoints::{self, WaypointRef};
 use crate::inventory::Snapshot;
 use crate::policy::destination_rule::{self, TlsMode};
 use crate::policy::peer_auth::{self, Effective};
@@ -64,6 +65,9 @@ pub enum Refusal {
     /// Several pods claim the destination address and no rule decides which one holds it:
     /// its identity cannot be decided, and plaintext could be a downgrade.
     AmbiguousAddress,
+    /// The destination uses a waypoint that cannot be reached (no Service, no ready endpoint,
+    /// no identity, no CA): refused rather than carried around the waypoint.
+    WaypointUnavailable,
 }
 
 impl Refusal {
@@ -72,6 +76,7 @@ impl Refusal {
         match self {
             Self::Route => "route",
             Self::AmbiguousAddress => "ambiguous_address",
+            Self::WaypointUnavailable => "waypoint_unavailable",
         }
     }
 
@@ -80,6 +85,7 @@ impl Refusal {
         match self {
             Self::Route => "refused",
             Self::AmbiguousAddress => "ambiguous_address",
+            Self::WaypointUnavailable => "waypoint_unavailable",
         }
     }
 }
@@ -90,6 +96,10 @@ pub struct Decision {
     /// The route.
     #[serde(flatten)]
     pub route: Route,
+    /// The waypoint the connection is sent through (or refused for), when the destination
+    /// uses one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waypoint: Option<WaypointRef>,
     /// Human-readable reasoning, in order.
     pub steps: Vec<String>,
 }
@@ -141,6 +151,7 @@ impl Recorder {
     fn done(self, route: Route) -> Decision {
         Decision {
             route,
+            waypoint: None,
             steps: self.0.unwrap_or_default(),
         }
     }
@@ -154,12 +165,13 @@ impl Recorder {
 }
 
 /// Decides how a connection to `orig` is carried. `pick(service key, ready count)` chooses
-/// the endpoint index; `steps` says whether the reasoning is written down.
+/// the endpoint index (of a Service or a waypoint); `steps` says whether the reasoning is
+/// written down.
 pub fn decide(
     ctx: &RouteCtx<'_>,
     orig: SocketAddr,
     steps: Steps,
-    pick: impl FnOnce(&str, usize) -> usize,
+    mut pick: impl FnMut(&str, usize) -> usize,
 ) -> Decision {
     let mut rec = Recorder((steps == Steps::Record).then(Vec::new));
     let (target, client_tls) = match ctx.snap.vip(orig.ip()) {
@@ -168,6 +180,18 @@ pub fn decide(
             rec.note(|| format!("{} is a virtual IP of Service {}", orig.ip(), svc.key()));
             if !svc.ports.contains_key(&orig.port()) {
                 return rec.refuse(format!("Service {} has no port {}", svc.key(), orig.port()));
+            }
+            if let Some(wp) = ctx.snap.waypoint_of_service(svc) {
+                rec.note(|| {
+                    format!(
+                        "Service {} uses waypoint {} ({} label {})",
+                        svc.key(),
+                        wp.key(),
+                        wp.bound_by,
+                        waypoints::USE_WAYPOINT_LABEL
+                    )
+                });
+                return waypoint::via(ctx, rec, wp, orig, pick);
             }
             let ready = vip.ready_count();
             if ready == 0 {
@@ -257,6 +281,18 @@ pub fn decide(
         return rec.done(Route::Plaintext { target });
     };
     rec.note(|| format!("{} is enrolled pod {}", target.ip(), dst.key()));
+    if let Some(wp) = ctx.snap.waypoint_of_workload(dst) {
+        rec.note(|| {
+            format!(
+                "pod {} uses waypoint {} ({} label {})",
+                dst.key(),
+                wp.key(),
+                wp.bound_by,
+                waypoints::USE_WAYPOINT_LABEL
+            )
+        });
+        return waypoint::via(ctx, rec, wp, target, pick);
+    }
     if !ctx.mtls {
         if requires_mtls {
             return rec.refuse(
@@ -314,6 +350,8 @@ pub fn decide(
         dst_id: raw_id,
     })
 }
+
+mod waypoint;
 
 #[cfg(test)]
 mod tests;

@@ -37,6 +37,8 @@ pub const CERTIFICATE_EXPIRED: &str = "certificate_expired";
 pub const BAD_TARGET: &str = "bad_target";
 /// A CONNECT denied by authorization policy (401, 403).
 pub const POLICY_DENIED: &str = "policy_denied";
+/// A CONNECT to a pod behind a waypoint from an identity other than the waypoint's (401).
+pub const NOT_FROM_WAYPOINT: &str = "not_from_waypoint";
 /// A CONNECT whose destination app could not be reached (502, 503, 504).
 pub const DESTINATION_UNAVAILABLE: &str = "destination_unavailable";
 /// Any other refusal status.

@@ -99,8 +99,13 @@ impl PendingConnect {
 
     /// Answers `status` (401 denied, 503 app unreachable, ...) and ends the stream; counted in
     /// `ambit_tunnel_rejections_total` under [`reject::reason_of_status`].
-    pub fn refuse(mut self, status: StatusCode) {
-        let reason = reject::reason_of_status(status);
+    pub fn refuse(self, status: StatusCode) {
+        self.refuse_as(status, reject::reason_of_status(status));
+    }
+
+    /// Answers `status` and ends the stream, counted (and named in [`REFUSAL_HEADER`]) under
+    /// `reason`, for refusals a status alone does not tell apart.
+    pub fn refuse_as(mut self, status: StatusCode, reason: &'static str) {
         reject::count(reason);
         reply(&mut self.respond, status, reason);
     }

@@ -46,3 +46,4 @@ mod teardown;
 mod transfer;
 mod tunnel_input;
 mod unenrolled;
+mod waypoint;

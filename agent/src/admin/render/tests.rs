@@ -372,3 +372,61 @@ fn policy_lists_peer_authentication_then_the_authorization_policies_of_each_pod(
          PeerAuthentication is allowed\n"
     );
 }
+
+#[test]
+fn explain_tells_a_connection_through_a_waypoint_in_words() {
+    let inv = r#"
+kind: Namespace
+metadata: {name: shop, labels: {ambit.io/mode: enabled}}
+---
+kind: Pod
+metadata: {name: client, namespace: shop}
+spec: {nodeName: node1, serviceAccountName: client}
+status: {podIPs: [{ip: 10.1.0.2}]}
+---
+kind: Pod
+metadata: {name: server, namespace: shop, labels: {istio.io/use-waypoint: wp}}
+spec: {nodeName: node2, serviceAccountName: server}
+status: {podIPs: [{ip: 10.2.0.2}]}
+---
+kind: Pod
+metadata: {name: wp-0, namespace: shop}
+spec: {nodeName: node3, serviceAccountName: wp}
+status: {podIPs: [{ip: 10.3.0.5}]}
+---
+kind: Service
+metadata: {name: wp, namespace: shop}
+spec: {clusterIP: 10.96.0.50, ports: [{name: mesh, port: 15008}]}
+---
+kind: EndpointSlice
+metadata: {name: wp-1, namespace: shop, labels: {kubernetes.io/service-name: wp}}
+endpoints: [{addresses: [10.3.0.5]}]
+ports: [{name: mesh, port: 15008}]
+"#;
+    let snap = parse(Path::new("x"), inv).unwrap();
+    let e = explain::explain(
+        &snap,
+        "cluster.local",
+        "istio-system",
+        15008,
+        true,
+        "shop/client",
+        "10.2.0.2:8080".parse().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        explain(&serde_json::to_value(e).unwrap()),
+        "shop/client -> 10.2.0.2:8080: tunnelled over mTLS (HBONE) through waypoint shop/wp \
+         (10.3.0.5:15008, CONNECT 10.2.0.2:8080): the waypoint applies the destination's policy\n\
+         \n\
+         enrollment:\n  \
+         - source shop/client: enrolled by namespace label ambit.io/mode=enabled\n  \
+         - destination shop/server: enrolled by namespace label ambit.io/mode=enabled\n\
+         \n\
+         source agent:\n  \
+         - 10.2.0.2 is enrolled pod shop/server\n  \
+         - pod shop/server uses waypoint shop/wp (pod label istio.io/use-waypoint)\n  \
+         - HBONE to waypoint shop/wp at 10.3.0.5:15008 requiring \
+         spiffe://cluster.local/ns/shop/sa/wp, CONNECT 10.2.0.2:8080\n"
+    );
+}

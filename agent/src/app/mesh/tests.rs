@@ -38,6 +38,7 @@ fn service(name: &str, vips: &[&str], endpoints: &[&str]) -> Service {
     Service {
         name: name.into(),
         namespace: "default".into(),
+        labels: BTreeMap::new(),
         vips: vips.iter().map(|i| ip(i)).collect(),
         ports: BTreeMap::new(),
         endpoints: endpoints
