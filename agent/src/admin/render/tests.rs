@@ -406,8 +406,7 @@ ports: [{name: mesh, port: 15008}]
     let snap = parse(Path::new("x"), inv).unwrap();
     let e = explain::explain(
         &snap,
-        "cluster.local",
-        "istio-system",
+        &crate::policy::authz::Mesh::new("istio-system", "cluster.local"),
         15008,
         true,
         "shop/client",

@@ -261,8 +261,7 @@ fn explain_names_the_waypoint_in_its_steps_and_verdict() {
     );
     let e = explain(
         &s,
-        "cluster.local",
-        "istio-system",
+        &crate::policy::authz::Mesh::new("istio-system", "cluster.local"),
         15008,
         true,
         "shop/client",
@@ -284,8 +283,7 @@ fn explain_names_the_waypoint_in_its_steps_and_verdict() {
     let s = inventory("", ", istio.io/use-waypoint: wp", "", "");
     let e = explain(
         &s,
-        "cluster.local",
-        "istio-system",
+        &crate::policy::authz::Mesh::new("istio-system", "cluster.local"),
         15008,
         true,
         "shop/client",
