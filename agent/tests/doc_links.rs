@@ -173,3 +173,14 @@ fn broken_links_are_reported() {
     assert_eq!(slug(" Runtimes and threads"), "runtimes-and-threads");
     assert_eq!(slug(" The `ambit` CLI"), "the-ambit-cli");
 }
+
+/// The README stays short enough to read in five minutes; details live in docs/ (linked).
+#[test]
+fn the_readme_stays_under_twelve_thousand_characters() {
+    let text = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let chars = text.chars().count();
+    assert!(
+        chars <= 12_000,
+        "README.md has {chars} characters; move details to docs/ and link them"
+    );
+}
