@@ -247,11 +247,7 @@ impl FakeApi {
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-fn route(
-    state: &Arc<Mutex<State>>,
-    notify: &Arc<Notify>,
-    req: &Request<()>,
-) -> Response<Body> {
+fn route(state: &Arc<Mutex<State>>, notify: &Arc<Notify>, req: &Request<()>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let query: BTreeMap<String, String> = req
         .uri()
@@ -325,12 +321,21 @@ fn patch(
     let segments: Vec<&str> = parts.uri.path().split('/').collect();
     let (ns, name) = match segments[..] {
         ["", "api", "v1", "namespaces", ns, "pods", name] => (ns, name),
-        _ => return status(StatusCode::NOT_FOUND, "NotFound", "only pods can be patched"),
+        _ => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "only pods can be patched",
+            )
+        }
     };
     let key = format!("{ns}/{name}");
-    let field_manager = parts.uri.query().unwrap_or("").split('&').find_map(|kv| {
-        kv.strip_prefix("fieldManager=").map(str::to_string)
-    });
+    let field_manager = parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("fieldManager=").map(str::to_string));
     let content_type = parts
         .headers
         .get("content-type")
@@ -339,19 +344,36 @@ fn patch(
         .to_string();
     let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
     let mut s = state.lock().unwrap();
-    let stored = s.objects.get(path_of("Pod")).and_then(|c| c.get(&key)).cloned();
+    let stored = s
+        .objects
+        .get(path_of("Pod"))
+        .and_then(|c| c.get(&key))
+        .cloned();
     let answer = if s.fail_patches > 0 {
         s.fail_patches -= 1;
-        Err((StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "injected failure"))
+        Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "injected failure",
+        ))
     } else if content_type != "application/merge-patch+json" {
-        Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedMediaType", "merge patch only"))
+        Err((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            "merge patch only",
+        ))
     } else {
         match stored {
             None => Err((StatusCode::NOT_FOUND, "NotFound", "pod not found")),
-            Some(old) if doc["metadata"]["uid"].is_string()
-                && doc["metadata"]["uid"] != old["metadata"]["uid"] =>
+            Some(old)
+                if doc["metadata"]["uid"].is_string()
+                    && doc["metadata"]["uid"] != old["metadata"]["uid"] =>
             {
-                Err((StatusCode::CONFLICT, "Conflict", "Precondition failed: UID in precondition"))
+                Err((
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    "Precondition failed: UID in precondition",
+                ))
             }
             Some(mut obj) => {
                 merge(&mut obj, &doc);
@@ -374,7 +396,10 @@ fn patch(
             let rv = s.rv;
             obj["metadata"]["resourceVersion"] = json!(rv.to_string());
             let path = path_of("Pod").to_string();
-            s.objects.entry(path.clone()).or_default().insert(key, obj.clone());
+            s.objects
+                .entry(path.clone())
+                .or_default()
+                .insert(key, obj.clone());
             s.log.push((rv, path, "MODIFIED", obj.clone()));
             drop(s);
             notify.notify_waiters();
