@@ -193,6 +193,7 @@ async fn serve(
                 client,
                 annotate::Settings::new(cfg.node.clone()),
                 manager.captured(),
+                manager.draining(),
                 annotation_patches.clone(),
             ));
         }

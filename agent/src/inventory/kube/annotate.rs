@@ -14,6 +14,7 @@
 //! precondition (a pod re-created under the same name is never annotated for its predecessor's
 //! capture), under the field manager [`FIELD_MANAGER`]. A failed patch is logged with the pod
 //! and the error, counted, and retried after [`Settings::retry`]; enrollment never waits on it.
+//! A draining agent stops patching and leaves every annotation as it is.
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -107,11 +108,14 @@ impl Op {
 }
 
 /// Keeps the annotation of this node's pods in line with `captured` until `captured`'s sender
-/// goes away. `captured` holds `None` until the pod manager's first reconcile.
+/// goes away or `stop` turns true. `captured` holds `None` until the pod manager's first
+/// reconcile. `stop` is the agent's draining: a draining agent's captured set no longer moves
+/// (its successor's does), so it must not undo the successor's patches.
 pub async fn run(
     client: Client,
     settings: Settings,
     mut captured: watch::Receiver<Option<Arc<CapturedPods>>>,
+    mut stop: watch::Receiver<bool>,
     patches: PatchCounter,
 ) {
     let changed = Arc::new(Notify::new());
@@ -149,18 +153,27 @@ pub async fn run(
         patches,
         sent: HashMap::new(),
     };
-    if synced.wait_for(|s| *s).await.is_ok() && captured.wait_for(Option::is_some).await.is_ok() {
+    let ready = async {
+        synced.wait_for(|s| *s).await.is_ok() && captured.wait_for(Option::is_some).await.is_ok()
+    };
+    let ready = tokio::select! {
+        r = ready => r,
+        _ = stop.wait_for(|s| *s) => false,
+    };
+    if ready {
         tracing::info!(node = %loop_.settings.node, "redirection annotation: reconciling this node's pods");
-        loop {
+        while !*stop.borrow_and_update() {
             let now = captured.borrow_and_update().clone().unwrap_or_default();
             loop_.pass(&now).await;
             tokio::select! {
                 r = captured.changed() => if r.is_err() { break },
                 _ = changed.notified() => {}
+                _ = stop.changed() => {}
                 _ = tokio::time::sleep(loop_.settings.retry) => {}
             }
         }
     }
+    tracing::info!(node = %loop_.settings.node, "redirection annotation: stopped (annotations stay as they are)");
     reflector.abort();
 }
 

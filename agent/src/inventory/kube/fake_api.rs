@@ -50,6 +50,8 @@ struct State {
     raw: BTreeMap<String, (StatusCode, String, usize)>,
     /// Every PATCH received, in order.
     patches: Vec<PatchCall>,
+    /// (path, query) of every other request, in order.
+    queries: Vec<(String, String)>,
     /// How many of the next pod patches answer 500.
     fail_patches: usize,
 }
@@ -206,6 +208,17 @@ impl FakeApi {
         self.state.lock().unwrap().fail_patches = n;
     }
 
+    /// The query strings of the list and watch requests `kind` got, in order.
+    pub(crate) fn queries(&self, kind: &str) -> Vec<String> {
+        let s = self.state.lock().unwrap();
+        let path = path_of(kind);
+        s.queries
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, q)| q.clone())
+            .collect()
+    }
+
     /// The stored pod `namespace/name`, if any.
     pub(crate) fn pod(&self, key: &str) -> Option<Value> {
         let s = self.state.lock().unwrap();
@@ -258,6 +271,8 @@ fn route(state: &Arc<Mutex<State>>, notify: &Arc<Notify>, req: &Request<()>) -> 
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let mut s = state.lock().unwrap();
+    let q = req.uri().query().unwrap_or("").to_string();
+    s.queries.push((path.clone(), q));
     if let Some((code, body, count)) = s.raw.get_mut(&path) {
         *count += 1;
         return Response::builder()

@@ -45,18 +45,25 @@ fn captured(pods: &[(&str, &str)]) -> Option<Arc<CapturedPods>> {
 struct Running {
     api: FakeApi,
     tx: watch::Sender<Option<Arc<CapturedPods>>>,
+    stop: watch::Sender<bool>,
     patches: PatchCounter,
 }
 
 fn start(api: FakeApi, first: Option<Arc<CapturedPods>>) -> Running {
     let (tx, rx) = watch::channel(first);
+    let (stop, stop_rx) = watch::channel(false);
     let patches = PatchCounter::default();
     let settings = Settings {
         retry: Duration::from_millis(200),
         ..Settings::new(NODE)
     };
-    tokio::spawn(run(api.client(), settings, rx, patches.clone()));
-    Running { api, tx, patches }
+    tokio::spawn(run(api.client(), settings, rx, stop_rx, patches.clone()));
+    Running {
+        api,
+        tx,
+        stop,
+        patches,
+    }
 }
 
 fn annotation(api: &FakeApi, name: &str) -> Option<String> {
@@ -91,14 +98,26 @@ async fn set_after_capture_only_and_removed_on_unenrollment() {
     let api = FakeApi::start().await;
     api.apply(pod("a", NODE, T1, false));
     api.apply(pod("b", NODE, T1, false));
+    // Annotated by this agent before it restarted, and still captured.
+    api.apply(pod("kept", NODE, T1, true));
     let r = start(api, None);
-    // Before the pod manager's first reconcile, nothing is patched; nor while nothing is captured.
+    // Before the pod manager's first reconcile nothing is patched: not even `kept`, which no
+    // captured set lists yet.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    r.tx.send_replace(Some(Arc::default()));
+    r.tx.send_replace(captured(&[("kept", T1)]));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(r.api.patches().is_empty(), "{:?}", r.api.patches());
+    // Only this node's pods are watched.
+    let watched = r.api.queries("Pod");
+    assert!(
+        !watched.is_empty()
+            && watched
+                .iter()
+                .all(|q| q.contains("fieldSelector=spec.nodeName%3Dnode-1")),
+        "{watched:?}"
+    );
     // Captured: set, with the agent's field manager, a merge patch and the UID precondition.
-    r.tx.send_replace(captured(&[("a", T1)]));
+    r.tx.send_replace(captured(&[("kept", T1), ("a", T1)]));
     let p = patches(&r.api, 1).await;
     assert_eq!(p[0].pod, "app/a");
     assert_eq!(p[0].status, 200);
@@ -113,19 +132,16 @@ async fn set_after_capture_only_and_removed_on_unenrollment() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(r.api.patches().len(), 1, "{:?}", r.api.patches());
     assert_eq!(annotation(&r.api, "b"), None);
-    // Unenrolled: removed.
-    r.tx.send_replace(Some(Arc::default()));
+    // Unenrolled: removed (a merge patch setting it to null).
+    r.tx.send_replace(captured(&[("kept", T1)]));
     let p = patches(&r.api, 2).await;
     assert_eq!(p[1].pod, "app/a");
     assert_eq!(
-        p[1].body["metadata"]["annotations"][REDIRECTION_ANNOTATION],
-        Value::Null
+        p[1].body,
+        json!({"metadata": {"uid": format!("uid-a-{T1}"), "annotations": {REDIRECTION_ANNOTATION: null}}})
     );
-    assert!(p[1].body["metadata"]["annotations"]
-        .as_object()
-        .unwrap()
-        .contains_key(REDIRECTION_ANNOTATION));
     assert_eq!(annotation(&r.api, "a"), None);
+    assert_eq!(annotation(&r.api, "kept").as_deref(), Some("enabled"));
     assert_eq!(count(&r.patches, "set", "ok"), 1);
     assert_eq!(count(&r.patches, "remove", "ok"), 1);
 }
@@ -188,5 +204,22 @@ async fn a_pod_recreated_under_the_same_name_waits_for_its_own_capture() {
     r.tx.send_replace(captured(&[("a", T2)]));
     let p = patches(&r.api, 1).await;
     assert_eq!(p[0].body["metadata"]["uid"], json!(format!("uid-a-{T2}")));
+    assert_eq!(annotation(&r.api, "a").as_deref(), Some("enabled"));
+}
+
+#[tokio::test]
+async fn a_draining_agent_leaves_annotations_alone() {
+    let api = FakeApi::start().await;
+    api.apply(pod("a", NODE, T1, false));
+    let r = start(api, captured(&[("a", T1)]));
+    patches(&r.api, 1).await;
+    assert_eq!(annotation(&r.api, "a").as_deref(), Some("enabled"));
+    // Draining: the successor holds the capture now; nothing is removed or set any more.
+    r.stop.send_replace(true);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    r.tx.send_replace(Some(Arc::default()));
+    r.api.apply(pod("b", NODE, T1, false));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(r.api.patches().len(), 1, "{:?}", r.api.patches());
     assert_eq!(annotation(&r.api, "a").as_deref(), Some("enabled"));
 }
