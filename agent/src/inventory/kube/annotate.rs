@@ -15,7 +15,7 @@
 //! capture), under the field manager [`FIELD_MANAGER`]. A failed patch is logged with the pod
 //! and the error, counted, and retried after [`Settings::retry`]; enrollment never waits on it.
 //! A draining agent stops patching and leaves every annotation as it is.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -50,8 +50,8 @@ pub type CapturedPods = BTreeMap<String, Option<Timestamp>>;
 pub struct Settings {
     /// This node's name: only its pods are ever patched.
     pub node: String,
-    /// How long after a patch (failed, or not yet seen by the watch) the same patch of the
-    /// same pod is sent again.
+    /// How long after a failed patch the same patch of the same pod is sent again (and after
+    /// a successful one, once the watch shows a newer version of the pod that still disagrees).
     pub retry: Duration,
 }
 
@@ -177,20 +177,28 @@ pub async fn run(
     reflector.abort();
 }
 
+struct Sent {
+    op: Op,
+    at: Instant,
+    done_on: Option<String>,
+}
+
 struct Annotator {
     client: Client,
     settings: Settings,
     store: Store<Pod>,
     patches: PatchCounter,
-    /// Pod UID → the last patch sent and when: not sent again before `retry`.
-    sent: HashMap<String, (Op, Instant)>,
+    /// Pod UID → the last patch sent, when, and (if it succeeded) the pod's resourceVersion
+    /// it was sent against: not sent again before `retry`, nor while the watch still shows
+    /// that version (the patch is done; the watch has not caught up).
+    sent: HashMap<String, Sent>,
 }
 
 impl Annotator {
     /// Patches every pod of this node whose annotation disagrees with `captured`.
     async fn pass(&mut self, captured: &CapturedPods) {
         let pods = self.store.state();
-        let mut seen = Vec::with_capacity(pods.len());
+        let mut seen = HashSet::with_capacity(pods.len());
         for pod in pods {
             let (Some(uid), Some(ns)) = (pod.uid(), pod.namespace()) else {
                 continue;
@@ -199,7 +207,7 @@ impl Annotator {
             {
                 continue;
             }
-            seen.push(uid.clone());
+            seen.insert(uid.clone());
             let key = format!("{ns}/{}", pod.name_any());
             let created = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
             let want = captured.get(&key).is_some_and(|c| *c == created);
@@ -212,24 +220,26 @@ impl Annotator {
                 (true, _) => Op::Set,
                 (false, Some(_)) => Op::Remove,
             };
-            if self
-                .sent
-                .get(&uid)
-                .is_some_and(|(o, at)| *o == op && at.elapsed() < self.settings.retry)
-            {
+            let rv = pod.resource_version();
+            if self.sent.get(&uid).is_some_and(|s| {
+                s.op == op
+                    && (s.at.elapsed() < self.settings.retry
+                        || s.done_on.is_some() && s.done_on == rv)
+            }) {
                 continue;
             }
-            self.sent.insert(uid.clone(), (op, Instant::now()));
-            let result = match self.patch(&ns, &pod.name_any(), &uid, op).await {
+            let (result, done_on) = match self.patch(&ns, &pod.name_any(), &uid, op).await {
                 Ok(()) => {
                     tracing::info!(pod = %key, op = op.name(), "redirection annotation patched");
-                    "ok"
+                    ("ok", rv)
                 }
                 Err(e) => {
                     tracing::warn!(pod = %key, error = %error_chain(&e), "redirection annotation patch failed; will retry");
-                    "error"
+                    ("error", None)
                 }
             };
+            let at = Instant::now();
+            self.sent.insert(uid.clone(), Sent { op, at, done_on });
             self.patches
                 .get_or_create(&PatchLabels {
                     op: op.name(),

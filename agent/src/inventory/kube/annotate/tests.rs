@@ -223,3 +223,18 @@ async fn a_draining_agent_leaves_annotations_alone() {
     assert_eq!(r.api.patches().len(), 1, "{:?}", r.api.patches());
     assert_eq!(annotation(&r.api, "a").as_deref(), Some("enabled"));
 }
+
+#[tokio::test]
+async fn an_annotation_removed_by_someone_else_is_set_again() {
+    let api = FakeApi::start().await;
+    api.apply(pod("a", NODE, T1, false));
+    let r = start(api, captured(&[("a", T1)]));
+    patches(&r.api, 1).await;
+    assert_eq!(annotation(&r.api, "a").as_deref(), Some("enabled"));
+    // Another writer replaces the pod's annotations (a new resourceVersion without it).
+    r.api.apply(pod("a", NODE, T1, false));
+    let p = patches(&r.api, 2).await;
+    assert_eq!(p[1].pod, "app/a");
+    assert_eq!(annotation(&r.api, "a").as_deref(), Some("enabled"));
+    assert_eq!(count(&r.patches, "set", "ok"), 2);
+}
