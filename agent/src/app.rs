@@ -48,6 +48,7 @@ use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
 use crate::inventory::file::{self, ReloadStats};
 use crate::inventory::guard::GuardSettings;
 use crate::inventory::kube as kube_source;
+use crate::inventory::kube::annotate;
 use crate::inventory::Snapshot;
 use crate::proxy::manager::Manager;
 use crate::proxy::shards::{self, Shards};
@@ -146,7 +147,7 @@ async fn serve(
     tokio::spawn(events::drain(ring));
     let (raw_tx, mut raw_rx) = watch::channel(Arc::new(Snapshot::default()));
     let reloads = Arc::new(ReloadStats::default());
-    let pod_map = start_inventory(&cfg, raw_tx, reloads.clone()).await?;
+    let (pod_map, kube_client) = start_inventory(&cfg, raw_tx, reloads.clone()).await?;
     // The kernel's mesh destinations follow each snapshot before anything else sees it.
     let (first, report) = mesh::sync_current(&datapath, &mut raw_rx, None).await;
     let (tx, rx) = watch::channel(first);
@@ -186,6 +187,20 @@ async fn serve(
     }
     let rx_admin = rx.clone();
     let rx_owned = rx.clone();
+    let annotation_patches = annotate::PatchCounter::default();
+    match kube_client {
+        Some(client) if cfg.redirection_annotation => {
+            tokio::spawn(annotate::run(
+                client,
+                annotate::Settings::new(cfg.node.clone()),
+                manager.captured(),
+                manager.draining(),
+                annotation_patches.clone(),
+            ));
+        }
+        Some(_) => tracing::info!("redirectionAnnotation is off: pods are not annotated"),
+        None => {}
+    }
     tokio::spawn(manager.clone().run(rx));
     let listener = server::bind(&cfg.admin_socket)?;
     let registry = metrics::registry(
@@ -193,6 +208,7 @@ async fn serve(
         datapath.clone(),
         manager.clone(),
         reloads.clone(),
+        annotation_patches,
     );
     let state = Arc::new(AdminState {
         cfg: cfg.clone(),
@@ -299,12 +315,13 @@ fn dump_state(state: &AdminState) {
 /// there is a `cni:` section (required in Kubernetes mode). Either source merges the plugin's
 /// reports: Kubernetes pods take their netns only from them, file pods without a netns
 /// annotation too. A file inventory must load once before the agent serves anything; the
-/// Kubernetes source holds off until every kind has listed once.
+/// Kubernetes source holds off until every kind has listed once, and its client is returned
+/// too (the redirection annotation uses it).
 async fn start_inventory(
     cfg: &Config,
     tx: watch::Sender<Arc<Snapshot>>,
     reloads: Arc<ReloadStats>,
-) -> anyhow::Result<Option<Arc<cni::pods::PodMap>>> {
+) -> anyhow::Result<(Option<Arc<cni::pods::PodMap>>, Option<kube::Client>)> {
     let pod_map = match &cfg.cni {
         Some(c) => Some(open_pod_map(&c.pod_map)?),
         None => None,
@@ -330,7 +347,7 @@ async fn start_inventory(
                 reloads,
                 reports,
             ));
-            Ok(pod_map)
+            Ok((pod_map, None))
         }
         InventorySource::Kubernetes(k) => {
             let pod_map = pod_map.context("inventory kind kubernetes needs a cni: section")?;
@@ -343,7 +360,7 @@ async fn start_inventory(
                 ..kube_source::Options::new(cfg.node.clone())
             };
             tokio::spawn(kube_source::watch(
-                client,
+                client.clone(),
                 opts,
                 pod_map.subscribe(),
                 tx,
@@ -355,7 +372,7 @@ async fn start_inventory(
                 .wait_for(|r| *r)
                 .await
                 .context("kubernetes source stopped before its first sync")?;
-            Ok(Some(pod_map))
+            Ok((Some(pod_map), Some(client)))
         }
     }
 }

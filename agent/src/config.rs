@@ -308,6 +308,11 @@ pub struct Config {
     /// `k8s.cluster.name`.
     #[serde(default = "default_cluster_id")]
     pub cluster_id: String,
+    /// With `inventory: {kind: kubernetes}`: annotate this node's captured pods
+    /// `ambient.istio.io/redirection: enabled` (istiod then gives them HBONE), and remove it
+    /// from pods no longer captured. Ignored with a file inventory (no API server).
+    #[serde(default = "default_true")]
+    pub redirection_annotation: bool,
     /// Optional TCP listener for `GET /metrics` (e.g. `0.0.0.0:15020`).
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -325,6 +330,9 @@ pub struct Config {
 
 fn default_trust_domain() -> String {
     "cluster.local".to_string()
+}
+fn default_true() -> bool {
+    true
 }
 fn default_cluster_id() -> String {
     "Kubernetes".to_string()

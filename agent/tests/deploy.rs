@@ -325,13 +325,27 @@ fn agent_role_covers_every_watched_kind_with_list_and_watch() {
             "ClusterRole ambit-agent lacks list/watch on {group}/{plural}"
         );
     }
+    // Beyond list and watch, only patch on pods (the redirection annotation), in a rule of
+    // its own.
+    let mut patch = 0;
     for r in role.rules.iter().flatten() {
-        assert_eq!(
-            r.verbs,
-            ["list", "watch"],
-            "the agent only lists and watches"
-        );
+        if r.verbs == ["patch"] {
+            assert_eq!(r.api_groups.as_deref(), Some(&[Pod::GROUP.to_string()][..]));
+            assert_eq!(
+                r.resources.as_deref(),
+                Some(&[Pod::URL_PATH_SEGMENT.to_string()][..]),
+                "patch on pods only"
+            );
+            patch += 1;
+        } else {
+            assert_eq!(
+                r.verbs,
+                ["list", "watch"],
+                "the agent only lists and watches (and patches pods)"
+            );
+        }
     }
+    assert_eq!(patch, 1, "the agent patches pods (redirection annotation)");
     // The DaemonSet's account is the one the CA accepts and the binding names.
     let ds = &m.daemon_sets[0];
     let spec = ds.spec.template.spec.as_ref().unwrap();

@@ -9,18 +9,21 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::inventory::kube::annotate::PatchCounter;
 use crate::inventory::publish::ReloadStats;
 use crate::metrics::ProxyMetrics;
 use crate::proxy::manager::Manager;
 use crate::redirect::Datapath;
 
 /// Builds the registry: the proxy counters plus collectors that read the kernel counters, the
-/// certificate states and the inventory's reload counters at scrape time.
+/// certificate states and the inventory's reload counters at scrape time, and the redirection
+/// annotation's patch counter.
 pub fn registry(
     proxy: Arc<ProxyMetrics>,
     datapath: Arc<Datapath>,
     manager: Arc<Manager>,
     reloads: Arc<ReloadStats>,
+    annotation_patches: PatchCounter,
 ) -> Registry {
     let mut r = Registry::default();
     r.register(
@@ -67,6 +70,11 @@ pub fn registry(
         "ambit_trust_reloads",
         "Reloads of the CA root file (ca.rootCert) by outcome; rejected and unreadable keep the last good roots",
         crate::identity::trust::RELOADS.clone(),
+    );
+    r.register(
+        "ambit_redirection_annotation_patches",
+        "Patches of this node's pods' ambient.istio.io/redirection annotation, by op (set, remove) and result (ok, error; errors are retried)",
+        annotation_patches,
     );
     r.register_collector(Box::new(Runtime { datapath, manager }));
     r.register_collector(Box::new(Inventory(reloads)));

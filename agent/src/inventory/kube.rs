@@ -11,6 +11,7 @@
 //! relist the API server answered with nothing), is held by the [`Guard`] until the same
 //! snapshot is built again after the settle time. Nodes (their pod ranges) are optional: a
 //! cluster role without them only loses the routing-node rule of the address index.
+pub mod annotate;
 mod convert;
 
 use std::collections::BTreeSet;

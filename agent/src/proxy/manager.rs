@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::error::error_chain;
 use crate::identity::manager::{CertManager, CertStatus};
 use crate::identity::source::TlsSource;
+use crate::inventory::kube::annotate::CapturedPods;
 use crate::inventory::{Snapshot, Workload};
 use crate::metrics::ProxyMetrics;
 use crate::redirect::maps::{AmbPod, POD_F_CAPTURE_IN, POD_F_CAPTURE_OUT};
@@ -88,6 +89,8 @@ pub struct Manager {
     drain: Arc<tokio::sync::Notify>,
     draining: watch::Sender<bool>,
     routes: DeliveryRoutes,
+    /// The pods whose capture is in place, after each reconcile (`None` before the first).
+    captured: watch::Sender<Option<Arc<CapturedPods>>>,
 }
 
 impl Manager {
@@ -128,6 +131,7 @@ impl Manager {
             drain: Arc::new(tokio::sync::Notify::new()),
             draining: watch::channel(false).0,
             routes,
+            captured: watch::channel(None).0,
         }
     }
 
@@ -230,6 +234,24 @@ impl Manager {
         }
         let cookies: Vec<u64> = enrolled.values().map(|e| e.entry.netns_cookie).collect();
         self.routes.sweep(|cookie| cookies.contains(&cookie));
+        // Only pods enrolled in the kernel by now: the redirection annotation follows this.
+        let now: CapturedPods = enrolled
+            .values()
+            .map(|e| (e.ctx.workload.key(), e.ctx.workload.created))
+            .collect();
+        self.captured.send_if_modified(|c| {
+            let changed = c.as_deref() != Some(&now);
+            if changed {
+                *c = Some(Arc::new(now));
+            }
+            changed
+        });
+    }
+
+    /// The pods whose capture is in place (kernel enrollment done), published after every
+    /// reconcile; `None` until the first. The redirection annotation follows it.
+    pub fn captured(&self) -> watch::Receiver<Option<Arc<CapturedPods>>> {
+        self.captured.subscribe()
     }
 
     /// Drops idle tunnel connections (trust follows the CA by itself: `identity::trust`).

@@ -2,8 +2,9 @@
 //!
 //! This is a mock, used only to drive kube-rs's real client and watcher through real sockets:
 //! it serves collections of JSON objects, numbered watch events replayed from a resourceVersion,
-//! 404 Status for kinds it is told the cluster lacks, injected 500s, and fixed documents at
-//! other paths (the CA's OIDC discovery tests). It knows nothing of
+//! 404 Status for kinds it is told the cluster lacks, injected 500s, fixed documents at
+//! other paths (the CA's OIDC discovery tests), and JSON merge patches of pods (recorded, with
+//! the UID precondition checked; injected failures). It knows nothing of
 //! field selectors, pagination or bookmarks, which the reflectors here do not need.
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
@@ -47,6 +48,27 @@ struct State {
     list_requests: BTreeMap<String, usize>,
     /// path -> (status, body, requests): fixed documents (OIDC discovery, keys).
     raw: BTreeMap<String, (StatusCode, String, usize)>,
+    /// Every PATCH received, in order.
+    patches: Vec<PatchCall>,
+    /// (path, query) of every other request, in order.
+    queries: Vec<(String, String)>,
+    /// How many of the next pod patches answer 500.
+    fail_patches: usize,
+}
+
+/// One PATCH request the server received.
+#[derive(Debug, Clone)]
+pub(crate) struct PatchCall {
+    /// `namespace/name` of the pod.
+    pub(crate) pod: String,
+    /// The `fieldManager` query parameter.
+    pub(crate) field_manager: Option<String>,
+    /// The `content-type` header.
+    pub(crate) content_type: String,
+    /// The patch document.
+    pub(crate) body: Value,
+    /// The status answered.
+    pub(crate) status: u16,
 }
 
 /// A running mock API server.
@@ -71,9 +93,19 @@ impl FakeApi {
                 };
                 let (s, n) = (s.clone(), n.clone());
                 tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let (s, n) = (s.clone(), n.clone());
-                        async move { Ok::<_, Infallible>(route(&s, &n, &req)) }
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = http_body_util::BodyExt::collect(body)
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            if parts.method == hyper::Method::PATCH {
+                                return Ok::<_, Infallible>(patch(&s, &n, &parts, &body));
+                            }
+                            Ok::<_, Infallible>(route(&s, &n, &Request::from_parts(parts, ())))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)
@@ -166,6 +198,33 @@ impl FakeApi {
         self.notify.notify_waiters();
     }
 
+    /// Every PATCH received so far, in order.
+    pub(crate) fn patches(&self) -> Vec<PatchCall> {
+        self.state.lock().unwrap().patches.clone()
+    }
+
+    /// Makes the next `n` pod patches fail with 500.
+    pub(crate) fn fail_patches(&self, n: usize) {
+        self.state.lock().unwrap().fail_patches = n;
+    }
+
+    /// The query strings of the list and watch requests `kind` got, in order.
+    pub(crate) fn queries(&self, kind: &str) -> Vec<String> {
+        let s = self.state.lock().unwrap();
+        let path = path_of(kind);
+        s.queries
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, q)| q.clone())
+            .collect()
+    }
+
+    /// The stored pod `namespace/name`, if any.
+    pub(crate) fn pod(&self, key: &str) -> Option<Value> {
+        let s = self.state.lock().unwrap();
+        s.objects.get(path_of("Pod"))?.get(key).cloned()
+    }
+
     /// How many list requests `kind` got.
     pub(crate) fn list_requests(&self, kind: &str) -> usize {
         let s = self.state.lock().unwrap();
@@ -201,11 +260,7 @@ impl FakeApi {
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-fn route(
-    state: &Arc<Mutex<State>>,
-    notify: &Arc<Notify>,
-    req: &Request<hyper::body::Incoming>,
-) -> Response<Body> {
+fn route(state: &Arc<Mutex<State>>, notify: &Arc<Notify>, req: &Request<()>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let query: BTreeMap<String, String> = req
         .uri()
@@ -216,6 +271,8 @@ fn route(
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let mut s = state.lock().unwrap();
+    let q = req.uri().query().unwrap_or("").to_string();
+    s.queries.push((path.clone(), q));
     if let Some((code, body, count)) = s.raw.get_mut(&path) {
         *count += 1;
         return Response::builder()
@@ -265,6 +322,124 @@ fn route(
         "items": items,
     });
     json_response(StatusCode::OK, &body)
+}
+
+/// `PATCH /api/v1/namespaces/NS/pods/NAME` with a JSON merge patch: applied to the stored
+/// pod (a `metadata.uid` in the patch must match, as the API server requires), recorded, and
+/// sent to watchers as MODIFIED.
+fn patch(
+    state: &Arc<Mutex<State>>,
+    notify: &Arc<Notify>,
+    parts: &hyper::http::request::Parts,
+    body: &[u8],
+) -> Response<Body> {
+    let segments: Vec<&str> = parts.uri.path().split('/').collect();
+    let (ns, name) = match segments[..] {
+        ["", "api", "v1", "namespaces", ns, "pods", name] => (ns, name),
+        _ => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "only pods can be patched",
+            )
+        }
+    };
+    let key = format!("{ns}/{name}");
+    let field_manager = parts
+        .uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("fieldManager=").map(str::to_string));
+    let content_type = parts
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let mut s = state.lock().unwrap();
+    let stored = s
+        .objects
+        .get(path_of("Pod"))
+        .and_then(|c| c.get(&key))
+        .cloned();
+    let answer = if s.fail_patches > 0 {
+        s.fail_patches -= 1;
+        Err((
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            "injected failure",
+        ))
+    } else if content_type != "application/merge-patch+json" {
+        Err((
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            "merge patch only",
+        ))
+    } else {
+        match stored {
+            None => Err((StatusCode::NOT_FOUND, "NotFound", "pod not found")),
+            Some(old)
+                if doc["metadata"]["uid"].is_string()
+                    && doc["metadata"]["uid"] != old["metadata"]["uid"] =>
+            {
+                Err((
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    "Precondition failed: UID in precondition",
+                ))
+            }
+            Some(mut obj) => {
+                merge(&mut obj, &doc);
+                Ok(obj)
+            }
+        }
+    };
+    let code = answer.as_ref().map_or_else(|e| e.0, |_| StatusCode::OK);
+    s.patches.push(PatchCall {
+        pod: key.clone(),
+        field_manager,
+        content_type,
+        body: doc,
+        status: code.as_u16(),
+    });
+    match answer {
+        Err((code, reason, message)) => status(code, reason, message),
+        Ok(mut obj) => {
+            s.rv += 1;
+            let rv = s.rv;
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            let path = path_of("Pod").to_string();
+            s.objects
+                .entry(path.clone())
+                .or_default()
+                .insert(key, obj.clone());
+            s.log.push((rv, path, "MODIFIED", obj.clone()));
+            drop(s);
+            notify.notify_waiters();
+            json_response(StatusCode::OK, &obj)
+        }
+    }
+}
+
+/// RFC 7386 JSON merge patch of `target` by `patch`.
+fn merge(target: &mut Value, patch: &Value) {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let t = target.as_object_mut().unwrap();
+    for (k, v) in p {
+        if v.is_null() {
+            t.remove(k);
+        } else {
+            merge(t.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
 }
 
 fn is_served(path: &str) -> bool {
