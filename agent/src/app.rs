@@ -203,12 +203,14 @@ async fn serve(
     }
     tokio::spawn(manager.clone().run(rx));
     let listener = server::bind(&cfg.admin_socket)?;
+    let admin_refusals = server::Refusals::default();
     let registry = metrics::registry(
         manager.metrics(),
         datapath.clone(),
         manager.clone(),
         reloads.clone(),
         annotation_patches,
+        &admin_refusals,
     );
     let state = Arc::new(AdminState {
         cfg: cfg.clone(),
@@ -217,6 +219,7 @@ async fn serve(
         datapath,
         started: Instant::now(),
         bad_requests: AtomicU64::new(0),
+        refusals: admin_refusals,
         registry,
         log,
         inventory_rx: rx_admin,

@@ -14,6 +14,7 @@ pub mod meta;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reason;
 pub mod redirect;
 pub mod signals;
 pub mod sys;

@@ -5,6 +5,8 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
+use crate::reason::Reason;
+
 /// Istio's standard labels of the TCP metrics. Every value comes from a bounded set (workloads,
 /// namespaces and identities in the inventory; fixed flags), so cardinality stays bounded.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,7 +29,8 @@ pub struct TcpLabels {
     pub destination_service: String,
     /// `mutual_tls` or `none`.
     pub connection_security_policy: &'static str,
-    /// `-`, or `DENY` (policy), `UF` (upstream failure), `NR` (no route).
+    /// `-`, or `DENY` (policy), `UF` (upstream failure), `NR` (no route), `UO` (a cap): see
+    /// [`crate::reason::Reason::response_flags`].
     pub response_flags: &'static str,
 }
 
@@ -50,6 +53,41 @@ pub struct LimitLabels {
     pub reason: &'static str,
 }
 
+/// `ambit_tunnel_rejections_total`: refusals on the tunnel port by reason. A handle: clones
+/// count into the same family (the agent's, registered by admin; a test's own).
+#[derive(Debug, Clone, Default)]
+pub struct Rejections(Family<ReasonLabel, Counter>);
+
+impl Rejections {
+    /// Counts one refusal for `reason`.
+    pub fn count(&self, reason: Reason) {
+        self.count_n(reason, 1);
+    }
+
+    /// Counts `n` refusals for `reason`.
+    pub fn count_n(&self, reason: Reason, n: u64) {
+        self.0
+            .get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            })
+            .inc_by(n);
+    }
+
+    /// The current count for `reason`.
+    pub fn value(&self, reason: Reason) -> u64 {
+        self.0
+            .get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            })
+            .get()
+    }
+
+    /// The family, for the registry.
+    pub fn family(&self) -> Family<ReasonLabel, Counter> {
+        self.0.clone()
+    }
+}
+
 /// Counters the data plane updates.
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
@@ -65,6 +103,8 @@ pub struct ProxyMetrics {
     pub denials: Family<ReasonLabel, Counter>,
     /// `ambit_connection_limit_refusals_total`.
     pub limit_refusals: Family<LimitLabels, Counter>,
+    /// `ambit_tunnel_rejections_total`.
+    pub rejections: Rejections,
 }
 
 impl ProxyMetrics {

@@ -24,6 +24,7 @@ pub fn registry(
     manager: Arc<Manager>,
     reloads: Arc<ReloadStats>,
     annotation_patches: PatchCounter,
+    admin_refusals: &super::server::Refusals,
 ) -> Registry {
     let mut r = Registry::default();
     r.register(
@@ -59,7 +60,7 @@ pub fn registry(
     r.register(
         "ambit_tunnel_rejections",
         "Connections and streams refused on the tunnel port (15008), by reason",
-        crate::tunnel::reject::REJECTIONS.clone(),
+        proxy.rejections.family(),
     );
     r.register(
         "ambit_delivery_routing_failures",
@@ -75,6 +76,16 @@ pub fn registry(
         "ambit_redirection_annotation_patches",
         "Patches of this node's pods' ambient.istio.io/redirection annotation, by op (set, remove) and result (ok, error; errors are retried)",
         annotation_patches,
+    );
+    r.register(
+        "ambit_admin_refused_peers",
+        "Admin socket connections refused because the peer was not root",
+        admin_refusals.peers.clone(),
+    );
+    r.register(
+        "ambit_admin_refused_over_limit",
+        "Admin socket and metrics connections closed at once because limits.maxAdminConnections were open",
+        admin_refusals.over_limit.clone(),
     );
     r.register_collector(Box::new(Runtime { datapath, manager }));
     r.register_collector(Box::new(Inventory(reloads)));
@@ -126,27 +137,6 @@ impl Collector for Runtime {
                 let label = CounterLabel { counter: name };
                 ConstCounter::new(v).encode(e.encode_family(&label)?)?;
             }
-        }
-        {
-            let e = encoder.encode_descriptor(
-                "ambit_admin_refused_peers",
-                "Admin socket connections refused because the peer was not root",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            let refused = super::server::REFUSED_PEERS.load(std::sync::atomic::Ordering::Relaxed);
-            ConstCounter::new(refused).encode(e)?;
-        }
-        {
-            let e = encoder.encode_descriptor(
-                "ambit_admin_refused_over_limit",
-                "Admin socket and metrics connections closed at once because limits.maxAdminConnections were open",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            let refused =
-                super::server::REFUSED_OVER_LIMIT.load(std::sync::atomic::Ordering::Relaxed);
-            ConstCounter::new(refused).encode(e)?;
         }
         let certs = self.manager.certs();
         {

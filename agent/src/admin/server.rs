@@ -22,6 +22,7 @@ use serde_json::json;
 use tokio::net::UnixListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
@@ -60,6 +61,8 @@ pub struct AdminState {
     pub started: Instant,
     /// Admin requests refused as malformed.
     pub bad_requests: AtomicU64,
+    /// Admin connections refused (not root, over the cap).
+    pub refusals: Refusals,
     /// Metrics.
     pub registry: Registry,
     /// Run-time log filter.
@@ -68,14 +71,18 @@ pub struct AdminState {
     pub inventory_rx: watch::Receiver<Arc<Snapshot>>,
 }
 
-/// Admin connections refused because the peer was not root (one agent per process, so a
-/// process-wide counter; shown in `/status` and as `ambit_admin_refused_peers_total`).
-pub static REFUSED_PEERS: AtomicU64 = AtomicU64::new(0);
-
-/// Admin connections closed at once because `limits.maxAdminConnections` were open (shown in
-/// `/status` and as `ambit_admin_refused_over_limit_total`).
-pub static REFUSED_OVER_LIMIT: AtomicU64 = AtomicU64::new(0);
-static OVER_LIMIT_LOG: crate::proxy::caps::LogLimiter = crate::proxy::caps::LogLimiter::new();
+/// Admin connections refused: handles shared by the admin socket, the metrics listener, the
+/// registry (`ambit_admin_refused_peers_total`, `ambit_admin_refused_over_limit_total`) and
+/// `/status`.
+#[derive(Debug, Clone, Default)]
+pub struct Refusals {
+    /// Connections refused because the peer was not root.
+    pub peers: Counter,
+    /// Connections closed at once because `limits.maxAdminConnections` were open.
+    pub over_limit: Counter,
+    /// Rate of the over-limit log line.
+    log: Arc<crate::proxy::caps::LogLimiter>,
+}
 
 /// Deadline for a request head (also for the next one on a kept-alive connection).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -160,12 +167,16 @@ pub fn spawn_thread(
 
 /// One of `slots`, or `None` (the connection is to be closed, counted and logged at most once
 /// a second) when every slot is taken.
-fn admit(slots: &Arc<Semaphore>, listener: &'static str) -> Option<OwnedSemaphorePermit> {
+fn admit(
+    slots: &Arc<Semaphore>,
+    listener: &'static str,
+    refusals: &Refusals,
+) -> Option<OwnedSemaphorePermit> {
     if let Ok(p) = slots.clone().try_acquire_owned() {
         return Some(p);
     }
-    REFUSED_OVER_LIMIT.fetch_add(1, Ordering::Relaxed);
-    if let Some(suppressed) = OVER_LIMIT_LOG.allow(Instant::now()) {
+    refusals.over_limit.inc();
+    if let Some(suppressed) = refusals.log.allow(Instant::now()) {
         tracing::warn!(
             listener,
             suppressed,
@@ -194,7 +205,7 @@ pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
         match stream.peer_cred() {
             Ok(cred) if cred.uid() == 0 => {}
             Ok(cred) => {
-                REFUSED_PEERS.fetch_add(1, Ordering::Relaxed);
+                state.refusals.peers.inc();
                 let pid = cred.pid().unwrap_or(0);
                 tracing::warn!(
                     peer.uid = cred.uid(),
@@ -204,12 +215,12 @@ pub async fn serve(listener: UnixListener, state: Arc<AdminState>) {
                 continue;
             }
             Err(e) => {
-                REFUSED_PEERS.fetch_add(1, Ordering::Relaxed);
+                state.refusals.peers.inc();
                 tracing::warn!(error = %e, "admin connection refused: peer credentials unreadable");
                 continue;
             }
         }
-        let Some(slot) = admit(&slots, "admin_socket") else {
+        let Some(slot) = admit(&slots, "admin_socket", &state.refusals) else {
             continue;
         };
         let state = state.clone();
@@ -361,7 +372,7 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, state: Arc<AdminSt
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let Some(slot) = admit(&slots, "metrics") else {
+        let Some(slot) = admit(&slots, "metrics", &state.refusals) else {
             continue;
         };
         let state = state.clone();
@@ -457,8 +468,8 @@ pub fn status(state: &AdminState) -> serde_json::Value {
         },
         "admin": {
             "bad_requests": state.bad_requests.load(Ordering::Relaxed),
-            "refused_peers": REFUSED_PEERS.load(Ordering::Relaxed),
-            "refused_over_limit": REFUSED_OVER_LIMIT.load(Ordering::Relaxed),
+            "refused_peers": state.refusals.peers.get(),
+            "refused_over_limit": state.refusals.over_limit.get(),
         },
         "agent": state.datapath.handover().summary(),
         "pods": state.manager.status(),

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use super::{reset, ActiveGuard, PodContext};
 use crate::metrics::LimitLabels;
+use crate::reason::Reason;
 
 /// At most one log line per pod and listener in this period; refusals in between are
 /// counted and reported with the next line.
@@ -83,7 +84,7 @@ pub(crate) fn refuse(pod: &PodContext, listener: Listener, stream: TcpStream, pe
         .get_or_create(&LimitLabels {
             pod: key,
             listener: listener.name(),
-            reason: "pod_connection_limit",
+            reason: Reason::PodConnectionLimit.label(),
         })
         .inc();
     reset(stream);

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use super::copy::Transferred;
 use crate::metrics::{ProxyMetrics, TcpLabels};
 use crate::policy::authz::ConnAttrs;
+use crate::reason::Reason;
 
 /// What is known about one open connection.
 #[derive(Debug, Clone, Serialize)]
@@ -233,7 +234,7 @@ pub fn refused(
     direction: &'static str,
     src: &str,
     dst: &str,
-    reason: &str,
+    reason: Reason,
     error: &str,
 ) {
     metrics.refused(labels);
@@ -245,7 +246,7 @@ pub fn refused(
         security = if labels.connection_security_policy == "mutual_tls" { "mutual_tls" } else { "plaintext" },
         response_flags = labels.response_flags,
         result = "refused",
-        reason,
+        reason = reason.label(),
         error,
         "connection refused"
     );

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use http::StatusCode;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
@@ -17,9 +16,9 @@ use super::{accept_loop, deliver, reset, ActiveGuard, PodContext};
 use crate::addr::ClientAddr;
 use crate::config::Limits;
 use crate::error::error_chain;
-use crate::metrics::ReasonLabel;
+use crate::metrics::{ReasonLabel, Rejections};
 use crate::policy::authz::ConnAttrs;
-use crate::tunnel::reject;
+use crate::reason::Reason;
 use crate::tunnel::server::{accept_tls, serve_h2, PendingConnect, ServerLimits};
 
 /// Serves one tunnel listener of a pod until the task is aborted.
@@ -35,44 +34,47 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
 }
 
 async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
-    let refused = |reason: &'static str, error: String| {
+    let refused = |reason: Reason, error: String| {
         pod.stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
-        crate::tunnel::reject::count(reason);
-        tracing::warn!(target: "access", direction = "inbound", src.addr = %peer, reason, error, "tunnel connection refused");
+        pod.gate.limits.rejections.count(reason);
+        tracing::warn!(target: "access", direction = "inbound", src.addr = %peer, reason = reason.label(), error, "tunnel connection refused");
     };
     // A connection the TLS or HTTP/2 layer refused: the whole error chain (the TLS alert the
     // client sent, `received fatal alert: BadCertificate`, is the cause of a failed
     // handshake), and the alert in a field of its own.
     let failed = |e: crate::tunnel::Error| {
         pod.stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
-        crate::tunnel::reject::count(e.reason());
+        pod.gate.limits.rejections.count(e.reason());
         let alert = e.peer_alert().map(|a| format!("{a:?}"));
         tracing::warn!(
             target: "access",
             direction = "inbound",
             src.addr = %peer,
-            reason = e.reason(),
+            reason = e.reason().label(),
             error = error_chain(&e),
             tls.alert = alert.as_deref().unwrap_or("-"),
             "tunnel connection refused"
         );
     };
     let Some(id) = pod.identity() else {
-        refused("no_identity", "this pod has no valid identity".into());
+        refused(
+            Reason::NoLocalIdentity,
+            "this pod has no valid identity".into(),
+        );
         return reset(tcp);
     };
     let Some(source) = pod.tls.as_ref() else {
-        refused("no_ca", "agent runs without identities".into());
+        refused(Reason::NoCa, "agent runs without identities".into());
         return reset(tcp);
     };
     if let Err(e) = pod.await_certificate(&id).await {
-        refused("no_certificate", e.to_string());
+        refused(Reason::NoCertificate, e.to_string());
         return reset(tcp);
     }
     let tls = match source.server(&id) {
         Ok(c) => Arc::new(c),
         Err(e) => {
-            refused("no_certificate", e.to_string());
+            refused(Reason::NoCertificate, e.to_string());
             return reset(tcp);
         }
     };
@@ -80,26 +82,26 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     // (the expensive part) are capped agent-wide; over either cap the connection is reset.
     let Some(_source_slot) = pod.gate.admit_source(peer.ip()) else {
         refused(
-            "source_limit",
+            Reason::SourceLimit,
             format!("{} holds too many tunnel connections", peer.ip()),
         );
         return reset(tcp);
     };
     let Some(source_handshake) = pod.gate.admit_handshake(peer.ip()) else {
         refused(
-            "source_handshake_limit",
+            Reason::SourceHandshakeLimit,
             format!("{} has too many tls handshakes in progress", peer.ip()),
         );
         return reset(tcp);
     };
     let Ok(permit) = pod.gate.handshakes.clone().try_acquire_owned() else {
         refused(
-            "handshake_limit",
+            Reason::HandshakeLimit,
             "too many tls handshakes in progress".into(),
         );
         return reset(tcp);
     };
-    let limits = pod.gate.limits;
+    let limits = pod.gate.limits.clone();
     let (stream, peer_id) = match accept_tls(tcp, peer, tls, limits.handshake_timeout).await {
         Ok(s) => s,
         Err(e) => return failed(e),
@@ -180,8 +182,8 @@ impl Drop for SourceSlot<'_> {
 }
 
 impl Gate {
-    /// Caps from the configuration.
-    pub fn new(l: &Limits) -> Self {
+    /// Caps from the configuration; refusals counted in `rejections`.
+    pub fn new(l: &Limits, rejections: Rejections) -> Self {
         Self {
             handshakes: Arc::new(Semaphore::new(l.max_handshakes.max(1))),
             per_source: Mutex::new(HashMap::new()),
@@ -192,6 +194,7 @@ impl Gate {
                 handshake_timeout: Duration::from_millis(l.handshake_timeout_ms.max(100)),
                 max_streams: l.max_streams_per_connection.max(1),
                 idle_timeout: Duration::from_millis(l.idle_timeout_ms.max(1000)),
+                rejections,
             },
         }
     }
@@ -248,39 +251,39 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
         )
     };
     let metrics = pod.conns.metrics();
-    let refuse = |p: PendingConnect, status: StatusCode, flags, reason: &'static str| {
+    let refuse = |p: PendingConnect, reason: Reason, why: Option<String>| {
         stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
-        let error = format!("answered {status} to {peer_id}");
+        let status = reason.status();
+        let error = match why {
+            Some(why) => format!("answered {status} to {peer_id}: {why}"),
+            None => format!("answered {status} to {peer_id}"),
+        };
+        if let Some(denial) = reason.denial() {
+            metrics
+                .denials
+                .get_or_create(&ReasonLabel { reason: denial })
+                .inc();
+        }
         conns::refused(
             metrics,
-            &labels(flags),
+            &labels(reason.response_flags()),
             "inbound",
             &src.to_string(),
             &target.to_string(),
             reason,
             &error,
         );
-        p.refuse(status);
+        p.refuse(reason);
     };
     if !pod.workload.ips.contains(&target.ip()) {
-        return refuse(p, StatusCode::BAD_REQUEST, "NR", "foreign_target");
+        return refuse(p, Reason::ForeignTarget, None);
     }
     if pod.ports.is_agent_port(target.port()) {
-        return refuse(p, StatusCode::BAD_REQUEST, "NR", "agent_port");
+        return refuse(p, Reason::AgentPort, None);
     }
     if let Some(why) = bypassed_waypoint(&pod, &peer_id) {
-        stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
         stats.authz_denied.fetch_add(1, Ordering::Relaxed);
-        conns::refused(
-            metrics,
-            &labels("DENY"),
-            "inbound",
-            &src.to_string(),
-            &target.to_string(),
-            reject::NOT_FROM_WAYPOINT,
-            &format!("answered 401 to {peer_id}: {why}"),
-        );
-        return p.refuse_as(StatusCode::UNAUTHORIZED, reject::NOT_FROM_WAYPOINT);
+        return refuse(p, Reason::NotFromWaypoint, Some(why));
     }
     let attrs = ConnAttrs {
         peer: Some(p.connect.peer_id.clone()),
@@ -290,13 +293,7 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     };
     if !pod.authorize(&attrs).allowed() {
         stats.authz_denied.fetch_add(1, Ordering::Relaxed);
-        metrics
-            .denials
-            .get_or_create(&ReasonLabel {
-                reason: "authorization",
-            })
-            .inc();
-        return refuse(p, StatusCode::UNAUTHORIZED, "DENY", "policy_denied");
+        return refuse(p, Reason::PolicyDenied, None);
     }
     stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard::new(&stats.inbound_active);
@@ -304,7 +301,7 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
         Ok(up) => up,
         Err(reason) => {
             stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
-            return refuse(p, StatusCode::SERVICE_UNAVAILABLE, "UF", reason);
+            return refuse(p, reason, None);
         }
     };
     let Some(mut down) = p.accept() else {
@@ -350,7 +347,7 @@ mod tests {
             max_connections_per_source: 2,
             ..Limits::default()
         };
-        let gate = Gate::new(&limits);
+        let gate = Gate::new(&limits, Rejections::default());
         let a: IpAddr = "10.1.0.2".parse().unwrap();
         let b: IpAddr = "10.1.0.3".parse().unwrap();
         let s1 = gate.admit_source(a).unwrap();
@@ -370,7 +367,7 @@ mod tests {
             max_handshakes_per_source: 1,
             ..Limits::default()
         };
-        let gate = Gate::new(&limits);
+        let gate = Gate::new(&limits, Rejections::default());
         let a: IpAddr = "10.1.0.2".parse().unwrap();
         let b: IpAddr = "10.1.0.3".parse().unwrap();
         let h = gate.admit_handshake(a).unwrap();

@@ -109,6 +109,7 @@ impl Manager {
             cfg.deliver_table,
             cfg.proc_sys_net.clone(),
         );
+        let metrics = Arc::new(ProxyMetrics::default());
         Self {
             cfg,
             datapath,
@@ -116,7 +117,7 @@ impl Manager {
             failed: Mutex::new(BTreeMap::new()),
             next_id: AtomicU32::new(1),
             inventory,
-            conns: Arc::new(ConnTable::new(Arc::new(ProxyMetrics::default()))),
+            conns: Arc::new(ConnTable::new(metrics.clone())),
             tls,
             // Each shard keys its own connections: a key spreads over the CPUs left per shard.
             pool: Arc::new(
@@ -124,7 +125,10 @@ impl Manager {
                     .with_spread(default_spread() / shards.count()),
             ),
             lb: Arc::new(RoundRobin::default()),
-            gate: Arc::new(super::inbound::Gate::new(&limits)),
+            gate: Arc::new(super::inbound::Gate::new(
+                &limits,
+                metrics.rejections.clone(),
+            )),
             certs,
             shards,
             synced: std::sync::atomic::AtomicBool::new(false),

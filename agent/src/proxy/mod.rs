@@ -27,6 +27,7 @@ use crate::identity::SpiffeId;
 use crate::inventory::Workload;
 use crate::metrics::TcpLabels;
 use crate::policy::authz::{ConnAttrs, Decision};
+use crate::reason::Reason;
 use crate::redirect::maps::AmbBypassKey;
 use crate::redirect::Datapath;
 use crate::tunnel::headers::Baggage;
@@ -203,22 +204,22 @@ fn workload_name(w: &crate::inventory::Workload) -> String {
 /// Connects to the app at `target` inside the pod from the client's own address (transparent
 /// socket, delivery mark, sk_lookup bypass); `client`'s port is not used, its IPv6 scope is: a
 /// link-local client is bound on the interface it came in on. `target` keeps its scope too (a
-/// connection to the pod's link-local address). Errors are a reason for the log.
+/// connection to the pod's link-local address).
 pub(crate) async fn deliver(
     pod: &PodContext,
     client: ClientAddr,
     target: SocketAddr,
-) -> Result<TcpStream, &'static str> {
+) -> Result<TcpStream, Reason> {
     let (sock, bound) = pod.sockets.delivery_socket(client).map_err(|e| {
         tracing::warn!(dst.orig = %target, error = %e, "cannot create delivery socket");
-        "local"
+        Reason::DeliverySocket
     })?;
     // The bypass must exist before the SYN leaves, and is needed only until the handshake is
     // done: established sockets are found without sk_lookup.
     let key = AmbBypassKey::new(bound, target);
     pod.datapath.add_bypass(&key).map_err(|e| {
         tracing::warn!(dst.orig = %target, error = %e, "cannot register delivery in the bypass map");
-        "bypass_map"
+        Reason::BypassMap
     })?;
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(target)).await;
     pod.datapath.remove_bypass(&key);
@@ -229,9 +230,9 @@ pub(crate) async fn deliver(
         }
         Ok(Err(e)) => {
             tracing::debug!(dst.orig = %target, error = %e, "app refused");
-            Err("app_unreachable")
+            Err(Reason::AppUnreachable)
         }
-        Err(_) => Err("app_timeout"),
+        Err(_) => Err(Reason::AppTimeout),
     }
 }
 

@@ -15,6 +15,7 @@ use crate::addr::{ClientAddr, OrigDstAddr, PeerAddr};
 use crate::error::error_chain;
 use crate::identity::SpiffeId;
 use crate::metrics::{ReasonLabel, TcpLabels};
+use crate::reason::Reason;
 use crate::tunnel::client::Tunnel;
 use crate::tunnel::headers::ConnectHeaders;
 use crate::tunnel::pool::{PoolKey, StreamGuard};
@@ -45,45 +46,40 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
     // one its tunnel or plaintext connection leaves from) with the app's port names the pod.
     let src = pod_source(&pod, client);
     let src_ip = src.ip();
-    let fail = |down: TcpStream,
-                dst: SocketAddr,
-                attempt: Attempt<'_>,
-                flags: &'static str,
-                reason: &'static str,
-                error: String| {
-        stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
-        let (src_id, dst_id, mtls) = match attempt {
-            Attempt::Plaintext => (None, None, false),
-            Attempt::Mtls { src_id, dst_id } => (Some(src_id), Some(dst_id), true),
+    let fail =
+        |down: TcpStream, dst: SocketAddr, attempt: Attempt<'_>, reason: Reason, error: String| {
+            stats.outbound_failed.fetch_add(1, Ordering::Relaxed);
+            let (src_id, dst_id, mtls) = match attempt {
+                Attempt::Plaintext => (None, None, false),
+                Attempt::Mtls { src_id, dst_id } => (Some(src_id), Some(dst_id), true),
+            };
+            let labels = pod.labels(
+                "source",
+                src_ip,
+                dst.ip(),
+                src_id,
+                dst_id,
+                None,
+                mtls,
+                reason.response_flags(),
+            );
+            conns::refused(
+                pod.conns.metrics(),
+                &labels,
+                "outbound",
+                &src.to_string(),
+                &dst.to_string(),
+                reason,
+                &error,
+            );
+            reset(down);
         };
-        let labels = pod.labels(
-            "source",
-            src_ip,
-            dst.ip(),
-            src_id,
-            dst_id,
-            None,
-            mtls,
-            flags,
-        );
-        conns::refused(
-            pod.conns.metrics(),
-            &labels,
-            "outbound",
-            &src.to_string(),
-            &dst.to_string(),
-            reason,
-            &error,
-        );
-        reset(down);
-    };
     let Some(orig) = orig_dst(&down, client, &pod) else {
         return fail(
             down,
             client.0,
             Attempt::Plaintext,
-            "NR",
-            "no_orig_dst",
+            Reason::NoOrigDst,
             "original destination unknown".into(),
         );
     };
@@ -92,8 +88,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
             down,
             orig.0,
             Attempt::Plaintext,
-            "NR",
-            "loop",
+            Reason::Loop,
             format!("{orig} is the agent itself"),
         );
     }
@@ -125,21 +120,15 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
     let src_id = pod.workload.spiffe_id(&pod.cfg.trust_domain);
     match decision.route {
         Route::Refuse { reason, code } => {
-            pod.conns
-                .metrics()
-                .denials
-                .get_or_create(&ReasonLabel {
-                    reason: code.label(),
-                })
-                .inc();
-            fail(
-                down,
-                orig.0,
-                Attempt::Plaintext,
-                "NR",
-                code.log_reason(),
-                reason,
-            )
+            let code = code.reason();
+            if let Some(denial) = code.denial() {
+                pod.conns
+                    .metrics()
+                    .denials
+                    .get_or_create(&ReasonLabel { reason: denial })
+                    .inc();
+            }
+            fail(down, orig.0, Attempt::Plaintext, code, reason)
         }
         Route::Plaintext { target } => {
             let connect = pod.sockets.connect_outbound(target);
@@ -150,8 +139,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                         down,
                         target,
                         Attempt::Plaintext,
-                        "UF",
-                        "upstream",
+                        Reason::Upstream,
                         format!("{target}: {e}"),
                     )
                 }
@@ -160,8 +148,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                         down,
                         target,
                         Attempt::Plaintext,
-                        "UF",
-                        "upstream_timeout",
+                        Reason::UpstreamTimeout,
                         format!("{target}: connect timed out"),
                     )
                 }
@@ -203,8 +190,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                     down,
                     target,
                     attempt,
-                    "NR",
-                    "no_identity",
+                    Reason::BadDestinationIdentity,
                     format!("bad destination identity {dst_id}"),
                 );
             };
@@ -219,8 +205,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                         down,
                         target,
                         attempt,
-                        "UF",
-                        "tunnel",
+                        Reason::Tunnel,
                         format!("{target} via {peer} ({dst_id}): {e}"),
                     )
                 }

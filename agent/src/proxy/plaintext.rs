@@ -13,6 +13,7 @@ use crate::addr::{ClientAddr, OrigDstAddr};
 use crate::metrics::ReasonLabel;
 use crate::policy::authz::ConnAttrs;
 use crate::policy::peer_auth::{self, Effective};
+use crate::reason::Reason;
 
 /// Serves one inbound plaintext listener of a pod until the task is aborted.
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
@@ -59,10 +60,16 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         )
     };
     let metrics = pod.conns.metrics();
-    let refuse = |down: TcpStream, flags, reason: &'static str, error: String| {
+    let refuse = |down: TcpStream, reason: Reason, error: String| {
+        if let Some(denial) = reason.denial() {
+            metrics
+                .denials
+                .get_or_create(&ReasonLabel { reason: denial })
+                .inc();
+        }
         conns::refused(
             metrics,
-            &labels(flags),
+            &labels(reason.response_flags()),
             "inbound",
             &client.to_string(),
             &orig.to_string(),
@@ -75,23 +82,15 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
         return refuse(
             down,
-            "NR",
-            "agent_port",
+            Reason::AgentPort,
             "agent ports are not application targets".into(),
         );
     }
     if let Some(policy) = strict_policy(&pod, client, orig) {
         stats.inbound_denied.fetch_add(1, Ordering::Relaxed);
-        metrics
-            .denials
-            .get_or_create(&ReasonLabel {
-                reason: "strict_plaintext",
-            })
-            .inc();
         return refuse(
             down,
-            "DENY",
-            "policy_strict",
+            Reason::StrictPlaintext,
             format!("plaintext under STRICT ({policy})"),
         );
     }
@@ -104,16 +103,9 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
     let decision = pod.authorize(&attrs);
     if !decision.allowed() {
         stats.authz_denied.fetch_add(1, Ordering::Relaxed);
-        metrics
-            .denials
-            .get_or_create(&ReasonLabel {
-                reason: "authorization",
-            })
-            .inc();
         return refuse(
             down,
-            "DENY",
-            "policy_denied",
+            Reason::PolicyDenied,
             format!("AuthorizationPolicy: {decision:?}"),
         );
     }
@@ -121,7 +113,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         Ok(up) => up,
         Err(reason) => {
             stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
-            return refuse(down, "UF", reason, "delivery to the app failed".into());
+            return refuse(down, reason, "delivery to the app failed".into());
         }
     };
     let mut down = down;

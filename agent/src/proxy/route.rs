@@ -11,6 +11,7 @@ use crate::inventory::waypoints::{self, WaypointRef};
 use crate::inventory::Snapshot;
 use crate::policy::destination_rule::{self, TlsMode};
 use crate::policy::peer_auth::{self, Effective};
+use crate::reason::Reason;
 
 /// Cluster DNS domain of Service FQDNs.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
@@ -71,21 +72,12 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The `reason` label of `ambit_policy_denials_total`.
-    pub fn label(self) -> &'static str {
+    /// The reason the refusal is counted and logged under.
+    pub fn reason(self) -> Reason {
         match self {
-            Self::Route => "route",
-            Self::AmbiguousAddress => "ambiguous_address",
-            Self::WaypointUnavailable => "waypoint_unavailable",
-        }
-    }
-
-    /// The access log's `reason`.
-    pub fn log_reason(self) -> &'static str {
-        match self {
-            Self::Route => "refused",
-            Self::AmbiguousAddress => "ambiguous_address",
-            Self::WaypointUnavailable => "waypoint_unavailable",
+            Self::Route => Reason::Route,
+            Self::AmbiguousAddress => Reason::AmbiguousAddress,
+            Self::WaypointUnavailable => Reason::WaypointUnavailable,
         }
     }
 }

@@ -50,7 +50,7 @@ async fn a_client_refusing_the_server_certificate_leaves_its_alert_in_the_server
         assert!(Tunnel::handshake(tcp, addr, cfg).await.is_err());
     })
     .await;
-    assert_eq!(e.reason(), super::reject::TLS_HANDSHAKE, "{e}");
+    assert_eq!(e.reason(), crate::reason::Reason::TlsHandshake, "{e}");
     assert_eq!(
         e.peer_alert(),
         Some(rustls::AlertDescription::CertificateUnknown),
@@ -70,6 +70,6 @@ async fn a_client_refusing_the_server_certificate_leaves_its_alert_in_the_server
         let _ = tcp.shutdown().await;
     })
     .await;
-    assert_eq!(e.reason(), super::reject::TLS_HANDSHAKE, "{e}");
+    assert_eq!(e.reason(), crate::reason::Reason::TlsHandshake, "{e}");
     assert_eq!(e.peer_alert(), None, "{}", error_chain(&e));
 }

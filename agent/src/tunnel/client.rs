@@ -17,6 +17,7 @@ use super::pool::DEFAULT_MAX_STREAMS;
 use super::stream::H2Stream;
 use super::{Error, ALPN_H2, HANDSHAKE_TIMEOUT};
 use crate::identity as tls;
+use crate::reason::Reason;
 
 /// An established HBONE connection to one peer, able to carry many CONNECT streams.
 #[derive(Clone)]
@@ -164,18 +165,20 @@ impl Tunnel {
             peer: peer.clone(),
             source,
         })?;
-        let refused_expired = response
-            .headers()
-            .get(super::server::REFUSAL_HEADER)
-            .is_some_and(|r| r.as_bytes() == super::reject::CERTIFICATE_EXPIRED.as_bytes());
-        if refused_expired {
-            self.stale.store(true, Ordering::Relaxed);
-        }
         if response.status() != StatusCode::OK {
+            let reason = response
+                .headers()
+                .get(super::server::REFUSAL_HEADER)
+                .and_then(|r| Reason::from_label(r.as_bytes()))
+                .unwrap_or_else(|| Reason::of_status(response.status()));
+            if reason == Reason::CertificateExpired {
+                self.stale.store(true, Ordering::Relaxed);
+            }
             return Err(Error::Status {
                 peer,
                 authority: auth,
                 status: response.status(),
+                reason,
             });
         }
         Ok(H2Stream::new(stream, response.into_body()).with_flow(self.flow.clone()))

@@ -40,11 +40,13 @@ pub enum Error {
         source: h2::Error,
     },
     /// The peer answered the CONNECT with a non-200 status.
-    #[error("CONNECT {authority} via {peer} answered {status}")]
+    #[error("CONNECT {authority} via {peer} answered {status} ({})", reason.label())]
     Status {
         peer: String,
         authority: String,
         status: http::StatusCode,
+        /// The peer's `ambit-refusal-reason`, else what the status says.
+        reason: crate::reason::Reason,
     },
     /// The client's certificate carries no usable identity.
     #[error("peer {peer} presented no usable SPIFFE identity")]

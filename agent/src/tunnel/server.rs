@@ -6,20 +6,22 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::expiry::{self, Presented};
 use super::flow::{self, MAX_FRAME, MAX_STREAMS_FOR_WINDOW, STREAM_WINDOW};
 use super::headers::Received;
+use super::refusals;
 use super::stream::H2Stream;
-use super::{refusals, reject};
 use super::{Error, ALPN_H2, HANDSHAKE_TIMEOUT};
 use crate::identity::{self as tls, SpiffeId};
+use crate::metrics::Rejections;
+use crate::reason::Reason;
 
-/// Per-connection limits of the tunnel server.
-#[derive(Debug, Clone, Copy)]
+/// Per-connection limits of the tunnel server, and where it counts its refusals.
+#[derive(Debug, Clone)]
 pub struct ServerLimits {
     /// Deadline of the TLS handshake.
     pub handshake_timeout: std::time::Duration,
@@ -28,6 +30,9 @@ pub struct ServerLimits {
     pub max_streams: u32,
     /// A connection without streams for this long gets GOAWAY.
     pub idle_timeout: std::time::Duration,
+    /// Where refusals are counted (`ambit_tunnel_rejections_total`; by default a family of
+    /// its own).
+    pub rejections: Rejections,
 }
 
 impl Default for ServerLimits {
@@ -36,6 +41,7 @@ impl Default for ServerLimits {
             handshake_timeout: HANDSHAKE_TIMEOUT,
             max_streams: 1000,
             idle_timeout: std::time::Duration::from_secs(300),
+            rejections: Rejections::default(),
         }
     }
 }
@@ -88,6 +94,7 @@ pub struct PendingConnect {
     pub connect: Connect,
     respond: SendResponse<Bytes>,
     recv: h2::RecvStream,
+    rejections: Rejections,
 }
 
 impl PendingConnect {
@@ -97,17 +104,12 @@ impl PendingConnect {
         Some(H2Stream::new(send, self.recv))
     }
 
-    /// Answers `status` (401 denied, 503 app unreachable, ...) and ends the stream; counted in
-    /// `ambit_tunnel_rejections_total` under [`reject::reason_of_status`].
-    pub fn refuse(self, status: StatusCode) {
-        self.refuse_as(status, reject::reason_of_status(status));
-    }
-
-    /// Answers `status` and ends the stream, counted (and named in [`REFUSAL_HEADER`]) under
-    /// `reason`, for refusals a status alone does not tell apart.
-    pub fn refuse_as(mut self, status: StatusCode, reason: &'static str) {
-        reject::count(reason);
-        reply(&mut self.respond, status, reason);
+    /// Answers the status of `reason` (401 denied, 503 app unreachable, ...) with the reason in
+    /// `ambit-refusal-reason`, and ends the stream; counted in `ambit_tunnel_rejections_total`
+    /// under `reason`.
+    pub fn refuse(mut self, reason: Reason) {
+        self.rejections.count(reason);
+        reply(&mut self.respond, reason);
     }
 }
 
@@ -199,8 +201,10 @@ where
         id: peer_id,
         not_after,
     } = client.into();
+    let rejections = limits.rejections.clone();
+    let stream_limit = rejections.clone();
     let io = refusals::Watched::new(io, move |n| {
-        reject::count_n(reject::STREAM_LIMIT, n);
+        stream_limit.count_n(Reason::StreamLimit, n);
         tracing::debug!(peer.addr = %peer, refused = n, "tunnel streams past the per-connection cap refused");
     });
     // A window for every stream the connection may carry: streams whose app stopped reading
@@ -288,20 +292,16 @@ where
         };
         // Checked on the wall clock too: the timer may lag it (suspend, clock steps).
         if expired || expiry::expired(not_after, SystemTime::now()) {
-            reject::count(reject::CERTIFICATE_EXPIRED);
+            rejections.count(Reason::CertificateExpired);
             tracing::warn!(
                 target: "access",
                 direction = "inbound",
                 src.addr = %peer,
                 peer.identity = %peer_id,
-                reason = reject::CERTIFICATE_EXPIRED,
+                reason = Reason::CertificateExpired.label(),
                 "tunnel stream refused: a certificate of the connection has expired"
             );
-            reply(
-                &mut respond,
-                StatusCode::SERVICE_UNAVAILABLE,
-                reject::CERTIFICATE_EXPIRED,
-            );
+            reply(&mut respond, Reason::CertificateExpired);
             if !goaway_sent {
                 goaway_sent = true;
                 goaway_at = Some(tokio::time::Instant::now());
@@ -312,11 +312,12 @@ where
         }
         let handle = handle.clone();
         let peer_id = peer_id.clone();
+        let rejections = rejections.clone();
         let active = active.clone();
         active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         idle_since = tokio::time::Instant::now();
         tokio::spawn(async move {
-            if let Some(pending) = check_request(req, respond, peer, peer_id) {
+            if let Some(pending) = check_request(req, respond, peer, peer_id, rejections) {
                 handle(pending).await;
             }
             active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -331,10 +332,11 @@ fn check_request(
     mut respond: SendResponse<Bytes>,
     peer: SocketAddr,
     peer_id: SpiffeId,
+    rejections: Rejections,
 ) -> Option<PendingConnect> {
     if req.method() != Method::CONNECT {
-        reject::count(reject::METHOD);
-        reply(&mut respond, StatusCode::METHOD_NOT_ALLOWED, reject::METHOD);
+        rejections.count(Reason::Method);
+        reply(&mut respond, Reason::Method);
         return None;
     }
     let authority = req
@@ -342,8 +344,8 @@ fn check_request(
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok());
     let Some(authority) = authority else {
-        reject::count(reject::BAD_AUTHORITY);
-        reply(&mut respond, StatusCode::BAD_REQUEST, reject::BAD_AUTHORITY);
+        rejections.count(Reason::BadAuthority);
+        reply(&mut respond, Reason::BadAuthority);
         return None;
     };
     Some(PendingConnect {
@@ -355,13 +357,16 @@ fn check_request(
         },
         respond,
         recv: req.into_body(),
+        rejections,
     })
 }
 
-fn reply(respond: &mut SendResponse<Bytes>, status: StatusCode, reason: &'static str) {
+fn reply(respond: &mut SendResponse<Bytes>, reason: Reason) {
     let mut resp = Response::new(());
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(REFUSAL_HEADER, http::HeaderValue::from_static(reason));
+    *resp.status_mut() = reason.status();
+    resp.headers_mut().insert(
+        REFUSAL_HEADER,
+        http::HeaderValue::from_static(reason.label()),
+    );
     let _ = respond.send_response(resp, true);
 }

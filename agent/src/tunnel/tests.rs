@@ -52,7 +52,7 @@ async fn echo_server(ca: &TestCa) -> SocketAddr {
                 |p: PendingConnect| async move {
                     assert_eq!(p.connect.peer_id.to_string(), CLIENT);
                     if p.connect.authority.port() == 1 {
-                        p.refuse(StatusCode::UNAUTHORIZED);
+                        p.refuse(crate::reason::Reason::PolicyDenied);
                         return;
                     }
                     let mut s = p.accept().unwrap();
@@ -274,7 +274,7 @@ async fn idle_connection_gets_goaway() {
             limits,
             drain_rx,
             |p: PendingConnect| async move {
-                p.refuse(StatusCode::UNAUTHORIZED);
+                p.refuse(crate::reason::Reason::PolicyDenied);
             },
         )
         .await

@@ -16,10 +16,16 @@ use ambit_e2e::{testbed, Testbed, ECHO_PORT, PEER_PORT, TUNNEL_PORT};
 use http::{Method, StatusCode};
 
 /// Reasons of `ambit_tunnel_rejections_total` this test provokes.
-const REASONS: [&str; 4] = ["tls_handshake", "method", "bad_target", "bad_authority"];
+const REASONS: [&str; 5] = [
+    "tls_handshake",
+    "method",
+    "foreign_target",
+    "agent_port",
+    "bad_authority",
+];
 
 /// `ambit_tunnel_rejections_total` of `node` for each of [`REASONS`].
-fn rejections(tb: &Testbed, node: &str) -> [f64; 4] {
+fn rejections(tb: &Testbed, node: &str) -> [f64; 5] {
     let m = tb.metrics(node).unwrap();
     REASONS.map(|r| m.sum("ambit_tunnel_rejections_total", &[("reason", r)]))
 }
@@ -133,7 +139,8 @@ fn bad_input_on_the_tunnel_port_is_refused_and_the_agent_keeps_serving() {
     assert_eq!(good.1, b"still serving");
 
     // Each refusal is counted once under its reason: 2 not TLS + 1 without a certificate fail
-    // the handshake, 1 GET, 4 CONNECTs to another pod or an agent port; no bad authority.
+    // the handshake, 1 GET, 1 CONNECT to another pod and 3 to an agent port, each under its
+    // own reason; no bad authority.
     let now = rejections(&tb, "node2");
     let rose: Vec<(&str, f64)> = REASONS
         .iter()
@@ -145,7 +152,8 @@ fn bad_input_on_the_tunnel_port_is_refused_and_the_agent_keeps_serving() {
         vec![
             ("tls_handshake", 3.0),
             ("method", 1.0),
-            ("bad_target", 4.0),
+            ("foreign_target", 1.0),
+            ("agent_port", 3.0),
             ("bad_authority", 0.0)
         ],
         "ambit_tunnel_rejections_total by reason, increase"

@@ -94,7 +94,7 @@ fn refused_for_waypoint(d: &Decision) -> String {
         panic!("expected a refusal, got {:?}", d.route);
     };
     assert_eq!(*code, Refusal::WaypointUnavailable, "{reason}");
-    assert_eq!(code.label(), "waypoint_unavailable");
+    assert_eq!(code.reason().label(), "waypoint_unavailable");
     assert!(reason.starts_with("waypoint_unavailable: "), "{reason}");
     reason.clone()
 }
