@@ -377,13 +377,13 @@ impl Manager {
         };
         let mut pending = Vec::new();
         for s in l.outbound {
-            pending.push((0, add(s)?));
+            pending.push((ListenerKind::Outbound, add(s)?));
         }
         for (_, s) in l.inbound {
-            pending.push((1, add(s)?));
+            pending.push((ListenerKind::Plaintext, add(s)?));
         }
         for s in l.tunnel {
-            pending.push((2, add(s)?));
+            pending.push((ListenerKind::Tunnel, add(s)?));
         }
         // Kernel enrollment last before serving: the listeners exist and are registered.
         if let Err(e) = self.datapath.enroll(&entry, &netns, lookup) {
@@ -399,9 +399,9 @@ impl Manager {
         for (kind, listener) in pending {
             let c = ctx.clone();
             tasks.push(match kind {
-                0 => shard.spawn(outbound::run(listener, c)),
-                1 => shard.spawn(plaintext::run(listener, c)),
-                _ => shard.spawn(inbound::run(listener, c)),
+                ListenerKind::Outbound => shard.spawn(outbound::run(listener, c)),
+                ListenerKind::Plaintext => shard.spawn(plaintext::run(listener, c)),
+                ListenerKind::Tunnel => shard.spawn(inbound::run(listener, c)),
             });
         }
         Ok(Enrolled {
@@ -586,3 +586,15 @@ fn netns_ino(w: &Workload) -> Option<(u64, u64)> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+/// Which path a pod's listener serves.
+#[derive(Debug, Clone, Copy)]
+enum ListenerKind {
+    /// 15001: the pod's outbound connections.
+    Outbound,
+    /// 15006: inbound plaintext.
+    Plaintext,
+    /// 15008: inbound HBONE.
+    Tunnel,
+}
+
