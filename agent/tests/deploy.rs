@@ -5,18 +5,17 @@
     reason = "test helpers panic on bad manifests, like the tests"
 )]
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use clap::Parser;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, Namespace, Node, Pod, Service, ServiceAccount, Volume,
+    ConfigMap, Container, Namespace, Node, Pod, Service, ServiceAccount,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::Resource;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -27,9 +26,8 @@ use ambit::cni::{DEFAULT_POD_MAP, DEFAULT_SOCKET};
 use ambit::config::InventorySource;
 use ambit::inventory::kube::ISTIO_KINDS;
 
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
+mod manifests;
+use manifests::{deploy_dir, mount_of, typed, volume};
 
 /// Every document of every YAML file under deploy/ but the Istio overlay deploy/istio/ (rendered
 /// and checked by tests/deploy_istio.rs), with its file name.
@@ -64,37 +62,6 @@ fn documents() -> Vec<(String, Value)> {
         }
     }
     out
-}
-
-/// Parses `v` as `T` and fails on any field `T` does not know (k8s-openapi ignores them).
-fn typed<T: DeserializeOwned + Serialize>(file: &str, v: &Value) -> T {
-    let what = format!("{file}: {} {}", v["kind"], v["metadata"]["name"]);
-    let t: T = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
-    let back = serde_json::to_value(&t).unwrap();
-    let mut unknown = Vec::new();
-    missing_keys(v, &back, String::new(), &mut unknown);
-    assert!(unknown.is_empty(), "{what}: unknown fields {unknown:?}");
-    t
-}
-
-fn missing_keys(src: &Value, typed: &Value, path: String, out: &mut Vec<String>) {
-    match (src, typed) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in a {
-                let p = format!("{path}.{k}");
-                match b.get(k) {
-                    Some(w) => missing_keys(v, w, p, out),
-                    None => out.push(p),
-                }
-            }
-        }
-        (Value::Array(a), Value::Array(b)) => {
-            for (i, (v, w)) in a.iter().zip(b).enumerate() {
-                missing_keys(v, w, format!("{path}[{i}]"), out);
-            }
-        }
-        _ => {}
-    }
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -164,22 +131,6 @@ fn config_yaml(m: &Manifests, cm: &str, key: &str) -> Value {
 
 fn container<'a>(containers: &'a [Container], name: &str) -> &'a Container {
     containers.iter().find(|c| c.name == name).unwrap()
-}
-
-fn volume<'a>(volumes: &'a [Volume], name: &str) -> &'a Volume {
-    volumes.iter().find(|v| v.name == name).unwrap()
-}
-
-/// Where in `c` the path `p` is mounted from: (volume name, mount path).
-fn mount_of<'a>(c: &'a Container, p: &Path) -> (&'a str, &'a str) {
-    let m = c
-        .volume_mounts
-        .iter()
-        .flatten()
-        .filter(|m| p.starts_with(&m.mount_path))
-        .max_by_key(|m| m.mount_path.len())
-        .unwrap_or_else(|| panic!("{} is not mounted in {}", p.display(), c.name));
-    (m.name.as_str(), m.mount_path.as_str())
 }
 
 fn args(c: &Container) -> Vec<String> {

@@ -7,16 +7,18 @@
     reason = "test helpers panic on bad manifests, like the tests"
 )]
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use clap::Parser;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Volume};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use ambit::cli::{Cli, Command};
+
+mod manifests;
+use manifests::{deploy_dir, mount_of, typed, volume};
 
 /// istiod's CA token audience (its `TOKEN_AUDIENCES` default).
 const ISTIO_AUDIENCE: &str = "istio-ca";
@@ -25,10 +27,6 @@ const ISTIO_ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 const ISTIO_ROOT_KEY: &str = "root-cert.pem";
 /// istiod's CA, as the agent must dial it.
 const ISTIOD: &str = "istiod.istio-system.svc:15012";
-
-fn deploy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -138,37 +136,6 @@ fn merge(base: &mut Value, patch: &Value) {
     }
 }
 
-/// Parses `v` as `T` and fails on any field `T` does not know (k8s-openapi ignores them).
-fn typed<T: DeserializeOwned + Serialize>(v: &Value) -> T {
-    let what = format!("{} {}", v["kind"], v["metadata"]["name"]);
-    let t: T = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{what}: {e}"));
-    let back = serde_json::to_value(&t).unwrap();
-    let mut unknown = Vec::new();
-    missing_keys(v, &back, String::new(), &mut unknown);
-    assert!(unknown.is_empty(), "{what}: unknown fields {unknown:?}");
-    t
-}
-
-fn missing_keys(src: &Value, typed: &Value, path: String, out: &mut Vec<String>) {
-    match (src, typed) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in a {
-                let p = format!("{path}.{k}");
-                match b.get(k) {
-                    Some(w) => missing_keys(v, w, p, out),
-                    None => out.push(p),
-                }
-            }
-        }
-        (Value::Array(a), Value::Array(b)) => {
-            for (i, (v, w)) in a.iter().zip(b).enumerate() {
-                missing_keys(v, w, format!("{path}[{i}]"), out);
-            }
-        }
-        _ => {}
-    }
-}
-
 fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
     objects
         .iter()
@@ -176,25 +143,9 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name}"))
 }
 
-fn volume<'a>(volumes: &'a [Volume], name: &str) -> &'a Volume {
-    volumes.iter().find(|v| v.name == name).unwrap()
-}
-
-/// The volume `p` is read from in `c`, and where that volume is mounted.
-fn mount_of<'a>(c: &'a Container, p: &Path) -> (&'a str, &'a str) {
-    let m = c
-        .volume_mounts
-        .iter()
-        .flatten()
-        .filter(|m| p.starts_with(&m.mount_path))
-        .max_by_key(|m| m.mount_path.len())
-        .unwrap_or_else(|| panic!("{} is not mounted in {}", p.display(), c.name));
-    (m.name.as_str(), m.mount_path.as_str())
-}
-
 /// The agent's config file of a rendered DaemonSet: (the config as YAML, the container).
 fn agent_config(objects: &[Value]) -> (Value, Container, Vec<Volume>) {
-    let ds: DaemonSet = typed(find(objects, "DaemonSet", "ambit"));
+    let ds: DaemonSet = typed("deploy/istio", find(objects, "DaemonSet", "ambit"));
     let spec = ds.spec.template.spec.unwrap();
     let agent = spec
         .containers
@@ -215,7 +166,7 @@ fn agent_config(objects: &[Value]) -> (Value, Container, Vec<Volume>) {
         .unwrap()
         .name
         .clone();
-    let cm: ConfigMap = typed(find(objects, "ConfigMap", &cm_name));
+    let cm: ConfigMap = typed("deploy/istio", find(objects, "ConfigMap", &cm_name));
     let key = run.config.strip_prefix(dir).unwrap().to_str().unwrap();
     let text = &cm.data.unwrap()[key];
     (ambit::yaml::from_str(text).unwrap(), agent, volumes)
@@ -271,10 +222,10 @@ fn the_overlay_has_no_ambit_ca_and_installs_no_crds() {
     for o in &overlay {
         match o["kind"].as_str().unwrap() {
             "DaemonSet" => {
-                let _: DaemonSet = typed(o);
+                let _: DaemonSet = typed("deploy/istio", o);
             }
             "ConfigMap" => {
-                let _: ConfigMap = typed(o);
+                let _: ConfigMap = typed("deploy/istio", o);
             }
             _ => {}
         }
@@ -363,7 +314,7 @@ fn the_overlay_config_is_the_bases_but_for_the_ca_section() {
 #[test]
 fn the_istiod_settings_an_operator_must_make_are_written_down() {
     let overlay = render(&deploy_dir().join("istio"));
-    let ds: DaemonSet = typed(find(&overlay, "DaemonSet", "ambit"));
+    let ds: DaemonSet = typed("deploy/istio", find(&overlay, "DaemonSet", "ambit"));
     let sa = ds.spec.template.spec.unwrap().service_account_name.unwrap();
     let ns = ds.metadata.namespace.unwrap();
     // istiod's format: namespace/serviceaccount.

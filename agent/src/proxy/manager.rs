@@ -597,4 +597,3 @@ enum ListenerKind {
     /// 15008: inbound HBONE.
     Tunnel,
 }
-
