@@ -164,12 +164,13 @@ impl Testbed {
             _ => {}
         }
         let unchanged = std::fs::read_to_string(&next.inventory).is_ok_and(|t| t == text);
-        let nodes: Vec<String> = next
-            .nodes
-            .iter()
-            .filter(|n| self.agent_running(&n.name))
-            .map(|n| n.name.clone())
-            .collect();
+        let mut nodes = Vec::new();
+        for n in next.nodes.iter().filter(|n| self.agent_running(&n.name)) {
+            // An agent given a Kubernetes inventory (`restart_agent_with`) does not read the file.
+            if self.reads_inventory_file(&n.name)? {
+                nodes.push(n.name.clone());
+            }
+        }
         let mut before = Vec::new();
         for node in &nodes {
             before.push(self.inventory_counts(node)?);
@@ -209,6 +210,16 @@ impl Testbed {
             }
         }
         Ok(reloaded)
+    }
+
+    /// Whether `node`'s agent takes its inventory from the testbed's file (its status names
+    /// the source).
+    fn reads_inventory_file(&self, node: &str) -> Result<bool> {
+        let st = self.status(node)?;
+        let source = st.0["inventory"]["source"]
+            .as_str()
+            .context("status has no inventory.source")?;
+        Ok(Path::new(source) == self.state().inventory)
     }
 
     /// `(loads, errors)` of `node`'s inventory watcher.

@@ -250,12 +250,18 @@ impl Testbed {
     /// e.g. `logFormat: json`) merged into its config; waits until the agents are ready.
     pub fn restart_agent_with(&mut self, node: &str, extra: &str) -> Result<()> {
         self.stop_agent(node, Signal::SIGTERM)?;
+        self.start_agent_with(node, extra)?;
+        self.wait_agents_ready(crate::testbed::AGENT_READY_TIMEOUT)
+    }
+
+    /// Starts `node`'s agent (stopped, e.g. killed) with `extra` merged into its config, as
+    /// [`Testbed::restart_agent_with`] does, without waiting until it serves its pods.
+    pub fn start_agent_with(&mut self, node: &str, extra: &str) -> Result<()> {
         let n = self.node(node).clone();
         let text = merge_config(&config::agent_config(self.state(), &n), extra);
         write_atomic(&n.config, text.as_bytes())?;
         let child = spawn_agent(self, &n, &n.log)?;
-        self.record(format!("agent {node}"), child)?;
-        self.wait_agents_ready(crate::testbed::AGENT_READY_TIMEOUT)
+        self.record(format!("agent {node}"), child)
     }
 
     /// Starts a second agent for `node` with the node's config file as it is (the same

@@ -420,7 +420,7 @@ fn slim_pod(pod: &mut Pod) {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod fake_api;
+#[cfg(any(test, feature = "fake-api"))]
+pub mod fake_api;
 #[cfg(test)]
 mod tests;

@@ -36,6 +36,7 @@ mod passthrough;
 mod peer_auth;
 mod policy_scope;
 mod privilege;
+mod redirection_annotation;
 mod restart;
 mod rogue;
 mod root_rotation;

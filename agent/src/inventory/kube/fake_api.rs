@@ -1,11 +1,17 @@
 //! MOCK Kubernetes API server for the reflector tests (list + watch over HTTP on 127.0.0.1).
 //!
-//! This is a mock, used only to drive kube-rs's real client and watcher through real sockets:
+//! This is a mock, used only to drive kube-rs's real client and watcher through real sockets
+//! (the unit tests here, and the e2e crate's tests of a real agent process, which build it with
+//! the `fake-api` feature; the release binary does not contain it):
 //! it serves collections of JSON objects, numbered watch events replayed from a resourceVersion,
 //! 404 Status for kinds it is told the cluster lacks, injected 500s, fixed documents at
 //! other paths (the CA's OIDC discovery tests), and JSON merge patches of pods (recorded, with
 //! the UID precondition checked; injected failures). It knows nothing of
 //! field selectors, pagination or bookmarks, which the reflectors here do not need.
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test server: a broken invariant panics the test (STYLE.md §7)"
+)]
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,7 +27,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 /// Collection path for a `kind` (the subset the inventory watches).
-pub(crate) fn path_of(kind: &str) -> &'static str {
+pub fn path_of(kind: &str) -> &'static str {
     match kind {
         "Pod" => "/api/v1/pods",
         "Namespace" => "/api/v1/namespaces",
@@ -58,29 +64,29 @@ struct State {
 
 /// One PATCH request the server received.
 #[derive(Debug, Clone)]
-pub(crate) struct PatchCall {
+pub struct PatchCall {
     /// `namespace/name` of the pod.
-    pub(crate) pod: String,
+    pub pod: String,
     /// The `fieldManager` query parameter.
-    pub(crate) field_manager: Option<String>,
+    pub field_manager: Option<String>,
     /// The `content-type` header.
-    pub(crate) content_type: String,
+    pub content_type: String,
     /// The patch document.
-    pub(crate) body: Value,
+    pub body: Value,
     /// The status answered.
-    pub(crate) status: u16,
+    pub status: u16,
 }
 
 /// A running mock API server.
-pub(crate) struct FakeApi {
-    pub(crate) addr: SocketAddr,
+pub struct FakeApi {
+    pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     notify: Arc<Notify>,
 }
 
 impl FakeApi {
     /// Starts serving on 127.0.0.1 (an ephemeral port) in the current runtime.
-    pub(crate) async fn start() -> Self {
+    pub async fn start() -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
@@ -121,23 +127,23 @@ impl FakeApi {
     }
 
     /// A kube client talking to this server.
-    pub(crate) fn client(&self) -> kube::Client {
+    pub fn client(&self) -> kube::Client {
         let uri = format!("http://{}", self.addr).parse().unwrap();
         kube::Client::try_from(kube::Config::new(uri)).unwrap()
     }
 
     /// Adds or replaces an object (a JSON value with `kind` and `metadata`).
-    pub(crate) fn apply(&self, obj: Value) {
+    pub fn apply(&self, obj: Value) {
         self.record(obj, false);
     }
 
     /// Deletes an object.
-    pub(crate) fn delete(&self, obj: Value) {
+    pub fn delete(&self, obj: Value) {
         self.record(obj, true);
     }
 
     /// Makes a kind's collection answer 404, as for a CRD that is not installed.
-    pub(crate) fn set_missing(&self, kind: &str) {
+    pub fn set_missing(&self, kind: &str) {
         self.state
             .lock()
             .unwrap()
@@ -146,7 +152,7 @@ impl FakeApi {
     }
 
     /// Makes a kind's collection answer 403, as for a kind the cluster role does not grant.
-    pub(crate) fn set_forbidden(&self, kind: &str) {
+    pub fn set_forbidden(&self, kind: &str) {
         self.state
             .lock()
             .unwrap()
@@ -155,7 +161,7 @@ impl FakeApi {
     }
 
     /// Makes the next `n` lists of `kind` fail with 500.
-    pub(crate) fn fail_lists(&self, kind: &str, n: usize) {
+    pub fn fail_lists(&self, kind: &str, n: usize) {
         self.state
             .lock()
             .unwrap()
@@ -164,21 +170,21 @@ impl FakeApi {
     }
 
     /// Serves `body` with `code` at `path` (any method), replacing what was there.
-    pub(crate) fn serve_raw(&self, path: &str, code: StatusCode, body: impl Into<String>) {
+    pub fn serve_raw(&self, path: &str, code: StatusCode, body: impl Into<String>) {
         let mut s = self.state.lock().unwrap();
         let count = s.raw.get(path).map_or(0, |r| r.2);
         s.raw.insert(path.into(), (code, body.into(), count));
     }
 
     /// How many requests `path` (set with [`FakeApi::serve_raw`]) got.
-    pub(crate) fn raw_requests(&self, path: &str) -> usize {
+    pub fn raw_requests(&self, path: &str) -> usize {
         self.state.lock().unwrap().raw.get(path).map_or(0, |r| r.2)
     }
 
     /// Empties `kind`'s collection without delete events and ends its watches with 410 Gone:
     /// the reflector re-lists and finds nothing, as after an API server restored from an
     /// empty backup or a proxy answering with an empty list.
-    pub(crate) fn relist_empty(&self, kind: &str) {
+    pub fn relist_empty(&self, kind: &str) {
         let path = path_of(kind).to_string();
         let mut s = self.state.lock().unwrap();
         s.objects.remove(&path);
@@ -199,17 +205,17 @@ impl FakeApi {
     }
 
     /// Every PATCH received so far, in order.
-    pub(crate) fn patches(&self) -> Vec<PatchCall> {
+    pub fn patches(&self) -> Vec<PatchCall> {
         self.state.lock().unwrap().patches.clone()
     }
 
     /// Makes the next `n` pod patches fail with 500.
-    pub(crate) fn fail_patches(&self, n: usize) {
+    pub fn fail_patches(&self, n: usize) {
         self.state.lock().unwrap().fail_patches = n;
     }
 
     /// The query strings of the list and watch requests `kind` got, in order.
-    pub(crate) fn queries(&self, kind: &str) -> Vec<String> {
+    pub fn queries(&self, kind: &str) -> Vec<String> {
         let s = self.state.lock().unwrap();
         let path = path_of(kind);
         s.queries
@@ -220,13 +226,13 @@ impl FakeApi {
     }
 
     /// The stored pod `namespace/name`, if any.
-    pub(crate) fn pod(&self, key: &str) -> Option<Value> {
+    pub fn pod(&self, key: &str) -> Option<Value> {
         let s = self.state.lock().unwrap();
         s.objects.get(path_of("Pod"))?.get(key).cloned()
     }
 
     /// How many list requests `kind` got.
-    pub(crate) fn list_requests(&self, kind: &str) -> usize {
+    pub fn list_requests(&self, kind: &str) -> usize {
         let s = self.state.lock().unwrap();
         s.list_requests.get(path_of(kind)).copied().unwrap_or(0)
     }
