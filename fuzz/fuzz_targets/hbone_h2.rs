@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         // Even ports are accepted (the stream is echoed, bounded), odd ones refused.
         let handle = |p: PendingConnect| async move {
             if p.connect.authority.port() % 2 == 1 {
-                p.refuse(http::StatusCode::UNAUTHORIZED);
+                p.refuse(ambit::reason::Reason::PolicyDenied);
                 return;
             }
             if let Some(mut stream) = p.accept() {
