@@ -351,14 +351,11 @@ impl Manager {
                 &w.skip_cidrs,
             ),
         };
+        let kernel = PodKernel::new(sockets, self.datapath.clone(), l.netns_cookie);
         let ctx = Arc::new(PodContext {
             workload: w.clone(),
             netns_cookie: l.netns_cookie,
-            kernel: Arc::new(PodKernel::new(
-                sockets,
-                self.datapath.clone(),
-                l.netns_cookie,
-            )),
+            kernel: Arc::new(kernel),
             ports: p,
             inventory: self.inventory.clone(),
             cfg: self.cfg.clone(),
