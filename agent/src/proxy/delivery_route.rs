@@ -110,7 +110,7 @@ pub struct Changes {
 /// connections of unenrolled pods to end.
 pub struct DeliveryRoutes {
     want: Want,
-    pending: Mutex<Vec<Arc<PodContext>>>,
+    pending: Mutex<Vec<(Arc<PodContext>, Arc<Netns>)>>,
 }
 
 impl DeliveryRoutes {
@@ -150,29 +150,28 @@ impl DeliveryRoutes {
 
     /// Removes the routing of an unenrolled pod now, or once nothing uses its context any more
     /// (see [`DeliveryRoutes::sweep`]).
-    pub fn release(&self, ctx: Arc<PodContext>) {
-        lock(&self.pending).push(ctx);
+    pub fn release(&self, ctx: Arc<PodContext>, netns: Arc<Netns>) {
+        lock(&self.pending).push((ctx, netns));
     }
 
     /// Removes the routing of released pods that nothing uses any more; drops, without removing,
     /// those whose namespace (netns cookie) `enrolled` says is enrolled again.
     pub fn sweep(&self, enrolled: impl Fn(u64) -> bool) {
         let mut due = Vec::new();
-        lock(&self.pending).retain(|ctx| {
+        lock(&self.pending).retain(|(ctx, netns)| {
             if enrolled(ctx.netns_cookie) {
                 return false;
             }
             // The manager dropped its reference; accept loops and connection tasks hold the
             // others. The last one gone, no connection can be delivered into the pod.
             if Arc::strong_count(ctx) == 1 {
-                due.push(ctx.clone());
+                due.push((ctx.workload.key(), netns.clone()));
                 return false;
             }
             true
         });
-        for ctx in due {
-            let pod = ctx.workload.key();
-            match self.remove(&pod, ctx.sockets.netns()) {
+        for (pod, netns) in due {
+            match self.remove(&pod, &netns) {
                 Ok(c) => tracing::info!(
                     pod,
                     rules.removed = c.rules_removed,

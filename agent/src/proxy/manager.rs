@@ -18,6 +18,7 @@ use super::conns::{ConnRow, ConnTable};
 use super::delivery_route::DeliveryRoutes;
 use super::explain;
 use super::route::RoundRobin;
+use super::seam::PodKernel;
 use super::shards::Shards;
 use super::socket::{tokio_listener, SocketFactory};
 use super::{inbound, outbound, plaintext, PodContext, ProxyStats};
@@ -41,6 +42,8 @@ const RECHECK: Duration = Duration::from_secs(2);
 
 struct Enrolled {
     ctx: Arc<PodContext>,
+    /// The pod's network namespace (its sk_lookup link, its delivery routing).
+    netns: Arc<Netns>,
     entry: PodEntry,
     netns_ino: (u64, u64),
     listeners: Vec<String>,
@@ -197,7 +200,7 @@ impl Manager {
                     certs.forget(&id);
                 }
                 self.pool.forget_source(e.entry.netns_cookie);
-                self.routes.release(e.ctx.clone());
+                self.routes.release(e.ctx.clone(), e.netns.clone());
                 let gone = desired.get(&key).is_some_and(|w| netns_ino(w).is_none());
                 if let Err(err) = self.datapath.unenroll(&e.entry) {
                     tracing::error!(pod = %key, error = %err, "unenroll failed");
@@ -348,11 +351,11 @@ impl Manager {
                 &w.skip_cidrs,
             ),
         };
+        let kernel = PodKernel::new(sockets, self.datapath.clone(), l.netns_cookie);
         let ctx = Arc::new(PodContext {
             workload: w.clone(),
             netns_cookie: l.netns_cookie,
-            sockets,
-            datapath: self.datapath.clone(),
+            kernel: Arc::new(kernel),
             ports: p,
             inventory: self.inventory.clone(),
             cfg: self.cfg.clone(),
@@ -406,6 +409,7 @@ impl Manager {
         }
         Ok(Enrolled {
             ctx,
+            netns,
             entry,
             netns_ino: ino,
             listeners: names,
@@ -491,9 +495,8 @@ impl Manager {
                 .and_then(|()| {
                     // A new copy of the pod's sk_lookup program: the one it was enrolled with
                     // went into the link this agent let go of when it stopped being current.
-                    let netns = e.ctx.sockets.netns();
-                    let lookup = self.datapath.load_lookup(netns)?;
-                    self.datapath.enroll(&e.entry, netns, lookup)
+                    let lookup = self.datapath.load_lookup(&e.netns)?;
+                    self.datapath.enroll(&e.entry, &e.netns, lookup)
                 });
             match r {
                 Ok(()) => done += 1,

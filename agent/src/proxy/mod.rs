@@ -7,10 +7,15 @@ pub mod explain;
 pub mod inbound;
 pub mod manager;
 pub mod outbound;
+#[cfg(test)]
+mod path_tests;
 pub mod plaintext;
 pub mod route;
+pub mod seam;
 pub mod shards;
 pub mod socket;
+#[cfg(test)]
+mod testing;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,10 +33,8 @@ use crate::inventory::Workload;
 use crate::metrics::TcpLabels;
 use crate::policy::authz::{ConnAttrs, Decision};
 use crate::reason::Reason;
-use crate::redirect::maps::AmbBypassKey;
-use crate::redirect::Datapath;
 use crate::tunnel::headers::Baggage;
-use socket::SocketFactory;
+use seam::Kernel;
 
 /// How long the agent waits for a TCP handshake to a destination or app.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,10 +45,9 @@ pub struct PodContext {
     pub workload: Workload,
     /// Netns cookie of the pod.
     pub netns_cookie: u64,
-    /// Socket factory for the pod's namespace.
-    pub sockets: SocketFactory,
-    /// The kernel side (original destinations, bypass entries).
-    pub datapath: Arc<Datapath>,
+    /// What the paths ask of the kernel (original destinations, sockets in the pod, bypass
+    /// entries): the pod's namespace and the programs' maps, or loopback in unit tests.
+    pub kernel: Arc<dyn Kernel>,
     /// Agent ports.
     pub ports: Ports,
     /// The latest inventory (destinations, policies).
@@ -210,19 +212,18 @@ pub(crate) async fn deliver(
     client: ClientAddr,
     target: SocketAddr,
 ) -> Result<TcpStream, Reason> {
-    let (sock, bound) = pod.sockets.delivery_socket(client).map_err(|e| {
+    let (sock, bound) = pod.kernel.delivery_socket(client).map_err(|e| {
         tracing::warn!(dst.orig = %target, error = %e, "cannot create delivery socket");
         Reason::DeliverySocket
     })?;
     // The bypass must exist before the SYN leaves, and is needed only until the handshake is
     // done: established sockets are found without sk_lookup.
-    let key = AmbBypassKey::new(bound, target);
-    pod.datapath.add_bypass(&key).map_err(|e| {
-        tracing::warn!(dst.orig = %target, error = %e, "cannot register delivery in the bypass map");
+    pod.kernel.add_bypass(bound, target).map_err(|e| {
+        tracing::warn!(dst.orig = %target, error = %crate::error::error_chain(&e), "cannot register delivery in the bypass map");
         Reason::BypassMap
     })?;
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(target)).await;
-    pod.datapath.remove_bypass(&key);
+    pod.kernel.remove_bypass(bound, target);
     match connected {
         Ok(Ok(up)) => {
             let _ = up.set_nodelay(true);

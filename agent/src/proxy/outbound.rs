@@ -74,7 +74,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
             );
             reset(down);
         };
-    let Some(orig) = orig_dst(&down, client, &pod) else {
+    let Some(orig) = pod.kernel.orig_dst(&down, client) else {
         return fail(
             down,
             client.0,
@@ -131,7 +131,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
             fail(down, orig.0, Attempt::Plaintext, code, reason)
         }
         Route::Plaintext { target } => {
-            let connect = pod.sockets.connect_outbound(target);
+            let connect = pod.kernel.connect_outbound(target);
             let mut up = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
                 Ok(Ok(up)) => up,
                 Ok(Err(e)) => {
@@ -320,7 +320,7 @@ async fn tunnel(
             .map_err(|e| tls_err(e.to_string()))?;
         // Held through the handshake: a same-node peer (this agent) accepts on another shard.
         let _dialing = src_ip.map(|ip| pod.shards.note_dial(ip));
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, pod.sockets.connect_outbound(peer.0))
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, pod.kernel.connect_outbound(peer.0))
             .await
             .map_err(|_| crate::tunnel::Error::HandshakeTimeout {
                 peer: peer.to_string(),
@@ -345,22 +345,6 @@ fn pod_source(pod: &PodContext, client: ClientAddr) -> SocketAddr {
         .or(pod.workload.ips.first().copied())
         .unwrap_or(client.0.ip());
     SocketAddr::new(ip, client.0.port())
-}
-
-/// Where the app meant to go: SO_ORIGINAL_DST (answered by the cgroup/getsockopt program),
-/// else the tuple map the sockops program filled.
-fn orig_dst(stream: &TcpStream, client: ClientAddr, pod: &PodContext) -> Option<OrigDstAddr> {
-    let sock = socket2::SockRef::from(stream);
-    let via_sockopt = if client.0.is_ipv4() {
-        sock.original_dst_v4()
-    } else {
-        sock.original_dst_v6()
-    };
-    via_sockopt
-        .ok()
-        .and_then(|a| a.as_socket())
-        .map(OrigDstAddr)
-        .or_else(|| pod.datapath.orig_dst(pod.netns_cookie, client))
 }
 
 /// A destination that would come straight back to this agent.

@@ -39,9 +39,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         return caps::refuse(&pod, Listener::InboundPlaintext, down, client.0);
     };
     let _active = ActiveGuard::new(&stats.inbound_active);
-    // sk_lookup assigned the connection without rewriting it: our local address is where the
-    // client was going.
-    let Ok(orig) = down.local_addr().map(OrigDstAddr) else {
+    let Ok(orig) = pod.kernel.inbound_dst(&down) else {
         stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
         reset(down);
         return;
