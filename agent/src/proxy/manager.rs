@@ -378,16 +378,21 @@ impl Manager {
             names.push(l.local_addr().map(|a| a.to_string()).unwrap_or_default());
             tokio_listener(l).map_err(|e| format!("cannot register listener with the runtime: {e}"))
         };
-        let mut pending = Vec::new();
-        for s in l.outbound {
-            pending.push((ListenerKind::Outbound, add(s)?));
-        }
-        for (_, s) in l.inbound {
-            pending.push((ListenerKind::Plaintext, add(s)?));
-        }
-        for s in l.tunnel {
-            pending.push((ListenerKind::Tunnel, add(s)?));
-        }
+        let outbound_ls = l
+            .outbound
+            .into_iter()
+            .map(&mut add)
+            .collect::<Result<Vec<_>, _>>()?;
+        let plaintext_ls = l
+            .inbound
+            .into_iter()
+            .map(|(_, s)| add(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tunnel_ls = l
+            .tunnel
+            .into_iter()
+            .map(&mut add)
+            .collect::<Result<Vec<_>, _>>()?;
         // Kernel enrollment last before serving: the listeners exist and are registered.
         if let Err(e) = self.datapath.enroll(&entry, &netns, lookup) {
             let _ = self.datapath.unenroll(&entry);
@@ -399,13 +404,14 @@ impl Manager {
         if let (Some(certs), Some(id)) = (&self.certs, ctx.identity()) {
             certs.track(&id);
         }
-        for (kind, listener) in pending {
-            let c = ctx.clone();
-            tasks.push(match kind {
-                ListenerKind::Outbound => shard.spawn(outbound::run(listener, c)),
-                ListenerKind::Plaintext => shard.spawn(plaintext::run(listener, c)),
-                ListenerKind::Tunnel => shard.spawn(inbound::run(listener, c)),
-            });
+        for listener in outbound_ls {
+            tasks.push(shard.spawn(outbound::run(listener, ctx.clone())));
+        }
+        for listener in plaintext_ls {
+            tasks.push(shard.spawn(plaintext::run(listener, ctx.clone())));
+        }
+        for listener in tunnel_ls {
+            tasks.push(shard.spawn(inbound::run(listener, ctx.clone())));
         }
         Ok(Enrolled {
             ctx,
@@ -588,15 +594,4 @@ fn netns_ino(w: &Workload) -> Option<(u64, u64)> {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Which path a pod's listener serves.
-#[derive(Debug, Clone, Copy)]
-enum ListenerKind {
-    /// 15001: the pod's outbound connections.
-    Outbound,
-    /// 15006: inbound plaintext.
-    Plaintext,
-    /// 15008: inbound HBONE.
-    Tunnel,
 }
