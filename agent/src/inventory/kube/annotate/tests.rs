@@ -93,6 +93,19 @@ fn count(c: &PatchCounter, op: &'static str, result: &'static str) -> u64 {
     c.get_or_create(&PatchLabels { op, result }).get()
 }
 
+/// [`count`] once it reaches `want` (or after 5 s): the annotator counts a patch when its
+/// answer arrives, just after the API server has recorded it.
+async fn counted(c: &PatchCounter, op: &'static str, result: &'static str, want: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = count(c, op, result);
+        if n >= want || tokio::time::Instant::now() >= deadline {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn set_after_capture_only_and_removed_on_unenrollment() {
     let api = FakeApi::start().await;
@@ -142,8 +155,8 @@ async fn set_after_capture_only_and_removed_on_unenrollment() {
     );
     assert_eq!(annotation(&r.api, "a"), None);
     assert_eq!(annotation(&r.api, "kept").as_deref(), Some("enabled"));
-    assert_eq!(count(&r.patches, "set", "ok"), 1);
-    assert_eq!(count(&r.patches, "remove", "ok"), 1);
+    assert_eq!(counted(&r.patches, "set", "ok", 1).await, 1);
+    assert_eq!(counted(&r.patches, "remove", "ok", 1).await, 1);
 }
 
 #[tokio::test]
@@ -189,8 +202,8 @@ async fn patch_failures_are_counted_and_retried() {
     let statuses: Vec<u16> = p.iter().map(|c| c.status).collect();
     assert_eq!(statuses, [500, 500, 200]);
     assert_eq!(annotation(&r.api, "a").as_deref(), Some("enabled"));
-    assert_eq!(count(&r.patches, "set", "error"), 2);
-    assert_eq!(count(&r.patches, "set", "ok"), 1);
+    assert_eq!(counted(&r.patches, "set", "error", 2).await, 2);
+    assert_eq!(counted(&r.patches, "set", "ok", 1).await, 1);
 }
 
 #[tokio::test]
@@ -236,5 +249,5 @@ async fn an_annotation_removed_by_someone_else_is_set_again() {
     let p = patches(&r.api, 2).await;
     assert_eq!(p[1].pod, "app/a");
     assert_eq!(annotation(&r.api, "a").as_deref(), Some("enabled"));
-    assert_eq!(count(&r.patches, "set", "ok"), 2);
+    assert_eq!(counted(&r.patches, "set", "ok", 2).await, 2);
 }
