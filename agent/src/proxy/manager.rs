@@ -356,6 +356,7 @@ impl Manager {
             workload: w.clone(),
             netns_cookie: l.netns_cookie,
             kernel: Arc::new(kernel),
+            baggage: super::baggage_of(&self.cfg.cluster_id, w).value(),
             ports: p,
             inventory: self.inventory.clone(),
             cfg: self.cfg.clone(),

@@ -48,6 +48,8 @@ pub struct PodContext {
     /// What the paths ask of the kernel (original destinations, sockets in the pod, bypass
     /// entries): the pod's namespace and the programs' maps, or loopback in unit tests.
     pub kernel: Arc<dyn Kernel>,
+    /// The `baggage` value of this pod's CONNECTs ([`baggage_of`]), made at enrollment.
+    pub baggage: Option<http::HeaderValue>,
     /// Agent ports.
     pub ports: Ports,
     /// The latest inventory (destinations, policies).
@@ -168,29 +170,27 @@ impl PodContext {
     }
 }
 
-impl PodContext {
-    /// This pod as the `baggage` of its CONNECTs names it.
-    pub(crate) fn baggage(&self) -> Baggage {
-        let w = &self.workload;
-        let label = |keys: &[&str]| keys.iter().find_map(|k| w.labels.get(*k)).cloned();
-        Baggage {
-            cluster: self.cfg.cluster_id.clone(),
-            namespace: w.namespace.clone(),
-            pod: w.name.clone(),
-            // Istio's canonical service and revision, from the same labels in the same order.
-            service: label(&[
-                "service.istio.io/canonical-name",
-                "app.kubernetes.io/name",
-                "app",
-            ])
-            .unwrap_or_else(|| w.name.clone()),
-            version: label(&[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ])
-            .unwrap_or_else(|| "latest".to_string()),
-        }
+/// Pod `w` as the `baggage` of its CONNECTs names it, in cluster `cluster` (made once, when
+/// the pod is enrolled).
+pub(crate) fn baggage_of(cluster: &str, w: &Workload) -> Baggage {
+    let label = |keys: &[&str]| keys.iter().find_map(|k| w.labels.get(*k)).cloned();
+    Baggage {
+        cluster: cluster.to_string(),
+        namespace: w.namespace.clone(),
+        pod: w.name.clone(),
+        // Istio's canonical service and revision, from the same labels in the same order.
+        service: label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| w.name.clone()),
+        version: label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .unwrap_or_else(|| "latest".to_string()),
     }
 }
 

@@ -196,7 +196,8 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
             };
             // Boxed: the dial (TLS and h2 handshakes) would otherwise size this task's future
             // for as long as the connection stays open.
-            let headers = ConnectHeaders::new(&pod.baggage(), src, service.as_deref());
+            let headers =
+                ConnectHeaders::with_baggage(pod.baggage.clone(), src, service.as_deref());
             let dial = Box::pin(tunnel(&pod, target, PeerAddr(peer), &id, &headers));
             let (mut up, _guard) = match dial.await {
                 Ok(s) => s,

@@ -261,6 +261,7 @@ impl Node {
         };
         lock(&self.net.pods).insert(ip, steer);
         let pod = Arc::new(PodContext {
+            baggage: super::baggage_of(&self.cfg.cluster_id, &workload).value(),
             workload,
             netns_cookie: u64::from(lock(&self.net.pods).len() as u32),
             kernel: Arc::new(LoopbackKernel {

@@ -174,8 +174,17 @@ impl ConnectHeaders {
     /// ztunnel's set: `baggage` of `source`, a new trace, `forwarded` for `client` (and
     /// `host=` the Service it dialled, when it dialled one).
     pub fn new(source: &Baggage, client: SocketAddr, service: Option<&str>) -> Self {
+        Self::with_baggage(source.value(), client, service)
+    }
+
+    /// [`ConnectHeaders::new`] with the `baggage` value already made (once per pod).
+    pub fn with_baggage(
+        baggage: Option<HeaderValue>,
+        client: SocketAddr,
+        service: Option<&str>,
+    ) -> Self {
         Self {
-            baggage: source.value(),
+            baggage,
             traceparent: Some(TraceParent::random()),
             forwarded: forwarded(client, service),
         }
