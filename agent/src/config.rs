@@ -117,6 +117,29 @@ pub enum InventorySource {
     File(PathBuf),
     /// The Kubernetes API server.
     Kubernetes(KubeSource),
+    /// istiod's workload discovery (delta xDS), as ztunnel reads it.
+    Istiod(IstiodSource),
+}
+
+/// `inventory: {kind: istiod}`: istiod's delta ADS stream of workloads, services and L4
+/// authorization policies. It connects as the `ca:` section does (same root certificate,
+/// token and cluster id), so a `ca:` section is required.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IstiodSource {
+    /// Must be `istiod`.
+    pub kind: IstiodKind,
+    /// istiod's xDS address, `host:port` (port 15012 when omitted); default: the `ca:` address.
+    #[serde(default)]
+    pub address: Option<String>,
+}
+
+/// The istiod source's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IstiodKind {
+    /// Delta xDS from istiod.
+    Istiod,
 }
 
 /// `inventory: {kind: kubernetes}`.
@@ -145,6 +168,10 @@ impl std::fmt::Display for InventorySource {
             Self::Kubernetes(k) => match &k.kubeconfig {
                 Some(p) => write!(f, "kubernetes ({})", p.display()),
                 None => f.write_str("kubernetes (in-cluster)"),
+            },
+            Self::Istiod(i) => match &i.address {
+                Some(a) => write!(f, "istiod ({a})"),
+                None => f.write_str("istiod (the ca: address)"),
             },
         }
     }
@@ -437,6 +464,12 @@ impl Config {
             return Err(invalid(
                 "inventoryGuard.settleMs",
                 "must be 1 to 600000 (10 minutes)",
+            ));
+        }
+        if matches!(cfg.inventory, InventorySource::Istiod(_)) && cfg.ca.is_none() {
+            return Err(invalid(
+                "inventory.kind",
+                "istiod needs a ca: section (its root certificate and token authenticate the xDS stream)",
             ));
         }
         // 0 is "unspecified"; 253, 254 and 255 are the kernel's default, main and local tables.

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ca::server::CaLimits;
 use crate::ca::service::{ClusterPolicy, DEFAULT_CLUSTER_ID};
-use crate::config::{InventorySource, LogFormat};
+use crate::config::{InventorySource, KubeSource, LogFormat};
 use crate::identity::TrustDomain;
 
 /// Default listen address (istiod's CA port).
@@ -37,7 +37,7 @@ pub struct CaConfig {
     /// IP addresses in the serving certificate (the listen address is added unless unspecified).
     pub serving_ips: Vec<IpAddr>,
     /// Inventory source (a file, or the Kubernetes API): which pod (identity) runs on which node.
-    pub inventory: InventorySource,
+    pub inventory: CaInventory,
     /// How often the inventory and JWKS files and the root material are checked for changes.
     pub poll: Duration,
     /// Lifetime of a certificate when the request asks for none.
@@ -52,6 +52,16 @@ pub struct CaConfig {
     pub log_format: LogFormat,
     /// Caps and deadline of the listener.
     pub limits: CaLimits,
+}
+
+/// Where the CA learns which pod (identity) runs on which node: the agent's sources but istiod
+/// (the CA is what istiod replaces).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaInventory {
+    /// A YAML file, polled for changes.
+    File(PathBuf),
+    /// The Kubernetes API server.
+    Kubernetes(KubeSource),
 }
 
 /// How node agents' service-account tokens are verified.
@@ -210,6 +220,17 @@ impl CaConfig {
                 format!("{cluster_id:?} is empty or not visible ascii"),
             ));
         }
+        let inventory = match raw.inventory {
+            InventorySource::File(path) => CaInventory::File(path),
+            InventorySource::Kubernetes(k) => CaInventory::Kubernetes(k),
+            InventorySource::Istiod(_) => {
+                return Err(invalid(
+                    "inventory.kind",
+                    "istiod is an agent's inventory; the CA reads pods from a file or the API server"
+                        .into(),
+                ))
+            }
+        };
         let limits = raw
             .limits
             .check()
@@ -222,7 +243,7 @@ impl CaConfig {
             root_ttl,
             serving_names: raw.serving_names,
             serving_ips: raw.serving_ips,
-            inventory: raw.inventory,
+            inventory,
             poll: Duration::from_millis(raw.poll_ms.max(50)),
             default_ttl,
             max_ttl,
@@ -520,13 +541,13 @@ mod tests {
     #[test]
     fn inventory_accepts_a_path_or_the_kubernetes_api() {
         let cfg = CaConfig::parse(Path::new("ca.yaml"), MINIMAL).unwrap();
-        assert_eq!(cfg.inventory, InventorySource::File("/inv.yaml".into()));
+        assert_eq!(cfg.inventory, CaInventory::File("/inv.yaml".into()));
         let text = MINIMAL.replace(
             "inventory: /inv.yaml",
             "inventory: {kind: kubernetes, kubeconfig: /kc}",
         );
         let cfg = CaConfig::parse(Path::new("ca.yaml"), &text).unwrap();
-        let InventorySource::Kubernetes(k) = cfg.inventory else {
+        let CaInventory::Kubernetes(k) = cfg.inventory else {
             panic!("not kubernetes: {:?}", cfg.inventory);
         };
         assert_eq!(k.kubeconfig.as_deref(), Some(Path::new("/kc")));
@@ -535,6 +556,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("inventory"), "{err}");
+        let text = MINIMAL.replace("inventory: /inv.yaml", "inventory: {kind: istiod}");
+        let err = CaConfig::parse(Path::new("ca.yaml"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("inventory.kind: istiod is an agent's inventory"), "{err}");
     }
 
     #[test]

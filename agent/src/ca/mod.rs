@@ -34,13 +34,13 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::ca::config::{CaConfig, ConfigError, KeySource};
+use crate::ca::config::{CaConfig, CaInventory, ConfigError, KeySource};
 use crate::ca::material::{Material, MaterialError, ServingNames};
 use crate::ca::oidc::{Discovery, OidcError};
 use crate::ca::server::{RunningCa, ServerError};
 use crate::ca::service::CaService;
 use crate::ca::token::{Jwks, JwksError, TokenVerifier};
-use crate::config::{InventorySource, LogFormat};
+use crate::config::LogFormat;
 use crate::inventory;
 use crate::signals::{Event, Signals};
 
@@ -145,8 +145,8 @@ async fn serve(cfg: CaConfig, args: CaArgs, mut signals: Signals) -> Result<(), 
     )?;
 
     let kubeconfig = match &cfg.inventory {
-        InventorySource::Kubernetes(k) => k.kubeconfig.clone(),
-        InventorySource::File(_) => None,
+        CaInventory::Kubernetes(k) => k.kubeconfig.clone(),
+        CaInventory::File(_) => None,
     };
     let (jwks, discovery) = match &cfg.tokens.keys {
         KeySource::JwksFile(path) => (Jwks::load(path)?, None),
@@ -269,7 +269,7 @@ async fn first_keys(discovery: &Discovery) -> Result<Jwks, OidcError> {
 /// over every node's pods. Returns the snapshots, whether the first full sync is done, and the
 /// task to abort at shutdown.
 async fn start_inventory(
-    source: &InventorySource,
+    source: &CaInventory,
     poll: Duration,
 ) -> Result<
     (
@@ -280,7 +280,7 @@ async fn start_inventory(
     Error,
 > {
     match source {
-        InventorySource::File(path) => {
+        CaInventory::File(path) => {
             let text =
                 std::fs::read_to_string(path).map_err(|source| inventory::file::Error::Read {
                     path: path.clone(),
@@ -292,7 +292,7 @@ async fn start_inventory(
             let task = tokio::spawn(inventory::file::watch_file(path.clone(), poll, tx, reloads));
             Ok((rx, watch::channel(true).1, task))
         }
-        InventorySource::Kubernetes(k) => {
+        CaInventory::Kubernetes(k) => {
             let client = inventory::kube::client(k.kubeconfig.as_deref())
                 .await
                 .map_err(|source| Error::Kube {

@@ -10,7 +10,7 @@ use std::path::Path;
 use serde_json::Value as Json;
 
 use super::fields::{fields, Field, Kind};
-use super::{Config, KubeSource};
+use super::{Config, IstiodSource, KubeSource};
 use crate::ca::config::{CaConfig, RawConfig};
 
 const DOC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/configuration.md");
@@ -155,7 +155,17 @@ fn differences(wanted: &BTreeMap<String, Field>, rows: &[Row]) -> Vec<String> {
 }
 
 fn agent_wanted() -> BTreeMap<String, Field> {
-    wanted(fields::<Config>(), &[("inventory", fields::<KubeSource>())])
+    // `inventory` is a path or one of two mappings: their fields side by side, one `kind` row
+    // listing both kinds.
+    let mut inventory = fields::<KubeSource>();
+    for f in fields::<IstiodSource>() {
+        match (inventory.iter_mut().find(|k| k.path == f.path), f.kind) {
+            (Some(Field { kind: Kind::Enum(kinds), .. }), Kind::Enum(more)) => kinds.extend(more),
+            (Some(_), _) => panic!("inventory.{} differs between the sources", f.path),
+            (None, _) => inventory.push(f),
+        }
+    }
+    wanted(fields::<Config>(), &[("inventory", inventory)])
 }
 
 fn ca_wanted() -> BTreeMap<String, Field> {
