@@ -413,3 +413,47 @@ fn a_waypoint_binds_by_label_and_an_unknown_one_refuses_rather_than_bypasses() {
         "waypoint shop/gone.shop.svc.cluster.local has no Service"
     );
 }
+
+#[test]
+fn workloads_sharing_a_name_both_stay_and_a_nameless_one_is_named_by_uid() {
+    let mut m = mesh();
+    apply_workload(
+        &mut m,
+        workload("c1/Pod/shop/web", "shop", "web", &["10.1.0.2"]),
+    );
+    apply_workload(
+        &mut m,
+        workload("c2/Pod/shop/web", "shop", "web", &["10.2.0.2"]),
+    );
+    apply_workload(&mut m, workload("vm-7", "shop", "", &["10.3.0.2"]));
+    let snap = m.snapshot();
+    let keys: Vec<&str> = snap.workloads.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["shop/vm-7", "shop/web", "shop/web@c2_Pod_shop_web"]);
+    assert!(snap
+        .warnings
+        .iter()
+        .any(|w| w.contains("listed as web@c2_Pod_shop_web")));
+    assert_eq!(
+        snap.by_ip(ip("10.2.0.2")).map(|w| w.name.as_str()),
+        Some("web@c2_Pod_shop_web")
+    );
+}
+
+#[test]
+fn a_workload_listing_a_policy_of_a_third_namespace_is_refused() {
+    let mut m = mesh();
+    let mut w = workload("uid-s", "shop", "server", &["10.1.0.2"]);
+    w.authorization_policies = vec!["other/p".into(), format!("{ROOT}/p")];
+    let err = m
+        .apply(
+            ADDRESS_TYPE,
+            "uid-s",
+            &address(wl::address::Type::Workload(w)),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("Workload uid-s: authorization_policies[0]: `other/p`"),
+        "{err}"
+    );
+}

@@ -203,3 +203,49 @@ fn a_dry_run_policy_is_not_enforced_and_says_so() {
     apply_policy(&mut m, &p).unwrap();
     assert!(!decide(&m.snapshot(), "shop/server", &conn(None, 80)).allowed());
 }
+
+#[test]
+fn a_clause_of_alternative_sources_is_the_rules_from_list_and_a_second_source_clause_its_conditions(
+) {
+    // (namespace front OR service account ops/admin) AND principal not .../sa/blocked
+    let mut m = mesh();
+    apply_workload(&mut m, workload("uid-s", "shop", "server", &["10.1.0.2"]));
+    let allow = policy(
+        "shop",
+        "allow",
+        sec::Scope::Namespace,
+        sec::Action::Allow,
+        vec![sec::Rule {
+            clauses: vec![
+                sec::Clause {
+                    matches: vec![sec::Match {
+                        not_principals: vec![exact("cluster.local/ns/front/sa/blocked")],
+                        ..sec::Match::default()
+                    }],
+                },
+                sec::Clause {
+                    matches: vec![
+                        sec::Match {
+                            namespaces: vec![exact("front")],
+                            ..sec::Match::default()
+                        },
+                        sec::Match {
+                            service_accounts: vec![sec::ServiceAccountMatch {
+                                namespace: "ops".into(),
+                                service_account: "admin".into(),
+                            }],
+                            ..sec::Match::default()
+                        },
+                    ],
+                },
+            ],
+        }],
+    );
+    apply_policy(&mut m, &allow).unwrap();
+    let snap = m.snapshot();
+    let allowed = |ns, sa| decide(&snap, "shop/server", &conn(Some((ns, sa)), 80)).allowed();
+    assert!(allowed("front", "web"));
+    assert!(allowed("ops", "admin"));
+    assert!(!allowed("ops", "other"));
+    assert!(!allowed("front", "blocked"));
+}
