@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 /// The .proto files, relative to this crate (also the include root).
-const PROTOS: &[&str] = &["ca.proto"];
+const PROTOS: &[&str] = &["ca.proto", "xds.proto"];
 
 fn main() {
     let root =

@@ -5,6 +5,7 @@ pub mod enrollment;
 pub mod file;
 pub mod guard;
 pub mod index;
+pub mod istiod;
 pub mod kube;
 pub mod objects;
 pub mod publish;
