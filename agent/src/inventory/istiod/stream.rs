@@ -68,7 +68,8 @@ pub struct XdsClientConfig {
     pub cluster_id: Option<String>,
     /// The node the agent presents.
     pub node: NodeInfo,
-    /// Deadline to open a stream (TCP, TLS and the call's response headers).
+    /// Deadline to open a stream: TCP, TLS and the call's response headers (which a grpc-go
+    /// server such as istiod may send only with its first push, so leave it room).
     pub connect_timeout: Duration,
     /// Pauses between streams.
     pub backoff: Backoff,

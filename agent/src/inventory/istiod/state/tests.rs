@@ -164,3 +164,43 @@ fn a_resumed_stream_keeps_what_is_held_until_its_first_push_then_drops_what_it_l
     assert_eq!(sink.get(Z, "p1"), None);
     assert_eq!(state.count(Z), 0);
 }
+
+/// The wire: Envoy's field numbers and service name, as istiod decodes them.
+#[test]
+fn messages_carry_envoys_field_numbers_and_service_name() {
+    use ambit_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+    use ambit_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Resource};
+    use prost::Message as _;
+    use tonic::server::NamedService;
+
+    /// The field numbers present in an encoding (top level).
+    fn tags(bytes: &[u8]) -> Vec<u32> {
+        let mut buf = bytes;
+        let mut out = Vec::new();
+        while !buf.is_empty() {
+            let (tag, wire) = prost::encoding::decode_key(&mut buf).unwrap();
+            prost::encoding::skip_field(wire, tag, &mut buf, Default::default()).unwrap();
+            out.push(tag);
+        }
+        out
+    }
+    let request = DeltaDiscoveryRequest {
+        node: Some(Node::default()),
+        type_url: "t".into(),
+        resource_names_subscribe: vec!["s".into()],
+        resource_names_unsubscribe: vec!["u".into()],
+        initial_resource_versions: [("a".to_owned(), "1".to_owned())].into(),
+        response_nonce: "n".into(),
+        error_detail: Some(Status::default()),
+    };
+    assert_eq!(tags(&request.encode_to_vec()), [1, 2, 3, 4, 5, 6, 7]);
+    let mut response = response(A, "n", &[("w", "1", "x")], &["r"]);
+    assert_eq!(tags(&response.encode_to_vec()), [1, 2, 4, 5, 6]);
+    let resource: Resource = response.resources.remove(0);
+    assert_eq!(tags(&resource.encode_to_vec()), [1, 2, 3]);
+    type Server = AggregatedDiscoveryServiceServer<()>;
+    assert_eq!(
+        <Server as NamedService>::NAME,
+        "envoy.service.discovery.v3.AggregatedDiscoveryService"
+    );
+}
