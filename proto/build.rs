@@ -3,7 +3,12 @@
 use std::path::PathBuf;
 
 /// The .proto files, relative to this crate (also the include root).
-const PROTOS: &[&str] = &["ca.proto", "workload.proto", "authorization.proto"];
+const PROTOS: &[&str] = &[
+    "ca.proto",
+    "workload.proto",
+    "authorization.proto",
+    "xds.proto",
+];
 
 fn main() {
     let root =

@@ -47,6 +47,7 @@ use crate::identity::CaClient;
 use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
 use crate::inventory::file::{self, ReloadStats};
 use crate::inventory::guard::GuardSettings;
+use crate::inventory::istiod;
 use crate::inventory::kube as kube_source;
 use crate::inventory::kube::annotate;
 use crate::inventory::Snapshot;
@@ -147,7 +148,18 @@ async fn serve(
     tokio::spawn(events::drain(ring));
     let (raw_tx, mut raw_rx) = watch::channel(Arc::new(Snapshot::default()));
     let reloads = Arc::new(ReloadStats::default());
-    let (pod_map, kube_client) = start_inventory(&cfg, raw_tx, reloads.clone()).await?;
+    let xds = match &cfg.inventory {
+        InventorySource::Istiod(i) => Some(istiod::status::StatusHandle::new(
+            i.address
+                .as_deref()
+                .or(cfg.ca.as_ref().map(|c| c.address.as_str()))
+                .unwrap_or_default(),
+            istiod::status::XdsMetrics::default(),
+        )),
+        _ => None,
+    };
+    let (pod_map, kube_client) =
+        start_inventory(&cfg, raw_tx, reloads.clone(), xds.as_ref()).await?;
     // The kernel's mesh destinations follow each snapshot before anything else sees it.
     let (first, report) = mesh::sync_current(&datapath, &mut raw_rx, None).await;
     let (tx, rx) = watch::channel(first);
@@ -204,7 +216,7 @@ async fn serve(
     tokio::spawn(manager.clone().run(rx));
     let listener = server::bind(&cfg.admin_socket)?;
     let admin_refusals = server::Refusals::default();
-    let registry = metrics::registry(
+    let mut registry = metrics::registry(
         manager.metrics(),
         datapath.clone(),
         manager.clone(),
@@ -212,6 +224,9 @@ async fn serve(
         annotation_patches,
         &admin_refusals,
     );
+    if let Some(x) = &xds {
+        x.metrics().register(&mut registry);
+    }
     let state = Arc::new(AdminState {
         cfg: cfg.clone(),
         reloads,
@@ -223,6 +238,7 @@ async fn serve(
         registry,
         log,
         inventory_rx: rx_admin,
+        xds,
     });
     let admin_ino = Arc::new(AtomicU64::new(handover::inode(&cfg.admin_socket)));
     let (admin_tx, admin_rx) = mpsc::unbounded_channel();
@@ -324,6 +340,7 @@ async fn start_inventory(
     cfg: &Config,
     tx: watch::Sender<Arc<Snapshot>>,
     reloads: Arc<ReloadStats>,
+    xds: Option<&istiod::status::StatusHandle>,
 ) -> anyhow::Result<(Option<Arc<cni::pods::PodMap>>, Option<kube::Client>)> {
     let pod_map = match &cfg.cni {
         Some(c) => Some(open_pod_map(&c.pod_map)?),
@@ -376,6 +393,56 @@ async fn start_inventory(
                 .await
                 .context("kubernetes source stopped before its first sync")?;
             Ok((Some(pod_map), Some(client)))
+        }
+        InventorySource::Istiod(i) => {
+            let pod_map = pod_map.context("inventory kind istiod needs a cni: section")?;
+            let xds = xds.context("inventory kind istiod needs its status handle")?;
+            let ca = cfg
+                .ca
+                .as_ref()
+                .context("inventory kind istiod needs a ca: section")?;
+            let client_cfg = istiod::stream::XdsClientConfig {
+                address: i.address.clone().unwrap_or_else(|| ca.address.clone()),
+                root_cert: ca.root_cert.clone(),
+                token_file: ca.token_file.clone(),
+                server_name: ca.server_name.clone(),
+                cluster_id: ca.cluster_id.clone(),
+                node: istiod::node::NodeInfo::from_env(&cfg.node, ca.cluster_id.clone()),
+                connect_timeout: Duration::from_secs(30),
+                backoff: istiod::stream::Backoff::default(),
+            };
+            let sink = istiod::source::MeshSink::new(istiod::model::Mesh::new(
+                &cfg.trust_domain,
+                &cfg.root_namespace,
+            ));
+            let client = istiod::stream::XdsClient::new(client_cfg, sink.clone(), xds.clone())?;
+            let (ready_tx, mut ready_rx) = watch::channel(false);
+            let opts = istiod::source::Options {
+                node: cfg.node.clone(),
+                debounce: Duration::from_millis(20),
+                guard: guard_settings(cfg),
+                reloads,
+            };
+            tokio::spawn(client.run());
+            tokio::spawn(istiod::source::publish(
+                sink,
+                opts,
+                Some(pod_map.subscribe()),
+                tx,
+                ready_tx,
+            ));
+            tracing::info!(istiod = %xds.snapshot().address, "waiting for istiod's first push of workloads and policies");
+            ready_rx
+                .wait_for(|r| *r)
+                .await
+                .context("istiod source stopped before its first sync")?;
+            // The redirection annotation still needs the API server (istiod reads it).
+            let client = if cfg.redirection_annotation {
+                Some(kube_source::client(None).await?)
+            } else {
+                None
+            };
+            Ok((Some(pod_map), client))
         }
     }
 }

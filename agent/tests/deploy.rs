@@ -19,11 +19,10 @@ use k8s_openapi::Resource;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use ambit::ca::config::{CaConfig, KeySource, DEFAULT_AUDIENCE, DEFAULT_NODE_AGENT};
+use ambit::ca::config::{CaConfig, CaInventory, KeySource, DEFAULT_AUDIENCE, DEFAULT_NODE_AGENT};
 use ambit::ca::oidc::DISCOVERY_PATH;
 use ambit::cli::{Cli, Command};
 use ambit::cni::{DEFAULT_POD_MAP, DEFAULT_SOCKET};
-use ambit::config::InventorySource;
 use ambit::inventory::kube::ISTIO_KINDS;
 
 mod manifests;
@@ -186,8 +185,8 @@ fn ca_role_is_exactly_its_kube_inventory_and_oidc_discovery() {
     )
     .unwrap();
     assert!(
-        matches!(&ca.inventory, InventorySource::Kubernetes(k) if k.kubeconfig.is_none()),
-        "the in-cluster CA reads its inventory from the API server: {}",
+        matches!(&ca.inventory, CaInventory::Kubernetes(k) if k.kubeconfig.is_none()),
+        "the in-cluster CA reads its inventory from the API server: {:?}",
         ca.inventory
     );
     assert!(matches!(ca.tokens.keys, KeySource::OidcDiscovery(_)));

@@ -69,6 +69,8 @@ pub struct AdminState {
     pub log: LogControl,
     /// The inventory as last loaded.
     pub inventory_rx: watch::Receiver<Arc<Snapshot>>,
+    /// The istiod stream's state, with `inventory: {kind: istiod}`.
+    pub xds: Option<crate::inventory::istiod::status::StatusHandle>,
 }
 
 /// Admin connections refused: handles shared by the admin socket, the metrics listener, the
@@ -465,6 +467,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
                 .ambiguous()
                 .cloned()
                 .collect::<Vec<_>>(),
+            "istiod": state.xds.as_ref().map(|x| x.snapshot()),
         },
         "admin": {
             "bad_requests": state.bad_requests.load(Ordering::Relaxed),

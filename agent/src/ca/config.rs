@@ -223,13 +223,11 @@ impl CaConfig {
         let inventory = match raw.inventory {
             InventorySource::File(path) => CaInventory::File(path),
             InventorySource::Kubernetes(k) => CaInventory::Kubernetes(k),
-            InventorySource::Istiod(_) => {
-                return Err(invalid(
-                    "inventory.kind",
-                    "istiod is an agent's inventory; the CA reads pods from a file or the API server"
-                        .into(),
-                ))
-            }
+            InventorySource::Istiod(_) => return Err(invalid(
+                "inventory.kind",
+                "istiod is an agent's inventory; the CA reads pods from a file or the API server"
+                    .into(),
+            )),
         };
         let limits = raw
             .limits
@@ -560,7 +558,10 @@ mod tests {
         let err = CaConfig::parse(Path::new("ca.yaml"), &text)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("inventory.kind: istiod is an agent's inventory"), "{err}");
+        assert!(
+            err.contains("inventory.kind: istiod is an agent's inventory"),
+            "{err}"
+        );
     }
 
     #[test]

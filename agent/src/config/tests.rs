@@ -135,3 +135,32 @@ fn rejects_equal_marks() {
         }
     ));
 }
+
+#[test]
+fn the_istiod_inventory_needs_a_ca_section_and_defaults_to_its_address() {
+    let ca = "ca:\n  address: istiod.istio-system.svc:15012\n  rootCert: /r.pem\n  tokenFile: /t\n";
+    let cfg = Config::parse(
+        Path::new("a.yaml"),
+        &format!("node: n1\ninventory: {{kind: istiod}}\n{ca}"),
+    )
+    .unwrap();
+    let InventorySource::Istiod(i) = &cfg.inventory else {
+        panic!("not istiod: {:?}", cfg.inventory);
+    };
+    assert_eq!(i.address, None);
+    assert_eq!(cfg.inventory.to_string(), "istiod (the ca: address)");
+    let err = Config::parse(Path::new("a.yaml"), "node: n1\ninventory: {kind: istiod}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("inventory.kind: istiod needs a ca: section"),
+        "{err}"
+    );
+    let err = Config::parse(
+        Path::new("a.yaml"),
+        &format!("node: n1\ninventory: {{kind: istiod, kubeconfig: /k}}\n{ca}"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("inventory"), "{err}");
+}

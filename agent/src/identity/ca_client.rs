@@ -9,33 +9,21 @@
 //! file changes. The same client serves `ambit ca` and istiod (see [`answer`] for the two
 //! shapes of their answers).
 use std::error::Error as StdError;
-use std::future::Future;
 use std::io;
-use std::net::IpAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use http::uri::PathAndQuery;
-use http::Uri;
-use hyper_util::rt::TokioIo;
-use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::{ServerName, UnixTime};
+use rustls_pki_types::UnixTime;
 use serde::Deserialize;
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
-use tonic::metadata::{AsciiMetadataValue, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::AsciiMetadataValue;
 use tonic_prost::ProstCodec;
-use tower_service::Service;
 
 use crate::identity::ca_api::{
     Impersonate as _, IstioCertificateRequest, IstioCertificateResponse, CLUSTER_ID,
     CREATE_CERTIFICATE_PATH,
 };
+use crate::identity::channel::{bearer, ChannelError, TlsTarget};
 use crate::identity::pem_block;
 use crate::identity::{
     new_csr, verify_svid, BundleError, CsrError, PeerRole, SpiffeId, SvidError, TrustBundle,
@@ -79,15 +67,10 @@ pub struct CaClientConfig {
 /// A client of `istio.v1.auth.IstioCertificateService` (ambit ca or istiod).
 pub struct CaClient {
     cfg: CaClientConfig,
-    /// `http://host:port`: TLS is added by our connector, so tonic sees plain HTTP/2.
-    endpoint: Uri,
-    host: String,
-    port: u16,
-    server_name: ServerName<'static>,
+    /// The CA's address, root file and channel.
+    target: TlsTarget,
     /// `cluster_id`, checked.
     cluster_id: Option<AsciiMetadataValue>,
-    /// The channel, the root file text it was built with, and that file's roots.
-    channel: Mutex<Option<(String, Channel, TrustBundle)>>,
 }
 
 /// A certificate the CA issued, checked, with the roots the CA sent along.
@@ -258,40 +241,13 @@ impl ClientError {
 impl CaClient {
     /// Builds a client; nothing is read or connected until the first [`CaClient::fetch`].
     pub fn new(cfg: CaClientConfig) -> Result<Self, ClientError> {
-        let bad = |reason| ClientError::Address {
-            address: cfg.address.clone(),
-            reason,
-        };
-        let text = if cfg.address.contains("://") {
-            cfg.address.clone()
-        } else {
-            format!("https://{}", cfg.address)
-        };
-        let uri: Uri = text.parse().map_err(|_| bad("not a uri"))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(bad("scheme must be https"));
-        }
-        if uri
-            .path_and_query()
-            .is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty())
-        {
-            return Err(bad("must not have a path"));
-        }
-        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = authority.port_u16().unwrap_or(DEFAULT_PORT);
-        let endpoint = match host.parse::<IpAddr>() {
-            Ok(IpAddr::V6(ip)) => format!("http://[{ip}]:{port}"),
-            _ => format!("http://{host}:{port}"),
-        };
-        let endpoint = endpoint.parse().map_err(|_| bad("not a uri"))?;
-        let name = cfg.server_name.clone().unwrap_or_else(|| host.clone());
-        let server_name =
-            ServerName::try_from(name.clone()).map_err(|_| ClientError::ServerName { name })?;
+        let target = TlsTarget::new(
+            &cfg.address,
+            DEFAULT_PORT,
+            cfg.server_name.as_deref(),
+            cfg.root_cert.clone(),
+            Duration::from_millis(cfg.timeout_ms.max(1)),
+        )?;
         let cluster_id = match &cfg.cluster_id {
             None => None,
             Some(value) => Some(
@@ -305,12 +261,8 @@ impl CaClient {
         };
         Ok(Self {
             cfg,
-            endpoint,
-            host,
-            port,
-            server_name,
+            target,
             cluster_id,
-            channel: Mutex::new(None),
         })
     }
 
@@ -334,20 +286,8 @@ impl CaClient {
     }
 
     async fn fetch_inner(&self, id: &SpiffeId) -> Result<Issued, ClientError> {
-        let token_path = &self.cfg.token_file;
-        let token = tokio::fs::read_to_string(token_path)
-            .await
-            .map_err(|source| ClientError::TokenFile {
-                path: token_path.clone(),
-                source,
-            })?;
-        let bearer = MetadataValue::try_from(format!("Bearer {}", token.trim()))
-            .ok()
-            .filter(|_| !token.trim().is_empty())
-            .ok_or_else(|| ClientError::BadToken {
-                path: token_path.clone(),
-            })?;
-        let (channel, trusted) = self.channel().await?;
+        let bearer = bearer(&self.cfg.token_file).await?;
+        let (channel, trusted) = self.target.channel().await?;
         let generated = new_csr(id).map_err(|source| ClientError::Csr { source })?;
         let csr_pem = pem_block("CERTIFICATE REQUEST", generated.csr.as_ref());
         let ttl_secs = i64::try_from(self.cfg.ttl_secs).unwrap_or(i64::MAX);
@@ -465,53 +405,6 @@ impl CaClient {
             })?;
         Ok(Issued { certificate, roots })
     }
-
-    /// The channel for the current root file (rebuilt when the file changed) and its roots.
-    async fn channel(&self) -> Result<(Channel, TrustBundle), ClientError> {
-        let path = &self.cfg.root_cert;
-        let root_pem =
-            tokio::fs::read_to_string(path)
-                .await
-                .map_err(|source| ClientError::RootFile {
-                    path: path.clone(),
-                    source,
-                })?;
-        // A poisoned lock only means a holder panicked between two plain assignments.
-        let mut cached = self.channel.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((pem, channel, bundle)) = cached.as_ref() {
-            if *pem == root_pem {
-                return Ok((channel.clone(), bundle.clone()));
-            }
-        }
-        let bundle = TrustBundle::from_pem(&root_pem).map_err(|source| ClientError::Roots {
-            path: path.clone(),
-            source,
-        })?;
-        let mut store = RootCertStore::empty();
-        let (_, ignored) = store.add_parsable_certificates(bundle.roots().iter().cloned());
-        if ignored > 0 {
-            tracing::warn!(path = %path.display(), ignored, "some ca roots are unusable for tls");
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|source| ClientError::Tls { source })?
-            .with_root_certificates(store)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = Connector {
-            tls: TlsConnector::from(Arc::new(tls)),
-            host: self.host.clone(),
-            port: self.port,
-            server_name: self.server_name.clone(),
-        };
-        let timeout = Duration::from_millis(self.cfg.timeout_ms.max(1));
-        let channel = Endpoint::from(self.endpoint.clone())
-            .connect_timeout(timeout)
-            .connect_with_connector_lazy(connector);
-        *cached = Some((root_pem, channel.clone(), bundle.clone()));
-        Ok((channel, bundle))
-    }
 }
 
 impl std::fmt::Debug for CaClient {
@@ -522,35 +415,17 @@ impl std::fmt::Debug for CaClient {
     }
 }
 
-/// Opens TCP + TLS to the CA for tonic's channel.
-#[derive(Clone)]
-struct Connector {
-    tls: TlsConnector,
-    host: String,
-    port: u16,
-    server_name: ServerName<'static>,
-}
-
-type ConnectFuture =
-    Pin<Box<dyn Future<Output = io::Result<TokioIo<TlsStream<TcpStream>>>> + Send>>;
-
-impl Service<Uri> for Connector {
-    type Response = TokioIo<TlsStream<TcpStream>>;
-    type Error = io::Error;
-    type Future = ConnectFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move {
-            let tcp = TcpStream::connect((this.host.as_str(), this.port)).await?;
-            tcp.set_nodelay(true)?;
-            let tls = this.tls.connect(this.server_name, tcp).await?;
-            Ok(TokioIo::new(tls))
-        })
+impl From<ChannelError> for ClientError {
+    fn from(e: ChannelError) -> Self {
+        match e {
+            ChannelError::Address { address, reason } => Self::Address { address, reason },
+            ChannelError::ServerName { name } => Self::ServerName { name },
+            ChannelError::RootFile { path, source } => Self::RootFile { path, source },
+            ChannelError::Roots { path, source } => Self::Roots { path, source },
+            ChannelError::Tls { source } => Self::Tls { source },
+            ChannelError::TokenFile { path, source } => Self::TokenFile { path, source },
+            ChannelError::BadToken { path } => Self::BadToken { path },
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! - [`WorkloadCertificate`], [`server_config`], [`client_config`]: the rustls side;
 //!   [`source::TlsSource`]: the certificates and trust the data path's tunnels use, with
 //!   [`trust`] following the CA root file and the CA's roots into it (root rotation).
+//! - [`channel`]: the TLS gRPC channel to istiod (root file, bearer token) both clients use.
 //! - [`ca_client`] (the agent's client of Istio's CA API, [`ca_api`]) and [`manager`]
 //!   (certificate cache and rotation): where the agent's certificates come from.
 mod authority;
@@ -13,6 +14,7 @@ mod bundle;
 pub mod ca_api;
 pub mod ca_client;
 mod certificate;
+pub mod channel;
 mod csr;
 pub mod manager;
 pub mod source;

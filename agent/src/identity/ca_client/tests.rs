@@ -159,7 +159,7 @@ async fn refuses_oversized_request_over_grpc_with_a_reason() {
     let (f, ca) = started().await;
     let cfg = f.client_config(ca.local_addr(), "node1");
     let client = CaClient::new(cfg).unwrap();
-    let (channel, _) = client.channel().await.unwrap();
+    let (channel, _) = client.target.channel().await.unwrap();
     let token = std::fs::read_to_string(&client.config().token_file).unwrap();
     for size in [70 * 1024, 200 * 1024] {
         let mut request = tonic::Request::new(IstioCertificateRequest::impersonating(
@@ -211,11 +211,11 @@ fn parses_addresses() {
     };
     let client = CaClient::new(cfg("ambit-ca.ambit-system.svc")).unwrap();
     assert_eq!(
-        (client.host.as_str(), client.port),
+        (client.target.host(), client.target.port()),
         ("ambit-ca.ambit-system.svc", 15012)
     );
     let client = CaClient::new(cfg("https://[::1]:9000")).unwrap();
-    assert_eq!((client.host.as_str(), client.port), ("::1", 9000));
+    assert_eq!((client.target.host(), client.target.port()), ("::1", 9000));
     assert!(CaClient::new(cfg("http://ca:15012")).is_err());
     assert!(CaClient::new(cfg("https://ca:15012/path")).is_err());
 }

@@ -1,4 +1,14 @@
-//! Inventory from istiod: the workload discovery (xDS) resources and their mapping onto ambit's inventory model.
+//! Inventory from istiod: the delta xDS stream of Istio's workload API (Address, Authorization) and its mapping onto ambit's inventory model.
 pub mod authorization;
 pub mod model;
+pub mod node;
+pub mod source;
+pub mod state;
+pub mod status;
+pub mod stream;
 pub mod workloads;
+
+#[cfg(any(test, feature = "fake-istiod"))]
+pub mod fake_istiod;
+#[cfg(any(test, feature = "fake-istiod"))]
+pub mod memory_sink;

@@ -199,6 +199,13 @@ impl Mesh {
 
     /// ambit's inventory snapshot of the resources held (see the module comment).
     pub fn snapshot(&self) -> Snapshot {
+        self.snapshot_with_uids().0
+    }
+
+    /// [`Mesh::snapshot`], and the uid of each of its workloads by `namespace/name` (the CNI
+    /// plugin's reports are matched on it).
+    pub fn snapshot_with_uids(&self) -> (Snapshot, BTreeMap<String, String>) {
+        let mut uids = BTreeMap::new();
         let mut snap = Snapshot::default();
         let names = self.service_names();
         let mut strict_namespaces = BTreeSet::new();
@@ -249,6 +256,7 @@ impl Mesh {
                 deleting: false,
                 created: None,
             };
+            uids.insert(workload.key(), uid.clone());
             snap.workloads.insert(workload.key(), workload);
         }
         for (key, s) in &self.services {
@@ -328,7 +336,7 @@ impl Mesh {
                 },
             });
         }
-        snap
+        (snap, uids)
     }
 
     /// `(namespace, name)` of each Service in the inventory, by resource name: its name, or
