@@ -242,6 +242,11 @@ fn the_agent_asks_istiod_with_an_istio_ca_token_and_trusts_istiods_root() {
         Some("node-a".into()),
     )
     .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        matches!(&parsed.inventory, ambit::config::InventorySource::Istiod(i) if i.address.is_none()),
+        "the inventory is istiod's, at the CA's address: {}",
+        parsed.inventory
+    );
     let ca = parsed.ca.expect("a ca: section");
     assert_eq!(ca.address, ISTIOD);
     assert_eq!(ca.server_name, None, "istiod's certificate names its host");
@@ -280,17 +285,20 @@ fn the_agent_asks_istiod_with_an_istio_ca_token_and_trusts_istiods_root() {
 }
 
 #[test]
-fn the_overlay_config_is_the_bases_but_for_the_ca_section() {
+fn the_overlay_config_is_the_bases_but_for_the_ca_and_inventory_sections() {
     let base = render(&deploy_dir());
     let overlay = render(&deploy_dir().join("istio"));
     let strip = |mut v: Value| {
         let m: &mut Map<String, Value> = v.as_object_mut().unwrap();
         assert!(m.remove("ca").is_some(), "no ca: section");
+        assert!(m.remove("inventory").is_some(), "no inventory: section");
         v
     };
     let (base_cfg, _, base_volumes) = agent_config(&base);
     let (overlay_cfg, _, overlay_volumes) = agent_config(&overlay);
     assert_ne!(base_cfg["ca"], overlay_cfg["ca"]);
+    assert_eq!(base_cfg["inventory"]["kind"], "kubernetes");
+    assert_eq!(overlay_cfg["inventory"]["kind"], "istiod");
     assert_eq!(
         strip(base_cfg),
         strip(overlay_cfg),

@@ -41,6 +41,9 @@ pub fn status(v: &Value) -> String {
         n(&v["inventory"]["loads"]),
         n(&v["inventory"]["errors"])
     );
+    if let Some(x) = v["inventory"]["istiod"].as_object() {
+        istiod_lines(&mut out, x);
+    }
     if let Some(h) = v["inventory"]["held"].as_object() {
         let _ = writeln!(
             out,
@@ -425,3 +428,38 @@ fn yes_no(v: &Value) -> &'static str {
 
 #[cfg(test)]
 mod tests;
+
+/// The istiod stream's lines of `ambit status`: its state, then one line per resource type.
+fn istiod_lines(out: &mut String, x: &serde_json::Map<String, Value>) {
+    let _ = writeln!(
+        out,
+        "istiod {}  {}  pushes {}  acks {}  nacks {}  reconnects {}",
+        s(&x["address"]),
+        s(&x["state"]),
+        n(&x["pushes"]),
+        n(&x["acks"]),
+        n(&x["nacks"]),
+        n(&x["reconnects"])
+    );
+    if let Some(e) = x["last_error"].as_str() {
+        let _ = writeln!(out, "  last error: {e}");
+    }
+    for (type_url, t) in x["types"].as_object().into_iter().flatten() {
+        let short = type_url.rsplit('/').next().unwrap_or(type_url);
+        let _ = writeln!(
+            out,
+            "  {short:<28} {} resources  acked version {}{}{}",
+            n(&t["resources"]),
+            t["last_ack_version"].as_str().unwrap_or("-"),
+            if t["synced"].as_bool() == Some(true) {
+                ""
+            } else {
+                "  (not synced)"
+            },
+            t["last_nack"]
+                .as_str()
+                .map(|e| format!("  last NACK: {e}"))
+                .unwrap_or_default()
+        );
+    }
+}

@@ -429,3 +429,33 @@ ports: [{name: mesh, port: 15008}]
          spiffe://cluster.local/ns/shop/sa/wp, CONNECT 10.2.0.2:8080\n"
     );
 }
+
+#[test]
+fn status_shows_the_istiod_stream_and_each_resource_type() {
+    let v = json!({
+        "node": "node1", "version": "0.1.0", "uptime_s": 5,
+        "inventory": {"source": "istiod (the ca: address)", "loads": 2, "errors": 0, "istiod": {
+            "address": "istiod.istio-system.svc:15012", "state": "connected", "last_error": "istiod x: delta ads stream ended",
+            "pushes": 4, "acks": 3, "nacks": 1, "reconnects": 1,
+            "types": {
+                "type.googleapis.com/istio.security.Authorization": {"resources": 0, "last_ack_version": "v1", "synced": true, "last_nack": null},
+                "type.googleapis.com/istio.workload.Address": {"resources": 7, "last_ack_version": "v3", "synced": true, "last_nack": "uid-x: cannot decode"},
+            },
+        }},
+        "mesh": {"mesh_only": false},
+        "pods": [],
+        "kernel": {},
+    });
+    let text = status(&v);
+    assert!(
+        text.starts_with(
+            "node node1  version 0.1.0  up 5s\n\
+             inventory istiod (the ca: address)  loads 2  errors 0\n\
+             istiod istiod.istio-system.svc:15012  connected  pushes 4  acks 3  nacks 1  reconnects 1\n  \
+             last error: istiod x: delta ads stream ended\n  \
+             istio.security.Authorization 0 resources  acked version v1\n  \
+             istio.workload.Address       7 resources  acked version v3  last NACK: uid-x: cannot decode\n"
+        ),
+        "{text}"
+    );
+}
