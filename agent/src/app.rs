@@ -241,7 +241,7 @@ async fn serve(
     tokio::spawn(handover::follow(owned, state.manager.draining()));
     signals.serving();
     tracing::info!(admin.socket = %cfg.admin_socket.display(), "agent serving");
-    let drain = state.manager.drain_trigger();
+    let mut stopping = state.manager.draining();
     loop {
         tokio::select! {
             ev = signals.recv() => match ev {
@@ -249,7 +249,7 @@ async fn serve(
                 Event::Reload => reload_check(&cfg, &config_path),
                 Event::Dump => dump_state(&state),
             },
-            () = drain.notified() => {
+            () = stopping.signaled() => {
                 signals.stopping();
                 tracing::info!("drain requested on the admin socket");
                 break;

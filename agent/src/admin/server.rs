@@ -285,7 +285,6 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/drain" if post => {
             state.manager.begin_drain();
-            state.manager.drain_trigger().notify_one();
             ok(json!({ "draining": true }))
         }
         "/status" | "/workloads" | "/certs" | "/connections" | "/policies" | "/explain"

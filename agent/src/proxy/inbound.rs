@@ -109,14 +109,9 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     drop(permit);
     drop(source_handshake);
     let handler_pod = pod.clone();
-    let served = serve_h2(
-        stream,
-        peer,
-        peer_id,
-        limits,
-        pod.draining.clone(),
-        move |p| handle(p, handler_pod.clone()),
-    );
+    let served = serve_h2(stream, peer, peer_id, limits, pod.drain.clone(), move |p| {
+        handle(p, handler_pod.clone())
+    });
     if let Err(e) = served.await {
         failed(e);
     }
@@ -227,6 +222,8 @@ fn admit(counts: &Mutex<HashMap<IpAddr, usize>>, max: usize, ip: IpAddr) -> Opti
 }
 
 pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
+    // Held from accept to close: the pod's and the agent's drain wait for it.
+    let _drain = pod.drain.watch();
     let stats = &pod.stats;
     let target = p.connect.authority;
     let peer_id = p.connect.peer_id.to_string();

@@ -23,6 +23,7 @@ use super::shards::Shards;
 use super::socket::{tokio_listener, SocketFactory};
 use super::{inbound, outbound, plaintext, PodContext, ProxyStats};
 use crate::config::Config;
+use crate::drain;
 use crate::error::error_chain;
 use crate::identity::manager::{CertManager, CertStatus};
 use crate::identity::source::TlsSource;
@@ -52,9 +53,10 @@ struct Enrolled {
     /// listeners open).
     inbound: Vec<(u8, std::os::fd::OwnedFd)>,
     tasks: Vec<JoinHandle<()>>,
-    /// Turns true when the pod leaves (or the agent drains): its tunnel connections get
-    /// GOAWAY, so they do not keep the pod's namespace alive until their idle timeout.
-    closing: watch::Sender<bool>,
+    /// Started when the pod leaves (dropped with it) or the agent drains: its tunnel
+    /// connections get GOAWAY, so they do not keep the pod's namespace alive until their idle
+    /// timeout. A child of the agent's trigger: the agent's drain waits for its connections.
+    closing: drain::Trigger,
 }
 
 impl Drop for Enrolled {
@@ -62,7 +64,7 @@ impl Drop for Enrolled {
         for t in &self.tasks {
             t.abort();
         }
-        self.closing.send_replace(true);
+        self.closing.start();
     }
 }
 
@@ -89,8 +91,9 @@ pub struct Manager {
     gate: Arc<super::inbound::Gate>,
     certs: Option<Arc<CertManager>>,
     synced: std::sync::atomic::AtomicBool,
-    drain: Arc<tokio::sync::Notify>,
-    draining: watch::Sender<bool>,
+    /// The agent's drain: started when the agent stops ([`Manager::begin_drain`]); every
+    /// pod's trigger is its child.
+    drain: drain::Trigger,
     routes: DeliveryRoutes,
     /// The pods whose capture is in place, after each reconcile (`None` before the first).
     captured: watch::Sender<Option<Arc<CapturedPods>>>,
@@ -135,8 +138,7 @@ impl Manager {
             certs,
             shards,
             synced: std::sync::atomic::AtomicBool::new(false),
-            drain: Arc::new(tokio::sync::Notify::new()),
-            draining: watch::channel(false).0,
+            drain: drain::Trigger::new(),
             routes,
             captured: watch::channel(None).0,
         }
@@ -145,11 +147,11 @@ impl Manager {
     /// Follows inventory snapshots until the sender goes away.
     pub async fn run(self: Arc<Self>, mut rx: watch::Receiver<Arc<Snapshot>>) {
         let mut first = true;
-        let mut draining = self.draining.subscribe();
+        let mut draining = self.drain.signal();
         loop {
             // A draining agent hands the pods to its successor: it must not touch kernel state
             // or listeners any more.
-            if *draining.borrow() {
+            if draining.is_signaled() {
                 return;
             }
             let snap = rx.borrow_and_update().clone();
@@ -172,7 +174,7 @@ impl Manager {
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(RECHECK) => {}
-                _ = draining.changed() => {}
+                () = draining.signaled() => {}
             }
         }
     }
@@ -340,7 +342,10 @@ impl Manager {
             inbound.push((*family, std::os::fd::OwnedFd::from(dup)));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let closing = watch::channel(*self.draining.borrow()).0;
+        let closing = self.drain.child();
+        if self.drain.is_started() {
+            closing.start();
+        }
         let entry = PodEntry {
             key: key.clone(),
             netns_cookie: l.netns_cookie,
@@ -366,7 +371,7 @@ impl Manager {
             lb: self.lb.clone(),
             gate: self.gate.clone(),
             certs: self.certs.clone(),
-            draining: closing.subscribe(),
+            drain: closing.signal(),
             stats: ProxyStats::default(),
             shards: self.shards.clone(),
         });
@@ -456,7 +461,7 @@ impl Manager {
         if !self.synced.load(Ordering::Relaxed) {
             waiting.push("first inventory reconcile".to_string());
         }
-        if *self.draining.borrow() {
+        if self.drain.is_started() {
             waiting.push("agent is draining".to_string());
         }
         if let Some(certs) = &self.certs {
@@ -514,27 +519,24 @@ impl Manager {
         (done, errors)
     }
 
-    /// Notified by `POST /drain`.
-    pub fn drain_trigger(&self) -> Arc<tokio::sync::Notify> {
-        self.drain.clone()
-    }
-
-    /// A receiver that turns true when draining starts (tunnel servers send GOAWAY).
-    pub fn draining(&self) -> watch::Receiver<bool> {
-        self.draining.subscribe()
+    /// An observer of the agent's drain: it starts when the agent stops (a stop signal or
+    /// `POST /drain`, [`Manager::begin_drain`]).
+    pub fn draining(&self) -> drain::Signal {
+        self.drain.signal()
     }
 
     /// Starts stopping: the agent reports not ready and stops reconciling (its listeners stay
     /// open until [`Manager::drain`]; in between it hands the node back, if it must).
     pub fn begin_drain(&self) {
-        self.draining.send_replace(true);
+        self.drain.start();
     }
 
     /// Drains: stop accepting (listeners close; queued connections migrate to a new agent's
     /// SO_REUSEPORT listener), tell tunnel peers GOAWAY, then wait up to `deadline` for open
-    /// connections to finish. Kernel state stays pinned for the next agent.
+    /// connections to finish (each holds a [`drain::Watch`] from accept to close). Kernel
+    /// state stays pinned for the next agent.
     pub async fn drain(&self, deadline: std::time::Duration) {
-        self.draining.send_replace(true);
+        self.drain.start();
         let stopped: Vec<String> = lock(&self.enrolled)
             .values_mut()
             .map(|e| {
@@ -542,7 +544,7 @@ impl Manager {
                     t.abort();
                 }
                 e.inbound.clear();
-                e.closing.send_replace(true);
+                e.closing.start();
                 e.ctx.workload.key()
             })
             .collect();
@@ -551,34 +553,12 @@ impl Manager {
             deadline_ms = deadline.as_millis() as u64,
             "drain started: listeners closed"
         );
-        let until = tokio::time::Instant::now() + deadline;
-        loop {
-            // Count from accept, not from the copy: a connection still dialing its upstream is
-            // not in the table yet but must not be cut.
-            let in_flight: u64 = lock(&self.enrolled)
-                .values()
-                .map(|e| {
-                    e.ctx.stats.outbound_active.load(Ordering::Relaxed)
-                        + e.ctx.stats.inbound_active.load(Ordering::Relaxed)
-                })
-                .sum();
-            let open = self
-                .conns
-                .rows()
-                .len()
-                .max(usize::try_from(in_flight).unwrap_or(usize::MAX));
-            if open == 0 {
-                tracing::info!("drain complete: no open connections");
-                return;
-            }
-            if tokio::time::Instant::now() >= until {
-                tracing::warn!(
-                    connections = open,
-                    "drain deadline reached; cutting open connections"
-                );
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        match self.drain.drain(deadline).await {
+            drain::Drained::Complete => tracing::info!("drain complete: no open connections"),
+            drain::Drained::DeadlineReached { open } => tracing::warn!(
+                connections = open,
+                "drain deadline reached; cutting open connections"
+            ),
         }
     }
 

@@ -66,8 +66,9 @@ pub struct PodContext {
     pub certs: Option<Arc<crate::identity::manager::CertManager>>,
     /// Agent-wide caps of the tunnel ports.
     pub gate: Arc<inbound::Gate>,
-    /// Turns true when the agent drains (tunnel servers send GOAWAY).
-    pub draining: tokio::sync::watch::Receiver<bool>,
+    /// The pod's drain (it leaves, or the agent drains): tunnel servers send GOAWAY; every
+    /// connection holds a watch of it from accept to close.
+    pub drain: crate::drain::Signal,
     /// Round-robin state of Service endpoints.
     pub lb: Arc<route::RoundRobin>,
     /// Open connections of the whole agent.

@@ -35,6 +35,8 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
 }
 
 pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
+    // Held from accept to close: the pod's and the agent's drain wait for it.
+    let _drain = pod.drain.watch();
     let stats = &pod.stats;
     stats.outbound_accepted.fetch_add(1, Ordering::Relaxed);
     // Counts from accept (drain waits on it) and caps the pod's open connections.

@@ -33,6 +33,8 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
 }
 
 pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
+    // Held from accept to close: the pod's and the agent's drain wait for it.
+    let _drain = pod.drain.watch();
     let stats = &pod.stats;
     stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
     let Some(_slot) = caps::admit(&pod, Listener::InboundPlaintext) else {

@@ -190,7 +190,7 @@ pub(crate) struct Node {
     gate: Arc<inbound::Gate>,
     conns: Arc<ConnTable>,
     shards: Arc<Shards>,
-    draining: watch::Sender<bool>,
+    drain: crate::drain::Trigger,
 }
 
 impl Node {
@@ -237,7 +237,7 @@ impl Node {
             tls: Arc::new(tls),
             pool: Arc::new(Pool::new(100, Duration::from_secs(30))),
             shards: Arc::new(Shards::start(1).expect("shards")),
-            draining: watch::channel(false).0,
+            drain: crate::drain::Trigger::new(),
             cfg,
         }
     }
@@ -275,7 +275,7 @@ impl Node {
             pool: self.pool.clone(),
             certs: None,
             gate: self.gate.clone(),
-            draining: self.draining.subscribe(),
+            drain: self.drain.signal(),
             lb: Arc::new(route::RoundRobin::default()),
             conns: self.conns.clone(),
             stats: ProxyStats::default(),
