@@ -21,7 +21,7 @@ use super::route::RoundRobin;
 use super::seam::PodKernel;
 use super::shards::Shards;
 use super::socket::{tokio_listener, SocketFactory};
-use super::{inbound, outbound, plaintext, PodContext, ProxyStats};
+use super::{inbound, outbound, plaintext, AgentContext, PodContext, ProxyStats};
 use crate::config::Config;
 use crate::drain;
 use crate::error::error_chain;
@@ -77,19 +77,12 @@ struct Failed {
 
 /// Owns every enrolled pod of this node.
 pub struct Manager {
-    cfg: Arc<Config>,
+    /// What every pod's connections share (built once).
+    agent: Arc<AgentContext>,
     datapath: Arc<Datapath>,
-    shards: Arc<Shards>,
     enrolled: Mutex<BTreeMap<String, Enrolled>>,
     failed: Mutex<BTreeMap<String, Failed>>,
     next_id: AtomicU32,
-    inventory: watch::Receiver<Arc<Snapshot>>,
-    conns: Arc<ConnTable>,
-    tls: Option<Arc<TlsSource>>,
-    pool: Arc<Pool>,
-    lb: Arc<RoundRobin>,
-    gate: Arc<super::inbound::Gate>,
-    certs: Option<Arc<CertManager>>,
     synced: std::sync::atomic::AtomicBool,
     /// The agent's drain: started when the agent stops ([`Manager::begin_drain`]); every
     /// pod's trigger is its child.
@@ -116,12 +109,9 @@ impl Manager {
             cfg.proc_sys_net.clone(),
         );
         let metrics = Arc::new(ProxyMetrics::default());
-        Self {
+        let agent = Arc::new(AgentContext {
+            ports: cfg.ports,
             cfg,
-            datapath,
-            enrolled: Mutex::new(BTreeMap::new()),
-            failed: Mutex::new(BTreeMap::new()),
-            next_id: AtomicU32::new(1),
             inventory,
             conns: Arc::new(ConnTable::new(metrics.clone())),
             tls,
@@ -137,6 +127,13 @@ impl Manager {
             )),
             certs,
             shards,
+        });
+        Self {
+            agent,
+            datapath,
+            enrolled: Mutex::new(BTreeMap::new()),
+            failed: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU32::new(1),
             synced: std::sync::atomic::AtomicBool::new(false),
             drain: drain::Trigger::new(),
             routes,
@@ -182,7 +179,7 @@ impl Manager {
     /// Brings the enrolled set in line with `snap`.
     pub fn reconcile(&self, snap: &Snapshot) {
         let desired: BTreeMap<String, &Workload> = snap
-            .on_node(&self.cfg.node)
+            .on_node(&self.agent.cfg.node)
             .filter(|w| w.enrolled && w.netns.is_some())
             .map(|w| (w.key(), w))
             .collect();
@@ -198,10 +195,10 @@ impl Manager {
             .collect();
         for key in stale {
             if let Some(e) = enrolled.remove(&key) {
-                if let (Some(certs), Some(id)) = (&self.certs, e.ctx.identity()) {
+                if let (Some(certs), Some(id)) = (&self.agent.certs, e.ctx.identity()) {
                     certs.forget(&id);
                 }
-                self.pool.forget_source(e.entry.netns_cookie);
+                self.agent.pool.forget_source(e.entry.netns_cookie);
                 self.routes.release(e.ctx.clone(), e.netns.clone());
                 let gone = desired.get(&key).is_some_and(|w| netns_ino(w).is_none());
                 if let Err(err) = self.datapath.unenroll(&e.entry) {
@@ -265,12 +262,13 @@ impl Manager {
 
     /// Drops idle tunnel connections (trust follows the CA by itself: `identity::trust`).
     fn refresh_trust(&self) {
-        self.pool.reap();
+        self.agent.pool.reap();
     }
 
     /// Certificate status of the local identities (empty without a CA).
     pub fn certs(&self) -> Vec<CertStatus> {
-        self.certs
+        self.agent
+            .certs
             .as_ref()
             .map(|c| c.snapshot())
             .unwrap_or_default()
@@ -278,8 +276,8 @@ impl Manager {
 
     /// Closes open inbound connections that the current AuthorizationPolicies no longer allow.
     fn reauthorize(&self, snap: &Snapshot) {
-        let mesh = self.cfg.authz_mesh();
-        let closed = self.conns.reevaluate(|info, attrs| {
+        let mesh = self.agent.cfg.authz_mesh();
+        let closed = self.agent.conns.reevaluate(|info, attrs| {
             let Some(w) = snap.workloads.get(&info.pod) else {
                 return true;
             };
@@ -318,9 +316,12 @@ impl Manager {
         self.routes
             .install(&w.key(), &netns)
             .map_err(|e| error_chain(&e))?;
-        let sockets =
-            SocketFactory::new(netns.clone(), self.cfg.outbound_mark, self.cfg.deliver_mark);
-        let p = self.cfg.ports;
+        let sockets = SocketFactory::new(
+            netns.clone(),
+            self.agent.cfg.outbound_mark,
+            self.agent.cfg.deliver_mark,
+        );
+        let p = self.agent.cfg.ports;
         // The slow part first, while the pod has no listener of ours that could queue
         // connections (a restart hand-over sends them to new listeners at once).
         let lookup = self
@@ -358,27 +359,18 @@ impl Manager {
         };
         let kernel = PodKernel::new(sockets, self.datapath.clone(), l.netns_cookie);
         let ctx = Arc::new(PodContext {
+            agent: self.agent.clone(),
             workload: w.clone(),
             netns_cookie: l.netns_cookie,
             kernel: Arc::new(kernel),
-            baggage: super::baggage_of(&self.cfg.cluster_id, w).value(),
-            ports: p,
-            inventory: self.inventory.clone(),
-            cfg: self.cfg.clone(),
-            conns: self.conns.clone(),
-            tls: self.tls.clone(),
-            pool: self.pool.clone(),
-            lb: self.lb.clone(),
-            gate: self.gate.clone(),
-            certs: self.certs.clone(),
+            baggage: super::baggage_of(&self.agent.cfg.cluster_id, w).value(),
             drain: closing.signal(),
             stats: ProxyStats::default(),
-            shards: self.shards.clone(),
         });
         let mut names = Vec::new();
         let mut tasks = Vec::new();
         // A pod's listeners live on one shard (their connections go round all of them).
-        let shard = self.shards.pick().clone();
+        let shard = self.agent.shards.pick().clone();
         let _rt = shard.enter();
         let mut add = |l: std::net::TcpListener| -> Result<tokio::net::TcpListener, String> {
             names.push(l.local_addr().map(|a| a.to_string()).unwrap_or_default());
@@ -407,7 +399,7 @@ impl Manager {
         // Before the first accept: connections that queued on the listeners meanwhile (a
         // restart hand-over sends them at once) wait for the certificate instead of finding no
         // identity to present.
-        if let (Some(certs), Some(id)) = (&self.certs, ctx.identity()) {
+        if let (Some(certs), Some(id)) = (&self.agent.certs, ctx.identity()) {
             certs.track(&id);
         }
         for listener in outbound_ls {
@@ -437,13 +429,13 @@ impl Manager {
         from: &str,
         to: std::net::SocketAddr,
     ) -> Result<explain::Explanation, explain::Error> {
-        let snap = self.inventory.borrow().clone();
-        let c = &self.cfg;
+        let snap = self.agent.inventory.borrow().clone();
+        let c = &self.agent.cfg;
         explain::explain(
             &snap,
             &c.authz_mesh(),
             c.ports.tunnel,
-            self.tls.is_some(),
+            self.agent.tls.is_some(),
             from,
             to,
         )
@@ -451,7 +443,7 @@ impl Manager {
 
     /// The proxy's metric families.
     pub fn metrics(&self) -> Arc<ProxyMetrics> {
-        self.conns.metrics_arc()
+        self.agent.conns.metrics_arc()
     }
 
     /// Whether the agent is ready: first inventory reconcile done and every enrolled pod's
@@ -464,7 +456,7 @@ impl Manager {
         if self.drain.is_started() {
             waiting.push("agent is draining".to_string());
         }
-        if let Some(certs) = &self.certs {
+        if let Some(certs) = &self.agent.certs {
             for e in lock(&self.enrolled).values() {
                 if let Some(id) = e.ctx.identity() {
                     if certs.get(&id).is_none() {
@@ -564,7 +556,7 @@ impl Manager {
 
     /// Every open proxied connection.
     pub fn connections(&self) -> Vec<ConnRow> {
-        self.conns.rows()
+        self.agent.conns.rows()
     }
 }
 

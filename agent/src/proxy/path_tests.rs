@@ -99,7 +99,7 @@ async fn outbound_tunnels_over_hbone_and_inbound_delivers_from_the_client_addres
         "the app sees the client pod's address"
     );
     let calls = node.net.calls();
-    let tunnel_port = client.ports.tunnel;
+    let tunnel_port = client.agent.ports.tunnel;
     assert!(
         calls.contains(&Call::Outbound {
             from: ip(CLIENT_IP),
@@ -191,9 +191,9 @@ async fn peer_authentication_disable_sends_mesh_traffic_in_plaintext() {
         "dialled the app itself: {calls:?}"
     );
     assert!(
-        !calls
-            .iter()
-            .any(|c| matches!(c, Call::Outbound { dst, .. } if dst.port() == server.ports.tunnel)),
+        !calls.iter().any(
+            |c| matches!(c, Call::Outbound { dst, .. } if dst.port() == server.agent.ports.tunnel)
+        ),
         "no tunnel: {calls:?}"
     );
     eventually("delivered through the plaintext listener", || {
@@ -236,7 +236,7 @@ async fn authorization_deny_refuses_the_connect_with_401_and_counts_it() {
     );
     // The client's agent was answered 401 (a CONNECT of its own from the client pod sees it).
     let tls = node.client_tls(CLIENT_ID, SERVER_ID);
-    let peer = SocketAddr::new(ip(SERVER_IP), server.ports.tunnel);
+    let peer = SocketAddr::new(ip(SERVER_IP), server.agent.ports.tunnel);
     let tcp = node.net.dial(ip(CLIENT_IP), peer).await.expect("dial");
     let mut t = Tunnel::handshake(tcp, peer, tls).await.expect("handshake");
     match t.connect(denied).await {
@@ -254,7 +254,7 @@ async fn authorization_deny_refuses_the_connect_with_401_and_counts_it() {
 async fn connect_to_a_foreign_target_is_refused_with_400_and_counted() {
     let (node, _client, server, app) = setup("").await;
     let tls = node.client_tls(CLIENT_ID, SERVER_ID);
-    let peer = SocketAddr::new(ip(SERVER_IP), server.ports.tunnel);
+    let peer = SocketAddr::new(ip(SERVER_IP), server.agent.ports.tunnel);
     let tcp = node.net.dial(ip(CLIENT_IP), peer).await.expect("dial");
     let mut t = Tunnel::handshake(tcp, peer, tls).await.expect("handshake");
     let foreign = SocketAddr::new(ip(OUTSIDER_IP), app.port());
