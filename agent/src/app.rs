@@ -172,7 +172,7 @@ async fn serve(
     let mut cni_handler = None;
     if let (Some(cni), Some(pod_map)) = (&cfg.cni, pod_map) {
         let m = manager.clone();
-        let confirm: cni::handler::Confirm = Arc::new(move |key: &str| m.pod_state(key));
+        let confirm: cni::handler::Confirm = Arc::new(move |key: &str| m.pods().pod_state(key));
         let listener = cni::server::bind(&cni.socket)
             .with_context(|| format!("cannot bind the cni socket {}", cni.socket.display()))?;
         let handler = cni::handler::handler(
@@ -193,7 +193,7 @@ async fn serve(
             tokio::spawn(annotate::run(
                 client,
                 annotate::Settings::new(cfg.node.clone()),
-                manager.captured(),
+                manager.pods().captured(),
                 manager.draining(),
                 annotation_patches.clone(),
             ));
@@ -294,7 +294,7 @@ fn reload_check(running: &Config, path: &Path) {
 
 /// SIGUSR1: one log line with the state in numbers.
 fn dump_state(state: &AdminState) {
-    let pods = state.manager.status();
+    let pods = state.manager.pods().status();
     let enrolled = pods.iter().filter(|p| p.state == "enrolled").count();
     let agent = state.datapath.handover().summary();
     let mesh = state.datapath.mesh_summary();

@@ -259,7 +259,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/workloads" if get => ok(json!({ "workloads": workloads(state) })),
         "/certs" if get => ok(json!({ "certs": state.manager.certs() })),
         "/connections" if get => ok(json!({ "connections": state.manager.connections() })),
-        "/policies" if get => ok(json!({ "policies": state.manager.policies() })),
+        "/policies" if get => ok(json!({ "policies": state.manager.pods().policies() })),
         "/explain" if get => explain(state, query),
         "/config_dump" if get => ok(config_dump(state)),
         "/metrics" if get => metrics_response(state),
@@ -357,7 +357,7 @@ fn config_dump(state: &AdminState) -> serde_json::Value {
         "workloads": workloads(state),
         "certs": state.manager.certs(),
         "connections": state.manager.connections(),
-        "policies": state.manager.policies(),
+        "policies": state.manager.pods().policies(),
     })
 }
 
@@ -471,7 +471,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "refused_over_limit": state.refusals.over_limit.get(),
         },
         "agent": state.datapath.handover().summary(),
-        "pods": state.manager.status(),
+        "pods": state.manager.pods().status(),
         "mesh": state.datapath.mesh_summary(),
         "kernel": kernel,
     })

@@ -126,7 +126,7 @@ fn take_back_kernel(o: &Owned) {
     let snap = o.inventory.borrow().clone();
     let mesh = o.datapath.resync_mesh(&super::mesh::destinations(&snap));
     let links = o.datapath.repin_links();
-    let (pods, errors) = o.manager.reassert();
+    let (pods, errors) = o.manager.pods().reassert();
     for e in &errors {
         tracing::error!(error = %e, "cannot register a pod again while taking the node back");
     }

@@ -10,6 +10,7 @@ pub mod outbound;
 #[cfg(test)]
 mod path_tests;
 pub mod plaintext;
+pub mod pods;
 pub mod route;
 pub mod seam;
 pub mod shards;

@@ -1,9 +1,9 @@
-//! The manager's reports for the admin socket: pods' status and the policies that apply to them.
+//! Pods' reports for the admin socket: pods' status and the policies that apply to them.
 use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{lock, Manager};
+use super::{lock, Pods};
 use crate::policy::{authz, peer_auth};
 use crate::proxy::ProxyStatsSnapshot;
 use crate::redirect::maps::AmbPodStats;
@@ -78,7 +78,7 @@ pub struct PodStatus {
     pub proxy: Option<ProxyStatsSnapshot>,
 }
 
-impl Manager {
+impl Pods {
     /// Effective PeerAuthentication of every enrolled pod.
     pub fn policies(&self) -> Vec<PodPolicy> {
         let snap = self.agent.inventory.borrow().clone();
