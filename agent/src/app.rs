@@ -167,7 +167,7 @@ async fn serve(
         data_plane,
         rx.clone(),
         tls,
-        certs,
+        certs.clone(),
     ));
     let mut cni_handler = None;
     if let (Some(cni), Some(pod_map)) = (&cfg.cni, pod_map) {
@@ -207,7 +207,7 @@ async fn serve(
     let registry = metrics::registry(
         manager.metrics(),
         datapath.clone(),
-        manager.clone(),
+        certs,
         reloads.clone(),
         annotation_patches,
         &admin_refusals,
@@ -215,7 +215,7 @@ async fn serve(
     let state = Arc::new(AdminState {
         cfg: cfg.clone(),
         reloads,
-        manager,
+        agent: manager.clone(),
         datapath,
         started: Instant::now(),
         bad_requests: AtomicU64::new(0),
@@ -232,16 +232,16 @@ async fn serve(
     let owned = Arc::new(handover::Owned {
         cfg: cfg.clone(),
         datapath: state.datapath.clone(),
-        manager: state.manager.clone(),
+        manager: manager.clone(),
         inventory: rx_owned,
         admin_tx,
         admin_ino: admin_ino.clone(),
         cni: cni_handler,
     });
-    tokio::spawn(handover::follow(owned, state.manager.draining()));
+    tokio::spawn(handover::follow(owned, manager.draining()));
     signals.serving();
     tracing::info!(admin.socket = %cfg.admin_socket.display(), "agent serving");
-    let mut stopping = state.manager.draining();
+    let mut stopping = manager.draining();
     loop {
         tokio::select! {
             ev = signals.recv() => match ev {
@@ -256,10 +256,9 @@ async fn serve(
             }
         }
     }
-    state.manager.begin_drain();
+    manager.begin_drain();
     handover::hand_back(state.datapath.clone()).await;
-    state
-        .manager
+    manager
         .drain(Duration::from_millis(cfg.drain_deadline_ms))
         .await;
     // A newer agent may have bound the same path since: remove only our own socket.
@@ -294,7 +293,7 @@ fn reload_check(running: &Config, path: &Path) {
 
 /// SIGUSR1: one log line with the state in numbers.
 fn dump_state(state: &AdminState) {
-    let pods = state.manager.pods().status();
+    let pods = state.agent.pods();
     let enrolled = pods.iter().filter(|p| p.state == "enrolled").count();
     let agent = state.datapath.handover().summary();
     let mesh = state.datapath.mesh_summary();
@@ -302,9 +301,9 @@ fn dump_state(state: &AdminState) {
         signal = "SIGUSR1",
         pods.enrolled = enrolled,
         pods.failed = pods.len() - enrolled,
-        connections = state.manager.connections().len(),
-        certificates = state.manager.certs().len(),
-        ready = state.manager.readiness().0,
+        connections = state.agent.connections().len(),
+        certificates = state.agent.certs().len(),
+        ready = state.agent.readiness().0,
         generation = agent.generation,
         current = agent.current,
         mesh.destinations = mesh.destinations,
