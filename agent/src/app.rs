@@ -152,7 +152,8 @@ async fn serve(
     let (first, report) = mesh::sync_current(&datapath, &mut raw_rx, None).await;
     let (tx, rx) = watch::channel(first);
     tokio::spawn(mesh::follow(datapath.clone(), raw_rx, tx, report));
-    let (tls, certs) = match identities(&cfg)? {
+    let trust_reloads = trust::Reloads::default();
+    let (tls, certs) = match identities(&cfg, trust_reloads.clone())? {
         Some((tls, certs)) => (Some(tls), Some(certs)),
         None => {
             tracing::warn!(
@@ -210,6 +211,7 @@ async fn serve(
         certs,
         reloads.clone(),
         annotation_patches,
+        trust_reloads,
         &admin_refusals,
     );
     let state = Arc::new(AdminState {
@@ -398,7 +400,10 @@ fn open_pod_map(path: &Path) -> anyhow::Result<Arc<cni::pods::PodMap>> {
 
 /// The certificate manager and the TLS source built on it, when a CA is configured; the TLS
 /// source's trust follows the root file and the CA's roots from then on.
-fn identities(cfg: &Config) -> anyhow::Result<Option<(Arc<TlsSource>, Arc<CertManager>)>> {
+fn identities(
+    cfg: &Config,
+    reloads: trust::Reloads,
+) -> anyhow::Result<Option<(Arc<TlsSource>, Arc<CertManager>)>> {
     let Some(ca) = cfg.ca.clone() else {
         return Ok(None);
     };
@@ -421,7 +426,7 @@ fn identities(cfg: &Config) -> anyhow::Result<Option<(Arc<TlsSource>, Arc<CertMa
                 .with_context(|| format!("trustDomainAliases: {alias}"))?,
         );
     }
-    let root_file = RootFile::new(ca.root_cert.clone(), root_pem);
+    let root_file = RootFile::new(ca.root_cert.clone(), root_pem, reloads);
     let poll = Duration::from_millis(ca.root_cert_poll_ms.max(50));
     let client = CaClient::new(ca).context("cannot set up the ca client")?;
     let certs = Arc::new(CertManager::new(

@@ -24,6 +24,7 @@ pub fn registry(
     certs: Option<Arc<CertManager>>,
     reloads: Arc<ReloadStats>,
     annotation_patches: PatchCounter,
+    trust_reloads: crate::identity::trust::Reloads,
     admin_refusals: &super::server::Refusals,
 ) -> Registry {
     let mut r = Registry::default();
@@ -65,12 +66,12 @@ pub fn registry(
     r.register(
         "ambit_delivery_routing_failures",
         "Failures to install (the pod is not enrolled) or remove a pod's delivery routing",
-        crate::proxy::delivery_route::FAILURES.clone(),
+        proxy.routing_failures.family(),
     );
     r.register(
         "ambit_trust_reloads",
         "Reloads of the CA root file (ca.rootCert) by outcome; rejected and unreadable keep the last good roots",
-        crate::identity::trust::RELOADS.clone(),
+        trust_reloads.family(),
     );
     r.register(
         "ambit_redirection_annotation_patches",

@@ -88,6 +88,7 @@ impl Pods {
             cfg.deliver_mark,
             cfg.deliver_table,
             cfg.proc_sys_net.clone(),
+            agent.conns.metrics().routing_failures.clone(),
         );
         Self {
             agent,
