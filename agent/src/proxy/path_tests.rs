@@ -274,3 +274,31 @@ async fn connect_to_a_foreign_target_is_refused_with_400_and_counted() {
     let seen: SocketAddr = String::from_utf8_lossy(&line).parse().expect("peer");
     assert_eq!(seen.ip(), ip(CLIENT_IP));
 }
+
+#[tokio::test]
+async fn a_drain_waits_for_open_connections_and_ends_when_they_close() {
+    use crate::drain::Drained;
+    use tokio::io::AsyncWriteExt;
+    let (node, _client, _server, app) = setup("").await;
+    let mut s = node.net.app_connect(ip(CLIENT_IP), app).await;
+    // The app's greeting: the connection is carried end to end.
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).await.expect("greeting");
+    // The outbound connection (client pod) and its CONNECT (server pod) hold the drain.
+    assert_eq!(node.drain.open(), 2);
+    assert_eq!(
+        node.drain.drain(Duration::from_millis(200)).await,
+        Drained::DeadlineReached { open: 2 }
+    );
+    // Draining (GOAWAY on the tunnel) lets the open connection finish.
+    s.write_all(b"bye").await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).await.expect("answer");
+    assert!(rest.ends_with("bye"), "{rest:?}");
+    drop(s);
+    assert_eq!(
+        node.drain.drain(Duration::from_secs(5)).await,
+        Drained::Complete
+    );
+}

@@ -185,7 +185,8 @@ pub(crate) struct Node {
     _inventory_tx: watch::Sender<Arc<Snapshot>>,
     agent: Arc<AgentContext>,
     tls: Arc<TlsSource>,
-    drain: crate::drain::Trigger,
+    /// The agent's drain (every pod's here).
+    pub(crate) drain: crate::drain::Trigger,
 }
 
 impl Node {
