@@ -164,7 +164,8 @@ async fn serve(
     let (first, report) = mesh::sync_current(&datapath, &mut raw_rx, None).await;
     let (tx, rx) = watch::channel(first);
     tokio::spawn(mesh::follow(datapath.clone(), raw_rx, tx, report));
-    let (tls, certs) = match identities(&cfg)? {
+    let trust_reloads = trust::Reloads::default();
+    let (tls, certs) = match identities(&cfg, trust_reloads.clone())? {
         Some((tls, certs)) => (Some(tls), Some(certs)),
         None => {
             tracing::warn!(
@@ -179,12 +180,12 @@ async fn serve(
         data_plane,
         rx.clone(),
         tls,
-        certs,
+        certs.clone(),
     ));
     let mut cni_handler = None;
     if let (Some(cni), Some(pod_map)) = (&cfg.cni, pod_map) {
         let m = manager.clone();
-        let confirm: cni::handler::Confirm = Arc::new(move |key: &str| m.pod_state(key));
+        let confirm: cni::handler::Confirm = Arc::new(move |key: &str| m.pods().pod_state(key));
         let listener = cni::server::bind(&cni.socket)
             .with_context(|| format!("cannot bind the cni socket {}", cni.socket.display()))?;
         let handler = cni::handler::handler(
@@ -205,7 +206,7 @@ async fn serve(
             tokio::spawn(annotate::run(
                 client,
                 annotate::Settings::new(cfg.node.clone()),
-                manager.captured(),
+                manager.pods().captured(),
                 manager.draining(),
                 annotation_patches.clone(),
             ));
@@ -219,9 +220,10 @@ async fn serve(
     let mut registry = metrics::registry(
         manager.metrics(),
         datapath.clone(),
-        manager.clone(),
+        certs,
         reloads.clone(),
         annotation_patches,
+        trust_reloads,
         &admin_refusals,
     );
     if let Some(x) = &xds {
@@ -230,7 +232,7 @@ async fn serve(
     let state = Arc::new(AdminState {
         cfg: cfg.clone(),
         reloads,
-        manager,
+        agent: manager.clone(),
         datapath,
         started: Instant::now(),
         bad_requests: AtomicU64::new(0),
@@ -248,16 +250,16 @@ async fn serve(
     let owned = Arc::new(handover::Owned {
         cfg: cfg.clone(),
         datapath: state.datapath.clone(),
-        manager: state.manager.clone(),
+        manager: manager.clone(),
         inventory: rx_owned,
         admin_tx,
         admin_ino: admin_ino.clone(),
         cni: cni_handler,
     });
-    tokio::spawn(handover::follow(owned, state.manager.draining()));
+    tokio::spawn(handover::follow(owned, manager.draining()));
     signals.serving();
     tracing::info!(admin.socket = %cfg.admin_socket.display(), "agent serving");
-    let drain = state.manager.drain_trigger();
+    let mut stopping = manager.draining();
     loop {
         tokio::select! {
             ev = signals.recv() => match ev {
@@ -265,17 +267,16 @@ async fn serve(
                 Event::Reload => reload_check(&cfg, &config_path),
                 Event::Dump => dump_state(&state),
             },
-            () = drain.notified() => {
+            () = stopping.signaled() => {
                 signals.stopping();
                 tracing::info!("drain requested on the admin socket");
                 break;
             }
         }
     }
-    state.manager.begin_drain();
+    manager.begin_drain();
     handover::hand_back(state.datapath.clone()).await;
-    state
-        .manager
+    manager
         .drain(Duration::from_millis(cfg.drain_deadline_ms))
         .await;
     // A newer agent may have bound the same path since: remove only our own socket.
@@ -310,7 +311,7 @@ fn reload_check(running: &Config, path: &Path) {
 
 /// SIGUSR1: one log line with the state in numbers.
 fn dump_state(state: &AdminState) {
-    let pods = state.manager.status();
+    let pods = state.agent.pods();
     let enrolled = pods.iter().filter(|p| p.state == "enrolled").count();
     let agent = state.datapath.handover().summary();
     let mesh = state.datapath.mesh_summary();
@@ -318,9 +319,9 @@ fn dump_state(state: &AdminState) {
         signal = "SIGUSR1",
         pods.enrolled = enrolled,
         pods.failed = pods.len() - enrolled,
-        connections = state.manager.connections().len(),
-        certificates = state.manager.certs().len(),
-        ready = state.manager.readiness().0,
+        connections = state.agent.connections().len(),
+        certificates = state.agent.certs().len(),
+        ready = state.agent.readiness().0,
         generation = agent.generation,
         current = agent.current,
         mesh.destinations = mesh.destinations,
@@ -466,7 +467,10 @@ fn open_pod_map(path: &Path) -> anyhow::Result<Arc<cni::pods::PodMap>> {
 
 /// The certificate manager and the TLS source built on it, when a CA is configured; the TLS
 /// source's trust follows the root file and the CA's roots from then on.
-fn identities(cfg: &Config) -> anyhow::Result<Option<(Arc<TlsSource>, Arc<CertManager>)>> {
+fn identities(
+    cfg: &Config,
+    reloads: trust::Reloads,
+) -> anyhow::Result<Option<(Arc<TlsSource>, Arc<CertManager>)>> {
     let Some(ca) = cfg.ca.clone() else {
         return Ok(None);
     };
@@ -489,7 +493,7 @@ fn identities(cfg: &Config) -> anyhow::Result<Option<(Arc<TlsSource>, Arc<CertMa
                 .with_context(|| format!("trustDomainAliases: {alias}"))?,
         );
     }
-    let root_file = RootFile::new(ca.root_cert.clone(), root_pem);
+    let root_file = RootFile::new(ca.root_cert.clone(), root_pem, reloads);
     let poll = Duration::from_millis(ca.root_cert_poll_ms.max(50));
     let client = CaClient::new(ca).context("cannot set up the ca client")?;
     let certs = Arc::new(CertManager::new(

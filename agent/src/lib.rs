@@ -7,6 +7,7 @@ pub mod cgroups;
 pub mod cli;
 pub mod cni;
 pub mod config;
+pub mod drain;
 pub mod error;
 pub mod identity;
 pub mod inventory;

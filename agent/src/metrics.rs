@@ -88,6 +88,36 @@ impl Rejections {
     }
 }
 
+/// Failures to install or remove a pod's delivery routing, by operation; registered by the admin
+/// metrics registry as `ambit_delivery_routing_failures_total`. A handle: clones count into the
+/// same family.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingFailures(Family<OpLabel, Counter>);
+
+impl RoutingFailures {
+    /// Counts one failed `op`.
+    pub fn count(&self, op: &'static str) {
+        self.0.get_or_create(&OpLabel { op }).inc();
+    }
+
+    /// How many `op`s failed so far.
+    pub fn value(&self, op: &'static str) -> u64 {
+        self.0.get_or_create(&OpLabel { op }).get()
+    }
+
+    /// The family, for the registry.
+    pub fn family(&self) -> Family<OpLabel, Counter> {
+        self.0.clone()
+    }
+}
+
+/// Label of [`RoutingFailures`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    /// `install` or `remove`.
+    pub op: &'static str,
+}
+
 /// Counters the data plane updates.
 #[derive(Debug, Default)]
 pub struct ProxyMetrics {
@@ -105,6 +135,8 @@ pub struct ProxyMetrics {
     pub limit_refusals: Family<LimitLabels, Counter>,
     /// `ambit_tunnel_rejections_total`.
     pub rejections: Rejections,
+    /// `ambit_delivery_routing_failures_total`.
+    pub routing_failures: RoutingFailures,
 }
 
 impl ProxyMetrics {

@@ -14,7 +14,8 @@ fuzz_target!(|data: &[u8]| {
         .expect("runtime");
     rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let (_drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+        let _drain_tx = ambit::drain::Trigger::new();
+        let drain_rx = _drain_tx.signal();
         let id: SpiffeId = "spiffe://cluster.local/ns/fuzz/sa/client"
             .parse()
             .expect("constant identity");

@@ -365,7 +365,8 @@ impl FakeHbone {
                         TcpListener::bind(SocketAddr::from(([0u16; 8], TUNNEL_PORT))).await?;
                     let _ = ready.send(Ok(()));
                     // Never drains: it serves until stopped.
-                    let (_drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+                    let drain_tx = ambit::drain::Trigger::new();
+                    let drain_rx = drain_tx.signal();
                     let serve = async {
                         loop {
                             let Ok((tcp, peer)) = listener.accept().await else {

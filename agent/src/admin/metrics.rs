@@ -9,10 +9,10 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::identity::manager::CertManager;
 use crate::inventory::kube::annotate::PatchCounter;
 use crate::inventory::publish::ReloadStats;
 use crate::metrics::ProxyMetrics;
-use crate::proxy::manager::Manager;
 use crate::redirect::Datapath;
 
 /// Builds the registry: the proxy counters plus collectors that read the kernel counters, the
@@ -21,9 +21,10 @@ use crate::redirect::Datapath;
 pub fn registry(
     proxy: Arc<ProxyMetrics>,
     datapath: Arc<Datapath>,
-    manager: Arc<Manager>,
+    certs: Option<Arc<CertManager>>,
     reloads: Arc<ReloadStats>,
     annotation_patches: PatchCounter,
+    trust_reloads: crate::identity::trust::Reloads,
     admin_refusals: &super::server::Refusals,
 ) -> Registry {
     let mut r = Registry::default();
@@ -65,12 +66,12 @@ pub fn registry(
     r.register(
         "ambit_delivery_routing_failures",
         "Failures to install (the pod is not enrolled) or remove a pod's delivery routing",
-        crate::proxy::delivery_route::FAILURES.clone(),
+        proxy.routing_failures.family(),
     );
     r.register(
         "ambit_trust_reloads",
         "Reloads of the CA root file (ca.rootCert) by outcome; rejected and unreadable keep the last good roots",
-        crate::identity::trust::RELOADS.clone(),
+        trust_reloads.family(),
     );
     r.register(
         "ambit_redirection_annotation_patches",
@@ -87,7 +88,7 @@ pub fn registry(
         "Admin socket and metrics connections closed at once because limits.maxAdminConnections were open",
         admin_refusals.over_limit.clone(),
     );
-    r.register_collector(Box::new(Runtime { datapath, manager }));
+    r.register_collector(Box::new(Runtime { datapath, certs }));
     r.register_collector(Box::new(Inventory(reloads)));
     r
 }
@@ -114,7 +115,8 @@ struct IdentityLabel {
 /// Reads kernel counters and certificate states on each scrape.
 struct Runtime {
     datapath: Arc<Datapath>,
-    manager: Arc<Manager>,
+    /// The certificate manager (`None` without a CA).
+    certs: Option<Arc<CertManager>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -138,7 +140,11 @@ impl Collector for Runtime {
                 ConstCounter::new(v).encode(e.encode_family(&label)?)?;
             }
         }
-        let certs = self.manager.certs();
+        let certs = self
+            .certs
+            .as_ref()
+            .map(|c| c.snapshot())
+            .unwrap_or_default();
         {
             let mut e = encoder.encode_descriptor(
                 "ambit_certificate_expiry_timestamp_seconds",

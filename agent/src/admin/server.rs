@@ -26,13 +26,13 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
+use super::handler::Handler;
 use super::logging::LogControl;
 use super::metrics;
 use crate::config::Config;
 use crate::error::error_chain;
 use crate::inventory::file::ReloadStats;
 use crate::inventory::Snapshot;
-use crate::proxy::manager::Manager;
 use crate::redirect::Datapath;
 
 /// Errors starting the admin server.
@@ -53,8 +53,8 @@ pub struct AdminState {
     pub cfg: Arc<Config>,
     /// Inventory reload counters.
     pub reloads: Arc<ReloadStats>,
-    /// The pod manager.
-    pub manager: Arc<Manager>,
+    /// The agent's answers (the pod manager's).
+    pub agent: Arc<dyn Handler>,
     /// The kernel side.
     pub datapath: Arc<Datapath>,
     /// When the agent started.
@@ -259,9 +259,9 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match path {
         "/status" if get => ok(status(state)),
         "/workloads" if get => ok(json!({ "workloads": workloads(state) })),
-        "/certs" if get => ok(json!({ "certs": state.manager.certs() })),
-        "/connections" if get => ok(json!({ "connections": state.manager.connections() })),
-        "/policies" if get => ok(json!({ "policies": state.manager.policies() })),
+        "/certs" if get => ok(json!({ "certs": state.agent.certs() })),
+        "/connections" if get => ok(json!({ "connections": state.agent.connections() })),
+        "/policies" if get => ok(json!({ "policies": state.agent.policies() })),
         "/explain" if get => explain(state, query),
         "/config_dump" if get => ok(config_dump(state)),
         "/metrics" if get => metrics_response(state),
@@ -277,7 +277,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             },
         },
         "/healthz/ready" if get => {
-            let (ready, reasons) = state.manager.readiness();
+            let (ready, reasons) = state.agent.readiness();
             let code = if ready {
                 StatusCode::OK
             } else {
@@ -286,8 +286,7 @@ fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             json_response(code, &json!({ "ready": ready, "waiting_for": reasons }))
         }
         "/drain" if post => {
-            state.manager.begin_drain();
-            state.manager.drain_trigger().notify_one();
+            state.agent.begin_drain();
             ok(json!({ "draining": true }))
         }
         "/status" | "/workloads" | "/certs" | "/connections" | "/policies" | "/explain"
@@ -358,9 +357,9 @@ fn config_dump(state: &AdminState) -> serde_json::Value {
         "log_level": state.log.current(),
         "status": status(state),
         "workloads": workloads(state),
-        "certs": state.manager.certs(),
-        "connections": state.manager.connections(),
-        "policies": state.manager.policies(),
+        "certs": state.agent.certs(),
+        "connections": state.agent.connections(),
+        "policies": state.agent.policies(),
     })
 }
 
@@ -414,7 +413,7 @@ fn explain(state: &AdminState, query: &str) -> Response<Full<Bytes>> {
     let Ok(to) = to.parse::<std::net::SocketAddr>() else {
         return bad(state, format!("to={to} is not IP:PORT (IPv6 in brackets)"));
     };
-    match state.manager.explain(&from, to) {
+    match state.agent.explain(&from, to) {
         Ok(e) => json_response(StatusCode::OK, &json!(e)),
         Err(e) => json_response(StatusCode::NOT_FOUND, &json!({ "error": e.to_string() })),
     }
@@ -475,7 +474,7 @@ pub fn status(state: &AdminState) -> serde_json::Value {
             "refused_over_limit": state.refusals.over_limit.get(),
         },
         "agent": state.datapath.handover().summary(),
-        "pods": state.manager.status(),
+        "pods": state.agent.pods(),
         "mesh": state.datapath.mesh_summary(),
         "kernel": kernel,
     })

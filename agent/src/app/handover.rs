@@ -45,16 +45,16 @@ pub(super) fn inode(path: &Path) -> u64 {
 /// Follows the other agents every [`CHECK_EVERY`] until this agent drains: marks it ready once
 /// its first reconcile is done, logs when a newer agent supersedes it, and takes the node back
 /// when the newer agents are gone.
-pub(super) async fn follow(o: Arc<Owned>, mut draining: watch::Receiver<bool>) {
+pub(super) async fn follow(o: Arc<Owned>, mut draining: crate::drain::Signal) {
     let mut ready = false;
     let mut superseded_by = None;
     let mut last_error = None;
     loop {
         tokio::select! {
             () = tokio::time::sleep(CHECK_EVERY) => {}
-            _ = draining.changed() => {}
+            () = draining.signaled() => {}
         }
-        if *draining.borrow() {
+        if draining.is_signaled() {
             return;
         }
         let dp = o.datapath.clone();
@@ -126,7 +126,7 @@ fn take_back_kernel(o: &Owned) {
     let snap = o.inventory.borrow().clone();
     let mesh = o.datapath.resync_mesh(&super::mesh::destinations(&snap));
     let links = o.datapath.repin_links();
-    let (pods, errors) = o.manager.reassert();
+    let (pods, errors) = o.manager.pods().reassert();
     for e in &errors {
         tracing::error!(error = %e, "cannot register a pod again while taking the node back");
     }

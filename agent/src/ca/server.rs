@@ -24,7 +24,7 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
@@ -83,7 +83,7 @@ pub struct RunningCa {
     addr: SocketAddr,
     /// The serving certificate, replaced when the root material is reloaded.
     serving: Arc<Serving>,
-    stop: watch::Sender<bool>,
+    stop: crate::drain::Trigger,
     /// `None` only after [`RunningCa::stop`] took it.
     task: Option<JoinHandle<()>>,
 }
@@ -160,7 +160,8 @@ impl RunningCa {
         })?;
         let serving = Arc::new(Serving(RwLock::new(serving)));
         let tls = tls_config(serving.clone())?;
-        let (stop, stopped) = watch::channel(false);
+        let stop = crate::drain::Trigger::new();
+        let stopped = stop.signal();
         let task = tokio::spawn(serve(listener, grpc, tls, limits, stopped));
         Ok(Self {
             addr,
@@ -183,7 +184,7 @@ impl RunningCa {
     /// Stops accepting, tells connected clients to go away (HTTP/2 GOAWAY), waits for open
     /// requests up to the request deadline, then closes every connection.
     pub async fn stop(mut self) {
-        let _ = self.stop.send(true);
+        self.stop.start();
         if let Some(task) = self.task.take() {
             let abort = task.abort_handle();
             if tokio::time::timeout(REQUEST_TIMEOUT, task).await.is_err() {
@@ -225,7 +226,7 @@ async fn serve(
     grpc: CaGrpc,
     tls: Arc<ServerConfig>,
     limits: CaLimits,
-    mut stopped: watch::Receiver<bool>,
+    stopped: crate::drain::Signal,
 ) {
     let (conns_tx, conns_rx) = mpsc::channel(limits.max_handshakes.max(1));
     let accept = tokio::spawn(accept_loop(
@@ -236,13 +237,8 @@ async fn serve(
         conns_tx,
         stopped.clone(),
     ));
-    let shutdown = async move {
-        while !*stopped.borrow_and_update() {
-            if stopped.changed().await.is_err() {
-                break;
-            }
-        }
-    };
+    let mut stopping = stopped;
+    let shutdown = async move { stopping.signaled().await };
     let result = tonic::transport::Server::builder()
         .timeout(REQUEST_TIMEOUT)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -260,13 +256,13 @@ async fn accept_loop(
     tls: Arc<ServerConfig>,
     limits: CaLimits,
     conns: mpsc::Sender<io::Result<TlsConn>>,
-    mut stopped: watch::Receiver<bool>,
+    mut stopped: crate::drain::Signal,
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
     let open = PerSource::default();
     let handshaking = PerSource::default();
-    while !*stopped.borrow_and_update() {
+    while !stopped.is_signaled() {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -277,7 +273,7 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = stopped.changed() => continue,
+            () = stopped.signaled() => continue,
         };
         // Per-source caps first: a source over its share never waits for a global slot.
         let Some(slot) = open.admit(peer.ip(), limits.max_connections_per_source) else {

@@ -6,7 +6,7 @@
 //! and, when its text changed and parses into a usable bundle, replaces the file's roots in the
 //! [`TlsSource`]. A file that does not parse, holds no usable root or cannot be read keeps the
 //! last good roots in force: the error is logged once per distinct content and counted in
-//! [`RELOADS`]. The roots the CA sends with each certificate ([`CertManager::watch_roots`])
+//! [`Reloads`]. The roots the CA sends with each certificate ([`CertManager::watch_roots`])
 //! are followed too; the trust bundle is the union of both (see [`TlsSource`]).
 //!
 //! A root rotation therefore needs no restart: add the new root to the file (both trusted),
@@ -15,7 +15,7 @@
 //! [`CertManager::watch_roots`]: crate::identity::manager::CertManager::watch_roots
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -27,10 +27,29 @@ use crate::identity::source::TlsSource;
 use crate::identity::{BundleError, TrustBundle};
 
 /// Reloads of the root file by outcome (`applied`, `rejected`, `unreadable`); registered by the
-/// admin metrics registry as `ambit_trust_reloads_total`.
-pub static RELOADS: LazyLock<Family<OutcomeLabel, Counter>> = LazyLock::new(Family::default);
+/// admin metrics registry as `ambit_trust_reloads_total`. A handle: clones count into the same
+/// family.
+#[derive(Debug, Clone, Default)]
+pub struct Reloads(Family<OutcomeLabel, Counter>);
 
-/// Label of [`RELOADS`].
+impl Reloads {
+    /// Counts one reload with `outcome`.
+    fn count(&self, outcome: &'static str) {
+        self.0.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    /// How many reloads had `outcome` so far.
+    pub fn value(&self, outcome: &'static str) -> u64 {
+        self.0.get_or_create(&OutcomeLabel { outcome }).get()
+    }
+
+    /// The family, for the registry.
+    pub fn family(&self) -> Family<OutcomeLabel, Counter> {
+        self.0.clone()
+    }
+}
+
+/// Label of [`Reloads`].
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
     /// `applied`: new roots in force; `rejected`: the new text is not a usable bundle;
@@ -46,6 +65,8 @@ pub struct RootFile {
     last_text: Option<String>,
     /// The last read error, so one lasting fault is logged once.
     last_error: Option<String>,
+    /// Where reloads are counted.
+    reloads: Reloads,
 }
 
 /// Why the root file's new content is not used.
@@ -79,12 +100,14 @@ pub enum Check {
 }
 
 impl RootFile {
-    /// The file at `path`, whose current text (`text`, read at startup) is in force.
-    pub fn new(path: PathBuf, text: String) -> Self {
+    /// The file at `path`, whose current text (`text`, read at startup) is in force; reloads
+    /// are counted in `reloads`.
+    pub fn new(path: PathBuf, text: String, reloads: Reloads) -> Self {
         Self {
             path,
             last_text: Some(text),
             last_error: None,
+            reloads,
         }
     }
 
@@ -133,12 +156,12 @@ impl RootFile {
             Check::Changed(bundle) => {
                 let roots = bundle.roots().len();
                 let changed = tls.set_file_roots(bundle);
-                count("applied");
+                self.reloads.count("applied");
                 tracing::info!(path = %self.path.display(), roots, trusted = tls.roots().roots().len(), changed,
                     "ca root file reloaded; new handshakes verify peers against its roots");
             }
             Check::Rejected(error) => {
-                count(match error {
+                self.reloads.count(match error {
                     TrustError::Read { .. } => "unreadable",
                     TrustError::Bundle { .. } => "rejected",
                 });
@@ -175,10 +198,6 @@ pub async fn follow(
             }
         }
     }
-}
-
-fn count(outcome: &'static str) {
-    RELOADS.get_or_create(&OutcomeLabel { outcome }).inc();
 }
 
 #[cfg(test)]

@@ -54,7 +54,7 @@ pub(crate) fn admit(pod: &PodContext, listener: Listener) -> Option<ActiveGuard<
         Listener::Outbound => &pod.stats.outbound_active,
         Listener::InboundPlaintext => &pod.stats.plaintext_active,
     };
-    ActiveGuard::try_new(open, pod.cfg.limits.max_connections_per_pod.max(1))
+    ActiveGuard::try_new(open, pod.agent.cfg.limits.max_connections_per_pod.max(1))
 }
 
 /// Refuses `stream` from `peer` because `pod` holds its cap on `listener`: counts, logs at a
@@ -72,13 +72,14 @@ pub(crate) fn refuse(pod: &PodContext, listener: Listener, stream: TcpStream, pe
             pod = %key,
             listener = listener.name(),
             src.addr = %peer,
-            max = pod.cfg.limits.max_connections_per_pod,
+            max = pod.agent.cfg.limits.max_connections_per_pod,
             suppressed,
             "connection reset: the pod holds its cap of open connections on this listener \
              (limits.maxConnectionsPerPod); `suppressed` more since the last such line"
         );
     }
-    pod.conns
+    pod.agent
+        .conns
         .metrics()
         .limit_refusals
         .get_or_create(&LimitLabels {

@@ -23,12 +23,9 @@ mod routes;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures_util::TryStreamExt as _;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use rtnetlink::packet_route::route::{RouteProtocol, RouteScope};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
 use rtnetlink::{Handle, IpVersion};
@@ -36,21 +33,11 @@ use rtnetlink::{Handle, IpVersion};
 use routes::{link_local_route, local_route};
 
 use super::PodContext;
+use crate::metrics::RoutingFailures;
 use crate::sys::{self, Netns};
 
 /// Preference of the fwmark rule (`ip rule ... pref 100`): before the `main` table (32766).
 pub const RULE_PRIORITY: u32 = 100;
-
-/// Failures to install or remove a pod's delivery routing, by operation; registered by the admin
-/// metrics registry as `ambit_delivery_routing_failures_total`.
-pub static FAILURES: LazyLock<Family<OpLabel, Counter>> = LazyLock::new(Family::default);
-
-/// Label of [`FAILURES`].
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OpLabel {
-    /// `install` or `remove`.
-    pub op: &'static str,
-}
 
 /// Errors setting up or tearing down a pod's delivery routing; each names the pod.
 #[derive(Debug, thiserror::Error)]
@@ -111,12 +98,14 @@ pub struct Changes {
 pub struct DeliveryRoutes {
     want: Want,
     pending: Mutex<Vec<(Arc<PodContext>, Arc<Netns>)>>,
+    failures: RoutingFailures,
 }
 
 impl DeliveryRoutes {
     /// Routing for packets marked `mark` through table `table`; sysctls are set through
-    /// `proc_sys_net` (the host's `/proc/sys/net`, wherever it is mounted).
-    pub fn new(mark: u32, table: u32, proc_sys_net: PathBuf) -> Self {
+    /// `proc_sys_net` (the host's `/proc/sys/net`, wherever it is mounted); failures are counted
+    /// in `failures`.
+    pub fn new(mark: u32, table: u32, proc_sys_net: PathBuf, failures: RoutingFailures) -> Self {
         Self {
             want: Want {
                 mark,
@@ -124,6 +113,7 @@ impl DeliveryRoutes {
                 proc_sys_net: Arc::new(proc_sys_net),
             },
             pending: Mutex::new(Vec::new()),
+            failures,
         }
     }
 
@@ -143,7 +133,7 @@ impl DeliveryRoutes {
                 rules.added = c.rules_added,
                 "delivery routing in place"
             ),
-            Err(_) => count("install"),
+            Err(_) => self.failures.count("install"),
         }
         result
     }
@@ -189,7 +179,7 @@ impl DeliveryRoutes {
     pub fn remove(&self, pod: &str, netns: &Netns) -> Result<Changes, Error> {
         let result = in_pod(pod, netns, self.want.clone(), Op::Remove);
         if result.is_err() {
-            count("remove");
+            self.failures.count("remove");
         }
         result
     }
@@ -521,10 +511,6 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
         rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
         _ => None,
     }
-}
-
-fn count(op: &'static str) {
-    FAILURES.get_or_create(&OpLabel { op }).inc();
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

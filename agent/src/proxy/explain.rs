@@ -3,7 +3,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use super::manager::AppliedAuthz;
+use super::pods::AppliedAuthz;
 use super::route::{self, Decision, Route, RouteCtx, Steps};
 use crate::inventory::addresses::Conflict;
 use crate::inventory::enrollment::Enrollment;

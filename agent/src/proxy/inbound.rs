@@ -23,7 +23,7 @@ use crate::tunnel::server::{accept_tls, serve_h2, PendingConnect, ServerLimits};
 
 /// Serves one tunnel listener of a pod until the task is aborted.
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
-    let shards = pod.shards.clone();
+    let shards = pod.agent.shards.clone();
     accept_loop(listener, "inbound_tunnel", shards, move |stream, peer| {
         let pod = pod.clone();
         let span =
@@ -36,7 +36,7 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
 async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     let refused = |reason: Reason, error: String| {
         pod.stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
-        pod.gate.limits.rejections.count(reason);
+        pod.agent.gate.limits.rejections.count(reason);
         tracing::warn!(target: "access", direction = "inbound", src.addr = %peer, reason = reason.label(), error, "tunnel connection refused");
     };
     // A connection the TLS or HTTP/2 layer refused: the whole error chain (the TLS alert the
@@ -44,7 +44,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     // handshake), and the alert in a field of its own.
     let failed = |e: crate::tunnel::Error| {
         pod.stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
-        pod.gate.limits.rejections.count(e.reason());
+        pod.agent.gate.limits.rejections.count(e.reason());
         let alert = e.peer_alert().map(|a| format!("{a:?}"));
         tracing::warn!(
             target: "access",
@@ -63,7 +63,7 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
         );
         return reset(tcp);
     };
-    let Some(source) = pod.tls.as_ref() else {
+    let Some(source) = pod.agent.tls.as_ref() else {
         refused(Reason::NoCa, "agent runs without identities".into());
         return reset(tcp);
     };
@@ -80,28 +80,28 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     };
     // Fairness: one source cannot hold more than its share of connections, and handshakes
     // (the expensive part) are capped agent-wide; over either cap the connection is reset.
-    let Some(_source_slot) = pod.gate.admit_source(peer.ip()) else {
+    let Some(_source_slot) = pod.agent.gate.admit_source(peer.ip()) else {
         refused(
             Reason::SourceLimit,
             format!("{} holds too many tunnel connections", peer.ip()),
         );
         return reset(tcp);
     };
-    let Some(source_handshake) = pod.gate.admit_handshake(peer.ip()) else {
+    let Some(source_handshake) = pod.agent.gate.admit_handshake(peer.ip()) else {
         refused(
             Reason::SourceHandshakeLimit,
             format!("{} has too many tls handshakes in progress", peer.ip()),
         );
         return reset(tcp);
     };
-    let Ok(permit) = pod.gate.handshakes.clone().try_acquire_owned() else {
+    let Ok(permit) = pod.agent.gate.handshakes.clone().try_acquire_owned() else {
         refused(
             Reason::HandshakeLimit,
             "too many tls handshakes in progress".into(),
         );
         return reset(tcp);
     };
-    let limits = pod.gate.limits.clone();
+    let limits = pod.agent.gate.limits.clone();
     let (stream, peer_id) = match accept_tls(tcp, peer, tls, limits.handshake_timeout).await {
         Ok(s) => s,
         Err(e) => return failed(e),
@@ -109,14 +109,9 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
     drop(permit);
     drop(source_handshake);
     let handler_pod = pod.clone();
-    let served = serve_h2(
-        stream,
-        peer,
-        peer_id,
-        limits,
-        pod.draining.clone(),
-        move |p| handle(p, handler_pod.clone()),
-    );
+    let served = serve_h2(stream, peer, peer_id, limits, pod.drain.clone(), move |p| {
+        handle(p, handler_pod.clone())
+    });
     if let Err(e) = served.await {
         failed(e);
     }
@@ -126,13 +121,13 @@ async fn serve(tcp: TcpStream, peer: SocketAddr, pod: Arc<PodContext>) {
 /// waypoint's pods may send it mesh traffic, as ztunnel enforces), or `None` when `pod` uses
 /// no waypoint or `peer_id` is the waypoint's.
 fn bypassed_waypoint(pod: &PodContext, peer_id: &str) -> Option<String> {
-    let snap = pod.inventory.borrow().clone();
+    let snap = pod.agent.inventory.borrow().clone();
     let w = snap
         .workloads
         .get(&pod.workload.key())
         .unwrap_or(&pod.workload);
     let wp = snap.waypoint_of_workload(w)?;
-    let ids = snap.waypoint_identities(&wp, &pod.cfg.trust_domain);
+    let ids = snap.waypoint_identities(&wp, &pod.agent.cfg.trust_domain);
     if ids.iter().any(|id| id == peer_id) {
         return None;
     }
@@ -227,6 +222,8 @@ fn admit(counts: &Mutex<HashMap<IpAddr, usize>>, max: usize, ip: IpAddr) -> Opti
 }
 
 pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
+    // Held from accept to close: the pod's and the agent's drain wait for it.
+    let _drain = pod.drain.watch();
     let stats = &pod.stats;
     let target = p.connect.authority;
     let peer_id = p.connect.peer_id.to_string();
@@ -237,7 +234,7 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     let trace_id = p.connect.received.trace.map(|t| t.trace_id());
     // The source agent dials from inside the source pod, so the TCP peer is the client pod.
     let client_ip = src.ip();
-    let dst_id = pod.workload.spiffe_id(&pod.cfg.trust_domain);
+    let dst_id = pod.workload.spiffe_id(&pod.agent.cfg.trust_domain);
     let labels = |flags| {
         pod.labels(
             "destination",
@@ -250,7 +247,7 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
             flags,
         )
     };
-    let metrics = pod.conns.metrics();
+    let metrics = pod.agent.conns.metrics();
     let refuse = |p: PendingConnect, reason: Reason, why: Option<String>| {
         stats.tunnel_refused.fetch_add(1, Ordering::Relaxed);
         let status = reason.status();
@@ -278,7 +275,7 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     if !pod.workload.ips.contains(&target.ip()) {
         return refuse(p, Reason::ForeignTarget, None);
     }
-    if pod.ports.is_agent_port(target.port()) {
+    if pod.agent.ports.is_agent_port(target.port()) {
         return refuse(p, Reason::AgentPort, None);
     }
     if let Some(why) = bypassed_waypoint(&pod, &peer_id) {
@@ -308,7 +305,7 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
         stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
         return;
     };
-    let guard = pod.conns.open(ConnInfo {
+    let guard = pod.agent.conns.open(ConnInfo {
         direction: "inbound",
         pod: pod.workload.key(),
         src,

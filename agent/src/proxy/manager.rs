@@ -1,99 +1,40 @@
-//! The pod manager: turns inventory snapshots into enrolled pods (listeners, kernel entries, tasks).
-//!
-//! Enrollment order (see redirect/mod.rs): install the pod's delivery routing, load the pod's
-//! sk_lookup program, bind listeners in the pod, register the inbound listeners, enroll in the
-//! kernel, then start the accept tasks. Removal reverses it; open connections keep running until
-//! they end (and keep the routing). An agent that takes the node back from a newer one that
-//! left ([`Manager::reassert`]) registers and enrolls its pods again.
-use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+//! The pod manager: follows inventory snapshots (pods enrolled and unenrolled by [`Pods`],
+//! connections re-authorized, idle tunnels reaped), reports readiness, and drains the agent.
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use super::conns::{ConnRow, ConnTable};
-use super::delivery_route::DeliveryRoutes;
 use super::explain;
+use super::pods::Pods;
 use super::route::RoundRobin;
-use super::seam::PodKernel;
 use super::shards::Shards;
-use super::socket::{tokio_listener, SocketFactory};
-use super::{inbound, outbound, plaintext, PodContext, ProxyStats};
+use super::AgentContext;
 use crate::config::Config;
-use crate::error::error_chain;
+use crate::drain;
 use crate::identity::manager::{CertManager, CertStatus};
 use crate::identity::source::TlsSource;
-use crate::inventory::kube::annotate::CapturedPods;
-use crate::inventory::{Snapshot, Workload};
+use crate::inventory::Snapshot;
 use crate::metrics::ProxyMetrics;
-use crate::redirect::maps::{AmbPod, POD_F_CAPTURE_IN, POD_F_CAPTURE_OUT};
-use crate::redirect::{Datapath, PodEntry};
-use crate::sys::Netns;
+use crate::redirect::Datapath;
 use crate::tunnel::pool::{default_spread, Pool, DEFAULT_IDLE, DEFAULT_MAX_STREAMS};
-
-mod report;
-pub use report::{AppliedAuthz, PodPolicy, PodStatus};
 
 /// How often the manager re-checks pods' namespaces even without inventory changes.
 const RECHECK: Duration = Duration::from_secs(2);
 
-struct Enrolled {
-    ctx: Arc<PodContext>,
-    /// The pod's network namespace (its sk_lookup link, its delivery routing).
-    netns: Arc<Netns>,
-    entry: PodEntry,
-    netns_ino: (u64, u64),
-    listeners: Vec<String>,
-    /// Duplicates of the inbound listeners (family, fd), to register them again when this
-    /// agent takes the node back; dropped with the pod and at drain (they must not keep the
-    /// listeners open).
-    inbound: Vec<(u8, std::os::fd::OwnedFd)>,
-    tasks: Vec<JoinHandle<()>>,
-    /// Turns true when the pod leaves (or the agent drains): its tunnel connections get
-    /// GOAWAY, so they do not keep the pod's namespace alive until their idle timeout.
-    closing: watch::Sender<bool>,
-}
-
-impl Drop for Enrolled {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-        self.closing.send_replace(true);
-    }
-}
-
-/// Why a pod that should be enrolled is not.
-#[derive(Debug, Clone)]
-struct Failed {
-    workload: Workload,
-    error: String,
-}
-
-/// Owns every enrolled pod of this node.
+/// Keeps this node's pods in line with the inventory and drains the agent.
 pub struct Manager {
-    cfg: Arc<Config>,
+    /// What every pod's connections share (built once).
+    agent: Arc<AgentContext>,
     datapath: Arc<Datapath>,
-    shards: Arc<Shards>,
-    enrolled: Mutex<BTreeMap<String, Enrolled>>,
-    failed: Mutex<BTreeMap<String, Failed>>,
-    next_id: AtomicU32,
-    inventory: watch::Receiver<Arc<Snapshot>>,
-    conns: Arc<ConnTable>,
-    tls: Option<Arc<TlsSource>>,
-    pool: Arc<Pool>,
-    lb: Arc<RoundRobin>,
-    gate: Arc<super::inbound::Gate>,
-    certs: Option<Arc<CertManager>>,
+    /// The pods' lifecycle.
+    pods: Pods,
     synced: std::sync::atomic::AtomicBool,
-    drain: Arc<tokio::sync::Notify>,
-    draining: watch::Sender<bool>,
-    routes: DeliveryRoutes,
-    /// The pods whose capture is in place, after each reconcile (`None` before the first).
-    captured: watch::Sender<Option<Arc<CapturedPods>>>,
+    /// The agent's drain: started when the agent stops ([`Manager::begin_drain`]); every
+    /// pod's trigger is its child.
+    drain: drain::Trigger,
 }
 
 impl Manager {
@@ -107,18 +48,10 @@ impl Manager {
         certs: Option<Arc<CertManager>>,
     ) -> Self {
         let limits = cfg.limits;
-        let routes = DeliveryRoutes::new(
-            cfg.deliver_mark,
-            cfg.deliver_table,
-            cfg.proc_sys_net.clone(),
-        );
         let metrics = Arc::new(ProxyMetrics::default());
-        Self {
+        let agent = Arc::new(AgentContext {
+            ports: cfg.ports,
             cfg,
-            datapath,
-            enrolled: Mutex::new(BTreeMap::new()),
-            failed: Mutex::new(BTreeMap::new()),
-            next_id: AtomicU32::new(1),
             inventory,
             conns: Arc::new(ConnTable::new(metrics.clone())),
             tls,
@@ -134,33 +67,36 @@ impl Manager {
             )),
             certs,
             shards,
+        });
+        let drain = drain::Trigger::new();
+        Self {
+            pods: Pods::new(agent.clone(), datapath.clone(), &drain),
+            agent,
+            datapath,
             synced: std::sync::atomic::AtomicBool::new(false),
-            drain: Arc::new(tokio::sync::Notify::new()),
-            draining: watch::channel(false).0,
-            routes,
-            captured: watch::channel(None).0,
+            drain,
         }
     }
 
     /// Follows inventory snapshots until the sender goes away.
     pub async fn run(self: Arc<Self>, mut rx: watch::Receiver<Arc<Snapshot>>) {
         let mut first = true;
-        let mut draining = self.draining.subscribe();
+        let mut draining = self.drain.signal();
         loop {
             // A draining agent hands the pods to its successor: it must not touch kernel state
             // or listeners any more.
-            if *draining.borrow() {
+            if draining.is_signaled() {
                 return;
             }
             let snap = rx.borrow_and_update().clone();
             let this = self.clone();
             let reconciled = tokio::task::spawn_blocking(move || {
-                this.reconcile(&snap);
+                this.pods.reconcile(&snap);
                 this.datapath.sweep_agent_cgroups();
                 this.reauthorize(&snap);
                 this.refresh_trust();
                 if first {
-                    this.remove_stale();
+                    this.pods.remove_stale();
                 }
             })
             .await;
@@ -172,103 +108,20 @@ impl Manager {
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(RECHECK) => {}
-                _ = draining.changed() => {}
+                () = draining.signaled() => {}
             }
         }
-    }
-
-    /// Brings the enrolled set in line with `snap`.
-    pub fn reconcile(&self, snap: &Snapshot) {
-        let desired: BTreeMap<String, &Workload> = snap
-            .on_node(&self.cfg.node)
-            .filter(|w| w.enrolled && w.netns.is_some())
-            .map(|w| (w.key(), w))
-            .collect();
-        // Remove pods that left, changed, or whose namespace is gone or replaced.
-        let mut enrolled = lock(&self.enrolled);
-        let stale: Vec<String> = enrolled
-            .iter()
-            .filter(|(key, e)| match desired.get(*key) {
-                None => true,
-                Some(w) => **w != e.ctx.workload || netns_ino(w) != Some(e.netns_ino),
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        for key in stale {
-            if let Some(e) = enrolled.remove(&key) {
-                if let (Some(certs), Some(id)) = (&self.certs, e.ctx.identity()) {
-                    certs.forget(&id);
-                }
-                self.pool.forget_source(e.entry.netns_cookie);
-                self.routes.release(e.ctx.clone(), e.netns.clone());
-                let gone = desired.get(&key).is_some_and(|w| netns_ino(w).is_none());
-                if let Err(err) = self.datapath.unenroll(&e.entry) {
-                    tracing::error!(pod = %key, error = %err, "unenroll failed");
-                }
-                if gone {
-                    tracing::warn!(pod = %key, "pod network namespace vanished; unenrolled");
-                } else {
-                    tracing::info!(pod = %key, "pod unenrolled");
-                }
-            }
-        }
-        let mut failed = lock(&self.failed);
-        failed.retain(|k, _| desired.contains_key(k));
-        for (key, w) in desired {
-            if enrolled.contains_key(&key) {
-                continue;
-            }
-            match self.enroll(w) {
-                Ok(e) => {
-                    tracing::info!(pod = %key, netns.cookie = e.entry.netns_cookie, listeners = ?e.listeners, "pod enrolled");
-                    failed.remove(&key);
-                    enrolled.insert(key, e);
-                }
-                Err(err) => {
-                    let is_new = failed.get(&key).is_none_or(|f| f.error != err);
-                    if is_new {
-                        tracing::error!(pod = %key, error = %err, "cannot enroll pod; will retry");
-                    }
-                    failed.insert(
-                        key,
-                        Failed {
-                            workload: w.clone(),
-                            error: err,
-                        },
-                    );
-                }
-            }
-        }
-        let cookies: Vec<u64> = enrolled.values().map(|e| e.entry.netns_cookie).collect();
-        self.routes.sweep(|cookie| cookies.contains(&cookie));
-        // Only pods enrolled in the kernel by now: the redirection annotation follows this.
-        let now: CapturedPods = enrolled
-            .values()
-            .map(|e| (e.ctx.workload.key(), e.ctx.workload.created))
-            .collect();
-        self.captured.send_if_modified(|c| {
-            let changed = c.as_deref() != Some(&now);
-            if changed {
-                *c = Some(Arc::new(now));
-            }
-            changed
-        });
-    }
-
-    /// The pods whose capture is in place (kernel enrollment done), published after every
-    /// reconcile; `None` until the first. The redirection annotation follows it.
-    pub fn captured(&self) -> watch::Receiver<Option<Arc<CapturedPods>>> {
-        self.captured.subscribe()
     }
 
     /// Drops idle tunnel connections (trust follows the CA by itself: `identity::trust`).
     fn refresh_trust(&self) {
-        self.pool.reap();
+        self.agent.pool.reap();
     }
 
     /// Certificate status of the local identities (empty without a CA).
     pub fn certs(&self) -> Vec<CertStatus> {
-        self.certs
+        self.agent
+            .certs
             .as_ref()
             .map(|c| c.snapshot())
             .unwrap_or_default()
@@ -276,8 +129,8 @@ impl Manager {
 
     /// Closes open inbound connections that the current AuthorizationPolicies no longer allow.
     fn reauthorize(&self, snap: &Snapshot) {
-        let mesh = self.cfg.authz_mesh();
-        let closed = self.conns.reevaluate(|info, attrs| {
+        let mesh = self.agent.cfg.authz_mesh();
+        let closed = self.agent.conns.reevaluate(|info, attrs| {
             let Some(w) = snap.workloads.get(&info.pod) else {
                 return true;
             };
@@ -293,152 +146,19 @@ impl Manager {
         }
     }
 
-    fn remove_stale(&self) {
-        let keep: Vec<u64> = lock(&self.enrolled)
-            .values()
-            .map(|e| e.entry.netns_cookie)
-            .collect();
-        match self.datapath.remove_stale(&keep) {
-            Ok(removed) if !removed.is_empty() => {
-                tracing::info!(netns.cookies = ?removed, "removed kernel state of pods no longer served")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot remove stale kernel state"),
-        }
-    }
-
-    fn enroll(&self, w: &Workload) -> Result<Enrolled, String> {
-        let path = w.netns.clone().ok_or("no network namespace path")?;
-        let ino = netns_ino(w)
-            .ok_or_else(|| format!("network namespace {} does not exist", path.display()))?;
-        let netns = Arc::new(Netns::open(&path).map_err(|e| error_chain(&e))?);
-        // Before any listener exists: nothing is delivered into a pod without it (fail closed).
-        self.routes
-            .install(&w.key(), &netns)
-            .map_err(|e| error_chain(&e))?;
-        let sockets =
-            SocketFactory::new(netns.clone(), self.cfg.outbound_mark, self.cfg.deliver_mark);
-        let p = self.cfg.ports;
-        // The slow part first, while the pod has no listener of ours that could queue
-        // connections (a restart hand-over sends them to new listeners at once).
-        let lookup = self
-            .datapath
-            .load_lookup(&netns)
-            .map_err(|e| error_chain(&e))?;
-        let l = sockets
-            .listeners(p.outbound, p.inbound_plaintext, p.tunnel)
-            .map_err(|e| error_chain(&e))?;
-        let key = w.key();
-        let mut inbound = Vec::new();
-        for (family, listener) in &l.inbound {
-            self.datapath
-                .add_listener(&key, l.netns_cookie, *family, listener)
-                .map_err(|e| error_chain(&e))?;
-            let dup = listener
-                .try_clone()
-                .map_err(|e| format!("cannot duplicate the inbound listener: {e}"))?;
-            inbound.push((*family, std::os::fd::OwnedFd::from(dup)));
-        }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let closing = watch::channel(*self.draining.borrow()).0;
-        let entry = PodEntry {
-            key: key.clone(),
-            netns_cookie: l.netns_cookie,
-            pod: AmbPod::new(
-                id,
-                POD_F_CAPTURE_OUT | POD_F_CAPTURE_IN,
-                &w.skip_ports,
-                &w.skip_cidrs,
-            ),
-        };
-        let kernel = PodKernel::new(sockets, self.datapath.clone(), l.netns_cookie);
-        let ctx = Arc::new(PodContext {
-            workload: w.clone(),
-            netns_cookie: l.netns_cookie,
-            kernel: Arc::new(kernel),
-            baggage: super::baggage_of(&self.cfg.cluster_id, w).value(),
-            ports: p,
-            inventory: self.inventory.clone(),
-            cfg: self.cfg.clone(),
-            conns: self.conns.clone(),
-            tls: self.tls.clone(),
-            pool: self.pool.clone(),
-            lb: self.lb.clone(),
-            gate: self.gate.clone(),
-            certs: self.certs.clone(),
-            draining: closing.subscribe(),
-            stats: ProxyStats::default(),
-            shards: self.shards.clone(),
-        });
-        let mut names = Vec::new();
-        let mut tasks = Vec::new();
-        // A pod's listeners live on one shard (their connections go round all of them).
-        let shard = self.shards.pick().clone();
-        let _rt = shard.enter();
-        let mut add = |l: std::net::TcpListener| -> Result<tokio::net::TcpListener, String> {
-            names.push(l.local_addr().map(|a| a.to_string()).unwrap_or_default());
-            tokio_listener(l).map_err(|e| format!("cannot register listener with the runtime: {e}"))
-        };
-        let outbound_ls = l
-            .outbound
-            .into_iter()
-            .map(&mut add)
-            .collect::<Result<Vec<_>, _>>()?;
-        let plaintext_ls = l
-            .inbound
-            .into_iter()
-            .map(|(_, s)| add(s))
-            .collect::<Result<Vec<_>, _>>()?;
-        let tunnel_ls = l
-            .tunnel
-            .into_iter()
-            .map(&mut add)
-            .collect::<Result<Vec<_>, _>>()?;
-        // Kernel enrollment last before serving: the listeners exist and are registered.
-        if let Err(e) = self.datapath.enroll(&entry, &netns, lookup) {
-            let _ = self.datapath.unenroll(&entry);
-            return Err(error_chain(&e));
-        }
-        // Before the first accept: connections that queued on the listeners meanwhile (a
-        // restart hand-over sends them at once) wait for the certificate instead of finding no
-        // identity to present.
-        if let (Some(certs), Some(id)) = (&self.certs, ctx.identity()) {
-            certs.track(&id);
-        }
-        for listener in outbound_ls {
-            tasks.push(shard.spawn(outbound::run(listener, ctx.clone())));
-        }
-        for listener in plaintext_ls {
-            tasks.push(shard.spawn(plaintext::run(listener, ctx.clone())));
-        }
-        for listener in tunnel_ls {
-            tasks.push(shard.spawn(inbound::run(listener, ctx.clone())));
-        }
-        Ok(Enrolled {
-            ctx,
-            netns,
-            entry,
-            netns_ino: ino,
-            listeners: names,
-            inbound,
-            tasks,
-            closing,
-        })
-    }
-
     /// Explains a connection from pod `from` (`namespace/name`) to `to`.
     pub fn explain(
         &self,
         from: &str,
         to: std::net::SocketAddr,
     ) -> Result<explain::Explanation, explain::Error> {
-        let snap = self.inventory.borrow().clone();
-        let c = &self.cfg;
+        let snap = self.agent.inventory.borrow().clone();
+        let c = &self.agent.cfg;
         explain::explain(
             &snap,
             &c.authz_mesh(),
             c.ports.tunnel,
-            self.tls.is_some(),
+            self.agent.tls.is_some(),
             from,
             to,
         )
@@ -446,7 +166,7 @@ impl Manager {
 
     /// The proxy's metric families.
     pub fn metrics(&self) -> Arc<ProxyMetrics> {
-        self.conns.metrics_arc()
+        self.agent.conns.metrics_arc()
     }
 
     /// Whether the agent is ready: first inventory reconcile done and every enrolled pod's
@@ -456,29 +176,17 @@ impl Manager {
         if !self.synced.load(Ordering::Relaxed) {
             waiting.push("first inventory reconcile".to_string());
         }
-        if *self.draining.borrow() {
+        if self.drain.is_started() {
             waiting.push("agent is draining".to_string());
         }
-        if let Some(certs) = &self.certs {
-            for e in lock(&self.enrolled).values() {
-                if let Some(id) = e.ctx.identity() {
-                    if certs.get(&id).is_none() {
-                        waiting.push(format!("certificate for {id}"));
-                    }
-                }
-            }
-        }
+        waiting.extend(self.pods.waiting_for_certificates());
         waiting.dedup();
         (waiting.is_empty(), waiting)
     }
 
-    /// Whether pod `key` (`namespace/name`) is enrolled (`Ok`), failed (`Err` with why), or
-    /// not handled yet (`None`): the CNI plugin's ADD waits on this.
-    pub fn pod_state(&self, key: &str) -> Option<Result<(), String>> {
-        if lock(&self.enrolled).contains_key(key) {
-            return Some(Ok(()));
-        }
-        lock(&self.failed).get(key).map(|f| Err(f.error.clone()))
+    /// The pods' lifecycle: enrollment state, the captured set, status and policies.
+    pub fn pods(&self) -> &Pods {
+        &self.pods
     }
 
     /// Whether the first reconcile is done (every pod of the first snapshot enrolled or failed).
@@ -486,113 +194,41 @@ impl Manager {
         self.synced.load(Ordering::Relaxed)
     }
 
-    /// Registers and enrolls every pod again, then removes kernel state of pods this agent
-    /// does not serve: for an agent that takes the node back from a newer one that left (its
-    /// listeners' SOCKHASH entries vanished with them, its sk_lookup pins replaced ours).
-    /// Returns how many pods were re-asserted and the errors by pod.
-    pub fn reassert(&self) -> (usize, Vec<String>) {
-        let mut errors = Vec::new();
-        let mut done = 0;
-        for (key, e) in lock(&self.enrolled).iter() {
-            let cookie = e.entry.netns_cookie;
-            let r = e
-                .inbound
-                .iter()
-                .try_for_each(|(family, fd)| self.datapath.add_listener(key, cookie, *family, fd))
-                .and_then(|()| {
-                    // A new copy of the pod's sk_lookup program: the one it was enrolled with
-                    // went into the link this agent let go of when it stopped being current.
-                    let lookup = self.datapath.load_lookup(&e.netns)?;
-                    self.datapath.enroll(&e.entry, &e.netns, lookup)
-                });
-            match r {
-                Ok(()) => done += 1,
-                Err(err) => errors.push(format!("{key}: {}", error_chain(&err))),
-            }
-        }
-        self.remove_stale();
-        (done, errors)
-    }
-
-    /// Notified by `POST /drain`.
-    pub fn drain_trigger(&self) -> Arc<tokio::sync::Notify> {
-        self.drain.clone()
-    }
-
-    /// A receiver that turns true when draining starts (tunnel servers send GOAWAY).
-    pub fn draining(&self) -> watch::Receiver<bool> {
-        self.draining.subscribe()
+    /// An observer of the agent's drain: it starts when the agent stops (a stop signal or
+    /// `POST /drain`, [`Manager::begin_drain`]).
+    pub fn draining(&self) -> drain::Signal {
+        self.drain.signal()
     }
 
     /// Starts stopping: the agent reports not ready and stops reconciling (its listeners stay
     /// open until [`Manager::drain`]; in between it hands the node back, if it must).
     pub fn begin_drain(&self) {
-        self.draining.send_replace(true);
+        self.drain.start();
     }
 
     /// Drains: stop accepting (listeners close; queued connections migrate to a new agent's
     /// SO_REUSEPORT listener), tell tunnel peers GOAWAY, then wait up to `deadline` for open
-    /// connections to finish. Kernel state stays pinned for the next agent.
+    /// connections to finish (each holds a [`drain::Watch`] from accept to close). Kernel
+    /// state stays pinned for the next agent.
     pub async fn drain(&self, deadline: std::time::Duration) {
-        self.draining.send_replace(true);
-        let stopped: Vec<String> = lock(&self.enrolled)
-            .values_mut()
-            .map(|e| {
-                for t in e.tasks.drain(..) {
-                    t.abort();
-                }
-                e.inbound.clear();
-                e.closing.send_replace(true);
-                e.ctx.workload.key()
-            })
-            .collect();
+        self.drain.start();
+        let stopped = self.pods.close_all();
         tracing::info!(
             pods = stopped.len(),
             deadline_ms = deadline.as_millis() as u64,
             "drain started: listeners closed"
         );
-        let until = tokio::time::Instant::now() + deadline;
-        loop {
-            // Count from accept, not from the copy: a connection still dialing its upstream is
-            // not in the table yet but must not be cut.
-            let in_flight: u64 = lock(&self.enrolled)
-                .values()
-                .map(|e| {
-                    e.ctx.stats.outbound_active.load(Ordering::Relaxed)
-                        + e.ctx.stats.inbound_active.load(Ordering::Relaxed)
-                })
-                .sum();
-            let open = self
-                .conns
-                .rows()
-                .len()
-                .max(usize::try_from(in_flight).unwrap_or(usize::MAX));
-            if open == 0 {
-                tracing::info!("drain complete: no open connections");
-                return;
-            }
-            if tokio::time::Instant::now() >= until {
-                tracing::warn!(
-                    connections = open,
-                    "drain deadline reached; cutting open connections"
-                );
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        match self.drain.drain(deadline).await {
+            drain::Drained::Complete => tracing::info!("drain complete: no open connections"),
+            drain::Drained::DeadlineReached { open } => tracing::warn!(
+                connections = open,
+                "drain deadline reached; cutting open connections"
+            ),
         }
     }
 
     /// Every open proxied connection.
     pub fn connections(&self) -> Vec<ConnRow> {
-        self.conns.rows()
+        self.agent.conns.rows()
     }
-}
-
-fn netns_ino(w: &Workload) -> Option<(u64, u64)> {
-    let md = std::fs::metadata(w.netns.as_ref()?).ok()?;
-    Some((md.dev(), md.ino()))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -10,6 +10,7 @@ pub mod outbound;
 #[cfg(test)]
 mod path_tests;
 pub mod plaintext;
+pub mod pods;
 pub mod route;
 pub mod seam;
 pub mod shards;
@@ -39,17 +40,9 @@ use seam::Kernel;
 /// How long the agent waits for a TCP handshake to a destination or app.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Everything a connection task needs about the pod it serves.
-pub struct PodContext {
-    /// The workload.
-    pub workload: Workload,
-    /// Netns cookie of the pod.
-    pub netns_cookie: u64,
-    /// What the paths ask of the kernel (original destinations, sockets in the pod, bypass
-    /// entries): the pod's namespace and the programs' maps, or loopback in unit tests.
-    pub kernel: Arc<dyn Kernel>,
-    /// The `baggage` value of this pod's CONNECTs ([`baggage_of`]), made at enrollment.
-    pub baggage: Option<http::HeaderValue>,
+/// What the connections of every pod share: built once by the manager (agent-wide settings,
+/// certificates, the pool, caps, counters of open connections, data-plane threads).
+pub struct AgentContext {
     /// Agent ports.
     pub ports: Ports,
     /// The latest inventory (destinations, policies).
@@ -66,16 +59,33 @@ pub struct PodContext {
     pub certs: Option<Arc<crate::identity::manager::CertManager>>,
     /// Agent-wide caps of the tunnel ports.
     pub gate: Arc<inbound::Gate>,
-    /// Turns true when the agent drains (tunnel servers send GOAWAY).
-    pub draining: tokio::sync::watch::Receiver<bool>,
     /// Round-robin state of Service endpoints.
     pub lb: Arc<route::RoundRobin>,
     /// Open connections of the whole agent.
     pub conns: Arc<conns::ConnTable>,
-    /// Counters.
-    pub stats: ProxyStats,
     /// The data-plane threads connections are spread over.
     pub shards: Arc<shards::Shards>,
+}
+
+/// Everything a connection task needs about the pod it serves: its own data, and the
+/// [`AgentContext`] all pods share.
+pub struct PodContext {
+    /// What every pod shares.
+    pub agent: Arc<AgentContext>,
+    /// The workload.
+    pub workload: Workload,
+    /// Netns cookie of the pod.
+    pub netns_cookie: u64,
+    /// What the paths ask of the kernel (original destinations, sockets in the pod, bypass
+    /// entries): the pod's namespace and the programs' maps, or loopback in unit tests.
+    pub kernel: Arc<dyn Kernel>,
+    /// The `baggage` value of this pod's CONNECTs ([`baggage_of`]), made at enrollment.
+    pub baggage: Option<http::HeaderValue>,
+    /// The pod's drain (it leaves, or the agent drains): tunnel servers send GOAWAY; every
+    /// connection holds a watch of it from accept to close.
+    pub drain: crate::drain::Signal,
+    /// Counters.
+    pub stats: ProxyStats,
 }
 
 /// How long a connection waits for a certificate still being fetched.
@@ -90,7 +100,7 @@ impl PodContext {
         &self,
         id: &SpiffeId,
     ) -> Result<(), crate::identity::manager::CertWaitError> {
-        match &self.certs {
+        match &self.agent.certs {
             Some(certs) => certs.for_connection(id, CERT_WAIT).await.map(drop),
             None => Ok(()),
         }
@@ -99,7 +109,7 @@ impl PodContext {
     /// The pod's SPIFFE identity; `None` (logged) if its namespace or service account cannot
     /// form one.
     pub fn identity(&self) -> Option<SpiffeId> {
-        let raw = self.workload.spiffe_id(&self.cfg.trust_domain);
+        let raw = self.workload.spiffe_id(&self.agent.cfg.trust_domain);
         raw.parse()
             .map_err(|e| tracing::warn!(pod = %self.workload.key(), identity = %raw, error = %e, "pod has no valid SPIFFE identity"))
             .ok()
@@ -109,13 +119,13 @@ impl PodContext {
 impl PodContext {
     /// Decides an inbound connection to this pod with its AuthorizationPolicies.
     pub fn authorize(&self, attrs: &ConnAttrs) -> Decision {
-        let snap = self.inventory.borrow().clone();
+        let snap = self.agent.inventory.borrow().clone();
         let w = snap
             .workloads
             .get(&self.workload.key())
             .unwrap_or(&self.workload);
         snap.authz()
-            .evaluate(&self.cfg.authz_mesh(), &w.namespace, &w.labels, attrs)
+            .evaluate(&self.agent.cfg.authz_mesh(), &w.namespace, &w.labels, attrs)
     }
 }
 
@@ -136,7 +146,7 @@ impl PodContext {
         mtls: bool,
         response_flags: &'static str,
     ) -> TcpLabels {
-        let snap = self.inventory.borrow().clone();
+        let snap = self.agent.inventory.borrow().clone();
         let who = |ip: IpAddr| {
             snap.by_ip(ip).map_or_else(
                 || ("unknown".to_string(), "unknown".to_string()),

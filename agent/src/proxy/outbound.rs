@@ -23,7 +23,7 @@ use crate::tunnel::stream::H2Stream;
 
 /// Serves one outbound listener of a pod until the task is aborted.
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
-    let shards = pod.shards.clone();
+    let shards = pod.agent.shards.clone();
     accept_loop(listener, "outbound", shards, move |stream, peer| {
         let pod = pod.clone();
         // Debug level: the access-log line carries the pod and the source already; a span per
@@ -35,6 +35,8 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
 }
 
 pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
+    // Held from accept to close: the pod's and the agent's drain wait for it.
+    let _drain = pod.drain.watch();
     let stats = &pod.stats;
     stats.outbound_accepted.fetch_add(1, Ordering::Relaxed);
     // Counts from accept (drain waits on it) and caps the pod's open connections.
@@ -64,7 +66,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                 reason.response_flags(),
             );
             conns::refused(
-                pod.conns.metrics(),
+                pod.agent.conns.metrics(),
                 &labels,
                 "outbound",
                 &src.to_string(),
@@ -93,13 +95,13 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         );
     }
     let (decision, service) = {
-        let snap = pod.inventory.borrow().clone();
+        let snap = pod.agent.inventory.borrow().clone();
         let ctx = RouteCtx {
             snap: &snap,
-            trust_domain: &pod.cfg.trust_domain,
-            root_namespace: &pod.cfg.root_namespace,
-            tunnel_port: pod.ports.tunnel,
-            mtls: pod.tls.is_some(),
+            trust_domain: &pod.agent.cfg.trust_domain,
+            root_namespace: &pod.agent.cfg.root_namespace,
+            tunnel_port: pod.agent.ports.tunnel,
+            mtls: pod.agent.tls.is_some(),
         };
         let service = snap
             .service_by_vip(orig.0.ip())
@@ -111,18 +113,19 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
             Steps::Skip
         };
         (
-            route::decide(&ctx, orig.0, steps, |svc, n| pod.lb.next(svc, n)),
+            route::decide(&ctx, orig.0, steps, |svc, n| pod.agent.lb.next(svc, n)),
             service,
         )
     };
     tracing::debug!(dst.orig = %orig, steps = ?decision.steps, "route decided");
     let mut down = down;
-    let src_id = pod.workload.spiffe_id(&pod.cfg.trust_domain);
+    let src_id = pod.workload.spiffe_id(&pod.agent.cfg.trust_domain);
     match decision.route {
         Route::Refuse { reason, code } => {
             let code = code.reason();
             if let Some(denial) = code.denial() {
-                pod.conns
+                pod.agent
+                    .conns
                     .metrics()
                     .denials
                     .get_or_create(&ReasonLabel { reason: denial })
@@ -265,14 +268,14 @@ enum Upstream<'a> {
 }
 
 async fn carry(pod: &PodContext, c: Carried, down: &mut TcpStream, up: Upstream<'_>) {
-    let guard = pod.conns.open(ConnInfo {
+    let guard = pod.agent.conns.open(ConnInfo {
         direction: "outbound",
         pod: pod.workload.key(),
         src: c.src,
         dst: c.orig.0,
         target: (c.target != c.orig.0).then_some(c.target),
         src_identity: (c.security == "mutual_tls")
-            .then(|| pod.workload.spiffe_id(&pod.cfg.trust_domain)),
+            .then(|| pod.workload.spiffe_id(&pod.agent.cfg.trust_domain)),
         dst_identity: c.dst_identity,
         security: c.security,
         trace_id: c.trace_id,
@@ -299,7 +302,7 @@ async fn tunnel(
     headers: &ConnectHeaders,
 ) -> Result<(H2Stream, StreamGuard), String> {
     let src_id = pod.identity().ok_or("source pod has no valid identity")?;
-    let tls = pod.tls.as_ref().ok_or("agent has no identities")?;
+    let tls = pod.agent.tls.as_ref().ok_or("agent has no identities")?;
     pod.await_certificate(&src_id)
         .await
         .map_err(|e| e.to_string())?;
@@ -320,7 +323,7 @@ async fn tunnel(
             .client(&src_id, dst_id)
             .map_err(|e| tls_err(e.to_string()))?;
         // Held through the handshake: a same-node peer (this agent) accepts on another shard.
-        let _dialing = src_ip.map(|ip| pod.shards.note_dial(ip));
+        let _dialing = src_ip.map(|ip| pod.agent.shards.note_dial(ip));
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, pod.kernel.connect_outbound(peer.0))
             .await
             .map_err(|_| crate::tunnel::Error::HandshakeTimeout {
@@ -329,7 +332,8 @@ async fn tunnel(
             .map_err(|e| tls_err(e.to_string()))?;
         Tunnel::handshake(tcp, peer.0, Arc::new(config)).await
     };
-    pod.pool
+    pod.agent
+        .pool
         .stream_with(&key, target, headers, dial)
         .await
         .map_err(|e| error_chain(&e))
@@ -351,6 +355,6 @@ fn pod_source(pod: &PodContext, client: ClientAddr) -> SocketAddr {
 /// A destination that would come straight back to this agent.
 fn is_loop(pod: &PodContext, dst: SocketAddr) -> bool {
     let ip = dst.ip();
-    pod.ports.is_agent_port(dst.port())
+    pod.agent.ports.is_agent_port(dst.port())
         && (ip.is_loopback() || ip.is_unspecified() || pod.workload.ips.contains(&ip))
 }

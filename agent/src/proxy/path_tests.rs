@@ -99,7 +99,7 @@ async fn outbound_tunnels_over_hbone_and_inbound_delivers_from_the_client_addres
         "the app sees the client pod's address"
     );
     let calls = node.net.calls();
-    let tunnel_port = client.ports.tunnel;
+    let tunnel_port = client.agent.ports.tunnel;
     assert!(
         calls.contains(&Call::Outbound {
             from: ip(CLIENT_IP),
@@ -191,9 +191,9 @@ async fn peer_authentication_disable_sends_mesh_traffic_in_plaintext() {
         "dialled the app itself: {calls:?}"
     );
     assert!(
-        !calls
-            .iter()
-            .any(|c| matches!(c, Call::Outbound { dst, .. } if dst.port() == server.ports.tunnel)),
+        !calls.iter().any(
+            |c| matches!(c, Call::Outbound { dst, .. } if dst.port() == server.agent.ports.tunnel)
+        ),
         "no tunnel: {calls:?}"
     );
     eventually("delivered through the plaintext listener", || {
@@ -236,7 +236,7 @@ async fn authorization_deny_refuses_the_connect_with_401_and_counts_it() {
     );
     // The client's agent was answered 401 (a CONNECT of its own from the client pod sees it).
     let tls = node.client_tls(CLIENT_ID, SERVER_ID);
-    let peer = SocketAddr::new(ip(SERVER_IP), server.ports.tunnel);
+    let peer = SocketAddr::new(ip(SERVER_IP), server.agent.ports.tunnel);
     let tcp = node.net.dial(ip(CLIENT_IP), peer).await.expect("dial");
     let mut t = Tunnel::handshake(tcp, peer, tls).await.expect("handshake");
     match t.connect(denied).await {
@@ -254,7 +254,7 @@ async fn authorization_deny_refuses_the_connect_with_401_and_counts_it() {
 async fn connect_to_a_foreign_target_is_refused_with_400_and_counted() {
     let (node, _client, server, app) = setup("").await;
     let tls = node.client_tls(CLIENT_ID, SERVER_ID);
-    let peer = SocketAddr::new(ip(SERVER_IP), server.ports.tunnel);
+    let peer = SocketAddr::new(ip(SERVER_IP), server.agent.ports.tunnel);
     let tcp = node.net.dial(ip(CLIENT_IP), peer).await.expect("dial");
     let mut t = Tunnel::handshake(tcp, peer, tls).await.expect("handshake");
     let foreign = SocketAddr::new(ip(OUTSIDER_IP), app.port());
@@ -273,4 +273,32 @@ async fn connect_to_a_foreign_target_is_refused_with_400_and_counted() {
     }
     let seen: SocketAddr = String::from_utf8_lossy(&line).parse().expect("peer");
     assert_eq!(seen.ip(), ip(CLIENT_IP));
+}
+
+#[tokio::test]
+async fn a_drain_waits_for_open_connections_and_ends_when_they_close() {
+    use crate::drain::Drained;
+    use tokio::io::AsyncWriteExt;
+    let (node, _client, _server, app) = setup("").await;
+    let mut s = node.net.app_connect(ip(CLIENT_IP), app).await;
+    // The app's greeting: the connection is carried end to end.
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).await.expect("greeting");
+    // The outbound connection (client pod) and its CONNECT (server pod) hold the drain.
+    assert_eq!(node.drain.open(), 2);
+    assert_eq!(
+        node.drain.drain(Duration::from_millis(200)).await,
+        Drained::DeadlineReached { open: 2 }
+    );
+    // Draining (GOAWAY on the tunnel) lets the open connection finish.
+    s.write_all(b"bye").await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).await.expect("answer");
+    assert!(rest.ends_with("bye"), "{rest:?}");
+    drop(s);
+    assert_eq!(
+        node.drain.drain(Duration::from_secs(5)).await,
+        Drained::Complete
+    );
 }

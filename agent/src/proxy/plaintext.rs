@@ -17,7 +17,7 @@ use crate::reason::Reason;
 
 /// Serves one inbound plaintext listener of a pod until the task is aborted.
 pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
-    let shards = pod.shards.clone();
+    let shards = pod.agent.shards.clone();
     accept_loop(
         listener,
         "inbound_plaintext",
@@ -33,6 +33,8 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
 }
 
 pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
+    // Held from accept to close: the pod's and the agent's drain wait for it.
+    let _drain = pod.drain.watch();
     let stats = &pod.stats;
     stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
     let Some(_slot) = caps::admit(&pod, Listener::InboundPlaintext) else {
@@ -44,7 +46,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         reset(down);
         return;
     };
-    let dst_id = pod.workload.spiffe_id(&pod.cfg.trust_domain);
+    let dst_id = pod.workload.spiffe_id(&pod.agent.cfg.trust_domain);
     let labels = |flags| {
         pod.labels(
             "destination",
@@ -57,7 +59,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
             flags,
         )
     };
-    let metrics = pod.conns.metrics();
+    let metrics = pod.agent.conns.metrics();
     let refuse = |down: TcpStream, reason: Reason, error: String| {
         if let Some(denial) = reason.denial() {
             metrics
@@ -76,7 +78,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         );
         reset(down);
     };
-    if pod.ports.is_agent_port(orig.0.port()) {
+    if pod.agent.ports.is_agent_port(orig.0.port()) {
         stats.inbound_failed.fetch_add(1, Ordering::Relaxed);
         return refuse(
             down,
@@ -115,7 +117,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
         }
     };
     let mut down = down;
-    let guard = pod.conns.open(ConnInfo {
+    let guard = pod.agent.conns.open(ConnInfo {
         direction: "inbound",
         pod: pod.workload.key(),
         src: client.0,
@@ -140,17 +142,17 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
 /// The deciding policy when the pod's effective mode for this port is STRICT (and the source
 /// is not an admitted probe source); `None` when plaintext may pass.
 fn strict_policy(pod: &PodContext, client: ClientAddr, orig: OrigDstAddr) -> Option<String> {
-    if pod.cfg.probe_sources.contains(&client.0.ip()) {
+    if pod.agent.cfg.probe_sources.contains(&client.0.ip()) {
         return None;
     }
-    let snap = pod.inventory.borrow().clone();
+    let snap = pod.agent.inventory.borrow().clone();
     let w = snap
         .workloads
         .get(&pod.workload.key())
         .unwrap_or(&pod.workload);
     let r = peer_auth::resolve(
         &snap.peer_authentications,
-        &pod.cfg.root_namespace,
+        &pod.agent.cfg.root_namespace,
         &w.namespace,
         &w.labels,
         orig.0.port(),

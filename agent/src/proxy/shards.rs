@@ -15,7 +15,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::runtime::Handle;
-use tokio::sync::watch;
 
 thread_local! {
     /// The shard this thread runs (0 outside the data plane: unit tests, the admin thread).
@@ -41,7 +40,7 @@ pub fn default_count() -> usize {
 pub struct Shards {
     handles: Vec<Handle>,
     next: AtomicUsize,
-    stop: watch::Sender<bool>,
+    stop: crate::drain::Trigger,
     threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// Tunnels being dialed, by source address: (shard dialing, dials in progress).
     dials: std::sync::Mutex<HashMap<IpAddr, (usize, usize)>>,
@@ -80,7 +79,7 @@ impl std::fmt::Debug for Shards {
 impl Shards {
     /// Starts `count` shard threads (`ambit-dp-N`).
     pub fn start(count: usize) -> std::io::Result<Self> {
-        let (stop, _) = watch::channel(false);
+        let stop = crate::drain::Trigger::new();
         let mut handles = Vec::new();
         let mut threads = Vec::new();
         for i in 0..count.max(1) {
@@ -88,14 +87,14 @@ impl Shards {
                 .enable_all()
                 .build()?;
             handles.push(rt.handle().clone());
-            let mut stopped = stop.subscribe();
+            let mut stopped = stop.signal();
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("ambit-dp-{i}"))
                     .spawn(move || {
                         CURRENT.with(|c| c.set(i));
                         rt.block_on(async move {
-                            let _ = stopped.wait_for(|s| *s).await;
+                            stopped.signaled().await;
                         });
                         rt.shutdown_timeout(Duration::from_millis(100));
                     })?,
@@ -155,7 +154,7 @@ impl Shards {
     /// Stops every shard (their tasks are dropped, which also ends the pod contexts that hold
     /// this value), waiting at most `timeout` for the threads.
     pub fn shutdown(&self, timeout: Duration) {
-        let _ = self.stop.send(true);
+        self.stop.start();
         let deadline = Instant::now() + timeout;
         let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {

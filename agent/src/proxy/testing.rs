@@ -14,7 +14,7 @@ use super::conns::ConnTable;
 use super::seam::{BypassError, Connecting, Kernel};
 use super::shards::Shards;
 use super::socket;
-use super::{inbound, outbound, plaintext, route, PodContext, ProxyStats};
+use super::{inbound, outbound, plaintext, route, AgentContext, PodContext, ProxyStats};
 use crate::addr::{ClientAddr, OrigDstAddr};
 use crate::config::Config;
 use crate::identity::source::TlsSource;
@@ -182,15 +182,11 @@ impl Kernel for LoopbackKernel {
 pub(crate) struct Node {
     pub(crate) net: Arc<LoopbackNet>,
     pub(crate) metrics: Arc<ProxyMetrics>,
-    inventory: watch::Receiver<Arc<Snapshot>>,
     _inventory_tx: watch::Sender<Arc<Snapshot>>,
-    cfg: Arc<Config>,
+    agent: Arc<AgentContext>,
     tls: Arc<TlsSource>,
-    pool: Arc<Pool>,
-    gate: Arc<inbound::Gate>,
-    conns: Arc<ConnTable>,
-    shards: Arc<Shards>,
-    draining: watch::Sender<bool>,
+    /// The agent's drain (every pod's here).
+    pub(crate) drain: crate::drain::Trigger,
 }
 
 impl Node {
@@ -227,25 +223,33 @@ impl Node {
             tunnel_port: cfg.ports.tunnel,
             ..LoopbackNet::default()
         };
-        Self {
-            net: Arc::new(net),
+        let tls = Arc::new(tls);
+        let agent = AgentContext {
+            ports: cfg.ports,
             gate: Arc::new(inbound::Gate::new(&cfg.limits, metrics.rejections.clone())),
             conns: Arc::new(ConnTable::new(metrics.clone())),
-            metrics,
             inventory: rx,
-            _inventory_tx: tx,
-            tls: Arc::new(tls),
+            tls: Some(tls.clone()),
             pool: Arc::new(Pool::new(100, Duration::from_secs(30))),
+            certs: None,
+            lb: Arc::new(route::RoundRobin::default()),
             shards: Arc::new(Shards::start(1).expect("shards")),
-            draining: watch::channel(false).0,
             cfg,
+        };
+        Self {
+            net: Arc::new(net),
+            metrics,
+            _inventory_tx: tx,
+            agent: Arc::new(agent),
+            tls,
+            drain: crate::drain::Trigger::new(),
         }
     }
 
     /// Enrolls pod `ns/name` of the inventory: its three listeners on its address, served by
     /// the real outbound, plaintext and tunnel paths over the loopback kernel.
     pub(crate) async fn enroll(&self, key: &str) -> Arc<PodContext> {
-        let workload = self.inventory.borrow().workloads[key].clone();
+        let workload = self.agent.inventory.borrow().workloads[key].clone();
         let ip = workload.ips[0];
         let listen = || async move {
             TcpListener::bind(SocketAddr::new(ip, 0))
@@ -261,25 +265,16 @@ impl Node {
         };
         lock(&self.net.pods).insert(ip, steer);
         let pod = Arc::new(PodContext {
-            baggage: super::baggage_of(&self.cfg.cluster_id, &workload).value(),
+            agent: self.agent.clone(),
+            baggage: super::baggage_of(&self.agent.cfg.cluster_id, &workload).value(),
             workload,
             netns_cookie: u64::from(lock(&self.net.pods).len() as u32),
             kernel: Arc::new(LoopbackKernel {
                 net: self.net.clone(),
                 ip,
             }),
-            ports: self.cfg.ports,
-            inventory: self.inventory.clone(),
-            cfg: self.cfg.clone(),
-            tls: Some(self.tls.clone()),
-            pool: self.pool.clone(),
-            certs: None,
-            gate: self.gate.clone(),
-            draining: self.draining.subscribe(),
-            lb: Arc::new(route::RoundRobin::default()),
-            conns: self.conns.clone(),
+            drain: self.drain.signal(),
             stats: ProxyStats::default(),
-            shards: self.shards.clone(),
         });
         tokio::spawn(outbound::run(out, pod.clone()));
         tokio::spawn(plaintext::run(plain, pod.clone()));
@@ -291,7 +286,7 @@ impl Node {
 impl Node {
     /// Open connections in the agent's tunnel pool.
     pub(crate) fn pool_connections(&self) -> usize {
-        self.pool.stats().connections
+        self.agent.pool.stats().connections
     }
 
     /// The TLS settings a tunnel from `src` requiring `dst` is made with.
@@ -304,7 +299,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        self.shards.shutdown(Duration::from_millis(200));
+        self.agent.shards.shutdown(Duration::from_millis(200));
     }
 }
 

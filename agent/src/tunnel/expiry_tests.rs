@@ -45,7 +45,8 @@ async fn server(ca: &TestCa, cert: WorkloadCertificate, enforce: bool) -> Socket
     let tls = Arc::new(server_config(&cert, Arc::new(ca.bundle()), tds()).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let drain_tx = crate::drain::Trigger::new();
+    let drain_rx = drain_tx.signal();
     tokio::spawn(async move {
         let _keep = drain_tx;
         loop {
@@ -163,7 +164,8 @@ async fn stream_on_an_expired_connection_gets_503_with_reason_and_is_counted() {
         id: CLIENT.parse().unwrap(),
         not_after: Some(SystemTime::now() - Duration::from_secs(1)),
     };
-    let (_drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let _drain_tx = crate::drain::Trigger::new();
+    let drain_rx = _drain_tx.signal();
     let peer: SocketAddr = "10.0.0.9:40000".parse().unwrap();
     let served = tokio::spawn(serve_h2(
         server_io,

@@ -46,7 +46,8 @@ async fn ambit_server(ca: &TestCa) -> SocketAddr {
     let tls = tls_server(ca);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let drain_tx = crate::drain::Trigger::new();
+    let drain_rx = drain_tx.signal();
     tokio::spawn(async move {
         let _keep = drain_tx;
         loop {

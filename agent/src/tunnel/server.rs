@@ -114,7 +114,7 @@ impl PendingConnect {
 }
 
 /// Serves one accepted TCP connection on the tunnel port: TLS (client certificate required by
-/// `tls`), HTTP/2, then `handle` for every CONNECT; when `draining` turns true, GOAWAY.
+/// `tls`), HTTP/2, then `handle` for every CONNECT; when `draining` is signaled, GOAWAY.
 /// Non-CONNECT requests get 405, malformed authorities 400, new streams once a certificate of
 /// the connection has expired 503 (and GOAWAY). Connection-level failures are returned, not
 /// counted: the caller counts them under [`Error::reason`].
@@ -123,7 +123,7 @@ pub async fn serve_connection<H, Fut>(
     peer: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     limits: ServerLimits,
-    draining: tokio::sync::watch::Receiver<bool>,
+    draining: crate::drain::Signal,
     handle: H,
 ) -> Result<(), Error>
 where
@@ -188,7 +188,7 @@ pub async fn serve_h2<IO, H, Fut>(
     peer: SocketAddr,
     client: impl Into<Authenticated>,
     limits: ServerLimits,
-    mut draining: tokio::sync::watch::Receiver<bool>,
+    mut draining: crate::drain::Signal,
     handle: H,
 ) -> Result<(), Error>
 where
@@ -249,7 +249,7 @@ where
             }
             // Drain: GOAWAY lets streams in flight finish and stops new ones; keep polling the
             // connection so they can.
-            _ = draining.wait_for(|d| *d), if !goaway_sent => {
+            () = draining.signaled(), if !goaway_sent => {
                 goaway_sent = true;
                 goaway_at = Some(tokio::time::Instant::now());
                 conn.graceful_shutdown();

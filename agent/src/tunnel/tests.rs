@@ -37,7 +37,8 @@ async fn echo_server(ca: &TestCa) -> SocketAddr {
     let tls = Arc::new(server_config(&cert, Arc::new(ca.bundle()), tds()).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let drain_tx = crate::drain::Trigger::new();
+    let drain_rx = drain_tx.signal();
     tokio::spawn(async move {
         let _keep = drain_tx;
         loop {
@@ -220,7 +221,8 @@ async fn drain_sends_goaway_but_lets_open_streams_finish() {
     let tls = Arc::new(server_config(&cert, Arc::new(ca.bundle()), tds()).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let drain_tx = crate::drain::Trigger::new();
+    let drain_rx = drain_tx.signal();
     tokio::spawn(async move {
         let (tcp, peer) = listener.accept().await.unwrap();
         serve_connection(
@@ -242,7 +244,7 @@ async fn drain_sends_goaway_but_lets_open_streams_finish() {
     });
     let mut t = tunnel(&ca, addr, SERVER).await.unwrap();
     let mut open = t.connect("10.0.0.1:80".parse().unwrap()).await.unwrap();
-    drain_tx.send_replace(true);
+    drain_tx.start();
     // The open stream still carries bytes after GOAWAY...
     open.write_all(b"still here").await.unwrap();
     open.shutdown().await.unwrap();
@@ -260,7 +262,8 @@ async fn idle_connection_gets_goaway() {
     let tls = Arc::new(server_config(&cert, Arc::new(ca.bundle()), tds()).unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (_drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let _drain_tx = crate::drain::Trigger::new();
+    let drain_rx = _drain_tx.signal();
     let limits = ServerLimits {
         idle_timeout: std::time::Duration::from_millis(300),
         ..ServerLimits::default()
@@ -298,7 +301,8 @@ async fn connect_headers_reach_the_server_and_a_pooled_stream_sends_its_own() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<Received>();
-    let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+    let drain_tx = crate::drain::Trigger::new();
+    let drain_rx = drain_tx.signal();
     tokio::spawn(async move {
         let _keep = drain_tx;
         let (tcp, peer) = listener.accept().await.unwrap();

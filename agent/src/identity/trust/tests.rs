@@ -82,7 +82,8 @@ fn a_changed_file_replaces_the_file_roots() {
     let text_a = a.bundle().to_pem();
     write(&path, &text_a);
     let tls = source(Vec::new(), a.bundle());
-    let mut file = RootFile::new(path.clone(), text_a);
+    let reloads = Reloads::default();
+    let mut file = RootFile::new(path.clone(), text_a, reloads.clone());
     assert!(matches!(file.check(), Check::Unchanged));
 
     let both = a.bundle().merged(&b.bundle());
@@ -105,6 +106,8 @@ fn a_changed_file_replaces_the_file_roots() {
         b.bundle().roots(),
         "the old root is gone"
     );
+    assert_eq!(reloads.value("applied"), 2);
+    assert_eq!(reloads.value("rejected"), 0);
 }
 
 #[test]
@@ -115,7 +118,8 @@ fn a_bad_file_keeps_the_last_good_roots() {
     let good = a.bundle().merged(&b.bundle());
     write(&path, &good.to_pem());
     let tls = source(Vec::new(), good.clone());
-    let mut file = RootFile::new(path.clone(), good.to_pem());
+    let reloads = Reloads::default();
+    let mut file = RootFile::new(path.clone(), good.to_pem(), reloads.clone());
 
     for bad in [
         "",
@@ -150,6 +154,16 @@ fn a_bad_file_keeps_the_last_good_roots() {
     write(&path, &b.bundle().to_pem());
     file.apply(&tls);
     assert_eq!(tls.roots().roots(), b.bundle().roots());
+    assert_eq!(reloads.value("applied"), 1);
+
+    // What `apply` finds is counted in the handle it was given.
+    write(&path, "");
+    file.apply(&tls);
+    assert_eq!(reloads.value("rejected"), 1);
+    std::fs::remove_file(&path).unwrap();
+    file.apply(&tls);
+    assert_eq!(reloads.value("unreadable"), 1);
+    assert_eq!(tls.roots().roots(), b.bundle().roots());
 }
 
 #[tokio::test]
@@ -161,7 +175,7 @@ async fn both_roots_are_trusted_during_a_rotation_and_the_old_one_not_after() {
     let (client_old, client_new) = (old.svid(CLIENT), new.svid(CLIENT));
     write(&path, &old.bundle().to_pem());
     let tls = source(vec![new.svid(SERVER)], old.bundle());
-    let mut file = RootFile::new(path.clone(), old.bundle().to_pem());
+    let mut file = RootFile::new(path.clone(), old.bundle().to_pem(), Reloads::default());
 
     // Before: only the old root.
     assert!(accepts(&tls, &client_old, &both).await);
@@ -209,7 +223,7 @@ async fn follow_applies_file_changes_and_the_cas_roots() {
     let tls = Arc::new(source(Vec::new(), a.bundle()));
     let (ca_tx, ca_rx) = watch::channel(None);
     let task = tokio::spawn(follow(
-        RootFile::new(path.clone(), a.bundle().to_pem()),
+        RootFile::new(path.clone(), a.bundle().to_pem(), Reloads::default()),
         Duration::from_millis(20),
         tls.clone(),
         ca_rx,

@@ -108,14 +108,14 @@ impl Op {
 }
 
 /// Keeps the annotation of this node's pods in line with `captured` until `captured`'s sender
-/// goes away or `stop` turns true. `captured` holds `None` until the pod manager's first
+/// goes away or `stop` is signaled. `captured` holds `None` until the pod manager's first
 /// reconcile. `stop` is the agent's draining: a draining agent's captured set no longer moves
 /// (its successor's does), so it must not undo the successor's patches.
 pub async fn run(
     client: Client,
     settings: Settings,
     mut captured: watch::Receiver<Option<Arc<CapturedPods>>>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: crate::drain::Signal,
     patches: PatchCounter,
 ) {
     let changed = Arc::new(Notify::new());
@@ -158,17 +158,17 @@ pub async fn run(
     };
     let ready = tokio::select! {
         r = ready => r,
-        _ = stop.wait_for(|s| *s) => false,
+        () = stop.signaled() => false,
     };
     if ready {
         tracing::info!(node = %loop_.settings.node, "redirection annotation: reconciling this node's pods");
-        while !*stop.borrow_and_update() {
+        while !stop.is_signaled() {
             let now = captured.borrow_and_update().clone().unwrap_or_default();
             loop_.pass(&now).await;
             tokio::select! {
                 r = captured.changed() => if r.is_err() { break },
                 _ = changed.notified() => {}
-                _ = stop.changed() => {}
+                () = stop.signaled() => {}
                 _ = tokio::time::sleep(loop_.settings.retry) => {}
             }
         }

@@ -45,13 +45,14 @@ fn captured(pods: &[(&str, &str)]) -> Option<Arc<CapturedPods>> {
 struct Running {
     api: FakeApi,
     tx: watch::Sender<Option<Arc<CapturedPods>>>,
-    stop: watch::Sender<bool>,
+    stop: crate::drain::Trigger,
     patches: PatchCounter,
 }
 
 fn start(api: FakeApi, first: Option<Arc<CapturedPods>>) -> Running {
     let (tx, rx) = watch::channel(first);
-    let (stop, stop_rx) = watch::channel(false);
+    let stop = crate::drain::Trigger::new();
+    let stop_rx = stop.signal();
     let patches = PatchCounter::default();
     let settings = Settings {
         retry: Duration::from_millis(200),
@@ -228,7 +229,7 @@ async fn a_draining_agent_leaves_annotations_alone() {
     patches(&r.api, 1).await;
     assert_eq!(annotation(&r.api, "a").as_deref(), Some("enabled"));
     // Draining: the successor holds the capture now; nothing is removed or set any more.
-    r.stop.send_replace(true);
+    r.stop.start();
     tokio::time::sleep(Duration::from_millis(100)).await;
     r.tx.send_replace(Some(Arc::default()));
     r.api.apply(pod("b", NODE, T1, false));

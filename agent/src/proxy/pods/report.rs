@@ -1,9 +1,9 @@
-//! The manager's reports for the admin socket: pods' status and the policies that apply to them.
+//! Pods' reports for the admin socket: pods' status and the policies that apply to them.
 use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{lock, Manager};
+use super::{lock, Pods};
 use crate::policy::{authz, peer_auth};
 use crate::proxy::ProxyStatsSnapshot;
 use crate::redirect::maps::AmbPodStats;
@@ -78,10 +78,10 @@ pub struct PodStatus {
     pub proxy: Option<ProxyStatsSnapshot>,
 }
 
-impl Manager {
+impl Pods {
     /// Effective PeerAuthentication of every enrolled pod.
     pub fn policies(&self) -> Vec<PodPolicy> {
-        let snap = self.inventory.borrow().clone();
+        let snap = self.agent.inventory.borrow().clone();
         lock(&self.enrolled)
             .values()
             .map(|e| {
@@ -92,7 +92,9 @@ impl Manager {
                 let authorization = snap
                     .authorization_policies
                     .iter()
-                    .filter(|p| p.applies_to(&self.cfg.root_namespace, &w.namespace, &w.labels))
+                    .filter(|p| {
+                        p.applies_to(&self.agent.cfg.root_namespace, &w.namespace, &w.labels)
+                    })
                     .map(AppliedAuthz::of)
                     .collect();
                 PodPolicy {
@@ -100,7 +102,7 @@ impl Manager {
                     pod: w.key(),
                     peer_authentication: peer_auth::explain(
                         &snap.peer_authentications,
-                        &self.cfg.root_namespace,
+                        &self.agent.cfg.root_namespace,
                         &w.namespace,
                         &w.labels,
                     ),
@@ -111,7 +113,7 @@ impl Manager {
 
     /// Status of every pod this agent serves or tried to serve.
     pub fn status(&self) -> Vec<PodStatus> {
-        let td = &self.cfg.trust_domain;
+        let td = &self.agent.cfg.trust_domain;
         let mut out: Vec<PodStatus> = lock(&self.enrolled)
             .values()
             .map(|e| {
