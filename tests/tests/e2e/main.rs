@@ -28,6 +28,7 @@ mod inbound;
 mod inventory_hold;
 mod istio_labels;
 mod istiod_ca;
+mod istiod_inventory;
 mod kubelet_cgroups;
 mod load;
 mod loops;

@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -178,6 +179,29 @@ impl FakeIstiod {
     /// Starts on 127.0.0.1 (a free port) with a fresh CA and serving certificate.
     pub async fn start() -> Self {
         let (root_pem, chain, key) = certificates();
+        Self::serve(root_pem, chain, key).await
+    }
+
+    /// Starts on 127.0.0.1 (a free port; in the caller's network namespace) with a serving
+    /// certificate for `names` (DNS names or IP addresses) issued by the CA whose certificate
+    /// and PKCS#8 key are `ca_cert_pem` and `ca_key_pem`, as istiod's is by the mesh's CA; its
+    /// [`FakeIstiod::root_pem`] is then `ca_cert_pem`.
+    pub async fn start_with_ca(ca_cert_pem: &str, ca_key_pem: &str, names: &[&str]) -> Self {
+        let ca_key = KeyPair::from_pem(ca_key_pem).unwrap();
+        let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key).unwrap();
+        let ca_der = CertificateDer::pem_slice_iter(ca_cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let (cert, key) = serving(&issuer, names);
+        Self::serve(ca_cert_pem.to_owned(), vec![cert, ca_der], key).await
+    }
+
+    async fn serve(
+        root_pem: String,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Self {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -446,19 +470,26 @@ fn certificates() -> (String, Vec<CertificateDer<'static>>, PrivateKeyDer<'stati
     let ca_key = KeyPair::generate().unwrap();
     let root = ca.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca, ca_key);
-    let mut leaf = CertificateParams::new(vec![
-        SERVER_NAME.to_owned(),
-        "localhost".to_owned(),
-        "127.0.0.1".to_owned(),
-    ])
-    .unwrap();
+    let (cert, key) = serving(&issuer, &[SERVER_NAME, "localhost", "127.0.0.1"]);
+    (root.pem(), vec![cert, root.der().clone()], key)
+}
+
+/// A serving certificate for `names` (rcgen makes IP SANs of addresses) signed by `issuer`,
+/// valid from a day ago for a day, and its key.
+fn serving(
+    issuer: &Issuer<'_, KeyPair>,
+    names: &[&str],
+) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let now = SystemTime::now();
+    let day = Duration::from_secs(24 * 3600);
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let mut leaf = CertificateParams::new(names).unwrap();
     leaf.not_before = (now - day).into();
     leaf.not_after = (now + day).into();
     let leaf_key = KeyPair::generate().unwrap();
-    let cert = leaf.signed_by(&leaf_key, &issuer).unwrap();
+    let cert = leaf.signed_by(&leaf_key, issuer).unwrap();
     (
-        root.pem(),
-        vec![cert.der().clone(), root.der().clone()],
+        cert.der().clone(),
         PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
     )
 }

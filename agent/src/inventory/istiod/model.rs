@@ -203,7 +203,8 @@ impl Mesh {
     }
 
     /// [`Mesh::snapshot`], and the uid of each of its workloads by `namespace/name` (the CNI
-    /// plugin's reports are matched on it).
+    /// plugin's reports are matched on it) unless it is istiod's `cluster//Pod/namespace/name`
+    /// form, which no report can match.
     pub fn snapshot_with_uids(&self) -> (Snapshot, BTreeMap<String, String>) {
         let mut uids = BTreeMap::new();
         let mut snap = Snapshot::default();
@@ -256,7 +257,11 @@ impl Mesh {
                 deleting: false,
                 created: None,
             };
-            uids.insert(workload.key(), uid.clone());
+            // istiod names a pod's workload `cluster//Pod/namespace/name`, not by the pod's
+            // Kubernetes UID (which the CNI plugin reports): only a plain UID can be compared.
+            if !uid.contains('/') {
+                uids.insert(workload.key(), uid.clone());
+            }
             snap.workloads.insert(workload.key(), workload);
         }
         for (key, s) in &self.services {

@@ -457,3 +457,24 @@ fn a_workload_listing_a_policy_of_a_third_namespace_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn only_a_plain_kubernetes_uid_is_matched_against_the_cni_plugins_reports() {
+    let mut m = mesh();
+    apply_workload(
+        &mut m,
+        workload("3f2a-uid", "default", "plain", &["10.1.0.2"]),
+    );
+    let istio_form = "Kubernetes//Pod/default/named";
+    apply_workload(
+        &mut m,
+        workload(istio_form, "default", "named", &["10.1.0.3"]),
+    );
+    let (snap, uids) = m.snapshot_with_uids();
+    assert!(snap.workloads.contains_key("default/named"), "{snap:?}");
+    assert_eq!(
+        uids.get("default/plain").map(String::as_str),
+        Some("3f2a-uid")
+    );
+    assert_eq!(uids.get("default/named"), None, "{uids:?}");
+}
