@@ -274,3 +274,5 @@ async fn connect_to_a_foreign_target_is_refused_with_400_and_counted() {
     let seen: SocketAddr = String::from_utf8_lossy(&line).parse().expect("peer");
     assert_eq!(seen.ip(), ip(CLIENT_IP));
 }
+
+mod measure;
