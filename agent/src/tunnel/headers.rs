@@ -101,18 +101,15 @@ pub struct TraceParent {
 }
 
 impl TraceParent {
-    /// A new trace with random ids, not sampled (ambit records no spans).
+    /// A new trace with random ids, not sampled (ambit records no spans). The ids come from
+    /// a per-thread generator seeded once from the system RNG: they must be unique, not
+    /// secret, and a `getrandom` call per connection cost more than the rest of the headers.
     pub fn random() -> Self {
-        let mut bytes = [0u8; 24];
-        // An all-zero id is invalid; the system RNG failing is not a reason to drop a
-        // connection, so fall back to a fixed non-zero id.
-        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
-            bytes = [1; 24];
-        }
-        let (t, p) = bytes.split_at(16);
+        let (hi, lo, parent) = (ids::next(), ids::next(), ids::next());
         Self {
-            trace_id: u128::from_be_bytes(t.try_into().unwrap_or([1; 16])).max(1),
-            parent_id: u64::from_be_bytes(p.try_into().unwrap_or([1; 8])).max(1),
+            // W3C: an all-zero trace-id or parent-id is invalid.
+            trace_id: ((u128::from(hi) << 64) | u128::from(lo)).max(1),
+            parent_id: parent.max(1),
             flags: 0,
         }
     }
@@ -242,6 +239,46 @@ impl Received {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string),
         }
+    }
+}
+
+/// The per-thread id generator of [`TraceParent::random`]: splitmix64 over a counter that
+/// starts at a random point per thread (distinct outputs for 2^64 calls on one thread; other
+/// threads and agents start elsewhere).
+mod ids {
+    use std::cell::Cell;
+    use std::hash::{BuildHasher, Hasher};
+
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(seed());
+    }
+
+    fn seed() -> u64 {
+        let mut b = [0u8; 8];
+        match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b) {
+            Ok(()) => u64::from_ne_bytes(b),
+            // The system RNG failing is no reason to drop connections: std's per-thread hash
+            // keys (also from the OS, with their own fallbacks) still differ per thread.
+            Err(_) => std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish(),
+        }
+    }
+
+    /// The next id of this thread.
+    pub(super) fn next() -> u64 {
+        STATE.with(|s| {
+            let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+            s.set(x);
+            mix(x)
+        })
+    }
+
+    /// splitmix64's finaliser: a bijection, so distinct counters give distinct ids.
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 }
 

@@ -118,3 +118,20 @@ fn applied_headers_are_read_back() {
     assert_eq!(r.forwarded.as_deref(), Some("for=\"10.1.0.5:40000\""));
     assert_eq!(Received::parse(&HeaderMap::new()), Received::default());
 }
+
+#[test]
+fn trace_ids_are_distinct_and_never_zero_across_threads() {
+    let ids = |n| (0..n).map(|_| TraceParent::random()).collect::<Vec<_>>();
+    let mut all = ids(10_000);
+    let others = std::thread::spawn(move || ids(10_000)).join().unwrap();
+    all.extend(others);
+    assert!(all.iter().all(|t| t.trace_id != 0 && t.parent_id != 0));
+    let mut traces: Vec<u128> = all.iter().map(|t| t.trace_id).collect();
+    traces.sort_unstable();
+    traces.dedup();
+    assert_eq!(traces.len(), 20_000, "a trace id came twice");
+    let mut parents: Vec<u64> = all.iter().map(|t| t.parent_id).collect();
+    parents.sort_unstable();
+    parents.dedup();
+    assert_eq!(parents.len(), 20_000, "a parent id came twice");
+}
