@@ -214,31 +214,36 @@ fn forwarded(client: SocketAddr, service: Option<&str>) -> Option<HeaderValue> {
     HeaderValue::from_str(&text).ok()
 }
 
-/// What an inbound CONNECT said about itself, for the access log only.
+/// What an inbound CONNECT said about itself, for the access log only. Only the trace is
+/// read on arrival (without allocating); `baggage` and `forwarded` stay in the request's
+/// headers (moved here, not copied) and are parsed only when asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Received {
     /// The trace, when a well-formed `traceparent` came.
     pub trace: Option<TraceParent>,
-    /// The source workload as its `baggage` claims it (not verified: never used for policy).
-    pub baggage: Baggage,
-    /// The `forwarded` header as sent (not verified: never used for policy or delivery).
-    pub forwarded: Option<String>,
+    headers: HeaderMap,
 }
 
 impl Received {
-    /// Reads the headers of an inbound CONNECT; malformed ones are left out.
-    pub fn parse(headers: &HeaderMap) -> Self {
+    /// Takes the headers of an inbound CONNECT; a malformed `traceparent` is left out.
+    pub fn new(headers: HeaderMap) -> Self {
         Self {
             trace: headers
                 .get(TRACEPARENT)
                 .and_then(|v| v.to_str().ok())
                 .and_then(TraceParent::parse),
-            baggage: Baggage::parse(headers),
-            forwarded: headers
-                .get(FORWARDED)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+            headers,
         }
+    }
+
+    /// The source workload as its `baggage` claims it (not verified: never used for policy).
+    pub fn baggage(&self) -> Baggage {
+        Baggage::parse(&self.headers)
+    }
+
+    /// The `forwarded` header as sent (not verified: never used for policy or delivery).
+    pub fn forwarded(&self) -> Option<&str> {
+        self.headers.get(FORWARDED).and_then(|v| v.to_str().ok())
     }
 }
 

@@ -348,15 +348,16 @@ fn check_request(
         reply(&mut respond, Reason::BadAuthority);
         return None;
     };
+    let (parts, recv) = req.into_parts();
     Some(PendingConnect {
         connect: Connect {
             peer,
             authority,
             peer_id,
-            received: Received::parse(req.headers()),
+            received: Received::new(parts.headers),
         },
         respond,
-        recv: req.into_body(),
+        recv,
         rejections,
     })
 }
