@@ -17,7 +17,7 @@ use crate::identity::SpiffeId;
 use crate::metrics::{ReasonLabel, TcpLabels};
 use crate::reason::Reason;
 use crate::tunnel::client::Tunnel;
-use crate::tunnel::headers::ConnectHeaders;
+use crate::tunnel::headers::{ConnectHeaders, TraceId};
 use crate::tunnel::pool::{PoolKey, StreamGuard};
 use crate::tunnel::stream::H2Stream;
 
@@ -228,7 +228,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                 target,
                 dst_identity: Some(d),
                 security: "mutual_tls",
-                trace_id: headers.traceparent.map(|t| t.trace_id()),
+                trace_id: headers.traceparent.and_then(|t| t.id()),
                 labels,
             };
             carry(&pod, conn, &mut down, Upstream::Tunnel(&mut up)).await;
@@ -254,7 +254,7 @@ struct Carried {
     dst_identity: Option<String>,
     security: &'static str,
     /// The trace id the CONNECT carried (tunnelled connections).
-    trace_id: Option<String>,
+    trace_id: Option<TraceId>,
     labels: TcpLabels,
 }
 

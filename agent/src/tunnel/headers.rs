@@ -8,6 +8,7 @@
 //! TCP peer and the identity its certificate proves, never what a header claims.
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU128;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, FORWARDED};
 
@@ -137,6 +138,45 @@ impl TraceParent {
     /// The trace id as the access log shows it (32 hex digits).
     pub fn trace_id(&self) -> String {
         format!("{:032x}", self.trace_id)
+    }
+
+    /// The trace id, formatted only when shown; `None` for the invalid all-zero id.
+    pub fn id(&self) -> Option<TraceId> {
+        NonZeroU128::new(self.trace_id).map(TraceId)
+    }
+}
+
+/// A W3C trace id (never zero), shown and serialized as 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceId(pub NonZeroU128);
+
+impl TraceId {
+    /// The 32 hex digits written into `buf`, for a log field that must stay a string.
+    pub fn hex<'a>(&self, buf: &'a mut [u8; 32]) -> &'a str {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let v = self.0.get();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = DIGITS[((v >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        std::str::from_utf8(buf).unwrap_or("-")
+    }
+}
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl serde::Serialize for TraceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

@@ -70,6 +70,17 @@ fn traceparent_round_trips_and_is_random() {
     assert!(text.starts_with("00-") && text.ends_with("-00"), "{text}");
     assert_eq!(TraceParent::parse(&text), Some(a));
     assert_eq!(a.trace_id().len(), 32);
+    let id = a.id().unwrap();
+    assert_eq!(id.to_string(), a.trace_id());
+    assert_eq!(id.hex(&mut [0; 32]), a.trace_id());
+    let small = TraceId(NonZeroU128::new(0xab).unwrap());
+    assert_eq!(small.hex(&mut [0; 32]), format!("{:032x}", 0xab));
+    assert_eq!(
+        serde_json::to_string(&id).unwrap(),
+        format!("\"{}\"", a.trace_id())
+    );
+    let zero = TraceParent { trace_id: 0, ..a };
+    assert_eq!(zero.id(), None, "an all-zero trace id is no trace");
 }
 
 #[test]
