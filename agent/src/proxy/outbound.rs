@@ -115,10 +115,16 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
             service,
         )
     };
-    tracing::debug!(dst.orig = %orig, steps = ?decision.steps, "route decided");
+    // The rest of the decision (steps, waypoint) is dropped here, not held by this task for
+    // as long as the connection stays open.
+    let route = {
+        let d = decision;
+        tracing::debug!(dst.orig = %orig, steps = ?d.steps, "route decided");
+        d.route
+    };
     let mut down = down;
     let src_id = pod.workload.spiffe_id(&pod.cfg.trust_domain);
-    match decision.route {
+    match route {
         Route::Refuse { reason, code } => {
             let code = code.reason();
             if let Some(denial) = code.denial() {
@@ -195,11 +201,14 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                 );
             };
             // Boxed: the dial (TLS and h2 handshakes) would otherwise size this task's future
-            // for as long as the connection stays open.
-            let headers =
-                ConnectHeaders::with_baggage(pod.baggage.clone(), src, service.as_deref());
-            let dial = Box::pin(tunnel(&pod, target, PeerAddr(peer), &id, &headers));
-            let (mut up, _guard) = match dial.await {
+            // for as long as the connection stays open. The headers are dropped once sent.
+            let (dialled, trace_id) = {
+                let headers =
+                    ConnectHeaders::with_baggage(pod.baggage.clone(), src, service.as_deref());
+                let dial = Box::pin(tunnel(&pod, target, PeerAddr(peer), &id, &headers));
+                (dial.await, headers.traceparent.and_then(|t| t.id()))
+            };
+            let (mut up, _guard) = match dialled {
                 Ok(s) => s,
                 Err(e) => {
                     return fail(
@@ -228,7 +237,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                 target,
                 dst_identity: Some(d),
                 security: "mutual_tls",
-                trace_id: headers.traceparent.and_then(|t| t.id()),
+                trace_id,
                 labels,
             };
             carry(&pod, conn, &mut down, Upstream::Tunnel(&mut up)).await;

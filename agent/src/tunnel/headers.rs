@@ -7,9 +7,11 @@
 //! and only read for the access log: the source that policy and the app see is always the
 //! TCP peer and the identity its certificate proves, never what a header claims.
 use std::fmt;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::num::NonZeroU128;
 
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, FORWARDED};
 
 /// W3C baggage.
@@ -232,10 +234,13 @@ impl ConnectHeaders {
         if let Some(b) = &self.baggage {
             headers.insert(BAGGAGE, b.clone());
         }
-        if let Some(v) = self
-            .traceparent
-            .and_then(|t| HeaderValue::from_str(&t.to_string()).ok())
-        {
+        // Written once into a buffer of its exact length (55), which the value then owns:
+        // one allocation, not a growing String and a copy.
+        if let Some(v) = self.traceparent.and_then(|t| {
+            let mut text = String::with_capacity(55);
+            write!(text, "{t}").ok()?;
+            HeaderValue::from_maybe_shared(Bytes::from(text)).ok()
+        }) {
             headers.insert(TRACEPARENT, v);
         }
         if let Some(f) = &self.forwarded {
