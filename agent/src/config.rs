@@ -121,6 +121,16 @@ pub enum InventorySource {
     Istiod(IstiodSource),
 }
 
+/// Where the CA learns which pod (identity) runs on which node: the agent's sources but istiod
+/// (the CA is what istiod replaces).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaInventory {
+    /// A YAML file, polled for changes.
+    File(PathBuf),
+    /// The Kubernetes API server.
+    Kubernetes(KubeSource),
+}
+
 /// `inventory: {kind: istiod}`: istiod's delta ADS stream of workloads, services and L4
 /// authorization policies. It connects as the `ca:` section does (same root certificate,
 /// token and cluster id), so a `ca:` section is required.

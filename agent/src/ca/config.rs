@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ca::server::CaLimits;
 use crate::ca::service::{ClusterPolicy, DEFAULT_CLUSTER_ID};
-use crate::config::{InventorySource, KubeSource, LogFormat};
+pub use crate::config::CaInventory;
+use crate::config::{InventorySource, LogFormat};
 use crate::identity::TrustDomain;
 
 /// Default listen address (istiod's CA port).
@@ -52,16 +53,6 @@ pub struct CaConfig {
     pub log_format: LogFormat,
     /// Caps and deadline of the listener.
     pub limits: CaLimits,
-}
-
-/// Where the CA learns which pod (identity) runs on which node: the agent's sources but istiod
-/// (the CA is what istiod replaces).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CaInventory {
-    /// A YAML file, polled for changes.
-    File(PathBuf),
-    /// The Kubernetes API server.
-    Kubernetes(KubeSource),
 }
 
 /// How node agents' service-account tokens are verified.

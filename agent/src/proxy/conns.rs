@@ -13,6 +13,7 @@ use super::copy::Transferred;
 use crate::metrics::{ProxyMetrics, TcpLabels};
 use crate::policy::authz::ConnAttrs;
 use crate::reason::Reason;
+use crate::tunnel::headers::TraceId;
 
 /// What is known about one open connection.
 #[derive(Debug, Clone, Serialize)]
@@ -38,7 +39,7 @@ pub struct ConnInfo {
     /// The W3C trace id of the CONNECT (sent outbound, received inbound), to correlate the
     /// two agents' log lines and a waypoint's trace.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub trace_id: Option<String>,
+    pub trace_id: Option<TraceId>,
     /// What inbound authorization decided on; re-checked when policies change.
     #[serde(skip)]
     pub authz: Option<ConnAttrs>,
@@ -183,6 +184,8 @@ impl ConnGuard {
         );
         let dur_ms = e.started.elapsed().as_millis() as u64;
         let i = &e.info;
+        // Formatted on the stack: the field stays a string (quoted by the text format).
+        let mut trace = [0u8; 32];
         let (outcome, error) = match result {
             Ok(_) => ("ok", String::new()),
             Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
@@ -200,7 +203,7 @@ impl ConnGuard {
             dst.target = %i.target.unwrap_or(i.dst),
             dst.id = i.dst_identity.as_deref().unwrap_or("-"),
             security = i.security,
-            trace_id = i.trace_id.as_deref().unwrap_or("-"),
+            trace_id = i.trace_id.map_or("-", |t| t.hex(&mut trace)),
             bytes.sent = sent,
             bytes.recv = received,
             dur_ms,

@@ -231,7 +231,7 @@ pub(super) async fn handle(p: PendingConnect, pod: Arc<PodContext>) {
     // Only the trace id of what the peer's headers say is kept (for the access log): the
     // source is the TCP peer and the identity is the certificate's, whatever `forwarded` or
     // `baggage` claim.
-    let trace_id = p.connect.received.trace.map(|t| t.trace_id());
+    let trace_id = p.connect.received.trace.and_then(|t| t.id());
     // The source agent dials from inside the source pod, so the TCP peer is the client pod.
     let client_ip = src.ip();
     let dst_id = pod.workload.spiffe_id(&pod.agent.cfg.trust_domain);

@@ -17,7 +17,7 @@ use crate::identity::SpiffeId;
 use crate::metrics::{ReasonLabel, TcpLabels};
 use crate::reason::Reason;
 use crate::tunnel::client::Tunnel;
-use crate::tunnel::headers::ConnectHeaders;
+use crate::tunnel::headers::{ConnectHeaders, TraceId};
 use crate::tunnel::pool::{PoolKey, StreamGuard};
 use crate::tunnel::stream::H2Stream;
 
@@ -117,10 +117,16 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
             service,
         )
     };
-    tracing::debug!(dst.orig = %orig, steps = ?decision.steps, "route decided");
+    // The rest of the decision (steps, waypoint) is dropped here, not held by this task for
+    // as long as the connection stays open.
+    let route = {
+        let d = decision;
+        tracing::debug!(dst.orig = %orig, steps = ?d.steps, "route decided");
+        d.route
+    };
     let mut down = down;
     let src_id = pod.workload.spiffe_id(&pod.agent.cfg.trust_domain);
-    match decision.route {
+    match route {
         Route::Refuse { reason, code } => {
             let code = code.reason();
             if let Some(denial) = code.denial() {
@@ -198,11 +204,14 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                 );
             };
             // Boxed: the dial (TLS and h2 handshakes) would otherwise size this task's future
-            // for as long as the connection stays open.
-            let headers =
-                ConnectHeaders::with_baggage(pod.baggage.clone(), src, service.as_deref());
-            let dial = Box::pin(tunnel(&pod, target, PeerAddr(peer), &id, &headers));
-            let (mut up, _guard) = match dial.await {
+            // for as long as the connection stays open. The headers are dropped once sent.
+            let (dialled, trace_id) = {
+                let headers =
+                    ConnectHeaders::with_baggage(pod.baggage.clone(), src, service.as_deref());
+                let dial = Box::pin(tunnel(&pod, target, PeerAddr(peer), &id, &headers));
+                (dial.await, headers.traceparent.and_then(|t| t.id()))
+            };
+            let (mut up, _guard) = match dialled {
                 Ok(s) => s,
                 Err(e) => {
                     return fail(
@@ -231,7 +240,7 @@ pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodConte
                 target,
                 dst_identity: Some(d),
                 security: "mutual_tls",
-                trace_id: headers.traceparent.map(|t| t.trace_id()),
+                trace_id,
                 labels,
             };
             carry(&pod, conn, &mut down, Upstream::Tunnel(&mut up)).await;
@@ -257,7 +266,7 @@ struct Carried {
     dst_identity: Option<String>,
     security: &'static str,
     /// The trace id the CONNECT carried (tunnelled connections).
-    trace_id: Option<String>,
+    trace_id: Option<TraceId>,
     labels: TcpLabels,
 }
 

@@ -302,3 +302,5 @@ async fn a_drain_waits_for_open_connections_and_ends_when_they_close() {
         Drained::Complete
     );
 }
+
+mod measure;

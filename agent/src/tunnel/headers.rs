@@ -7,8 +7,11 @@
 //! and only read for the access log: the source that policy and the app see is always the
 //! TCP peer and the identity its certificate proves, never what a header claims.
 use std::fmt;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::num::NonZeroU128;
 
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, FORWARDED};
 
 /// W3C baggage.
@@ -101,18 +104,15 @@ pub struct TraceParent {
 }
 
 impl TraceParent {
-    /// A new trace with random ids, not sampled (ambit records no spans).
+    /// A new trace with random ids, not sampled (ambit records no spans). The ids come from
+    /// a per-thread generator seeded once from the system RNG: they must be unique, not
+    /// secret, and a `getrandom` call per connection cost more than the rest of the headers.
     pub fn random() -> Self {
-        let mut bytes = [0u8; 24];
-        // An all-zero id is invalid; the system RNG failing is not a reason to drop a
-        // connection, so fall back to a fixed non-zero id.
-        if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes).is_err() {
-            bytes = [1; 24];
-        }
-        let (t, p) = bytes.split_at(16);
+        let (hi, lo, parent) = (ids::next(), ids::next(), ids::next());
         Self {
-            trace_id: u128::from_be_bytes(t.try_into().unwrap_or([1; 16])).max(1),
-            parent_id: u64::from_be_bytes(p.try_into().unwrap_or([1; 8])).max(1),
+            // W3C: an all-zero trace-id or parent-id is invalid.
+            trace_id: ((u128::from(hi) << 64) | u128::from(lo)).max(1),
+            parent_id: parent.max(1),
             flags: 0,
         }
     }
@@ -140,6 +140,45 @@ impl TraceParent {
     /// The trace id as the access log shows it (32 hex digits).
     pub fn trace_id(&self) -> String {
         format!("{:032x}", self.trace_id)
+    }
+
+    /// The trace id, formatted only when shown; `None` for the invalid all-zero id.
+    pub fn id(&self) -> Option<TraceId> {
+        NonZeroU128::new(self.trace_id).map(TraceId)
+    }
+}
+
+/// A W3C trace id (never zero), shown and serialized as 32 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TraceId(pub NonZeroU128);
+
+impl TraceId {
+    /// The 32 hex digits written into `buf`, for a log field that must stay a string.
+    pub fn hex<'a>(&self, buf: &'a mut [u8; 32]) -> &'a str {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let v = self.0.get();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = DIGITS[((v >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        std::str::from_utf8(buf).unwrap_or("-")
+    }
+}
+
+impl fmt::Display for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for TraceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl serde::Serialize for TraceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 
@@ -195,10 +234,13 @@ impl ConnectHeaders {
         if let Some(b) = &self.baggage {
             headers.insert(BAGGAGE, b.clone());
         }
-        if let Some(v) = self
-            .traceparent
-            .and_then(|t| HeaderValue::from_str(&t.to_string()).ok())
-        {
+        // Written once into a buffer of its exact length (55), which the value then owns:
+        // one allocation, not a growing String and a copy.
+        if let Some(v) = self.traceparent.and_then(|t| {
+            let mut text = String::with_capacity(55);
+            write!(text, "{t}").ok()?;
+            HeaderValue::from_maybe_shared(Bytes::from(text)).ok()
+        }) {
             headers.insert(TRACEPARENT, v);
         }
         if let Some(f) = &self.forwarded {
@@ -217,31 +259,76 @@ fn forwarded(client: SocketAddr, service: Option<&str>) -> Option<HeaderValue> {
     HeaderValue::from_str(&text).ok()
 }
 
-/// What an inbound CONNECT said about itself, for the access log only.
+/// What an inbound CONNECT said about itself, for the access log only. Only the trace is
+/// read on arrival (without allocating); `baggage` and `forwarded` stay in the request's
+/// headers (moved here, not copied) and are parsed only when asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Received {
     /// The trace, when a well-formed `traceparent` came.
     pub trace: Option<TraceParent>,
-    /// The source workload as its `baggage` claims it (not verified: never used for policy).
-    pub baggage: Baggage,
-    /// The `forwarded` header as sent (not verified: never used for policy or delivery).
-    pub forwarded: Option<String>,
+    headers: HeaderMap,
 }
 
 impl Received {
-    /// Reads the headers of an inbound CONNECT; malformed ones are left out.
-    pub fn parse(headers: &HeaderMap) -> Self {
+    /// Takes the headers of an inbound CONNECT; a malformed `traceparent` is left out.
+    pub fn new(headers: HeaderMap) -> Self {
         Self {
             trace: headers
                 .get(TRACEPARENT)
                 .and_then(|v| v.to_str().ok())
                 .and_then(TraceParent::parse),
-            baggage: Baggage::parse(headers),
-            forwarded: headers
-                .get(FORWARDED)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string),
+            headers,
         }
+    }
+
+    /// The source workload as its `baggage` claims it (not verified: never used for policy).
+    pub fn baggage(&self) -> Baggage {
+        Baggage::parse(&self.headers)
+    }
+
+    /// The `forwarded` header as sent (not verified: never used for policy or delivery).
+    pub fn forwarded(&self) -> Option<&str> {
+        self.headers.get(FORWARDED).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// The per-thread id generator of [`TraceParent::random`]: splitmix64 over a counter that
+/// starts at a random point per thread (distinct outputs for 2^64 calls on one thread; other
+/// threads and agents start elsewhere).
+mod ids {
+    use std::cell::Cell;
+    use std::hash::{BuildHasher, Hasher};
+
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(seed());
+    }
+
+    fn seed() -> u64 {
+        let mut b = [0u8; 8];
+        match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b) {
+            Ok(()) => u64::from_ne_bytes(b),
+            // The system RNG failing is no reason to drop connections: std's per-thread hash
+            // keys (also from the OS, with their own fallbacks) still differ per thread.
+            Err(_) => std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish(),
+        }
+    }
+
+    /// The next id of this thread.
+    pub(super) fn next() -> u64 {
+        STATE.with(|s| {
+            let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+            s.set(x);
+            mix(x)
+        })
+    }
+
+    /// splitmix64's finaliser: a bijection, so distinct counters give distinct ids.
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
     }
 }
 

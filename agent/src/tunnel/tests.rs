@@ -343,10 +343,10 @@ async fn connect_headers_reach_the_server_and_a_pooled_stream_sends_its_own() {
             .await
             .unwrap();
         let got = seen.recv().await.unwrap();
-        assert_eq!(got.baggage, source);
+        assert_eq!(got.baggage(), source);
         assert_eq!(got.trace, h.traceparent);
         assert_eq!(
-            got.forwarded.as_deref(),
+            got.forwarded(),
             Some("for=\"10.0.0.9:41000\";host=echo.default.svc.cluster.local")
         );
         traces.push(got.trace.unwrap().trace_id);

@@ -46,13 +46,13 @@ fn an_enrolled_pods_connect_carries_its_workload_a_trace_and_its_address() {
         .iter()
         .zip([IpAddr::V4(client.ipv4), IpAddr::V6(client.ipv6)])
     {
-        assert_eq!(r.baggage.cluster, "Kubernetes", "{r:?}");
-        assert_eq!(r.baggage.namespace, "default", "{r:?}");
-        assert_eq!(r.baggage.pod, "client", "{r:?}");
-        assert_eq!(r.baggage.service, "client", "{r:?}");
-        assert_eq!(r.baggage.version, "latest", "{r:?}");
+        assert_eq!(r.baggage().cluster, "Kubernetes", "{r:?}");
+        assert_eq!(r.baggage().namespace, "default", "{r:?}");
+        assert_eq!(r.baggage().pod, "client", "{r:?}");
+        assert_eq!(r.baggage().service, "client", "{r:?}");
+        assert_eq!(r.baggage().version, "latest", "{r:?}");
         // `for=` is the client's own address (its pod IP of the family it dialled), quoted.
-        let fwd = r.forwarded.as_deref().unwrap_or_default();
+        let fwd = r.forwarded().unwrap_or_default();
         let want = match client_ip {
             IpAddr::V4(a) => format!("for=\"{a}:"),
             IpAddr::V6(a) => format!("for=\"[{a}]:"),

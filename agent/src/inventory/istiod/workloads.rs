@@ -205,18 +205,16 @@ fn workload(
         .enumerate()
         .map(|(i, b)| ip(b).ok_or_else(|| invalid(format!("addresses[{i}]"), bad_ip(b))))
         .collect::<Result<Vec<_>, _>>()?;
-    if ips.is_empty() {
-        return Err(if w.hostname.is_empty() {
-            invalid("addresses", "neither addresses nor a hostname")
-        } else {
-            unsupported(
-                "hostname",
-                format!(
-                    "`{}`: a workload reached by DNS name, without addresses",
-                    w.hostname
-                ),
-            )
-        });
+    // A pod whose address istiod does not know yet comes without one (its addresses then
+    // come from the CNI plugin's report, on this node); one reached by DNS name is refused.
+    if ips.is_empty() && !w.hostname.is_empty() {
+        return Err(unsupported(
+            "hostname",
+            format!(
+                "`{}`: a workload reached by DNS name, without addresses",
+                w.hostname
+            ),
+        ));
     }
     if w.network_gateway.is_some() {
         return Err(unsupported(

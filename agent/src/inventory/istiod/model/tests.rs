@@ -478,3 +478,13 @@ fn only_a_plain_kubernetes_uid_is_matched_against_the_cni_plugins_reports() {
     );
     assert_eq!(uids.get("default/named"), None, "{uids:?}");
 }
+
+#[test]
+fn a_pod_whose_address_istiod_does_not_know_yet_is_kept_without_one() {
+    // istiod may list a pod before kubelet reports its IP; the CNI plugin's report fills it in.
+    let mut m = mesh();
+    apply_workload(&mut m, workload("uid-n", "shop", "new", &[]));
+    let snap = m.snapshot();
+    let w = &snap.workloads["shop/new"];
+    assert!(w.ips.is_empty() && w.enrolled, "{w:?}");
+}
