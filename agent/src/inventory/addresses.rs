@@ -16,8 +16,7 @@
 //!    downgrade); the kernel keeps capturing it (an enrolled claimant lists it).
 //!
 //! Each rule only narrows the claimants when it leaves at least one.
-use std::collections::hash_map::Entry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 use serde::Serialize;
@@ -95,55 +94,81 @@ pub enum Claim<'a> {
     Unclaimed,
 }
 
-/// Address → owner, and the contested addresses, of one snapshot.
+/// Who owns each address of one snapshot. Persistent maps: a copy shares them, and
+/// [`AddressIndex::update`] changes only the addresses one workload touches.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AddressIndex {
-    owners: HashMap<IpAddr, String>,
-    conflicts: BTreeMap<IpAddr, Conflict>,
+    /// Address → owner (`namespace/name`), for addresses with one claimant or a decided one.
+    owners: imbl::HashMap<IpAddr, String>,
+    /// Addresses with several claimants.
+    conflicts: imbl::OrdMap<IpAddr, Conflict>,
 }
 
 impl AddressIndex {
     /// Indexes the addresses of `snap`'s workloads.
     pub fn build(snap: &Snapshot) -> Self {
-        let mut first: HashMap<IpAddr, &Workload> = HashMap::with_capacity(snap.workloads.len());
-        let mut contested: BTreeMap<IpAddr, Vec<&Workload>> = BTreeMap::new();
-        for w in snap.workloads.values().filter(|w| !w.host_network) {
-            for ip in &w.ips {
-                match first.entry(*ip) {
-                    Entry::Vacant(e) => {
-                        e.insert(w);
-                    }
-                    Entry::Occupied(e) => contested
-                        .entry(*ip)
-                        .or_insert_with(|| vec![e.get()])
-                        .push(w),
-                }
+        let mut claims: HashMap<IpAddr, Vec<&str>> = HashMap::with_capacity(snap.workloads.len());
+        for (key, w) in &snap.workloads {
+            for ip in claimed(w) {
+                claims.entry(*ip).or_default().push(key);
             }
         }
-        let mut owners: HashMap<IpAddr, String> = first
-            .iter()
-            .filter(|(ip, _)| !contested.contains_key(ip))
-            .map(|(ip, w)| (*ip, w.key()))
-            .collect();
-        let mut conflicts = BTreeMap::new();
-        for (ip, claimants) in contested {
-            let (owner, rule) = decide(snap, ip, &claimants);
-            let mut keys: Vec<String> = claimants.iter().map(|w| w.key()).collect();
-            keys.sort();
-            if let Some(o) = &owner {
-                owners.insert(ip, o.clone());
+        let mut index = Self::default();
+        for (ip, keys) in claims {
+            index.settle(snap, ip, keys.into_iter().map(str::to_owned).collect());
+        }
+        index
+    }
+
+    /// Re-decides the addresses workload `key` claimed as `old` and claims in `snap` (which
+    /// already holds its new version, or none when it was removed).
+    pub fn update(&mut self, snap: &Snapshot, key: &str, old: Option<&Workload>) {
+        let new = snap.workloads.get(key);
+        let mut touched: Vec<IpAddr> = old.map(claimed).unwrap_or_default().to_vec();
+        touched.extend(new.map(claimed).unwrap_or_default());
+        touched.sort_unstable();
+        touched.dedup();
+        for ip in touched {
+            let mut keys: Vec<String> = match self.conflicts.get(&ip) {
+                Some(c) => c.claimants.clone(),
+                None => self.owners.get(&ip).cloned().into_iter().collect(),
+            };
+            keys.retain(|k| k != key);
+            if new.is_some_and(|w| claimed(w).contains(&ip)) {
+                keys.push(key.to_owned());
             }
-            conflicts.insert(
-                ip,
-                Conflict {
+            self.settle(snap, ip, keys);
+        }
+    }
+
+    /// Records `ip`'s owner among `keys` (its claimants in `snap`).
+    fn settle(&mut self, snap: &Snapshot, ip: IpAddr, mut keys: Vec<String>) {
+        self.conflicts.remove(&ip);
+        match keys.len() {
+            0 => {
+                self.owners.remove(&ip);
+            }
+            1 => {
+                self.owners.insert(ip, keys.remove(0));
+            }
+            _ => {
+                keys.sort();
+                let claimants: Vec<&Workload> =
+                    keys.iter().filter_map(|k| snap.workloads.get(k)).collect();
+                let (owner, rule) = decide(snap, ip, &claimants);
+                match &owner {
+                    Some(o) => self.owners.insert(ip, o.clone()),
+                    None => self.owners.remove(&ip),
+                };
+                let conflict = Conflict {
                     ip,
                     claimants: keys,
                     owner,
                     rule,
-                },
-            );
+                };
+                self.conflicts.insert(ip, conflict);
+            }
         }
-        Self { owners, conflicts }
     }
 
     /// The owner (`namespace/name`) of `ip`, if one pod owns it.
@@ -164,6 +189,15 @@ impl AddressIndex {
     /// The contested addresses no rule decides.
     pub fn ambiguous(&self) -> impl Iterator<Item = &Conflict> {
         self.conflicts.values().filter(|c| c.owner.is_none())
+    }
+}
+
+/// The addresses `w` claims (none for a host-network pod).
+fn claimed(w: &Workload) -> &[IpAddr] {
+    if w.host_network {
+        &[]
+    } else {
+        &w.ips
     }
 }
 

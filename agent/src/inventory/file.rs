@@ -22,7 +22,7 @@ use super::{
     NETNS_ANNOTATION,
 };
 use crate::cni::pods::CniPod;
-use crate::inventory::sandboxes::merge_netns;
+use crate::inventory::sandboxes::merge_netns_local;
 use crate::policy::authz::{self, AuthorizationPolicy};
 use crate::policy::destination_rule::DestinationRule;
 use crate::policy::peer_auth::{self, PeerAuthentication};
@@ -78,7 +78,12 @@ impl Parsed {
         let mut snap = self.snapshot.clone();
         if let Some(c) = cni {
             let pods = c.pods.borrow().clone();
-            merge_netns(snap.workloads.iter_mut(), &c.node, &self.uids, &pods);
+            merge_netns_local(
+                &mut snap,
+                &c.node,
+                |k| self.uids.get(k).map(String::as_str),
+                &pods,
+            );
         }
         snap
     }

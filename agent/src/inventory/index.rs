@@ -1,37 +1,45 @@
-//! Lookups derived from one snapshot, built once before any connection uses it: address owners, Service VIPs, workloads by identity, compiled AuthorizationPolicies.
+//! Lookups derived from one snapshot, built once before any connection uses it and then kept up to date change by change: address owners, Service VIPs, workloads by identity and by node, compiled AuthorizationPolicies.
 //!
 //! Both sources publish through [`super::publish::Publisher`], which builds the index before
 //! the snapshot is sent, so per-connection code only looks up (hash maps, B-tree maps); it
 //! never scans the inventory. A snapshot made elsewhere (tests, a first load handed over
-//! directly) builds its index on first use, once.
+//! directly) builds its index on first use, once. The maps are persistent (`imbl`): a copy
+//! made with [`Snapshot::edit`] shares them, and [`Snapshot::put_workload`] and its siblings
+//! change only the entries one object touches, so a change costs O(log n), not a rebuild.
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use super::addresses::AddressIndex;
 use super::services::{Endpoint, Service};
 use super::{Snapshot, Workload};
 use crate::policy::authz::Policies;
 
+/// Keys (`namespace/name`) of a group of workloads, in key order.
+type Keys = imbl::OrdSet<String>;
+
 /// The derived lookups of one snapshot.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Index {
     addresses: AddressIndex,
-    /// Service virtual IP → its Service.
-    vips: HashMap<IpAddr, Vip>,
-    /// Namespace → service account → workloads (`namespace/name`) running as that identity.
-    identities: HashMap<String, HashMap<String, Vec<String>>>,
-    authz: Policies,
+    /// Service virtual IP → the Services claiming it.
+    vips: imbl::HashMap<IpAddr, Vip>,
+    /// Namespace → service account → workloads running as that identity.
+    identities: imbl::HashMap<String, imbl::HashMap<String, Keys>>,
+    /// Node → workloads scheduled on it.
+    nodes: imbl::HashMap<String, Keys>,
+    authz: Arc<Policies>,
 }
 
-/// One virtual IP of a Service.
-#[derive(Debug)]
+/// One virtual IP and the Services claiming it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Vip {
-    /// Key of the Service in [`Snapshot::services`].
-    service: String,
-    /// `namespace/name` of the Service (its round-robin key).
+    /// Keys in [`Snapshot::services`] of the Services listing the address, in key order: of
+    /// two Services claiming one VIP the first by key wins.
+    claimants: Vec<String>,
+    /// `namespace/name` of the winner (its round-robin key).
     name: String,
-    /// Positions in the Service's endpoints of the ready ones of this address's family (a VIP
+    /// Positions in the winner's endpoints of the ready ones of this address's family (a VIP
     /// of one family balances over endpoints of that family, as kube-proxy does).
     ready: Vec<usize>,
 }
@@ -39,32 +47,24 @@ struct Vip {
 impl Index {
     /// Indexes `snap`.
     pub fn build(snap: &Snapshot) -> Self {
-        let mut vips = HashMap::new();
-        // In key order, so that of two Services claiming one VIP the first by key wins.
+        let mut index = Self {
+            addresses: AddressIndex::build(snap),
+            authz: Arc::new(Policies::compile(&snap.authorization_policies)),
+            ..Self::default()
+        };
+        let mut claims: HashMap<IpAddr, Vec<String>> = HashMap::new();
         for (key, svc) in &snap.services {
             for ip in &svc.vips {
-                vips.entry(*ip).or_insert_with(|| Vip {
-                    service: key.clone(),
-                    name: svc.key(),
-                    ready: ready_of_family(svc, ip.is_ipv4()),
-                });
+                claims.entry(*ip).or_default().push(key.clone());
             }
         }
-        let mut identities: HashMap<String, HashMap<String, Vec<String>>> = HashMap::new();
+        for (ip, claimants) in claims {
+            index.settle_vip(snap, ip, claimants);
+        }
         for (key, w) in &snap.workloads {
-            identities
-                .entry(w.namespace.clone())
-                .or_default()
-                .entry(w.service_account.clone())
-                .or_default()
-                .push(key.clone());
+            index.add_workload(key, w);
         }
-        Self {
-            addresses: AddressIndex::build(snap),
-            vips,
-            identities,
-            authz: Policies::compile(&snap.authorization_policies),
-        }
+        index
     }
 
     /// Who owns each address.
@@ -75,6 +75,97 @@ impl Index {
     /// The compiled AuthorizationPolicies.
     pub fn authz(&self) -> &Policies {
         &self.authz
+    }
+
+    /// Whether `self` answers every lookup as `other` does (a test of the incremental updates
+    /// against a rebuild).
+    #[cfg(test)]
+    pub(crate) fn same_lookups(&self, other: &Self) -> bool {
+        self.addresses == other.addresses
+            && self.vips == other.vips
+            && self.identities == other.identities
+            && self.nodes == other.nodes
+            && self.authz.failures() == other.authz.failures()
+    }
+
+    /// Updates the entries of workload `key`, which was `old` and is now as in `snap`.
+    fn workload_changed(&mut self, snap: &Snapshot, key: &str, old: Option<&Workload>) {
+        self.addresses.update(snap, key, old);
+        if let Some(old) = old {
+            self.remove_workload(key, old);
+        }
+        if let Some(new) = snap.workloads.get(key) {
+            self.add_workload(key, new);
+        }
+    }
+
+    fn add_workload(&mut self, key: &str, w: &Workload) {
+        self.identities
+            .entry(w.namespace.clone())
+            .or_default()
+            .entry(w.service_account.clone())
+            .or_default()
+            .insert(key.to_owned());
+        self.nodes
+            .entry(w.node.clone())
+            .or_default()
+            .insert(key.to_owned());
+    }
+
+    fn remove_workload(&mut self, key: &str, w: &Workload) {
+        if let Some(by_sa) = self.identities.get_mut(&w.namespace) {
+            if let Some(keys) = by_sa.get_mut(&w.service_account) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    by_sa.remove(&w.service_account);
+                }
+            }
+            if by_sa.is_empty() {
+                self.identities.remove(&w.namespace);
+            }
+        }
+        if let Some(keys) = self.nodes.get_mut(&w.node) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.nodes.remove(&w.node);
+            }
+        }
+    }
+
+    /// Updates the VIPs of Service `key`, which was `old` and is now as in `snap`.
+    fn service_changed(&mut self, snap: &Snapshot, key: &str, old: Option<&Service>) {
+        let new = snap.services.get(key);
+        let mut touched: Vec<IpAddr> = old.map(|s| s.vips.clone()).unwrap_or_default();
+        touched.extend(new.iter().flat_map(|s| s.vips.iter()));
+        touched.sort_unstable();
+        touched.dedup();
+        for ip in touched {
+            let mut claimants = self
+                .vips
+                .get(&ip)
+                .map(|v| v.claimants.clone())
+                .unwrap_or_default();
+            claimants.retain(|k| k != key);
+            if new.is_some_and(|s| s.vips.contains(&ip)) {
+                claimants.push(key.to_owned());
+            }
+            self.settle_vip(snap, ip, claimants);
+        }
+    }
+
+    /// Records which of `claimants` (Service keys in `snap`) VIP `ip` reaches.
+    fn settle_vip(&mut self, snap: &Snapshot, ip: IpAddr, mut claimants: Vec<String>) {
+        claimants.sort();
+        let Some(svc) = claimants.first().and_then(|k| snap.services.get(k)) else {
+            self.vips.remove(&ip);
+            return;
+        };
+        let vip = Vip {
+            name: svc.key(),
+            ready: ready_of_family(svc, ip.is_ipv4()),
+            claimants,
+        };
+        self.vips.insert(ip, vip);
     }
 }
 
@@ -109,6 +200,15 @@ pub(super) struct IndexCell(OnceLock<Index>);
 impl IndexCell {
     pub(super) fn get_or_build(&self, snap: &Snapshot) -> &Index {
         self.0.get_or_init(|| Index::build(snap))
+    }
+
+    /// A copy of the index, when it is built (cheap: the maps are shared).
+    fn copy(&self) -> Self {
+        let cell = Self::default();
+        if let Some(index) = self.0.get() {
+            let _ = cell.0.set(index.clone());
+        }
+        cell
     }
 }
 
@@ -152,7 +252,7 @@ impl Snapshot {
     /// The Service with virtual IP `ip` and its ready endpoints of `ip`'s family.
     pub fn vip(&self, ip: IpAddr) -> Option<VipService<'_>> {
         let vip = self.index().vips.get(&ip)?;
-        let service = self.services.get(&vip.service)?;
+        let service = self.services.get(vip.claimants.first()?)?;
         Some(VipService {
             service,
             name: &vip.name,
@@ -173,6 +273,83 @@ impl Snapshot {
             .into_iter()
             .flatten()
             .filter_map(|key| self.workloads.get(key))
+    }
+
+    /// Workloads scheduled on `node`, in key order.
+    pub fn on_node<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Workload> + 'a {
+        self.index()
+            .nodes
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.workloads.get(key))
+    }
+
+    /// A copy to change with [`Snapshot::put_workload`], [`Snapshot::put_service`] and their
+    /// siblings, which keep the index built (a plain clone drops it, because its fields may be
+    /// changed directly). Cheap: the large maps are shared until changed.
+    pub fn edit(&self) -> Self {
+        Self {
+            workloads: self.workloads.clone(),
+            namespaces: self.namespaces.clone(),
+            peer_authentications: self.peer_authentications.clone(),
+            authorization_policies: self.authorization_policies.clone(),
+            services: self.services.clone(),
+            destination_rules: self.destination_rules.clone(),
+            nodes: self.nodes.clone(),
+            warnings: self.warnings.clone(),
+            index: self.index.copy(),
+        }
+    }
+
+    /// Adds or replaces the workload keyed `w.key()`, updating the built index; the previous
+    /// version, if any.
+    pub fn put_workload(&mut self, w: Workload) -> Option<Workload> {
+        let key = w.key();
+        let old = self.workloads.insert(key.clone(), w);
+        self.reindex(|index, snap| index.workload_changed(snap, &key, old.as_ref()));
+        old
+    }
+
+    /// Removes workload `key`, updating the built index.
+    pub fn remove_workload(&mut self, key: &str) -> Option<Workload> {
+        let old = self.workloads.remove(key)?;
+        self.reindex(|index, snap| index.workload_changed(snap, key, Some(&old)));
+        Some(old)
+    }
+
+    /// Adds or replaces the Service keyed `s.key()`, updating the built index.
+    pub fn put_service(&mut self, s: Service) -> Option<Service> {
+        let key = s.key();
+        let old = self.services.insert(key.clone(), s);
+        self.reindex(|index, snap| index.service_changed(snap, &key, old.as_ref()));
+        old
+    }
+
+    /// Removes Service `key`, updating the built index.
+    pub fn remove_service(&mut self, key: &str) -> Option<Service> {
+        let old = self.services.remove(key)?;
+        self.reindex(|index, snap| index.service_changed(snap, key, Some(&old)));
+        Some(old)
+    }
+
+    /// Replaces the AuthorizationPolicies, recompiling them in the built index.
+    pub fn set_authorization_policies(
+        &mut self,
+        policies: Vec<crate::policy::authz::AuthorizationPolicy>,
+    ) {
+        self.authorization_policies = policies;
+        self.reindex(|index, snap| {
+            index.authz = Arc::new(Policies::compile(&snap.authorization_policies));
+        });
+    }
+
+    /// Runs `update` on the index, if it is built (else it is built on first use).
+    fn reindex(&mut self, update: impl FnOnce(&mut Index, &Snapshot)) {
+        if let Some(mut index) = self.index.0.take() {
+            update(&mut index, self);
+            let _ = self.index.0.set(index);
+        }
     }
 
     /// The compiled AuthorizationPolicies.

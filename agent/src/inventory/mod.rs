@@ -94,19 +94,26 @@ impl Workload {
     }
 }
 
+/// Workloads by `namespace/name`.
+pub type Workloads = imbl::OrdMap<String, Workload>;
+/// Services by `namespace/name`.
+pub type Services = imbl::OrdMap<String, services::Service>;
+
 /// Everything the inventory knows at one point in time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    /// Workloads keyed by `namespace/name`.
-    pub workloads: BTreeMap<String, Workload>,
+    /// Workloads keyed by `namespace/name` (a persistent map: copies share it; change a
+    /// snapshot made with [`Snapshot::edit`] through [`Snapshot::put_workload`] and
+    /// [`Snapshot::remove_workload`], which keep the index).
+    pub workloads: Workloads,
     /// Namespace labels keyed by namespace name.
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Istio PeerAuthentication objects.
     pub peer_authentications: Vec<crate::policy::peer_auth::PeerAuthentication>,
     /// Istio AuthorizationPolicy objects.
     pub authorization_policies: Vec<crate::policy::authz::AuthorizationPolicy>,
-    /// Services keyed by `namespace/name`.
-    pub services: BTreeMap<String, services::Service>,
+    /// Services keyed by `namespace/name` (persistent, as `workloads`).
+    pub services: Services,
     /// Istio DestinationRule objects.
     pub destination_rules: Vec<crate::policy::destination_rule::DestinationRule>,
     /// Pod address ranges of each node (`spec.podCIDRs` of Node objects), by node name.
@@ -115,16 +122,11 @@ pub struct Snapshot {
     pub warnings: Vec<String>,
     /// Lookups by address, VIP and identity and the compiled policies, built once from the
     /// fields above ([`index::Index`]). A snapshot is not changed once shared (it lives behind an
-    /// `Arc`); a clone builds its own index.
+    /// `Arc`); a clone builds its own index, a copy made with [`Snapshot::edit`] keeps it.
     index: IndexCell,
 }
 
 impl Snapshot {
-    /// Workloads scheduled on `node`.
-    pub fn on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Workload> + 'a {
-        self.workloads.values().filter(move |w| w.node == node)
-    }
-
     /// Who owns each address (built once per snapshot, with its [`index::Index`]).
     pub fn addresses(&self) -> &AddressIndex {
         self.index().addresses()

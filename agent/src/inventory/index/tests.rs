@@ -4,6 +4,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::inventory::file::parse;
+use crate::inventory::index::Index;
 use crate::inventory::publish::{Publisher, ReloadStats};
 use crate::inventory::Snapshot;
 
@@ -173,4 +174,76 @@ fn the_publisher_counts_policies_that_fail_closed() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+}
+
+/// The index `s` carries answers every lookup as one built from scratch.
+fn assert_index_is_rebuilt(s: &Snapshot) {
+    let rebuilt = Index::build(s);
+    assert!(
+        s.index().same_lookups(&rebuilt),
+        "kept: {:#?}\nrebuilt: {rebuilt:#?}",
+        s.index()
+    );
+}
+
+#[test]
+fn changes_through_an_edit_keep_the_index_as_a_rebuild_would_make_it() {
+    let base = snap();
+    base.index();
+    let mut s = base.edit();
+    // A second pod takes a's address while a is being deleted, then a goes.
+    let mut a = s.workloads["shop/a"].clone();
+    a.deleting = true;
+    s.put_workload(a);
+    let mut a2 = s.workloads["shop/b"].clone();
+    a2.name = "a2".into();
+    a2.ips = vec!["10.1.0.2".parse().unwrap()];
+    s.put_workload(a2);
+    assert_index_is_rebuilt(&s);
+    assert_eq!(
+        s.by_ip("10.1.0.2".parse().unwrap()).map(|w| w.key()),
+        Some("shop/a2".to_string()),
+        "the live claimant owns the address"
+    );
+    assert_eq!(s.addresses().conflicts().count(), 1);
+    s.remove_workload("shop/a");
+    assert_index_is_rebuilt(&s);
+    assert_eq!(s.addresses().conflicts().count(), 0);
+    // Two live pods on one address, undecided; one moves away.
+    let mut c2 = s.workloads["billing/c"].clone();
+    c2.name = "c2".into();
+    s.put_workload(c2.clone());
+    assert!(s.by_ip("10.1.0.3".parse().unwrap()).is_none(), "ambiguous");
+    c2.ips = vec!["10.1.0.9".parse().unwrap()];
+    c2.node = "node9".into();
+    s.put_workload(c2);
+    assert_index_is_rebuilt(&s);
+    assert_eq!(s.on_node("node9").count(), 1);
+    assert_eq!(s.with_identity("billing", "web").count(), 2);
+    // The winning Service of a shared VIP goes: the other takes the VIP.
+    s.remove_service("shop/web");
+    assert_index_is_rebuilt(&s);
+    assert_eq!(
+        s.vip("10.96.0.10".parse().unwrap()).map(|v| v.name),
+        Some("zoo/web-copy")
+    );
+    let mut db = s.services["billing/db"].clone();
+    db.vips = vec!["10.96.0.21".parse().unwrap()];
+    s.put_service(db);
+    assert_index_is_rebuilt(&s);
+    assert!(s.vip("10.96.0.20".parse().unwrap()).is_none());
+    // The snapshot the edit started from is untouched.
+    assert_index_is_rebuilt(&base);
+    assert_eq!(base.workloads.len(), 3);
+    assert!(base.vip("10.96.0.20".parse().unwrap()).is_some());
+}
+
+#[test]
+fn a_plain_clone_rebuilds_its_index_so_direct_field_changes_are_seen() {
+    let s = snap();
+    s.index();
+    let mut c = s.clone();
+    c.workloads.remove("shop/a");
+    assert!(c.by_ip("10.1.0.2".parse().unwrap()).is_none());
+    assert!(s.by_ip("10.1.0.2".parse().unwrap()).is_some());
 }

@@ -1,5 +1,6 @@
 //! Inventory from istiod: the delta xDS stream of Istio's workload API (Address, Authorization) and its mapping onto ambit's inventory model.
 pub mod authorization;
+pub mod built;
 pub mod model;
 pub mod node;
 pub mod source;

@@ -1,7 +1,7 @@
 //! The istiod inventory source: the xDS stream's resources applied to a [`Mesh`], published as snapshots (with the CNI plugin's network namespaces) once both types have synced.
 //!
 //! The stream's task owns a [`MeshSink`]; every accepted resource and removal goes into the
-//! shared [`Mesh`] and wakes the publishing loop, which (debounced) builds the snapshot, gives
+//! shared [`Mesh`] (which keeps its snapshot up to date) and wakes the publishing loop, which takes the snapshot, gives
 //! this node's workloads the network namespace the CNI plugin reported, passes it through the
 //! same [`Guard`] as the other sources and publishes it. Nothing is published, and `ready`
 //! stays false, until Workloads/Services and Authorizations have each had their first full
@@ -18,7 +18,7 @@ use super::state::Sink;
 use crate::cni::pods::CniPod;
 use crate::inventory::guard::{Guard, GuardSettings, Verdict};
 use crate::inventory::publish::{Publisher, ReloadStats};
-use crate::inventory::sandboxes::merge_netns;
+use crate::inventory::sandboxes::merge_netns_local;
 use crate::inventory::Snapshot;
 
 /// How the source publishes.
@@ -26,7 +26,8 @@ use crate::inventory::Snapshot;
 pub struct Options {
     /// The node this agent serves (its workloads take their netns from the CNI plugin).
     pub node: String,
-    /// Wait this long after a change before rebuilding (a push of many resources is one rebuild).
+    /// Wait this long after a change before publishing (zero: publish what has been applied
+    /// as soon as the loop runs; a snapshot is a cheap copy, see [`Mesh::snapshot`]).
     pub debounce: Duration,
     /// When a rebuild is held back.
     pub guard: GuardSettings,
@@ -131,15 +132,21 @@ pub async fn publish(
             () = until(due) => {}
             () = publisher.closed() => break,
         }
-        tokio::time::sleep(opts.debounce).await;
+        if !opts.debounce.is_zero() {
+            tokio::time::sleep(opts.debounce).await;
+        }
         if !sink.synced() {
             continue;
         }
-        let (mut snap, uids) = sink.mesh().snapshot_with_uids();
-        if let Some(cni) = &mut cni {
-            let pods = cni.borrow_and_update().clone();
-            merge_netns(snap.workloads.iter_mut(), &opts.node, &uids, &pods);
-        }
+        let snap = {
+            let mut mesh = sink.mesh();
+            let mut snap = mesh.snapshot();
+            if let Some(cni) = &mut cni {
+                let pods = cni.borrow_and_update().clone();
+                merge_netns_local(&mut snap, &opts.node, |key| mesh.uid_of(key), &pods);
+            }
+            snap
+        };
         if published {
             let verdict = guard.check(&publisher.current(), &snap, &snap, Instant::now());
             reloads.note(&verdict, settle, "istiod");
@@ -152,7 +159,7 @@ pub async fn publish(
                 .loads
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let snap = publisher.current();
-            tracing::info!(
+            tracing::debug!(
                 workloads = snap.workloads.len(),
                 local = snap.on_node(&opts.node).count(),
                 services = snap.services.len(),
@@ -163,7 +170,13 @@ pub async fn publish(
         if !published {
             published = true;
             ready.send_replace(true);
-            tracing::info!("istiod inventory synced");
+            let snap = publisher.current();
+            tracing::info!(
+                workloads = snap.workloads.len(),
+                local = snap.on_node(&opts.node).count(),
+                services = snap.services.len(),
+                "istiod inventory synced"
+            );
         }
     }
 }

@@ -6,9 +6,11 @@ use ambit_proto::istio::workload as wl;
 use prost::Message;
 
 use super::*;
+use crate::inventory::Workload;
 use crate::policy::authz::{ConnAttrs, Decision, Mesh as AuthzMesh};
 use crate::policy::peer_auth::{self, Effective};
 
+mod incremental;
 mod policies;
 const TD: &str = "cluster.local";
 const ROOT: &str = "istio-system";
@@ -470,13 +472,10 @@ fn only_a_plain_kubernetes_uid_is_matched_against_the_cni_plugins_reports() {
         &mut m,
         workload(istio_form, "default", "named", &["10.1.0.3"]),
     );
-    let (snap, uids) = m.snapshot_with_uids();
+    let snap = m.snapshot();
     assert!(snap.workloads.contains_key("default/named"), "{snap:?}");
-    assert_eq!(
-        uids.get("default/plain").map(String::as_str),
-        Some("3f2a-uid")
-    );
-    assert_eq!(uids.get("default/named"), None, "{uids:?}");
+    assert_eq!(m.uid_of("default/plain"), Some("3f2a-uid"));
+    assert_eq!(m.uid_of("default/named"), None);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Tests of the istiod model's policies: Authorizations applied and decided by ambit's own evaluation, istiod's STRICT forms, dry runs.
 use super::*;
+use crate::inventory::istiod::authorization::STATIC_STRICT;
 
 #[test]
 fn a_namespace_deny_denies_the_named_principal_and_no_other() {
