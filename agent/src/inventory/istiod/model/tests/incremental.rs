@@ -21,7 +21,7 @@ fn nth(i: u32, generation: u32) -> wl::Workload {
     let ip = format!("10.1.{}.{}", generation % 3, i % 40 + 1);
     let mut w = workload(&format!("uid-{i}"), ns, &format!("pod-{i}"), &[&ip]);
     w.node = format!("node{}", (i + generation) % 4);
-    if (i + generation) % 2 == 0 {
+    if (i + generation).is_multiple_of(2) {
         w.services.insert(
             "shop/web.shop.svc.cluster.local".into(),
             wl::PortList::default(),
@@ -34,10 +34,10 @@ fn nth(i: u32, generation: u32) -> wl::Workload {
         );
         w.status = wl::WorkloadStatus::Unhealthy.into();
     }
-    if (i + generation) % 3 == 0 {
+    if (i + generation).is_multiple_of(3) {
         w.authorization_policies = vec![format!("{ROOT}/istio_converted_static_strict")];
     }
-    if i % 7 == 0 {
+    if i.is_multiple_of(7) {
         w.waypoint = Some(wl::GatewayAddress {
             destination: Some(wl::gateway_address::Destination::Address(
                 wl::NetworkAddress {
