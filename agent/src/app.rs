@@ -162,8 +162,8 @@ async fn serve(
         start_inventory(&cfg, raw_tx, reloads.clone(), xds.as_ref()).await?;
     // The kernel's mesh destinations follow each snapshot before anything else sees it.
     let (first, report) = mesh::sync_current(&datapath, &mut raw_rx, None).await;
-    let (tx, rx) = watch::channel(first);
-    tokio::spawn(mesh::follow(datapath.clone(), raw_rx, tx, report));
+    let (tx, rx) = watch::channel(first.clone());
+    tokio::spawn(mesh::follow(datapath.clone(), raw_rx, tx, first, report));
     let trust_reloads = trust::Reloads::default();
     let (tls, certs) = match identities(&cfg, trust_reloads.clone())? {
         Some((tls, certs)) => (Some(tls), Some(certs)),
@@ -420,7 +420,10 @@ async fn start_inventory(
             let (ready_tx, mut ready_rx) = watch::channel(false);
             let opts = istiod::source::Options {
                 node: cfg.node.clone(),
-                debounce: Duration::from_millis(20),
+                // A snapshot is a cheap copy of the one the mesh keeps up to date: publish each
+                // change as soon as it is applied (a push of many resources still publishes
+                // once, when the loop next runs).
+                debounce: Duration::ZERO,
                 guard: guard_settings(cfg),
                 reloads,
             };

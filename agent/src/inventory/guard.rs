@@ -93,9 +93,11 @@ pub fn suspicion(
     if !current.is_empty() && candidate.is_empty() {
         return Some(Suspicion::Empty { pods: 0 });
     }
-    let counted =
-        |w: &&super::Workload| w.enrolled && settings.node.as_deref().is_none_or(|n| w.node == n);
-    let enrolled: Vec<&super::Workload> = current.workloads.values().filter(counted).collect();
+    // This node's pods through the node index (not a scan of the cluster), or every pod.
+    let enrolled: Vec<&super::Workload> = match settings.node.as_deref() {
+        Some(node) => current.on_node(node).filter(|w| w.enrolled).collect(),
+        None => current.workloads.values().filter(|w| w.enrolled).collect(),
+    };
     let lost = enrolled
         .iter()
         .filter(|w| {

@@ -102,6 +102,9 @@ pub struct MeshDsts<M = BpfHashMap<MapData, AmbAddrKey, u32>> {
     map: M,
     installed: HashMap<AmbAddrKey, u32>,
     capacity: usize,
+    /// Destinations of the last list that could not be written (no room, or a failed write):
+    /// while any is, the wildcard stays set.
+    missing: HashMap<AmbAddrKey, u32>,
 }
 
 impl MeshDsts {
@@ -124,6 +127,7 @@ impl<M: DstMap> MeshDsts<M> {
             map,
             installed,
             capacity,
+            missing: HashMap::new(),
         }
     }
 
@@ -144,35 +148,81 @@ impl<M: DstMap> MeshDsts<M> {
                 }
             }
         }
-        // One slot stays free for the wildcard.
-        let room = self.capacity.saturating_sub(1);
         for (k, v) in p.put {
-            let new = !self.installed.contains_key(&k);
-            let listed = self.listed();
-            if new && listed >= room {
-                r.failed += 1;
-                continue;
-            }
-            match self.map.put(k, v) {
-                Ok(()) => {
-                    self.installed.insert(k, v);
-                    r.put += 1;
-                }
-                Err(e) => {
-                    r.failed += 1;
-                    tracing::warn!(dst = ?k.ip(), error = %e, "cannot list a mesh destination");
-                }
-            }
+            self.put(k, v, &mut r);
         }
-        let missing = desired
+        self.missing = desired
             .iter()
             .filter(|(k, v)| self.installed.get(*k) != Some(*v))
-            .count();
-        r.wildcard = if missing > 0 {
-            self.set_wildcard()
-        } else {
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        self.finish(r)
+    }
+
+    /// Applies the changes of some destinations since the last list (`None`: no longer
+    /// listed), touching only their entries; destinations missing from an incomplete list are
+    /// tried again when a deletion makes room. Deletions first, then writes, as [`Self::sync`].
+    pub fn apply(&mut self, changes: &[(AmbAddrKey, Option<u32>)]) -> SyncReport {
+        let mut r = SyncReport::default();
+        let mut puts = Vec::new();
+        for (k, v) in changes.iter().filter(|(k, _)| *k != AmbAddrKey::WILDCARD) {
+            self.missing.remove(k);
+            match v {
+                None if self.installed.contains_key(k) => {
+                    match ignore_missing(self.map.delete(k)) {
+                        Ok(()) => {
+                            self.installed.remove(k);
+                            r.removed += 1;
+                        }
+                        Err(e) => {
+                            r.failed += 1;
+                            tracing::warn!(dst = ?k.ip(), error = %e, "cannot delete a mesh destination");
+                        }
+                    }
+                }
+                None => {}
+                Some(v) if self.installed.get(k) != Some(v) => puts.push((*k, *v)),
+                Some(_) => {}
+            }
+        }
+        if r.removed > 0 && !self.missing.is_empty() {
+            puts.extend(self.missing.drain());
+        }
+        for (k, v) in puts {
+            self.put(k, v, &mut r);
+        }
+        self.finish(r)
+    }
+
+    /// Writes one destination if there is room (one slot stays free for the wildcard); what
+    /// cannot be written is counted and kept as missing.
+    fn put(&mut self, k: AmbAddrKey, v: u32, r: &mut SyncReport) {
+        let new = !self.installed.contains_key(&k);
+        if new && self.listed() >= self.capacity.saturating_sub(1) {
+            r.failed += 1;
+            self.missing.insert(k, v);
+            return;
+        }
+        match self.map.put(k, v) {
+            Ok(()) => {
+                self.installed.insert(k, v);
+                r.put += 1;
+            }
+            Err(e) => {
+                r.failed += 1;
+                self.missing.insert(k, v);
+                tracing::warn!(dst = ?k.ip(), error = %e, "cannot list a mesh destination");
+            }
+        }
+    }
+
+    /// Sets the wildcard while anything is missing, clears it once nothing is.
+    fn finish(&mut self, mut r: SyncReport) -> SyncReport {
+        r.wildcard = if self.missing.is_empty() {
             self.clear_wildcard();
             self.installed.contains_key(&AmbAddrKey::WILDCARD)
+        } else {
+            self.set_wildcard()
         };
         r.entries = self.listed();
         r
@@ -220,6 +270,13 @@ impl Datapath {
     pub fn sync_mesh(&self, desired: &HashMap<AmbAddrKey, u32>) -> Option<SyncReport> {
         self.handover
             .with_current(|| lock(&self.mesh).sync(desired))
+    }
+
+    /// Applies the changes of some destinations to `amb_mesh_dsts` ([`MeshDsts::apply`]) while
+    /// this agent is current (`None`, and nothing written, otherwise).
+    pub fn update_mesh(&self, changes: &[(AmbAddrKey, Option<u32>)]) -> Option<SyncReport> {
+        self.handover
+            .with_current(|| lock(&self.mesh).apply(changes))
     }
 
     /// Like [`Datapath::sync_mesh`], after reading what the map holds now: for an agent

@@ -105,3 +105,51 @@ fn v4_mapped_inventory_addresses_fold_to_ipv4() {
     let snap = snapshot(vec![pod("a", "node1", true, &["::ffff:10.1.0.7"])], vec![]);
     assert!(destinations(&snap).contains_key(&key("10.1.0.7")));
 }
+
+#[test]
+fn counted_changes_between_snapshots_give_the_list_a_full_count_would() {
+    let mut snap = snapshot(
+        vec![
+            pod("a", "node1", true, &["10.1.0.2", "fd00::2"]),
+            pod("b", "node2", true, &["10.1.0.3"]),
+            pod("c", "node2", false, &["10.1.0.4"]),
+        ],
+        vec![service("web", &["10.96.0.1"], &["10.1.0.2"])],
+    );
+    let mut listed = Listed::of(&snap);
+    let mut kernel = destinations(&snap);
+    let mut x: u32 = 11;
+    for step in 0..200 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let n = (x >> 8) % 6;
+        let mut next = snap.edit();
+        let addr = format!("10.1.0.{}", (x >> 12) % 5 + 2);
+        match (x >> 4) % 4 {
+            0 => {
+                next.remove_workload(&format!("default/p{n}"));
+            }
+            1 => {
+                next.put_service(service(
+                    &format!("s{}", n % 2),
+                    &[&format!("10.96.0.{n}")],
+                    &[],
+                ));
+            }
+            2 => {
+                next.remove_service(&format!("default/s{}", n % 2));
+            }
+            // Two pods may list one address; enrollment flips.
+            _ => {
+                next.put_workload(pod(&format!("p{n}"), "node1", step % 3 != 0, &[&addr]));
+            }
+        }
+        for (k, v) in listed.change(&snap, &next) {
+            match v {
+                Some(v) => kernel.insert(k, v),
+                None => kernel.remove(&k),
+            };
+        }
+        assert_eq!(kernel, destinations(&next), "step {step}");
+        snap = next;
+    }
+}

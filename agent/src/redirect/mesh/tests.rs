@@ -150,3 +150,35 @@ fn a_failed_write_sets_the_wildcard_instead_of_leaving_a_gap() {
     let r = m.sync(&desired(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
     assert_eq!((r.failed, r.wildcard), (1, false), "{r:?}");
 }
+
+#[test]
+fn applied_changes_touch_only_their_entries_and_missing_ones_wait_for_room() {
+    // Room for 3 entries: 2 destinations and the wildcard.
+    let mut m = fake(3);
+    let r = m.sync(&desired(&["10.0.0.1"]));
+    assert_eq!((r.put, r.wildcard), (1, false));
+    let r = m.apply(&[
+        (key("10.0.0.2"), Some(MESH_DST_POD)),
+        (key("10.0.0.3"), Some(MESH_DST_VIP)),
+    ]);
+    assert_eq!((r.put, r.failed, r.entries, r.wildcard), (1, 1, 2, true));
+    // Unchanged and unknown removals write nothing.
+    let r = m.apply(&[
+        (key("10.0.0.1"), Some(MESH_DST_POD)),
+        (key("10.9.9.9"), None),
+    ]);
+    assert_eq!((r.put, r.removed, r.wildcard), (0, 0, true));
+    // A removal makes room: the missing destination is written and the wildcard goes.
+    let r = m.apply(&[(key("10.0.0.1"), None)]);
+    assert_eq!((r.put, r.removed, r.wildcard), (1, 1, false), "{r:?}");
+    let mut expected = desired(&["10.0.0.2"]);
+    expected.insert(key("10.0.0.3"), MESH_DST_VIP);
+    assert_eq!(m.map.entries, expected);
+    // A changed destination is rewritten; a missing one that goes away is forgotten.
+    let r = m.apply(&[(key("10.0.0.2"), Some(MESH_DST_POD | MESH_DST_VIP))]);
+    assert_eq!((r.put, r.wildcard), (1, false));
+    m.apply(&[(key("10.0.0.4"), Some(MESH_DST_POD))]);
+    let r = m.apply(&[(key("10.0.0.4"), None)]);
+    assert!(!r.wildcard, "nothing is missing any more: {r:?}");
+    assert!(!m.map.entries.contains_key(&AmbAddrKey::WILDCARD));
+}
