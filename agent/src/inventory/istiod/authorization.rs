@@ -20,7 +20,7 @@ use ambit_proto::istio::security as sec;
 use ipnet::IpNet;
 
 use super::model::ModelError;
-use super::workloads::{bad_ip, ip, namespaced};
+use super::workloads::{bad_ip, invalid, ip, namespaced, unsupported, Fault};
 use crate::meta::ObjectMeta;
 use crate::policy::authz::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, From, Operation, Rule, Source,
@@ -52,17 +52,6 @@ pub enum Policy {
     StaticStrict,
 }
 
-/// `(field, problem, unsupported)`.
-type Fault = (String, String, bool);
-
-fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Fault {
-    (field.into(), problem.into(), false)
-}
-
-fn unsupported(field: impl Into<String>, problem: impl Into<String>) -> Fault {
-    (field.into(), problem.into(), true)
-}
-
 /// Maps the `Authorization` resource `name` (already decoded) in a mesh whose root namespace
 /// is `root_namespace`.
 pub fn convert(
@@ -70,24 +59,7 @@ pub fn convert(
     a: &sec::Authorization,
     root_namespace: &str,
 ) -> Result<Policy, ModelError> {
-    policy(name, a, root_namespace).map_err(|(field, problem, unsupported)| {
-        let (kind, name) = ("Authorization", name.to_string());
-        if unsupported {
-            ModelError::Unsupported {
-                kind,
-                name,
-                field,
-                problem,
-            }
-        } else {
-            ModelError::Invalid {
-                kind,
-                name,
-                field,
-                problem,
-            }
-        }
-    })
+    policy(name, a, root_namespace).map_err(|f| f.into_error("Authorization", name))
 }
 
 fn policy(name: &str, a: &sec::Authorization, root: &str) -> Result<Policy, Fault> {
