@@ -23,7 +23,7 @@ use crate::identity::ca_api::{
     Impersonate as _, IstioCertificateRequest, IstioCertificateResponse, CLUSTER_ID,
     CREATE_CERTIFICATE_PATH,
 };
-use crate::identity::channel::{bearer, ChannelError, TlsTarget};
+use crate::identity::channel::{bearer, cluster_id_metadata, ChannelError, TlsTarget};
 use crate::identity::pem_block;
 use crate::identity::{
     new_csr, verify_svid, BundleError, CsrError, PeerRole, SpiffeId, SvidError, TrustBundle,
@@ -248,17 +248,13 @@ impl CaClient {
             cfg.root_cert.clone(),
             Duration::from_millis(cfg.timeout_ms.max(1)),
         )?;
-        let cluster_id = match &cfg.cluster_id {
-            None => None,
-            Some(value) => Some(
-                AsciiMetadataValue::try_from(value.as_str())
-                    .ok()
-                    .filter(|_| !value.is_empty() && value.bytes().all(|b| b.is_ascii_graphic()))
-                    .ok_or_else(|| ClientError::ClusterId {
-                        value: value.clone(),
-                    })?,
-            ),
-        };
+        let cluster_id = (cfg.cluster_id.as_deref())
+            .map(|value| {
+                cluster_id_metadata(value).ok_or_else(|| ClientError::ClusterId {
+                    value: value.to_owned(),
+                })
+            })
+            .transpose()?;
         Ok(Self {
             cfg,
             target,
