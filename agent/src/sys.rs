@@ -1,4 +1,4 @@
-//! Syscalls the agent needs beyond std and socket2: netns entry, cookies, bpffs and cgroup2 mounts, signal masks.
+//! Syscalls the agent needs beyond std and socket2: netns entry, cookies, bpffs and cgroup2 mounts, signal masks, owner-only unix sockets.
 #![expect(
     unsafe_code,
     reason = "getsockopt(SO_NETNS_COOKIE), setpriority and sigwait on realtime signals have no safe wrapper"
@@ -7,6 +7,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::sched::{setns, CloneFlags};
@@ -265,6 +266,23 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
         path: dir.to_path_buf(),
         source,
     })
+}
+
+/// Binds a non-blocking unix socket at `path` that only its owner may connect to (mode 0600):
+/// creates the directory, replaces a stale socket. The callers' errors name the socket.
+pub fn bind_owner_only(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 /// Moves the calling process into the cgroup v2 directory `dir` (created if missing).

@@ -16,7 +16,6 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::Resource;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use ambit::ca::config::{CaConfig, CaInventory, KeySource, DEFAULT_AUDIENCE, DEFAULT_NODE_AGENT};
@@ -26,7 +25,7 @@ use ambit::cni::{DEFAULT_POD_MAP, DEFAULT_SOCKET};
 use ambit::inventory::kube::ISTIO_KINDS;
 
 mod manifests;
-use manifests::{deploy_dir, mount_of, typed, volume};
+use manifests::{deploy_dir, mount_of, typed, volume, Kustomization};
 
 /// Every document of every YAML file under deploy/ but the Istio overlay deploy/istio/ (rendered
 /// and checked by tests/deploy_istio.rs), with its file name.
@@ -61,20 +60,6 @@ fn documents() -> Vec<(String, Value)> {
         }
     }
     out
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Kustomization {
-    api_version: String,
-    kind: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    labels: Vec<Value>,
-    resources: Vec<String>,
-    #[serde(default)]
-    images: Vec<Value>,
 }
 
 #[derive(Default)]
@@ -115,6 +100,12 @@ fn manifests() -> Manifests {
             "Kustomization" => {
                 let k: Kustomization = serde_json::from_value(v)
                     .unwrap_or_else(|e| panic!("{file}: kustomization: {e}"));
+                // Patches belong to the Istio overlay (tests/deploy_istio.rs renders them).
+                let patches: Vec<&str> = k.patches.iter().map(|p| p.path.as_str()).collect();
+                assert!(
+                    patches.is_empty(),
+                    "{file}: patches {patches:?} outside deploy/istio/"
+                );
                 m.kustomizations.insert(file, k);
             }
             other => panic!("{file}: unexpected kind `{other}`"),

@@ -12,13 +12,12 @@ use std::path::Path;
 use clap::Parser;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Volume};
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use ambit::cli::{Cli, Command};
 
 mod manifests;
-use manifests::{deploy_dir, mount_of, typed, volume};
+use manifests::{deploy_dir, mount_of, typed, volume, Kustomization};
 
 /// istiod's CA token audience (its `TOKEN_AUDIENCES` default).
 const ISTIO_AUDIENCE: &str = "istio-ca";
@@ -27,28 +26,6 @@ const ISTIO_ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 const ISTIO_ROOT_KEY: &str = "root-cert.pem";
 /// istiod's CA, as the agent must dial it.
 const ISTIOD: &str = "istiod.istio-system.svc:15012";
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct Kustomization {
-    api_version: String,
-    kind: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    labels: Vec<Value>,
-    resources: Vec<String>,
-    #[serde(default)]
-    images: Vec<Value>,
-    #[serde(default)]
-    patches: Vec<Patch>,
-}
-
-#[derive(Debug, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-struct Patch {
-    path: String,
-}
 
 fn kustomization(dir: &Path) -> Kustomization {
     let text = std::fs::read_to_string(dir.join("kustomization.yaml")).unwrap();

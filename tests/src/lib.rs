@@ -6,6 +6,7 @@
 //! removed on drop even when the test panics).
 pub mod abuse;
 pub mod hbone;
+pub mod netns;
 
 pub use ambit_testbed::*;
 

@@ -6,7 +6,6 @@
 //! past it a connection is closed at once and counted; a request head must arrive within
 //! [`HEADER_TIMEOUT`] and a connection lasts at most [`CONNECTION_TIMEOUT`].
 use std::convert::Infallible;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -97,22 +96,10 @@ pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// Binds the admin socket (replacing a stale one), restricted to its owner. The listener is
 /// non-blocking, for the admin thread's runtime ([`spawn_thread`]).
 pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, Error> {
-    let err = |source| Error::Bind {
+    crate::sys::bind_owner_only(path).map_err(|source| Error::Bind {
         path: path.to_path_buf(),
         source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = std::os::unix::net::UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    listener.set_nonblocking(true).map_err(err)?;
-    Ok(listener)
+    })
 }
 
 /// Nice value of the admin thread (the data plane runs at 0).

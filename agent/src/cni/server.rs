@@ -1,6 +1,6 @@
 //! The agent's end of the CNI socket: accepts plugin calls and answers each through a handler.
 use std::os::fd::RawFd;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,21 +30,12 @@ pub enum Error {
 
 /// Binds the CNI socket (replacing a stale one), restricted to its owner.
 pub fn bind(path: &Path) -> Result<UnixListener, Error> {
-    let err = |source| Error::Bind {
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(err)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+    crate::sys::bind_owner_only(path)
+        .and_then(UnixListener::from_std)
+        .map_err(|source| Error::Bind {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Serves plugin calls until the task is dropped. Only peers with the agent's own uid (root in

@@ -9,7 +9,6 @@
 //! file changes. The same client serves `ambit ca` and istiod (see [`answer`] for the two
 //! shapes of their answers).
 use std::error::Error as StdError;
-use std::io;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -23,7 +22,7 @@ use crate::identity::ca_api::{
     Impersonate as _, IstioCertificateRequest, IstioCertificateResponse, CLUSTER_ID,
     CREATE_CERTIFICATE_PATH,
 };
-use crate::identity::channel::{bearer, ChannelError, TlsTarget};
+use crate::identity::channel::{bearer, cluster_id_metadata, ChannelError, TlsTarget};
 use crate::identity::pem_block;
 use crate::identity::{
     new_csr, verify_svid, BundleError, CsrError, PeerRole, SpiffeId, SvidError, TrustBundle,
@@ -85,48 +84,17 @@ pub struct Issued {
 /// Why a certificate could not be obtained.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// `address` is not `host[:port]` or `https://host[:port]`.
-    #[error("ca address {address:?} is invalid: {reason}")]
-    Address {
+    /// The channel or the request's token could not be had (address, server name, root
+    /// file, TLS settings, token file).
+    #[error("ca {address}: cannot make the channel or the request token")]
+    Channel {
         address: String,
-        reason: &'static str,
+        #[source]
+        source: ChannelError,
     },
     /// `clusterId` cannot be sent as gRPC metadata.
     #[error("ca clusterId {value:?} is empty or not visible ascii")]
     ClusterId { value: String },
-    /// `serverName` (or the host) is not a DNS name or IP address.
-    #[error("ca server name {name:?} is not a dns name or ip address")]
-    ServerName { name: String },
-    /// The root file could not be read.
-    #[error("cannot read ca root file {}", path.display())]
-    RootFile {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    /// The root file holds no usable root.
-    #[error("ca root file {}", path.display())]
-    Roots {
-        path: PathBuf,
-        #[source]
-        source: BundleError,
-    },
-    /// rustls refused the TLS settings.
-    #[error("failed to build the ca client tls config")]
-    Tls {
-        #[source]
-        source: rustls::Error,
-    },
-    /// The token file could not be read.
-    #[error("cannot read token file {}", path.display())]
-    TokenFile {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    /// The token file is empty or holds characters a header cannot carry.
-    #[error("token file {} is empty or not a token", path.display())]
-    BadToken { path: PathBuf },
     /// Key or CSR generation failed.
     #[error("failed to make a csr")]
     Csr {
@@ -247,18 +215,18 @@ impl CaClient {
             cfg.server_name.as_deref(),
             cfg.root_cert.clone(),
             Duration::from_millis(cfg.timeout_ms.max(1)),
-        )?;
-        let cluster_id = match &cfg.cluster_id {
-            None => None,
-            Some(value) => Some(
-                AsciiMetadataValue::try_from(value.as_str())
-                    .ok()
-                    .filter(|_| !value.is_empty() && value.bytes().all(|b| b.is_ascii_graphic()))
-                    .ok_or_else(|| ClientError::ClusterId {
-                        value: value.clone(),
-                    })?,
-            ),
-        };
+        )
+        .map_err(|source| ClientError::Channel {
+            address: cfg.address.clone(),
+            source,
+        })?;
+        let cluster_id = (cfg.cluster_id.as_deref())
+            .map(|value| {
+                cluster_id_metadata(value).ok_or_else(|| ClientError::ClusterId {
+                    value: value.to_owned(),
+                })
+            })
+            .transpose()?;
         Ok(Self {
             cfg,
             target,
@@ -286,8 +254,12 @@ impl CaClient {
     }
 
     async fn fetch_inner(&self, id: &SpiffeId) -> Result<Issued, ClientError> {
-        let bearer = bearer(&self.cfg.token_file).await?;
-        let (channel, trusted) = self.target.channel().await?;
+        let channel_error = |source| ClientError::Channel {
+            address: self.cfg.address.clone(),
+            source,
+        };
+        let bearer = bearer(&self.cfg.token_file).await.map_err(channel_error)?;
+        let (channel, trusted) = self.target.channel().await.map_err(channel_error)?;
         let generated = new_csr(id).map_err(|source| ClientError::Csr { source })?;
         let csr_pem = pem_block("CERTIFICATE REQUEST", generated.csr.as_ref());
         let ttl_secs = i64::try_from(self.cfg.ttl_secs).unwrap_or(i64::MAX);
@@ -412,20 +384,6 @@ impl std::fmt::Debug for CaClient {
         f.debug_struct("CaClient")
             .field("cfg", &self.cfg)
             .finish_non_exhaustive()
-    }
-}
-
-impl From<ChannelError> for ClientError {
-    fn from(e: ChannelError) -> Self {
-        match e {
-            ChannelError::Address { address, reason } => Self::Address { address, reason },
-            ChannelError::ServerName { name } => Self::ServerName { name },
-            ChannelError::RootFile { path, source } => Self::RootFile { path, source },
-            ChannelError::Roots { path, source } => Self::Roots { path, source },
-            ChannelError::Tls { source } => Self::Tls { source },
-            ChannelError::TokenFile { path, source } => Self::TokenFile { path, source },
-            ChannelError::BadToken { path } => Self::BadToken { path },
-        }
     }
 }
 

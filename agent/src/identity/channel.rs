@@ -241,6 +241,13 @@ pub async fn bearer(token_file: &Path) -> Result<AsciiMetadataValue, ChannelErro
         })
 }
 
+/// `value` as `ClusterID` gRPC metadata; `None` when it is empty or not visible ASCII.
+pub fn cluster_id_metadata(value: &str) -> Option<AsciiMetadataValue> {
+    AsciiMetadataValue::try_from(value)
+        .ok()
+        .filter(|_| !value.is_empty() && value.bytes().all(|b| b.is_ascii_graphic()))
+}
+
 /// Opens TCP + TLS to the server for tonic's channel.
 #[derive(Clone)]
 struct Connector {

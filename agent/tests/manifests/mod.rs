@@ -1,14 +1,38 @@
-//! Helpers the manifest tests share: deploy/'s path, strict typing of a manifest (no field the k8s-openapi type does not know), volumes and mounts.
+//! Helpers the manifest tests share: deploy/'s path, the kustomization file, strict typing of a manifest (no field the k8s-openapi type does not know), volumes and mounts.
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, Volume};
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The repository's deploy/ directory.
 pub(crate) fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// A `kustomization.yaml`, with only the fields deploy/ uses.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct Kustomization {
+    pub(crate) api_version: String,
+    pub(crate) kind: String,
+    #[serde(default)]
+    pub(crate) namespace: Option<String>,
+    #[serde(default)]
+    pub(crate) labels: Vec<Value>,
+    pub(crate) resources: Vec<String>,
+    #[serde(default)]
+    pub(crate) images: Vec<Value>,
+    #[serde(default)]
+    pub(crate) patches: Vec<Patch>,
+}
+
+/// A strategic-merge patch a kustomization lists.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Patch {
+    pub(crate) path: String,
 }
 
 /// Parses `v` as `T` and fails on any field `T` does not know (k8s-openapi ignores them);

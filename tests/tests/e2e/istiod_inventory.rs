@@ -10,61 +10,40 @@
     clippy::unwrap_used,
     reason = "test bodies panic with a line number (STYLE.md §7)"
 )]
-use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ambit::inventory::istiod::fake_istiod::{FakeIstiod, Recorded};
 use ambit::inventory::istiod::model::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+use ambit_e2e::netns::NetnsServer;
 use ambit_e2e::{assert_eventually, testbed_with, Options, PodSpec, Testbed, ECHO_PORT};
 use ambit_proto::envoy::service::discovery::v3::DeltaDiscoveryResponse;
 use ambit_proto::istio::security as sec;
 use ambit_proto::istio::workload as wl;
-use nix::sched::CloneFlags;
 use prost::Message as _;
 use serde_json::Value;
 
 /// The fake istiod, serving from a thread inside a node's network namespace (where the agent
 /// runs); stopped on drop.
-struct Istiod {
-    fake: Option<FakeIstiod>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
+struct Istiod(NetnsServer<FakeIstiod>);
 
 impl Istiod {
     /// Starts in `netns` on 127.0.0.1 with a serving certificate for `127.0.0.1` issued by the
     /// CA in `ca_dir` (`ca-cert.pem`, `ca-key.pem`), which the agents' `rootCert` trusts.
     fn start(netns: &Path, ca_dir: &Path) -> Self {
-        let ns = File::open(netns).unwrap();
         let cert = std::fs::read_to_string(ca_dir.join("ca-cert.pem")).unwrap();
         let key = std::fs::read_to_string(ca_dir.join("ca-key.pem")).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let fake = FakeIstiod::start_with_ca(&cert, &key, &["127.0.0.1"]).await;
-                tx.send(fake).unwrap();
-                let _ = stop_rx.await;
-            });
-        });
-        let fake = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        Self {
-            fake: Some(fake),
-            stop: Some(stop),
-            thread: Some(thread),
-        }
+        Self(
+            NetnsServer::start(netns, move || async move {
+                FakeIstiod::start_with_ca(&cert, &key, &["127.0.0.1"]).await
+            })
+            .unwrap(),
+        )
     }
 
     fn fake(&self) -> &FakeIstiod {
-        self.fake.as_ref().unwrap()
+        self.0.server()
     }
 
     /// Waits (20 s) until the requests satisfy `done`; returns them.
@@ -81,16 +60,6 @@ impl Istiod {
                 tb.agent_logs(40)
             );
             std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Istiod {
-    fn drop(&mut self) {
-        drop(self.fake.take());
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
         }
     }
 }

@@ -7,59 +7,15 @@
     clippy::unwrap_used,
     reason = "test bodies panic with a line number (STYLE.md §7)"
 )]
-use std::fs::File;
 use std::path::Path;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ambit::inventory::kube::annotate::{FIELD_MANAGER, REDIRECTION_ANNOTATION};
 use ambit::inventory::kube::fake_api::{FakeApi, PatchCall};
+use ambit_e2e::netns::NetnsServer;
 use ambit_e2e::{testbed_with, Options, Testbed};
-use nix::sched::CloneFlags;
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-
-/// The test API server, serving from a thread inside a node's network namespace (where the
-/// agent runs); stopped on drop.
-struct ApiServer {
-    api: FakeApi,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl ApiServer {
-    fn start(netns: &Path) -> Self {
-        let ns = File::open(netns).unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            nix::sched::setns(&ns, CloneFlags::CLONE_NEWNET).unwrap();
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                tx.send(FakeApi::start().await).unwrap();
-                let _ = stop_rx.await;
-            });
-        });
-        let api = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        Self {
-            api,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for ApiServer {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// A Pod as the API server lists it, on `node`, enrolled or not by `ambit.io/mode`.
 fn pod(tb: &Testbed, name: &str, node: &str, mode: &str, annotated: bool) -> Value {
@@ -140,8 +96,9 @@ fn the_agent_annotates_captured_pods_and_removes_stale_annotations() {
         cni: true,
         ..Options::default()
     });
-    let server = ApiServer::start(&tb.node("node1").netns_path());
-    let api = &server.api;
+    // The test API server serves from node1's network namespace, where the agent runs.
+    let server = NetnsServer::start(&tb.node("node1").netns_path(), FakeApi::start).unwrap();
+    let api = server.server();
     api.apply(json!({
         "apiVersion": "v1",
         "kind": "Namespace",

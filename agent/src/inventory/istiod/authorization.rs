@@ -20,7 +20,7 @@ use ambit_proto::istio::security as sec;
 use ipnet::IpNet;
 
 use super::model::ModelError;
-use super::workloads::{bad_ip, ip, namespaced};
+use super::workloads::{bad_ip, invalid, ip, namespaced, unsupported, Fault};
 use crate::meta::ObjectMeta;
 use crate::policy::authz::{
     Action, AuthorizationPolicy, AuthorizationPolicySpec, Condition, From, Operation, Rule, Source,
@@ -52,17 +52,6 @@ pub enum Policy {
     StaticStrict,
 }
 
-/// `(field, problem, unsupported)`.
-type Fault = (String, String, bool);
-
-fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Fault {
-    (field.into(), problem.into(), false)
-}
-
-fn unsupported(field: impl Into<String>, problem: impl Into<String>) -> Fault {
-    (field.into(), problem.into(), true)
-}
-
 /// Maps the `Authorization` resource `name` (already decoded) in a mesh whose root namespace
 /// is `root_namespace`.
 pub fn convert(
@@ -70,24 +59,7 @@ pub fn convert(
     a: &sec::Authorization,
     root_namespace: &str,
 ) -> Result<Policy, ModelError> {
-    policy(name, a, root_namespace).map_err(|(field, problem, unsupported)| {
-        let (kind, name) = ("Authorization", name.to_string());
-        if unsupported {
-            ModelError::Unsupported {
-                kind,
-                name,
-                field,
-                problem,
-            }
-        } else {
-            ModelError::Invalid {
-                kind,
-                name,
-                field,
-                problem,
-            }
-        }
-    })
+    policy(name, a, root_namespace).map_err(|f| f.into_error("Authorization", name))
 }
 
 fn policy(name: &str, a: &sec::Authorization, root: &str) -> Result<Policy, Fault> {
@@ -230,34 +202,25 @@ fn rule(r: &sec::Rule, at: &str) -> Result<Option<Rule>, Fault> {
     }
     // Clauses of alternatives first: they need the rule's `from` or `to` list.
     clauses.sort_by_key(|(_, set)| std::cmp::Reverse(set.len()));
+    // A rule's `from` (or `to`) list is taken by the first clause that fills it; later
+    // sources (ports) become `when` conditions, or are refused when they are alternatives.
     let mut out = Rule::default();
-    let (mut from_taken, mut to_taken) = (false, false);
     for (at, set) in clauses {
         if let [(k, m)] = set.as_slice() {
             let at = format!("{at}.matches[{k}]");
             if has_source(m) {
-                if from_taken {
-                    out.when.extend(source_conditions(m, &at)?);
+                if out.from.is_empty() {
+                    out.from.push(from_entry(m, &at)?);
                 } else {
-                    out.from.push(From {
-                        source: source(m, &at)?,
-                    });
-                    from_taken = true;
+                    out.when.extend(source_conditions(m, &at)?);
                 }
             }
             if has_ports(m) {
-                let (yes, no) = ports(m, &at)?;
-                if to_taken {
-                    out.when.push(condition("destination.port", yes, no));
+                if out.to.is_empty() {
+                    out.to.push(to_entry(m, &at)?);
                 } else {
-                    out.to.push(To {
-                        operation: Operation {
-                            ports: yes,
-                            not_ports: no,
-                            ..Operation::default()
-                        },
-                    });
-                    to_taken = true;
+                    let (yes, no) = ports(m, &at)?;
+                    out.when.push(condition("destination.port", yes, no));
                 }
             }
             if !m.destination_ips.is_empty() || !m.not_destination_ips.is_empty() {
@@ -271,39 +234,12 @@ fn rule(r: &sec::Rule, at: &str) -> Result<Option<Rule>, Fault> {
             .iter()
             .all(|(_, m)| !has_ports(m) && !has_destination_ips(m))
         {
-            if from_taken {
-                return Err(unsupported(
-                    at,
-                    "a second clause of alternative sources in one rule",
-                ));
-            }
-            for (k, m) in &set {
-                out.from.push(From {
-                    source: source(m, &format!("{at}.matches[{k}]"))?,
-                });
-            }
-            from_taken = true;
+            alternatives(&mut out.from, &at, &set, "sources", from_entry)?;
         } else if set
             .iter()
             .all(|(_, m)| !has_source(m) && !has_destination_ips(m))
         {
-            if to_taken {
-                return Err(unsupported(
-                    at,
-                    "a second clause of alternative ports in one rule",
-                ));
-            }
-            for (k, m) in &set {
-                let (yes, no) = ports(m, &format!("{at}.matches[{k}]"))?;
-                out.to.push(To {
-                    operation: Operation {
-                        ports: yes,
-                        not_ports: no,
-                        ..Operation::default()
-                    },
-                });
-            }
-            to_taken = true;
+            alternatives(&mut out.to, &at, &set, "ports", to_entry)?;
         } else {
             return Err(unsupported(
                 at,
@@ -312,6 +248,46 @@ fn rule(r: &sec::Rule, at: &str) -> Result<Option<Rule>, Fault> {
         }
     }
     Ok(Some(out))
+}
+
+/// Fills `list` (the rule's `from` or `to`) with one `entry` per match of the clause of
+/// alternative `what` at `at`; a list another clause took already is refused.
+fn alternatives<T>(
+    list: &mut Vec<T>,
+    at: &str,
+    set: &[(usize, &sec::Match)],
+    what: &str,
+    entry: fn(&sec::Match, &str) -> Result<T, Fault>,
+) -> Result<(), Fault> {
+    if !list.is_empty() {
+        return Err(unsupported(
+            at,
+            format!("a second clause of alternative {what} in one rule"),
+        ));
+    }
+    for (k, m) in set {
+        list.push(entry(m, &format!("{at}.matches[{k}]"))?);
+    }
+    Ok(())
+}
+
+/// The `from` entry of the match at `at`: its sources.
+fn from_entry(m: &sec::Match, at: &str) -> Result<From, Fault> {
+    Ok(From {
+        source: source(m, at)?,
+    })
+}
+
+/// The `to` entry of the match at `at`: its ports.
+fn to_entry(m: &sec::Match, at: &str) -> Result<To, Fault> {
+    let (ports, not_ports) = ports(m, at)?;
+    Ok(To {
+        operation: Operation {
+            ports,
+            not_ports,
+            ..Operation::default()
+        },
+    })
 }
 
 fn is_empty(m: &sec::Match) -> bool {

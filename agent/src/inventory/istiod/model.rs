@@ -86,6 +86,40 @@ pub enum ModelError {
     },
 }
 
+impl ModelError {
+    /// [`ModelError::Invalid`]: field `field` of the `kind` resource `name` holds a value the
+    /// API does not allow.
+    pub fn invalid(
+        kind: &'static str,
+        name: &str,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+    ) -> Self {
+        Self::Invalid {
+            kind,
+            name: name.to_string(),
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// [`ModelError::Unsupported`]: field `field` of the `kind` resource `name` holds a value
+    /// beyond what ambit's model expresses.
+    pub fn unsupported(
+        kind: &'static str,
+        name: &str,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+    ) -> Self {
+        Self::Unsupported {
+            kind,
+            name: name.to_string(),
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
 /// The istiod resources currently accepted, by resource name, and the snapshot they make.
 #[derive(Debug, Clone, Default)]
 pub struct Mesh {

@@ -21,7 +21,7 @@ use super::node::NodeInfo;
 use super::state::DeltaState;
 pub use super::state::Sink;
 use super::status::{Handled, StatusHandle};
-use crate::identity::channel::{bearer, ChannelError, TlsTarget};
+use crate::identity::channel::{bearer, cluster_id_metadata, ChannelError, TlsTarget};
 
 pub use super::model::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
 /// istiod's xDS port.
@@ -132,17 +132,13 @@ impl<S: Sink> XdsClient<S> {
             address: cfg.address.clone(),
             source,
         })?;
-        let cluster_id = match &cfg.cluster_id {
-            None => None,
-            Some(value) => Some(
-                AsciiMetadataValue::try_from(value.as_str())
-                    .ok()
-                    .filter(|_| !value.is_empty() && value.bytes().all(|b| b.is_ascii_graphic()))
-                    .ok_or_else(|| XdsError::ClusterId {
-                        value: value.clone(),
-                    })?,
-            ),
-        };
+        let cluster_id = (cfg.cluster_id.as_deref())
+            .map(|value| {
+                cluster_id_metadata(value).ok_or_else(|| XdsError::ClusterId {
+                    value: value.to_owned(),
+                })
+            })
+            .transpose()?;
         let state = DeltaState::new(&[ADDRESS_TYPE, AUTHORIZATION_TYPE]);
         for type_url in state.type_urls() {
             status.subscribed(type_url);

@@ -100,15 +100,16 @@ pub enum Resource {
     Service(ServiceEntry),
 }
 
-/// What the checks below report on one resource: `(field, problem)`; `unsupported` says
-/// whether the value is valid but beyond ambit's model.
-struct Fault {
+/// What the checks below (and those of [`super::authorization`]) report on one resource:
+/// `(field, problem)`; `unsupported` says whether the value is valid but beyond ambit's model.
+pub(super) struct Fault {
     field: String,
     problem: String,
     unsupported: bool,
 }
 
-fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Fault {
+/// A value the API does not allow in `field`.
+pub(super) fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Fault {
     Fault {
         field: field.into(),
         problem: problem.into(),
@@ -116,7 +117,8 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Fault {
     }
 }
 
-fn unsupported(field: impl Into<String>, problem: impl Into<String>) -> Fault {
+/// A valid value in `field` that ambit's model cannot express.
+pub(super) fn unsupported(field: impl Into<String>, problem: impl Into<String>) -> Fault {
     Fault {
         field: field.into(),
         problem: problem.into(),
@@ -125,22 +127,12 @@ fn unsupported(field: impl Into<String>, problem: impl Into<String>) -> Fault {
 }
 
 impl Fault {
-    fn into_error(self, kind: &'static str, name: &str) -> ModelError {
-        let (field, problem, name) = (self.field, self.problem, name.to_string());
+    /// The error refusing the `kind` resource `name` for this fault.
+    pub(super) fn into_error(self, kind: &'static str, name: &str) -> ModelError {
         if self.unsupported {
-            ModelError::Unsupported {
-                kind,
-                name,
-                field,
-                problem,
-            }
+            ModelError::unsupported(kind, name, self.field, self.problem)
         } else {
-            ModelError::Invalid {
-                kind,
-                name,
-                field,
-                problem,
-            }
+            ModelError::invalid(kind, name, self.field, self.problem)
         }
     }
 }
@@ -160,12 +152,12 @@ pub fn check(
         Some(xds::address::Type::Service(s)) => service(name, s)
             .map(Resource::Service)
             .map_err(|f| f.into_error("Service", name)),
-        None => Err(ModelError::Invalid {
-            kind: "Address",
-            name: name.to_string(),
-            field: "type".into(),
-            problem: "neither a workload nor a service".into(),
-        }),
+        None => Err(ModelError::invalid(
+            "Address",
+            name,
+            "type",
+            "neither a workload nor a service",
+        )),
     }
 }
 

@@ -47,10 +47,14 @@ fn address(t: wl::address::Type) -> Vec<u8> {
     wl::Address { r#type: Some(t) }.encode_to_vec()
 }
 
-fn apply_workload(m: &mut Mesh, w: wl::Workload) {
+/// Applies `w` under its uid, as istiod names a Workload resource.
+fn try_apply_workload(m: &mut Mesh, w: wl::Workload) -> Result<(), ModelError> {
     let uid = w.uid.clone();
     m.apply(ADDRESS_TYPE, &uid, &address(wl::address::Type::Workload(w)))
-        .unwrap();
+}
+
+fn apply_workload(m: &mut Mesh, w: wl::Workload) {
+    try_apply_workload(m, w).unwrap();
 }
 
 fn service(ns: &str, name: &str, vip: &str, port: u32, target: u32) -> wl::Service {
@@ -248,13 +252,7 @@ fn a_malformed_resource_is_refused_with_its_field_and_the_previous_version_stays
     apply_workload(&mut m, workload("uid-s", "shop", "server", &["10.1.0.2"]));
     let mut bad = workload("uid-s", "shop", "server", &[]);
     bad.addresses = vec![vec![10, 1, 0, 9, 9]];
-    let err = m
-        .apply(
-            ADDRESS_TYPE,
-            "uid-s",
-            &address(wl::address::Type::Workload(bad)),
-        )
-        .unwrap_err();
+    let err = try_apply_workload(&mut m, bad).unwrap_err();
     assert_eq!(
         err.to_string(),
         "Workload uid-s: addresses[0]: 5 bytes is not an IPv4 (4 bytes) or IPv6 (16 bytes) address"
@@ -303,13 +301,7 @@ fn an_unknown_tunnel_protocol_is_refused() {
     let mut m = mesh();
     let mut w = workload("uid-s", "shop", "server", &["10.1.0.2"]);
     w.tunnel_protocol = 7;
-    let err = m
-        .apply(
-            ADDRESS_TYPE,
-            "uid-s",
-            &address(wl::address::Type::Workload(w)),
-        )
-        .unwrap_err();
+    let err = try_apply_workload(&mut m, w).unwrap_err();
     assert_eq!(
         err.to_string(),
         "Workload uid-s: tunnel_protocol: unknown value 7"
@@ -322,13 +314,7 @@ fn what_ambit_cannot_express_is_refused_not_widened() {
     let mut m = mesh();
     let mut dns = workload("uid-d", "shop", "ext", &[]);
     dns.hostname = "db.example.com".into();
-    let err = m
-        .apply(
-            ADDRESS_TYPE,
-            "uid-d",
-            &address(wl::address::Type::Workload(dns)),
-        )
-        .unwrap_err();
+    let err = try_apply_workload(&mut m, dns).unwrap_err();
     assert!(
         matches!(err, ModelError::Unsupported { .. }) && err.to_string().contains("hostname"),
         "{err}"
@@ -446,13 +432,7 @@ fn a_workload_listing_a_policy_of_a_third_namespace_is_refused() {
     let mut m = mesh();
     let mut w = workload("uid-s", "shop", "server", &["10.1.0.2"]);
     w.authorization_policies = vec!["other/p".into(), format!("{ROOT}/p")];
-    let err = m
-        .apply(
-            ADDRESS_TYPE,
-            "uid-s",
-            &address(wl::address::Type::Workload(w)),
-        )
-        .unwrap_err();
+    let err = try_apply_workload(&mut m, w).unwrap_err();
     assert!(
         err.to_string()
             .starts_with("Workload uid-s: authorization_policies[0]: `other/p`"),
