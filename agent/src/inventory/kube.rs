@@ -20,7 +20,7 @@ use std::hash::Hash;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -34,8 +34,8 @@ use tokio::sync::{watch, Notify};
 
 pub use convert::{Builder, Objects};
 
-use super::guard::{Guard, GuardSettings, Verdict};
-use super::publish::{Publisher, ReloadStats};
+use super::guard::GuardSettings;
+use super::publish::{until, GuardedPublisher, ReloadStats};
 use super::Snapshot;
 use crate::cni::pods::CniPod;
 use crate::error::error_chain;
@@ -215,13 +215,15 @@ pub async fn watch(
     } else {
         Builder::new(opts.node.clone())
     };
-    let mut published = false;
-    let mut guard: Guard<Snapshot> = Guard::new(opts.guard.clone());
-    let settle = opts.guard.settle;
-    let reloads = opts.reloads.clone();
-    let mut publisher = Publisher::new(tx, reloads.clone());
+    let mut publisher = GuardedPublisher::new(
+        tx,
+        opts.reloads.clone(),
+        opts.guard.clone(),
+        ready,
+        "kubernetes",
+    );
     loop {
-        let due = guard.deadline();
+        let due = publisher.deadline();
         tokio::select! {
             _ = changed.notified() => {}
             r = cni.changed() => if r.is_err() { break },
@@ -249,41 +251,12 @@ pub async fn watch(
         stats
             .rejected
             .store(builder.problems().len() as u64, Ordering::Relaxed);
-        if published {
-            let verdict = guard.check(&publisher.current(), &snap, &snap, Instant::now());
-            reloads.note(&verdict, settle, "kubernetes");
-            if let Verdict::Hold { .. } = verdict {
-                continue;
-            }
-        }
-        if publisher.publish(snap, !published) {
+        if publisher.offer(snap) {
             stats.publishes.fetch_add(1, Ordering::Relaxed);
-            reloads.loads.fetch_add(1, Ordering::Relaxed);
-            let snap = publisher.current();
-            tracing::info!(
-                workloads = snap.workloads.len(),
-                local = snap.on_node(&opts.node).count(),
-                services = snap.services.len(),
-                policies = snap.peer_authentications.len() + snap.authorization_policies.len(),
-                "inventory updated from the Kubernetes API"
-            );
-        }
-        if !published {
-            published = true;
-            ready.send_replace(true);
-            tracing::info!("Kubernetes inventory synced");
         }
     }
     for t in tasks {
         t.abort();
-    }
-}
-
-/// Sleeps until `at`, or forever without one.
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
-        None => std::future::pending().await,
     }
 }
 

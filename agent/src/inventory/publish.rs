@@ -1,15 +1,15 @@
-//! Publishing snapshots, for both sources: the snapshot's index built before anyone reads it, reload counters and the held reload for `/status` and metrics, one log line per address conflict and per policy that fails closed.
+//! Publishing snapshots, for every source: the snapshot's index built before anyone reads it, the guard for the rebuilding sources, reload counters and the held reload for `/status` and metrics, one log line per address conflict and per policy that fails closed.
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::watch;
 
 use super::addresses::Conflict;
-use super::guard::{Suspicion, Verdict};
+use super::guard::{Guard, GuardSettings, Suspicion, Verdict};
 use super::Snapshot;
 use crate::policy::authz::Failure;
 
@@ -193,5 +193,101 @@ impl Publisher {
             .failed_closed_policies
             .store(failures.len() as u64, Ordering::Relaxed);
         self.failed = failures.to_vec();
+    }
+}
+
+/// Publishing for the sources that rebuild on changes (Kubernetes, istiod): the first snapshot
+/// always goes out and makes the source ready; each later one passes the [`Guard`] first.
+#[derive(Debug)]
+pub struct GuardedPublisher {
+    publisher: Publisher,
+    guard: Guard<Snapshot>,
+    settings: GuardSettings,
+    ready: watch::Sender<bool>,
+    /// Names the source in logs (`kubernetes`, `istiod`).
+    source: &'static str,
+    published: bool,
+}
+
+impl GuardedPublisher {
+    /// Publishes to `tx` through a guard with `settings`; `ready` turns true with the first
+    /// snapshot.
+    pub fn new(
+        tx: watch::Sender<Arc<Snapshot>>,
+        stats: Arc<ReloadStats>,
+        settings: GuardSettings,
+        ready: watch::Sender<bool>,
+        source: &'static str,
+    ) -> Self {
+        Self {
+            publisher: Publisher::new(tx, stats),
+            guard: Guard::new(settings.clone()),
+            settings,
+            ready,
+            source,
+            published: false,
+        }
+    }
+
+    /// When a held snapshot can be confirmed: offer the snapshot again then.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.guard.deadline()
+    }
+
+    /// Waits until the receivers are all gone.
+    pub async fn closed(&self) {
+        self.publisher.closed().await;
+    }
+
+    /// Offers `snap`: held back by the guard (see [`Guard::check`]), or published if it
+    /// differs from the snapshot in force; true if it was sent.
+    pub fn offer(&mut self, snap: Snapshot) -> bool {
+        let stats = self.publisher.stats().clone();
+        if self.published {
+            let verdict = self
+                .guard
+                .check(&self.publisher.current(), &snap, &snap, Instant::now());
+            stats.note(&verdict, self.settings.settle, self.source);
+            if let Verdict::Hold { .. } = verdict {
+                return false;
+            }
+        }
+        let sent = self.publisher.publish(snap, !self.published);
+        let snap = self.publisher.current();
+        if sent {
+            stats.loads.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                source = self.source,
+                workloads = snap.workloads.len(),
+                services = snap.services.len(),
+                policies = snap.peer_authentications.len() + snap.authorization_policies.len(),
+                "inventory updated"
+            );
+        }
+        if !self.published {
+            self.published = true;
+            self.ready.send_replace(true);
+            let local = self
+                .settings
+                .node
+                .as_deref()
+                .map(|n| snap.on_node(n).count());
+            tracing::info!(
+                source = self.source,
+                workloads = snap.workloads.len(),
+                local,
+                services = snap.services.len(),
+                "inventory synced"
+            );
+        }
+        sent
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+pub async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }

@@ -9,15 +9,15 @@
 //! replaces it (the stream removes what it no longer lists only then).
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
 use super::model::{Mesh, ADDRESS_TYPE, AUTHORIZATION_TYPE};
 use super::state::Sink;
 use crate::cni::pods::CniPod;
-use crate::inventory::guard::{Guard, GuardSettings, Verdict};
-use crate::inventory::publish::{Publisher, ReloadStats};
+use crate::inventory::guard::GuardSettings;
+use crate::inventory::publish::{until, GuardedPublisher, ReloadStats};
 use crate::inventory::sandboxes::merge_netns_local;
 use crate::inventory::Snapshot;
 
@@ -119,13 +119,15 @@ pub async fn publish(
     tx: watch::Sender<Arc<Snapshot>>,
     ready: watch::Sender<bool>,
 ) {
-    let mut published = false;
-    let mut guard: Guard<Snapshot> = Guard::new(opts.guard.clone());
-    let settle = opts.guard.settle;
-    let reloads = opts.reloads.clone();
-    let mut publisher = Publisher::new(tx, reloads.clone());
+    let mut publisher = GuardedPublisher::new(
+        tx,
+        opts.reloads.clone(),
+        opts.guard.clone(),
+        ready,
+        "istiod",
+    );
     loop {
-        let due = guard.deadline();
+        let due = publisher.deadline();
         tokio::select! {
             () = sink.shared.changed.notified() => {}
             r = cni_changed(&mut cni) => if r.is_err() { break },
@@ -147,37 +149,7 @@ pub async fn publish(
             }
             snap
         };
-        if published {
-            let verdict = guard.check(&publisher.current(), &snap, &snap, Instant::now());
-            reloads.note(&verdict, settle, "istiod");
-            if let Verdict::Hold { .. } = verdict {
-                continue;
-            }
-        }
-        if publisher.publish(snap, !published) {
-            reloads
-                .loads
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let snap = publisher.current();
-            tracing::debug!(
-                workloads = snap.workloads.len(),
-                local = snap.on_node(&opts.node).count(),
-                services = snap.services.len(),
-                policies = snap.peer_authentications.len() + snap.authorization_policies.len(),
-                "inventory updated from istiod"
-            );
-        }
-        if !published {
-            published = true;
-            ready.send_replace(true);
-            let snap = publisher.current();
-            tracing::info!(
-                workloads = snap.workloads.len(),
-                local = snap.on_node(&opts.node).count(),
-                services = snap.services.len(),
-                "istiod inventory synced"
-            );
-        }
+        publisher.offer(snap);
     }
 }
 
@@ -187,14 +159,6 @@ async fn cni_changed(
 ) -> Result<(), watch::error::RecvError> {
     match cni {
         Some(rx) => rx.changed().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Sleeps until `at`, or forever without one.
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
 }
