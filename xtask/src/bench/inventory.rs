@@ -123,7 +123,11 @@ impl Inventory {
 
     /// The figures, one line each (title, value), for the tables.
     pub(crate) fn lines(&self) -> Vec<(String, String)> {
-        let us = |v: Option<u64>| v.map_or("–".into(), |v| format!("{v} µs"));
+        let us = |v: Option<u64>| match v {
+            None => "–".to_string(),
+            Some(v) if v >= 10_000 => format!("{:.1} ms", v as f64 / 1e3),
+            Some(v) => format!("{v} µs"),
+        };
         vec![
             (
                 "scale".into(),
@@ -254,10 +258,10 @@ fn mib(kib: u64) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> Inventory {
+    pub(crate) fn sample() -> Inventory {
         Inventory {
             workloads: 150_000,
             nodes: 5_000,

@@ -506,6 +506,32 @@ mod tests {
     }
 
     #[test]
+    fn inventory_shows_as_its_own_section_with_its_targets() {
+        let alone = Results {
+            inventory: Some(crate::bench::inventory::tests::sample()),
+            ..Results::default()
+        };
+        let text = table(&alone);
+        assert!(
+            text.contains("time to first sync           4200 ms"),
+            "{text}"
+        );
+        assert!(!text.contains("one-stream throughput"), "{text}");
+        let mut full = sample();
+        full.inventory = alone.inventory.clone();
+        let text = table(&full);
+        assert!(text.contains("one-stream throughput"), "{text}");
+        assert!(text.contains("80.0 MiB"), "{text}");
+        let md = markdown(&full, "bench/chart.svg");
+        assert!(
+            md.contains("| per-change apply latency p99 | ≤ 1 ms | 0.90 ms, 0 of 30000 never applied | yes |"),
+            "{md}"
+        );
+        // Results without the figure render as before (the committed documents).
+        assert!(!markdown(&sample(), "c.svg").contains("istiod inventory"));
+    }
+
+    #[test]
     fn chart_path_is_relative_to_each_document() {
         assert_eq!(
             relative(Path::new("docs/bench/chart.svg"), Path::new("docs")),
