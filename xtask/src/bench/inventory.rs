@@ -64,6 +64,10 @@ pub(crate) struct Inventory {
     pub(crate) agent_rss_mib: f64,
     /// How the RSS figures are derived.
     pub(crate) rss_method: String,
+    /// The fake's store (names and messages), in MiB: its first push copies and encodes it,
+    /// and those freed buffers are part of `agent_rss_mib`.
+    #[serde(default)]
+    pub(crate) store_mib: f64,
     /// Changes sent in phase 2.
     pub(crate) changes: u64,
     /// Changes never seen in a published snapshot (within the grace period).
@@ -143,11 +147,13 @@ impl Inventory {
             (
                 "agent RSS for the full view".into(),
                 format!(
-                    "{:.1} MiB (process {:.1} → {:.1} MiB, peak {:.1} MiB)",
+                    "{:.1} MiB (process {:.1} → {:.1} MiB, peak {:.1} MiB; an upper bound: \
+                     includes the fake's freed copy and encoding of its {:.1} MiB store)",
                     self.agent_rss_mib,
                     mib(self.rss_before_kib),
                     mib(self.rss_after_kib),
-                    mib(self.rss_peak_kib)
+                    mib(self.rss_peak_kib),
+                    self.store_mib
                 ),
             ),
             (
@@ -274,6 +280,7 @@ pub(crate) mod tests {
             rss_peak_kib: 250 * 1024,
             agent_rss_mib: 80.0,
             rss_method: "after − before".into(),
+            store_mib: 40.0,
             changes: 30_000,
             unapplied: 0,
             p50_us: Some(400),

@@ -119,7 +119,7 @@ fn main() -> Result<()> {
             .spawn(move || serve(shape, rate, seconds, &shared, &ready_tx, go_rx, &done_tx))
             .context("spawning the server thread")?
     };
-    let Ok((addr, root_pem)) = ready_rx.recv() else {
+    let Ok((addr, root_pem, store_bytes)) = ready_rx.recv() else {
         return Err(thread_failed(server, "server"));
     };
     let dir = std::env::temp_dir().join(format!("ambit-inventory-bench-{}", std::process::id()));
@@ -219,12 +219,14 @@ fn main() -> Result<()> {
         "rss_before_kib": rss_before,
         "rss_after_kib": rss_after,
         "rss_peak_kib": rss_peak,
+        "store_mib": store_bytes as f64 / (1024.0 * 1024.0),
         "agent_rss_mib": mib(rss_after.saturating_sub(rss_before)),
         "agent_peak_mib": mib(rss_peak.saturating_sub(rss_before)),
         "rss_method": "VmRSS after the first sync minus VmRSS before the client started (the \
                        server loaded); peak: VmHWM (reset before the client started) minus the \
                        same; both include the server's freed transient buffers of the first \
-                       push, so they are upper bounds",
+                       push (a copy of the store, store_mib, and its encoding), so they are \
+                       upper bounds",
         "changes": changes,
         "applied": latencies.len(),
         "unapplied": unapplied,
@@ -248,7 +250,7 @@ fn serve(
     rate: u32,
     seconds: u32,
     shared: &Shared,
-    ready: &std_mpsc::Sender<(SocketAddr, String)>,
+    ready: &std_mpsc::Sender<(SocketAddr, String, usize)>,
     go: oneshot::Receiver<()>,
     done: &std_mpsc::Sender<u64>,
 ) -> Result<()> {
@@ -259,17 +261,18 @@ fn serve(
     rt.block_on(async {
         let fake = FakeIstiod::start().await;
         let started = Instant::now();
-        fill(&fake, &shape);
+        let bytes = fill(&fake, &shape);
         eprintln!(
-            "==> fake istiod filled: {} workloads on {} nodes, {} Services, {} Authorizations in {:.1} s",
+            "==> fake istiod filled: {} workloads on {} nodes, {} Services, {} Authorizations ({:.1} MiB) in {:.1} s",
             shape.workloads,
             shape.nodes,
             shape.services,
             shape.authorizations,
+            bytes as f64 / (1024.0 * 1024.0),
             started.elapsed().as_secs_f64()
         );
         ready
-            .send((fake.addr(), fake.root_pem().to_owned()))
+            .send((fake.addr(), fake.root_pem().to_owned(), bytes))
             .context("main thread gone")?;
         if go.await.is_err() {
             return Ok(());
@@ -281,13 +284,14 @@ fn serve(
     })
 }
 
-/// Fills the store (no stream is open: nothing is sent).
-fn fill(fake: &FakeIstiod, shape: &Shape) {
-    push_all(fake, AUTHORIZATION_TYPE, shape.authorizations());
+/// Fills the store (no stream is open: nothing is sent); returns the bytes of its names and
+/// messages (about the size of the first push).
+fn fill(fake: &FakeIstiod, shape: &Shape) -> usize {
+    let mut bytes = push_all(fake, AUTHORIZATION_TYPE, shape.authorizations());
     let mut services = shape.services();
     while !services.is_empty() {
         let rest = services.split_off(services.len().saturating_sub(FILL_CHUNK));
-        push_all(fake, ADDRESS_TYPE, rest);
+        bytes += push_all(fake, ADDRESS_TYPE, rest);
     }
     let ids: Vec<u32> = (0..shape.workloads).collect();
     for chunk in ids.chunks(FILL_CHUNK) {
@@ -295,14 +299,17 @@ fn fill(fake: &FakeIstiod, shape: &Shape) {
             .iter()
             .map(|&id| (shape.uid(id), shape.workload(id, workload_ip(id))))
             .collect();
-        push_all(fake, ADDRESS_TYPE, resources);
+        bytes += push_all(fake, ADDRESS_TYPE, resources);
     }
+    bytes
 }
 
-fn push_all(fake: &FakeIstiod, type_url: &str, resources: Vec<(String, Vec<u8>)>) {
+fn push_all(fake: &FakeIstiod, type_url: &str, resources: Vec<(String, Vec<u8>)>) -> usize {
+    let bytes = resources.iter().map(|(n, v)| n.len() + v.len()).sum();
     let (names, values): (Vec<String>, Vec<Vec<u8>>) = resources.into_iter().unzip();
     let refs: Vec<(&str, Vec<u8>)> = names.iter().map(String::as_str).zip(values).collect();
     fake.push(type_url, &refs, &[]);
+    bytes
 }
 
 /// Phase 2: `rate` changes a second for `seconds`, a batch per 1 ms tick (as many as are due
