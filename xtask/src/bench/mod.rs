@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: throughput, latency, connection rate, agent memory and CPU, against the direct path.
 mod bed;
 mod chart;
+mod inventory;
 mod load;
 mod procs;
 mod report;
@@ -48,7 +49,8 @@ pub(crate) struct Args {
     /// Measure this agent binary instead of building `target/release/ambit` (e.g. a prototype).
     #[arg(long, value_name = "FILE")]
     agent_bin: Option<PathBuf>,
-    /// Only these figures (for profiling): iperf1, iperf4, pingpong, wrk, memory.
+    /// Only these figures (for profiling): iperf1, iperf4, pingpong, wrk, memory, inventory
+    /// (the istiod inventory at scale; alone, it needs neither root nor the testbed).
     #[arg(long, value_delimiter = ',', value_parser = FIGURES.map(|f| f.0))]
     only: Vec<String>,
     /// Only these paths: direct, ambit, same_node, capture.
@@ -60,12 +62,13 @@ pub(crate) struct Args {
 }
 
 /// Load figures: key for `--only`, and what the progress line calls it.
-const FIGURES: [(&str, &str); 5] = [
+const FIGURES: [(&str, &str); 6] = [
     ("iperf1", "iperf3 1 stream"),
     ("iperf4", "iperf3 4 streams"),
     ("pingpong", "sockperf ping-pong"),
     ("wrk", "wrk"),
     ("memory", "held connections"),
+    ("inventory", "istiod inventory at scale"),
 ];
 
 /// What one run measures.
@@ -151,6 +154,22 @@ pub(crate) fn run(args: &Args) -> Result<ExitCode> {
 }
 
 fn measure(args: &Args) -> Result<Results> {
+    let plan = Plan::new(args);
+    // Measured first, before the testbed loads the machine.
+    let inventory = if plan.wants("inventory") {
+        let scale = if args.quick {
+            inventory::Scale::QUICK
+        } else {
+            inventory::Scale::FULL
+        };
+        Some(inventory::measure(scale, args.quick)?)
+    } else {
+        None
+    };
+    let only_inventory = !plan.only.is_empty() && plan.only.iter().all(|f| f == "inventory");
+    if let (true, Some(inv)) = (only_inventory, &inventory) {
+        return Ok(inventory::alone(inv.clone(), args.quick));
+    }
     ambit_testbed::require_root_result()?;
     prereq::ensure(!args.no_install)?;
     tools::ensure(!args.no_install)?;
@@ -164,9 +183,11 @@ fn measure(args: &Args) -> Result<Results> {
         eprintln!("==> removing testbed {} left by a crashed run", state.id);
         ambit_testbed::teardown::teardown(&state, &mut Vec::new())?;
     }
-    let plan = Plan::new(args);
     let (kernel, cpus, cpu_model) = tools::machine();
-    let mut results = Results::default();
+    let mut results = Results {
+        inventory,
+        ..Results::default()
+    };
     results.meta = results::Meta {
         kernel,
         cpus,

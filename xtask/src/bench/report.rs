@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use super::inventory::Inventory;
 use super::results::{Compare, Results, Row, Stat, AGENTS, PATHS};
 
 /// Start marker of the generated tables in [`PERFORMANCE`].
@@ -32,6 +33,13 @@ const GENERATED: &str =
 pub(crate) fn table(r: &Results) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{}", meta_line(r));
+    if r.load.is_empty() && r.agents.is_empty() {
+        // Only the istiod inventory was measured (`--only inventory`).
+        if let Some(inv) = &r.inventory {
+            out.push_str(&inventory_text(inv));
+        }
+        return out;
+    }
     let _ = writeln!(
         out,
         "median [min–max] of {} round(s); ratio (×) or added latency (+) vs direct\n",
@@ -60,6 +68,70 @@ pub(crate) fn table(r: &Results) -> String {
         let _ = writeln!(
             out,
             "{:<w$}  {:<20}  {:<44}  {}",
+            t.figure,
+            t.target,
+            t.measured,
+            met(t.met)
+        );
+    }
+    if let Some(inv) = &r.inventory {
+        out.push_str(&inventory_text(inv));
+    }
+    out
+}
+
+/// The istiod inventory section of the plain-text report: its figures, then its targets.
+fn inventory_text(inv: &Inventory) -> String {
+    let mut out = String::from(
+        "\nistiod inventory (inventory-bench: fake istiod and the agent's client in one process)\n",
+    );
+    let lines = inv.lines();
+    let w = lines
+        .iter()
+        .map(|(t, _)| t.chars().count())
+        .max()
+        .unwrap_or(0);
+    for (title, value) in &lines {
+        let _ = writeln!(out, "  {title:<w$}  {value}");
+    }
+    let targets = inv.targets();
+    let w = targets
+        .iter()
+        .map(|t| t.figure.chars().count())
+        .max()
+        .unwrap_or(6);
+    let _ = writeln!(
+        out,
+        "\n{:<w$}  {:<10}  {:<44}  met",
+        "target", "wanted", "measured"
+    );
+    for t in &targets {
+        let _ = writeln!(
+            out,
+            "{:<w$}  {:<10}  {:<44}  {}",
+            t.figure,
+            t.target,
+            t.measured,
+            met(t.met)
+        );
+    }
+    out
+}
+
+/// The istiod inventory section of docs/performance.md: its figures and targets.
+fn inventory_markdown(inv: &Inventory) -> String {
+    let mut out = String::from(
+        "\n**istiod inventory** (`inventory-bench`: a fake istiod and the agent's xDS client and \
+         publisher in one process)\n\n| figure | measured |\n|---|---|\n",
+    );
+    for (title, value) in inv.lines() {
+        let _ = writeln!(out, "| {title} | {value} |");
+    }
+    out.push_str("\n| target | wanted | measured | met |\n|---|---|---|---|\n");
+    for t in inv.targets() {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
             t.figure,
             t.target,
             t.measured,
@@ -97,6 +169,9 @@ pub(crate) fn markdown(r: &Results, chart: &str) -> String {
             t.measured,
             met(t.met)
         );
+    }
+    if let Some(inv) = &r.inventory {
+        out.push_str(&inventory_markdown(inv));
     }
     let _ = write!(out, "\n![cargo xtask bench chart]({chart})\n");
     out.push_str(END);
@@ -428,6 +503,32 @@ mod tests {
             s.contains("![cargo xtask bench chart](docs/bench/chart.svg)"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn inventory_shows_as_its_own_section_with_its_targets() {
+        let alone = Results {
+            inventory: Some(crate::bench::inventory::tests::sample()),
+            ..Results::default()
+        };
+        let text = table(&alone);
+        assert!(
+            text.contains("time to first sync           4200 ms"),
+            "{text}"
+        );
+        assert!(!text.contains("one-stream throughput"), "{text}");
+        let mut full = sample();
+        full.inventory = alone.inventory.clone();
+        let text = table(&full);
+        assert!(text.contains("one-stream throughput"), "{text}");
+        assert!(text.contains("80.0 MiB"), "{text}");
+        let md = markdown(&full, "bench/chart.svg");
+        assert!(
+            md.contains("| per-change apply latency p99 | ≤ 1 ms | 0.90 ms, 0 of 30000 never applied | yes |"),
+            "{md}"
+        );
+        // Results without the figure render as before (the committed documents).
+        assert!(!markdown(&sample(), "c.svg").contains("istiod inventory"));
     }
 
     #[test]

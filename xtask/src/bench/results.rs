@@ -3,6 +3,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::inventory::Inventory;
+
 /// Everything one `cargo xtask bench` run measured; also its JSON format (`--json`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Results {
@@ -15,6 +17,9 @@ pub(crate) struct Results {
     /// The targets, checked against the medians (filled in by [`Results::check`]).
     #[serde(default)]
     pub(crate) targets: Vec<Target>,
+    /// The istiod inventory at scale (its own targets: [`Inventory::targets`]), when measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) inventory: Option<Inventory>,
 }
 
 /// The machine, the tools and the run's settings.

@@ -152,6 +152,60 @@ impl State {
             let _ = tx.try_send(Ok(response));
         }
     }
+
+    /// Stores `resources` of `type_url` and drops `removed` under a new version; returns the
+    /// change as a response (without a nonce).
+    fn change(
+        &mut self,
+        type_url: &str,
+        resources: &[(&str, Vec<u8>)],
+        removed: &[&str],
+    ) -> DeltaDiscoveryResponse {
+        self.next_version += 1;
+        let version = format!("v{}", self.next_version);
+        let store = self.store.entry(type_url.to_owned()).or_default();
+        for (name, value) in resources {
+            store.insert((*name).to_owned(), (version.clone(), value.clone()));
+        }
+        for name in removed {
+            store.remove(*name);
+        }
+        DeltaDiscoveryResponse {
+            system_version_info: version.clone(),
+            resources: resources
+                .iter()
+                .map(|(name, value)| resource(type_url, name, &version, value.clone()))
+                .collect(),
+            type_url: type_url.to_owned(),
+            removed_resources: removed.iter().map(|n| (*n).to_owned()).collect(),
+            nonce: String::new(),
+        }
+    }
+
+    /// `response` with a fresh nonce for every stream that has the full state of `type_url`.
+    fn addressed(
+        &mut self,
+        type_url: &str,
+        response: DeltaDiscoveryResponse,
+    ) -> Vec<(
+        mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+        DeltaDiscoveryResponse,
+    )> {
+        let targets: Vec<_> = self
+            .streams
+            .iter()
+            .filter(|s| s.sent.contains(type_url))
+            .map(|s| s.tx.clone())
+            .collect();
+        targets
+            .into_iter()
+            .map(|tx| {
+                let mut response = response.clone();
+                response.nonce = self.nonce();
+                (tx, response)
+            })
+            .collect()
+    }
 }
 
 /// A resource of `type_url` whose `Any` carries `value`.
@@ -267,26 +321,30 @@ impl FakeIstiod {
         removed: &[&str],
     ) -> Vec<String> {
         let mut state = self.state();
-        state.next_version += 1;
-        let version = format!("v{}", state.next_version);
-        let store = state.store.entry(type_url.to_owned()).or_default();
-        for (name, value) in resources {
-            store.insert((*name).to_owned(), (version.clone(), value.clone()));
-        }
-        for name in removed {
-            store.remove(*name);
-        }
-        let response = DeltaDiscoveryResponse {
-            system_version_info: version.clone(),
-            resources: resources
-                .iter()
-                .map(|(name, value)| resource(type_url, name, &version, value.clone()))
-                .collect(),
-            type_url: type_url.to_owned(),
-            removed_resources: removed.iter().map(|n| (*n).to_owned()).collect(),
-            nonce: String::new(),
-        };
+        let response = state.change(type_url, resources, removed);
         self.send(&mut state, type_url, response)
+    }
+
+    /// As [`FakeIstiod::push`], but waits for room in each stream's queue where `push` would
+    /// drop the response (a client that let 64 responses pile up): for load generators, whose
+    /// changes must all arrive however slow the client is.
+    pub async fn push_wait(
+        &self,
+        type_url: &str,
+        resources: &[(&str, Vec<u8>)],
+        removed: &[&str],
+    ) -> Vec<String> {
+        let sends = {
+            let mut state = self.state();
+            let response = state.change(type_url, resources, removed);
+            state.addressed(type_url, response)
+        };
+        let mut nonces = Vec::new();
+        for (tx, response) in sends {
+            nonces.push(response.nonce.clone());
+            let _ = tx.send(Ok(response)).await;
+        }
+        nonces
     }
 
     /// Sends `response` as it is (a nonce is filled in) to every stream that has the full
@@ -303,16 +361,8 @@ impl FakeIstiod {
         type_url: &str,
         response: DeltaDiscoveryResponse,
     ) -> Vec<String> {
-        let targets: Vec<_> = state
-            .streams
-            .iter()
-            .filter(|s| s.sent.contains(type_url))
-            .map(|s| s.tx.clone())
-            .collect();
         let mut nonces = Vec::new();
-        for tx in targets {
-            let mut response = response.clone();
-            response.nonce = state.nonce();
+        for (tx, response) in state.addressed(type_url, response) {
             nonces.push(response.nonce.clone());
             let _ = tx.try_send(Ok(response));
         }
