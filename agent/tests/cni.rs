@@ -149,7 +149,7 @@ fn plugin_binary_add_check_del_version_against_the_agent() {
             let netns = pods.borrow_and_update().first().map(|p| p.netns.clone());
             let mut s = Snapshot::default();
             let w = workload(netns);
-            s.workloads.insert(w.key(), w);
+            s.workloads.insert(w.key(), w.into());
             tx.send_replace(Arc::new(s));
             if pods.changed().await.is_err() {
                 return;

@@ -60,7 +60,7 @@ fn inventory() -> Snapshot {
             deleting: false,
             created: None,
         };
-        snap.workloads.insert(w.key(), w);
+        snap.workloads.insert(w.key(), w.into());
     }
     for i in 0..SERVICES {
         let s = Service {
@@ -83,7 +83,7 @@ fn inventory() -> Snapshot {
                 })
                 .collect(),
         };
-        snap.services.insert(s.key(), s);
+        snap.services.insert(s.key(), s.into());
     }
     let mut policies = Vec::new();
     for i in 0..POLICIES {

@@ -123,7 +123,7 @@ impl AddressIndex {
     /// Re-decides the addresses workload `key` claimed as `old` and claims in `snap` (which
     /// already holds its new version, or none when it was removed).
     pub fn update(&mut self, snap: &Snapshot, key: &str, old: Option<&Workload>) {
-        let new = snap.workloads.get(key);
+        let new = snap.workloads.get(key).map(AsRef::as_ref);
         let mut touched: Vec<IpAddr> = old.map(claimed).unwrap_or_default().to_vec();
         touched.extend(new.map(claimed).unwrap_or_default());
         touched.sort_unstable();
@@ -154,7 +154,7 @@ impl AddressIndex {
             _ => {
                 keys.sort();
                 let claimants: Vec<&Workload> =
-                    keys.iter().filter_map(|k| snap.workloads.get(k)).collect();
+                    keys.iter().filter_map(|k| snap.workloads.get(k).map(AsRef::as_ref)).collect();
                 let (owner, rule) = decide(snap, ip, &claimants);
                 match &owner {
                     Some(o) => self.owners.insert(ip, o.clone()),

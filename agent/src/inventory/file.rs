@@ -278,7 +278,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Error> {
                 svc.key()
             ));
         }
-        snap.services.insert(svc.key(), svc);
+        snap.services.insert(svc.key(), Arc::new(svc));
     }
     for (pod, line, doc) in pods {
         let kind = "Pod";
@@ -298,7 +298,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Error> {
         if !uid.is_empty() {
             uids.insert(w.key(), uid);
         }
-        snap.workloads.insert(w.key(), w);
+        snap.workloads.insert(w.key(), Arc::new(w));
     }
     Ok(Parsed {
         snapshot: snap,

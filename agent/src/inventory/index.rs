@@ -134,7 +134,7 @@ impl Index {
 
     /// Updates the VIPs of Service `key`, which was `old` and is now as in `snap`.
     fn service_changed(&mut self, snap: &Snapshot, key: &str, old: Option<&Service>) {
-        let new = snap.services.get(key);
+        let new = snap.services.get(key).map(AsRef::as_ref);
         let mut touched: Vec<IpAddr> = old.map(|s| s.vips.clone()).unwrap_or_default();
         touched.extend(new.iter().flat_map(|s| s.vips.iter()));
         touched.sort_unstable();
@@ -272,7 +272,7 @@ impl Snapshot {
             .and_then(|by_sa| by_sa.get(service_account))
             .into_iter()
             .flatten()
-            .filter_map(|key| self.workloads.get(key))
+            .filter_map(|key| self.workloads.get(key).map(AsRef::as_ref))
     }
 
     /// Workloads scheduled on `node`, in key order.
@@ -282,7 +282,7 @@ impl Snapshot {
             .get(node)
             .into_iter()
             .flatten()
-            .filter_map(|key| self.workloads.get(key))
+            .filter_map(|key| self.workloads.get(key).map(AsRef::as_ref))
     }
 
     /// A copy to change with [`Snapshot::put_workload`], [`Snapshot::put_service`] and their
@@ -304,30 +304,30 @@ impl Snapshot {
 
     /// Adds or replaces the workload keyed `w.key()`, updating the built index; the previous
     /// version, if any.
-    pub fn put_workload(&mut self, w: Workload) -> Option<Workload> {
+    pub fn put_workload(&mut self, w: Workload) -> Option<Arc<Workload>> {
         let key = w.key();
-        let old = self.workloads.insert(key.clone(), w);
-        self.reindex(|index, snap| index.workload_changed(snap, &key, old.as_ref()));
+        let old = self.workloads.insert(key.clone(), Arc::new(w));
+        self.reindex(|index, snap| index.workload_changed(snap, &key, old.as_deref()));
         old
     }
 
     /// Removes workload `key`, updating the built index.
-    pub fn remove_workload(&mut self, key: &str) -> Option<Workload> {
+    pub fn remove_workload(&mut self, key: &str) -> Option<Arc<Workload>> {
         let old = self.workloads.remove(key)?;
         self.reindex(|index, snap| index.workload_changed(snap, key, Some(&old)));
         Some(old)
     }
 
     /// Adds or replaces the Service keyed `s.key()`, updating the built index.
-    pub fn put_service(&mut self, s: Service) -> Option<Service> {
+    pub fn put_service(&mut self, s: Service) -> Option<Arc<Service>> {
         let key = s.key();
-        let old = self.services.insert(key.clone(), s);
-        self.reindex(|index, snap| index.service_changed(snap, &key, old.as_ref()));
+        let old = self.services.insert(key.clone(), Arc::new(s));
+        self.reindex(|index, snap| index.service_changed(snap, &key, old.as_deref()));
         old
     }
 
     /// Removes Service `key`, updating the built index.
-    pub fn remove_service(&mut self, key: &str) -> Option<Service> {
+    pub fn remove_service(&mut self, key: &str) -> Option<Arc<Service>> {
         let old = self.services.remove(key)?;
         self.reindex(|index, snap| index.service_changed(snap, key, Some(&old)));
         Some(old)

@@ -16,6 +16,7 @@ pub mod waypoints;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use k8s_openapi::jiff::Timestamp;
@@ -95,9 +96,9 @@ impl Workload {
 }
 
 /// Workloads by `namespace/name`.
-pub type Workloads = imbl::OrdMap<String, Workload>;
+pub type Workloads = imbl::OrdMap<String, Arc<Workload>>;
 /// Services by `namespace/name`.
-pub type Services = imbl::OrdMap<String, services::Service>;
+pub type Services = imbl::OrdMap<String, Arc<services::Service>>;
 
 /// Everything the inventory knows at one point in time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -150,7 +151,7 @@ impl Snapshot {
         index
             .owner(ip)
             .and_then(|key| self.workloads.get(key))
-            .map_or(Claim::Unclaimed, Claim::Owner)
+            .map_or(Claim::Unclaimed, |w| Claim::Owner(w))
     }
 
     /// Whether the snapshot holds no object at all (an empty inventory document or list).

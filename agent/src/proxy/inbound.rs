@@ -125,6 +125,7 @@ fn bypassed_waypoint(pod: &PodContext, peer_id: &str) -> Option<String> {
     let w = snap
         .workloads
         .get(&pod.workload.key())
+        .map(AsRef::as_ref)
         .unwrap_or(&pod.workload);
     let wp = snap.waypoint_of_workload(w)?;
     let ids = snap.waypoint_identities(&wp, &pod.agent.cfg.trust_domain);

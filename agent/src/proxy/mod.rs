@@ -123,6 +123,7 @@ impl PodContext {
         let w = snap
             .workloads
             .get(&self.workload.key())
+            .map(AsRef::as_ref)
             .unwrap_or(&self.workload);
         snap.authz()
             .evaluate(&self.agent.cfg.authz_mesh(), &w.namespace, &w.labels, attrs)

@@ -149,6 +149,7 @@ fn strict_policy(pod: &PodContext, client: ClientAddr, orig: OrigDstAddr) -> Opt
     let w = snap
         .workloads
         .get(&pod.workload.key())
+        .map(AsRef::as_ref)
         .unwrap_or(&pod.workload);
     let r = peer_auth::resolve(
         &snap.peer_authentications,

@@ -249,7 +249,7 @@ impl Node {
     /// Enrolls pod `ns/name` of the inventory: its three listeners on its address, served by
     /// the real outbound, plaintext and tunnel paths over the loopback kernel.
     pub(crate) async fn enroll(&self, key: &str) -> Arc<PodContext> {
-        let workload = self.agent.inventory.borrow().workloads[key].clone();
+        let workload = (*self.agent.inventory.borrow().workloads[key]).clone();
         let ip = workload.ips[0];
         let listen = || async move {
             TcpListener::bind(SocketAddr::new(ip, 0))

@@ -54,8 +54,8 @@ fn service(name: &str, vips: &[&str], endpoints: &[&str]) -> Service {
 
 fn snapshot(pods: Vec<Workload>, services: Vec<Service>) -> Snapshot {
     let mut snap = Snapshot::default();
-    snap.workloads = pods.into_iter().map(|w| (w.key(), w)).collect();
-    snap.services = services.into_iter().map(|s| (s.key(), s)).collect();
+    snap.workloads = pods.into_iter().map(|w| (w.key(), Arc::new(w))).collect();
+    snap.services = services.into_iter().map(|s| (s.key(), Arc::new(s))).collect();
     snap
 }
 

@@ -172,7 +172,7 @@ fn workload(name: &str, enrolled: bool, netns: Option<&Path>) -> Workload {
 fn snapshot(ws: Vec<Workload>) -> Arc<Snapshot> {
     let mut s = Snapshot::default();
     for w in ws {
-        s.workloads.insert(w.key(), w);
+        s.workloads.insert(w.key(), w.into());
     }
     Arc::new(s)
 }

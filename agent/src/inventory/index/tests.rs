@@ -115,10 +115,10 @@ fn workloads_are_found_by_identity_on_every_node() {
     assert_eq!(s.with_identity("zoo", "web").count(), 0);
     // Pods without a service account run as `default`.
     let mut d = snap();
-    let mut w = d.workloads["shop/a"].clone();
+    let mut w = (*d.workloads["shop/a"]).clone();
     w.name = "plain".into();
     w.service_account = "default".into();
-    d.workloads.insert(w.key(), w);
+    d.workloads.insert(w.key(), w.into());
     assert_eq!(d.with_identity("shop", "default").count(), 1);
 }
 
@@ -192,10 +192,10 @@ fn changes_through_an_edit_keep_the_index_as_a_rebuild_would_make_it() {
     base.index();
     let mut s = base.edit();
     // A second pod takes a's address while a is being deleted, then a goes.
-    let mut a = s.workloads["shop/a"].clone();
+    let mut a = (*s.workloads["shop/a"]).clone();
     a.deleting = true;
     s.put_workload(a);
-    let mut a2 = s.workloads["shop/b"].clone();
+    let mut a2 = (*s.workloads["shop/b"]).clone();
     a2.name = "a2".into();
     a2.ips = vec!["10.1.0.2".parse().unwrap()];
     s.put_workload(a2);
@@ -210,7 +210,7 @@ fn changes_through_an_edit_keep_the_index_as_a_rebuild_would_make_it() {
     assert_index_is_rebuilt(&s);
     assert_eq!(s.addresses().conflicts().count(), 0);
     // Two live pods on one address, undecided; one moves away.
-    let mut c2 = s.workloads["billing/c"].clone();
+    let mut c2 = (*s.workloads["billing/c"]).clone();
     c2.name = "c2".into();
     s.put_workload(c2.clone());
     assert!(s.by_ip("10.1.0.3".parse().unwrap()).is_none(), "ambiguous");
@@ -227,7 +227,7 @@ fn changes_through_an_edit_keep_the_index_as_a_rebuild_would_make_it() {
         s.vip("10.96.0.10".parse().unwrap()).map(|v| v.name),
         Some("zoo/web-copy")
     );
-    let mut db = s.services["billing/db"].clone();
+    let mut db = (*s.services["billing/db"]).clone();
     db.vips = vec!["10.96.0.21".parse().unwrap()];
     s.put_service(db);
     assert_index_is_rebuilt(&s);

@@ -51,7 +51,7 @@ impl Built {
         }
         for key in r.services.keys() {
             if let Some(svc) = b.service(r, key) {
-                b.snap.services.insert(svc.key(), svc);
+                b.snap.services.insert(svc.key(), svc.into());
             }
         }
         for (key, s) in &r.services {

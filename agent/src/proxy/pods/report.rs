@@ -88,6 +88,7 @@ impl Pods {
                 let w = snap
                     .workloads
                     .get(&e.ctx.workload.key())
+                    .map(AsRef::as_ref)
                     .unwrap_or(&e.ctx.workload);
                 let authorization = snap
                     .authorization_policies
