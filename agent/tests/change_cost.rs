@@ -136,12 +136,16 @@ fn a_workload_change_costs_a_small_fraction_of_a_rebuild() {
     let snap = publisher.current();
     let (uid, _) = changes.last().unwrap();
     let i: u32 = uid.trim_start_matches("uid-").parse().unwrap();
-    let moved = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + ((1 + (CHANGES - 1) % 7) << 20) + i));
+    let moved = IpAddr::V4(Ipv4Addr::from(
+        0x0a00_0000 + ((1 + (CHANGES - 1) % 7) << 20) + i,
+    ));
     assert_eq!(
         snap.by_ip(moved).map(|w| w.key()),
         Some(format!("ns-{}/pod-{i}", i % 100))
     );
-    assert!(snap.by_ip(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))).is_none());
+    assert!(snap
+        .by_ip(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)))
+        .is_none());
     assert!(
         per_change < full.allocations as f64 / 100.0,
         "a change allocates {per_change:.0} times, a full build {}",

@@ -118,7 +118,7 @@ fn inventory() -> Snapshot {
         "deny-outside",
         serde_json::json!({"action": "DENY", "rules": [{"from": [{"source": {"notIpBlocks": ["10.0.0.0/8", "fd00::/8"]}}]}]}),
     ));
-    snap.authorization_policies = policies;
+    snap.authorization_policies = policies.into();
     snap
 }
 

@@ -153,8 +153,10 @@ impl AddressIndex {
             }
             _ => {
                 keys.sort();
-                let claimants: Vec<&Workload> =
-                    keys.iter().filter_map(|k| snap.workloads.get(k).map(AsRef::as_ref)).collect();
+                let claimants: Vec<&Workload> = keys
+                    .iter()
+                    .filter_map(|k| snap.workloads.get(k).map(AsRef::as_ref))
+                    .collect();
                 let (owner, rule) = decide(snap, ip, &claimants);
                 match &owner {
                     Some(o) => self.owners.insert(ip, o.clone()),

@@ -178,13 +178,13 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Error> {
                     default_namespace(&mut pa.metadata);
                     peer_auth::validate(&pa)
                         .map_err(|(f, m)| err(&kind, &name, f, m, spec_line))?;
-                    snap.peer_authentications.push(pa);
+                    Arc::make_mut(&mut snap.peer_authentications).push(pa);
                 } else {
                     let mut ap: AuthorizationPolicy =
                         typed(&chunk).map_err(|(f, m, l)| err(&kind, &name, f, m, l))?;
                     default_namespace(&mut ap.metadata);
                     authz::validate(&ap).map_err(|(f, m)| err(&kind, &name, f, m, spec_line))?;
-                    snap.authorization_policies.push(ap);
+                    Arc::make_mut(&mut snap.authorization_policies).push(ap);
                 }
             }
             "Service" => {
@@ -225,7 +225,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Parsed, Error> {
                         line_of(&chunk, "spec:"),
                     ));
                 }
-                snap.destination_rules.push(dr);
+                Arc::make_mut(&mut snap.destination_rules).push(dr);
             }
             "List" => {
                 return Err(err(

@@ -96,7 +96,12 @@ pub fn suspicion(
     // This node's pods through the node index (not a scan of the cluster), or every pod.
     let enrolled: Vec<&super::Workload> = match settings.node.as_deref() {
         Some(node) => current.on_node(node).filter(|w| w.enrolled).collect(),
-        None => current.workloads.values().map(AsRef::as_ref).filter(|w| w.enrolled).collect(),
+        None => current
+            .workloads
+            .values()
+            .map(AsRef::as_ref)
+            .filter(|w| w.enrolled)
+            .collect(),
     };
     let lost = enrolled
         .iter()

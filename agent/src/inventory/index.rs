@@ -338,7 +338,7 @@ impl Snapshot {
         &mut self,
         policies: Vec<crate::policy::authz::AuthorizationPolicy>,
     ) {
-        self.authorization_policies = policies;
+        self.authorization_policies = Arc::new(policies);
         self.reindex(|index, snap| {
             index.authz = Arc::new(Policies::compile(&snap.authorization_policies));
         });

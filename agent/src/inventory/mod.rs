@@ -110,13 +110,13 @@ pub struct Snapshot {
     /// Namespace labels keyed by namespace name.
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Istio PeerAuthentication objects.
-    pub peer_authentications: Vec<crate::policy::peer_auth::PeerAuthentication>,
+    pub peer_authentications: Arc<Vec<crate::policy::peer_auth::PeerAuthentication>>,
     /// Istio AuthorizationPolicy objects.
-    pub authorization_policies: Vec<crate::policy::authz::AuthorizationPolicy>,
+    pub authorization_policies: Arc<Vec<crate::policy::authz::AuthorizationPolicy>>,
     /// Services keyed by `namespace/name` (persistent, as `workloads`).
     pub services: Services,
     /// Istio DestinationRule objects.
-    pub destination_rules: Vec<crate::policy::destination_rule::DestinationRule>,
+    pub destination_rules: Arc<Vec<crate::policy::destination_rule::DestinationRule>>,
     /// Pod address ranges of each node (`spec.podCIDRs` of Node objects), by node name.
     pub nodes: BTreeMap<String, Vec<IpNet>>,
     /// Problems that did not stop the load: ignored kinds, Services without endpoints.

@@ -250,7 +250,7 @@ fn verdict(
 /// Policies that look like they were meant to apply but do not.
 fn policy_warnings(snap: &Snapshot, root: &str, dst: &Workload, port: u16) -> Vec<String> {
     let mut out = Vec::new();
-    for p in &snap.peer_authentications {
+    for p in snap.peer_authentications.iter() {
         let ns = &p.metadata.namespace;
         if let Some(sel) = &p.spec.selector {
             let selects_any = snap.workloads.values().any(|w| {

@@ -55,7 +55,10 @@ fn service(name: &str, vips: &[&str], endpoints: &[&str]) -> Service {
 fn snapshot(pods: Vec<Workload>, services: Vec<Service>) -> Snapshot {
     let mut snap = Snapshot::default();
     snap.workloads = pods.into_iter().map(|w| (w.key(), Arc::new(w))).collect();
-    snap.services = services.into_iter().map(|s| (s.key(), Arc::new(s))).collect();
+    snap.services = services
+        .into_iter()
+        .map(|s| (s.key(), Arc::new(s)))
+        .collect();
     snap
 }
 

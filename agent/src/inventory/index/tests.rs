@@ -156,7 +156,7 @@ fn the_publisher_counts_policies_that_fail_closed() {
         }))
         .unwrap()
     };
-    s.authorization_policies.push(policy("fine"));
+    std::sync::Arc::make_mut(&mut s.authorization_policies).push(policy("fine"));
     publisher.publish(s.clone(), false);
     assert_eq!(
         stats
@@ -166,7 +166,7 @@ fn the_publisher_counts_policies_that_fail_closed() {
     );
     let mut broken = policy("broken");
     broken.unreadable = Some("spec.rules: invalid type".into());
-    s.authorization_policies.push(broken);
+    std::sync::Arc::make_mut(&mut s.authorization_policies).push(broken);
     publisher.publish(s, false);
     assert_eq!(
         stats

@@ -8,6 +8,7 @@
 //! can rename Services and so change other resources' waypoint labels; istiod sends them far
 //! less often than Workloads).
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use super::authorization::{self, Policy, SELECTED, STATIC_STRICT};
 use super::model::{enrollment, sanitize, waypoint_labels, ServiceNames, Store};
@@ -72,7 +73,7 @@ impl Built {
                 Policy::StaticStrict => {}
             }
         }
-        b.snap.authorization_policies = policies;
+        b.snap.authorization_policies = Arc::new(policies);
         b.peer_authentications(r);
         b.warnings();
         b.snap.index();
@@ -253,7 +254,7 @@ impl Built {
     fn peer_authentications(&mut self, r: &Store) {
         let strict_label =
             authorization::selected_label(&format!("{}/{STATIC_STRICT}", r.root_namespace));
-        self.snap.peer_authentications = self
+        let list = self
             .strict
             .keys()
             .map(|namespace| PeerAuthentication {
@@ -271,6 +272,7 @@ impl Built {
                 },
             })
             .collect();
+        self.snap.peer_authentications = Arc::new(list);
     }
 
     /// The snapshot's warnings: the Workloads' (by uid), then the Services' and Authorizations'.

@@ -176,7 +176,7 @@ impl Builder {
             |pa: &PeerAuthentication| peer_auth::validate(pa),
             |_, _| None,
         );
-        snap.peer_authentications = list;
+        snap.peer_authentications = Arc::new(list);
         self.peer_auth = cache;
         let (list, cache) = policies(
             "AuthorizationPolicy",
@@ -188,7 +188,7 @@ impl Builder {
             // enforced, or the only ALLOW gone): it is kept, to fail closed.
             |o: &DynamicObject, problem| Some(unreadable_policy(o, problem)),
         );
-        snap.authorization_policies = list;
+        snap.authorization_policies = Arc::new(list);
         self.authz = cache;
         let (list, cache) = policies(
             "DestinationRule",
@@ -204,7 +204,7 @@ impl Builder {
             },
             |_, _| None,
         );
-        snap.destination_rules = list;
+        snap.destination_rules = Arc::new(list);
         self.dest_rules = cache;
 
         for p in problems.difference(&self.problems) {
