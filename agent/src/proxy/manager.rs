@@ -82,6 +82,7 @@ impl Manager {
     pub async fn run(self: Arc<Self>, mut rx: watch::Receiver<Arc<Snapshot>>) {
         let mut first = true;
         let mut draining = self.drain.signal();
+        let mut last: Option<Arc<Snapshot>> = None;
         loop {
             // A draining agent hands the pods to its successor: it must not touch kernel state
             // or listeners any more.
@@ -89,11 +90,18 @@ impl Manager {
                 return;
             }
             let snap = rx.borrow_and_update().clone();
+            let node = &self.agent.cfg.node;
+            let reauthorize = last
+                .as_ref()
+                .is_none_or(|l| authorization_inputs_changed(l, &snap, node));
+            last = Some(snap.clone());
             let this = self.clone();
             let reconciled = tokio::task::spawn_blocking(move || {
                 this.pods.reconcile(&snap);
                 this.datapath.sweep_agent_cgroups();
-                this.reauthorize(&snap);
+                if reauthorize {
+                    this.reauthorize(&snap);
+                }
                 this.refresh_trust();
                 if first {
                     this.pods.remove_stale();
@@ -232,3 +240,15 @@ impl Manager {
         self.agent.conns.rows()
     }
 }
+
+/// Whether what the re-authorization of open connections reads changed between two snapshots:
+/// the AuthorizationPolicies, or a workload of this node (its namespace and labels). Under a
+/// churn of other nodes' pods nothing here changes, and open connections are not re-evaluated.
+fn authorization_inputs_changed(old: &Snapshot, new: &Snapshot, node: &str) -> bool {
+    let policies = !Arc::ptr_eq(&old.authorization_policies, &new.authorization_policies)
+        && old.authorization_policies != new.authorization_policies;
+    policies || !old.on_node(node).eq(new.on_node(node))
+}
+
+#[cfg(test)]
+mod tests;
