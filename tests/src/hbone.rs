@@ -75,6 +75,30 @@ pub trait Issue {
     /// inventory has a pod with that identity on `node`.
     fn issue(&self, node: &str, namespace: &str, service_account: &str) -> Result<Svid>;
 
+    /// Like [`Issue::issue`], for an identity just applied to the inventory: the testbed's
+    /// `apply` waits for the agents, not for the CA, which reloads the inventory on its own, so
+    /// a refusal for having no pod with that identity on `node` is retried for up to `wait`.
+    fn issue_when_listed(
+        &self,
+        node: &str,
+        namespace: &str,
+        service_account: &str,
+        wait: std::time::Duration,
+    ) -> Result<Svid> {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match self.issue(node, namespace, service_account) {
+                Err(e)
+                    if std::time::Instant::now() < deadline
+                        && e.to_string().contains("no pod with that identity") =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                issued => return issued,
+            }
+        }
+    }
+
     /// Like [`Issue::issue`], from inside `node`'s namespace, but presenting the token in
     /// `token_file` (bad-token tests).
     fn issue_with_token(

@@ -29,14 +29,19 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
         // Debug level: the access-log line carries the pod and the source already; a span per
         // connection at info cost formatting, a registry slot and enter/exit on every poll.
         let span = tracing::debug_span!("outbound", pod = %pod.workload.key(), src.addr = %pod_source(&pod, ClientAddr(peer)));
-        async move { serve(stream, ClientAddr(peer), pod).await }.instrument(span)
+        // Held from accept to close, taken here and not in the task: a connection accepted
+        // just before a drain is counted even if its task has not run yet.
+        let accepted = pod.drain.watch();
+        async move {
+            let _accepted = accepted;
+            serve(stream, ClientAddr(peer), pod).await;
+        }
+        .instrument(span)
     })
     .await
 }
 
 pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
-    // Held from accept to close: the pod's and the agent's drain wait for it.
-    let _drain = pod.drain.watch();
     let stats = &pod.stats;
     stats.outbound_accepted.fetch_add(1, Ordering::Relaxed);
     // Counts from accept (drain waits on it) and caps the pod's open connections.

@@ -26,15 +26,19 @@ pub async fn run(listener: TcpListener, pod: Arc<PodContext>) {
             let pod = pod.clone();
             // Debug level, as the outbound span (the access-log line names pod and source).
             let span = tracing::debug_span!("inbound", pod = %pod.workload.key(), src.addr = %peer);
-            async move { serve(stream, ClientAddr(peer), pod).await }.instrument(span)
+            // Counted by the drain from accept to close (see `outbound::run`).
+            let accepted = pod.drain.watch();
+            async move {
+                let _accepted = accepted;
+                serve(stream, ClientAddr(peer), pod).await;
+            }
+            .instrument(span)
         },
     )
     .await
 }
 
 pub(super) async fn serve(down: TcpStream, client: ClientAddr, pod: Arc<PodContext>) {
-    // Held from accept to close: the pod's and the agent's drain wait for it.
-    let _drain = pod.drain.watch();
     let stats = &pod.stats;
     stats.inbound_accepted.fetch_add(1, Ordering::Relaxed);
     let Some(_slot) = caps::admit(&pod, Listener::InboundPlaintext) else {

@@ -148,7 +148,14 @@ fn a_pod_behind_a_waypoint_is_reached_only_through_it() {
     // 2. The waypoint appears (Service, endpoints, a pod with its own identity serving HBONE):
     //    the same requests now go to it, CONNECT to the server's own address.
     tb.apply(&waypoint_objects(&tb)).unwrap();
-    let svid = tb.issue("node2", "default", WAYPOINT).unwrap();
+    let svid = tb
+        .issue_when_listed(
+            "node2",
+            "default",
+            WAYPOINT,
+            std::time::Duration::from_secs(10),
+        )
+        .unwrap();
     let fake = FakeHbone::start(&tb.pod("wp").netns_path(), &svid).unwrap();
     let before = accepted(&tb);
     for v6 in [false, true] {
